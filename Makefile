@@ -1,0 +1,39 @@
+# conv2former-pretrain: `make demo` and `make test` set up .venv (pinned by constraints.txt) on first use.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+PYTEST := DS_ACCELERATOR=cpu OMP_NUM_THREADS=2 $(PY) -m pytest
+
+.PHONY: demo test test-fast test-slow bench table install clean
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q -c constraints.txt -e '.[dali,dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+# The whole pipeline on the small built-in dataset (grows with the pipeline; today: the model table).
+demo: $(STAMP)
+	$(PY) -m conv2former.complexity --table
+
+# Every test, the slow end-to-end ones included (CI runs this through .ci/run).
+test: $(STAMP)
+	$(PYTEST)
+
+test-fast: $(STAMP)
+	$(PYTEST) -m "not slow"
+
+test-slow: $(STAMP)
+	$(PYTEST) -m slow
+
+table: $(STAMP)
+	$(PY) -m conv2former.complexity --table
+
+# Benchmarks on this machine; `make bench RECORD=1` appends the rows to docs/PERFORMANCE.md.
+bench: $(STAMP)
+	OMP_NUM_THREADS=$$(nproc) $(PY) benchmarks/model_speed.py --variant conv2former_t --baseline convnext_tiny $(if $(RECORD),--record)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

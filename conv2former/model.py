@@ -1,0 +1,532 @@
+"""Conv2Former: a Transformer-style ConvNet built on convolutional modulation.
+
+Paper: "Conv2Former: A Simple Transformer-Style ConvNet for Visual Recognition" (Hou et al.).
+
+The structure and the state_dict names follow the official release exactly (see DESIGN.md, "The model"),
+so the released checkpoints load with ``load_state_dict(strict=True)``:
+
+    downsample_layers.0          stem: conv3x3/2 (no bias) GELU BN, conv3x3 (no bias) GELU BN, conv2x2/2 (no bias)
+    downsample_layers.{1,2,3}    LayerNorm2d, conv2x2/2
+    stages.{i}.{j}               Block: x + dp(ls1 * attn(x)), x + dp(ls2 * mlp(x))
+    head                         conv1x1 C3->1280, GELU, LayerNorm2d  (applied before global average pooling)
+    pred                         Linear(1280, num_classes)
+
+Variants are registered with timm (``import conv2former; timm.create_model("conv2former_l")``).
+``python -m conv2former.complexity --table`` prints parameters and MACs of every variant next to the paper.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, LayerNorm2d, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+
+__all__ = ["Conv2Former", "Conv2FormerIsotropic", "ConvMod", "MLP", "Block", "FUSIONS", "VARIANTS"]
+
+FUSIONS = ("hadamard", "sum", "sigmoid", "l1", "linear01")
+"""How the modulation weights A = DWConv(GELU(W1 x)) meet the value V = W2 x (paper Table 7).
+
+hadamard  A * V (the paper's choice, the default)
+sum       A + V (element-wise summation, paper Fig. 5b)
+sigmoid   sigmoid(A) * V
+l1        (A / ||A||_1) * V, the L1 norm taken over channels at each position
+linear01  A linearly rescaled to (0, 1] per sample and channel over the spatial positions, times V
+"""
+
+
+def _fuse(a: torch.Tensor, v: torch.Tensor, fusion: str) -> torch.Tensor:
+    if fusion == "hadamard":
+        return a * v
+    if fusion == "sum":
+        return a + v
+    if fusion == "sigmoid":
+        return torch.sigmoid(a) * v
+    if fusion == "l1":
+        return F.normalize(a, p=1.0, dim=1) * v
+    if fusion == "linear01":
+        eps = 1e-6
+        a_min = a.amin(dim=(2, 3), keepdim=True)
+        a_max = a.amax(dim=(2, 3), keepdim=True)
+        return ((a - a_min + eps) / (a_max - a_min + eps)) * v
+    raise ValueError(f"unknown fusion {fusion!r}: choose one of {', '.join(FUSIONS)}")
+
+
+class MLP(nn.Module):
+    """Channel MLP with a 3x3 depthwise positional branch: fc2(h + GELU(pos(h))), h = GELU(fc1(LN(x)))."""
+
+    def __init__(self, dim: int, mlp_ratio: int = 4) -> None:
+        super().__init__()
+        hidden = dim * mlp_ratio
+        self.norm = LayerNorm2d(dim, eps=1e-6)
+        self.fc1 = nn.Conv2d(dim, hidden, 1)
+        self.pos = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
+        self.fc2 = nn.Conv2d(hidden, dim, 1)
+        self.act = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.fc1(self.norm(x)))
+        x = x + self.act(self.pos(x))
+        return self.fc2(x)
+
+
+class ConvMod(nn.Module):
+    """Convolutional modulation: proj(A ⊙ V), A = DWConv_k(GELU(W1 LN(x))), V = W2 LN(x)."""
+
+    def __init__(self, dim: int, kernel_size: int = 11, fusion: str = "hadamard") -> None:
+        super().__init__()
+        if fusion not in FUSIONS:
+            raise ValueError(f"unknown fusion {fusion!r}: choose one of {', '.join(FUSIONS)}")
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be a positive odd number, got {kernel_size}")
+        self.fusion = fusion
+        self.norm = LayerNorm2d(dim, eps=1e-6)
+        self.att = nn.Sequential(
+            nn.Conv2d(dim, dim, 1),
+            nn.GELU(),
+            nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim),
+        )
+        self.v = nn.Conv2d(dim, dim, 1)
+        self.proj = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(x)
+        return self.proj(_fuse(self.att(x), self.v(x), self.fusion))
+
+
+class Block(nn.Module):
+    """Conv2Former block: a convolutional-modulation layer and an MLP, each residual with layer scale."""
+
+    def __init__(
+        self,
+        dim: int,
+        kernel_size: int = 11,
+        mlp_ratio: int = 4,
+        drop_path: float = 0.0,
+        layer_scale_init_value: float = 1e-6,
+        fusion: str = "hadamard",
+    ) -> None:
+        super().__init__()
+        self.attn = ConvMod(dim, kernel_size, fusion)
+        self.mlp = MLP(dim, mlp_ratio)
+        self.layer_scale_1 = nn.Parameter(layer_scale_init_value * torch.ones(dim))
+        self.layer_scale_2 = nn.Parameter(layer_scale_init_value * torch.ones(dim))
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.layer_scale_1.view(1, -1, 1, 1) * self.attn(x))
+        x = x + self.drop_path(self.layer_scale_2.view(1, -1, 1, 1) * self.mlp(x))
+        return x
+
+
+def _classifier_head(in_dim: int, head_dim: int) -> nn.Sequential:
+    """The official pre-pool head: conv1x1 -> GELU -> LayerNorm2d."""
+    return nn.Sequential(nn.Conv2d(in_dim, head_dim, 1), nn.GELU(), LayerNorm2d(head_dim, eps=1e-6))
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, (nn.Conv2d, nn.Linear)):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+class _ClassifierMixin:
+    """The timm classifier interface shared by both model families (``head`` before pooling, then ``pred``)."""
+
+    head: nn.Sequential
+    pred: nn.Module
+    num_classes: int
+    head_hidden_size: int
+    global_pool: str
+
+    def get_classifier(self) -> nn.Module:
+        return self.pred
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        if global_pool not in (None, "avg"):
+            raise ValueError(f"Conv2Former pools by average only, got global_pool={global_pool!r}")
+        self.num_classes = num_classes
+        self.pred = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
+        if num_classes > 0:
+            _init_weights(self.pred)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.head(x).mean((2, 3))
+        return x if pre_logits else self.pred(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+class Conv2Former(_ClassifierMixin, nn.Module):
+    """Hierarchical Conv2Former (variants N/T/S/B/L of the paper)."""
+
+    def __init__(
+        self,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        depths: Sequence[int] = (3, 3, 12, 3),
+        dims: Sequence[int] = (72, 144, 288, 576),
+        kernel_size: int = 11,
+        mlp_ratio: int = 4,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        layer_scale_init_value: float = 1e-6,
+        head_dim: int = 1280,
+        fusion: str = "hadamard",
+        global_pool: str = "avg",
+    ) -> None:
+        super().__init__()
+        if len(depths) != 4 or len(dims) != 4:
+            raise ValueError(f"Conv2Former has 4 stages: got depths={list(depths)}, dims={list(dims)}")
+        if drop_rate:
+            raise ValueError("Conv2Former has no classifier dropout (drop_rate); use drop_path_rate")
+        if global_pool != "avg":
+            raise ValueError(f"Conv2Former pools by average only, got global_pool={global_pool!r}")
+        self.num_classes = num_classes
+        self.depths = tuple(depths)
+        self.dims = tuple(dims)
+        self.kernel_size = kernel_size
+        self.fusion = fusion
+        self.global_pool = "avg"
+        self.num_features = dims[-1]
+        self.head_hidden_size = head_dim
+        self.grad_checkpointing = False
+
+        stem_dim = dims[0] // 2
+        self.downsample_layers = nn.ModuleList()
+        self.downsample_layers.append(nn.Sequential(
+            nn.Conv2d(in_chans, stem_dim, 3, stride=2, padding=1, bias=False),
+            nn.GELU(),
+            nn.BatchNorm2d(stem_dim),
+            nn.Conv2d(stem_dim, stem_dim, 3, stride=1, padding=1, bias=False),
+            nn.GELU(),
+            nn.BatchNorm2d(stem_dim),
+            nn.Conv2d(stem_dim, dims[0], 2, stride=2, bias=False),
+        ))
+        for i in range(3):
+            self.downsample_layers.append(nn.Sequential(
+                LayerNorm2d(dims[i], eps=1e-6),
+                nn.Conv2d(dims[i], dims[i + 1], 2, stride=2),
+            ))
+
+        rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()  # as the official code
+        self.stages = nn.ModuleList()
+        self.feature_info: List[Dict[str, Any]] = []
+        first = 0
+        for i, (depth, dim) in enumerate(zip(depths, dims)):
+            self.stages.append(nn.Sequential(*[
+                Block(dim, kernel_size, mlp_ratio, rates[first + j], layer_scale_init_value, fusion)
+                for j in range(depth)
+            ]))
+            first += depth
+            self.feature_info.append(dict(num_chs=dim, reduction=2 ** (i + 2), module=f"stages.{i}"))
+
+        self.head = _classifier_head(dims[-1], head_dim)
+        self.pred = nn.Linear(head_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(_init_weights)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """Parameter groups in depth order (stem, downsample + blocks, head) for layer-wise lr decay."""
+        return dict(
+            stem=r"^downsample_layers\.0\.",
+            blocks=r"^(?:downsample_layers|stages)\.(\d+)" if coarse else [
+                (r"^downsample_layers\.(\d+)\.", (0,)),
+                (r"^stages\.(\d+)\.(\d+)\.", None),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass (saves memory at large inputs)."""
+        self.grad_checkpointing = enable
+
+    def _run_stage(self, stage: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            for block in stage:
+                x = checkpoint(block, x, use_reentrant=False)
+            return x
+        return stage(x)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        for downsample, stage in zip(self.downsample_layers, self.stages):
+            x = self._run_stage(stage, downsample(x))
+        return x
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Stage outputs (strides 4/8/16/32) for dense tasks; ``indices`` as in timm."""
+        if output_fmt != "NCHW":
+            raise ValueError("Conv2Former features are NCHW")
+        take, max_index = feature_take_indices(len(self.stages), indices)
+        intermediates = []
+        last = len(self.stages) - 1 if not stop_early else max_index
+        for i in range(last + 1):
+            x = self._run_stage(self.stages[i], self.downsample_layers[i](x))
+            if i in take:
+                intermediates.append(x)
+        return intermediates if intermediates_only else (x, intermediates)
+
+    def prune_intermediate_layers(
+        self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> List[int]:
+        take, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[: max_index + 1]
+        self.downsample_layers = self.downsample_layers[: max_index + 1]
+        if prune_head:
+            self.head = nn.Sequential()
+            self.reset_classifier(0)
+        return take
+
+
+class Conv2FormerIsotropic(_ClassifierMixin, nn.Module):
+    """Isotropic (ViT-style) Conv2Former of paper Table 8: one patch embedding to stride 16, then equal blocks.
+
+    ``stem="patch"``: one 16x16 stride-16 convolution; ``stem="convs"``: three convolutions
+    (3x3/2 -> GELU -> BN, 3x3/2 -> GELU -> BN, 4x4/4), the "3 Convs" row of Table 8.
+    """
+
+    def __init__(
+        self,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        depth: int = 18,
+        dim: int = 320,
+        kernel_size: int = 11,
+        mlp_ratio: int = 4,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        layer_scale_init_value: float = 1e-6,
+        head_dim: int = 1280,
+        fusion: str = "hadamard",
+        stem: str = "patch",
+        global_pool: str = "avg",
+    ) -> None:
+        super().__init__()
+        if drop_rate:
+            raise ValueError("Conv2Former has no classifier dropout (drop_rate); use drop_path_rate")
+        if global_pool != "avg":
+            raise ValueError(f"Conv2Former pools by average only, got global_pool={global_pool!r}")
+        self.num_classes = num_classes
+        self.kernel_size = kernel_size
+        self.fusion = fusion
+        self.global_pool = "avg"
+        self.num_features = dim
+        self.head_hidden_size = head_dim
+        self.grad_checkpointing = False
+        if stem == "patch":
+            self.stem = nn.Sequential(nn.Conv2d(in_chans, dim, 16, stride=16))
+        elif stem == "convs":
+            mid = dim // 4
+            self.stem = nn.Sequential(
+                nn.Conv2d(in_chans, mid, 3, stride=2, padding=1, bias=False),
+                nn.GELU(),
+                nn.BatchNorm2d(mid),
+                nn.Conv2d(mid, mid, 3, stride=2, padding=1, bias=False),
+                nn.GELU(),
+                nn.BatchNorm2d(mid),
+                nn.Conv2d(mid, dim, 4, stride=4, bias=False),
+            )
+        else:
+            raise ValueError(f"unknown isotropic stem {stem!r}: choose 'patch' or 'convs'")
+        rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
+        self.blocks = nn.Sequential(*[
+            Block(dim, kernel_size, mlp_ratio, rates[i], layer_scale_init_value, fusion) for i in range(depth)
+        ])
+        self.feature_info = [dict(num_chs=dim, reduction=16, module=f"blocks.{i}") for i in range(depth)]
+        self.head = _classifier_head(dim, head_dim)
+        self.pred = nn.Linear(head_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(_init_weights)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(stem=r"^stem\.", blocks=r"^blocks\.(\d+)\.")
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def _run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            return checkpoint(block, x, use_reentrant=False)
+        return block(x)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for block in self.blocks:
+            x = self._run_block(block, x)
+        return x
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        if output_fmt != "NCHW":
+            raise ValueError("Conv2Former features are NCHW")
+        take, max_index = feature_take_indices(len(self.blocks), indices)
+        intermediates = []
+        x = self.stem(x)
+        last = len(self.blocks) - 1 if not stop_early else max_index
+        for i in range(last + 1):
+            x = self._run_block(self.blocks[i], x)
+            if i in take:
+                intermediates.append(x)
+        return intermediates if intermediates_only else (x, intermediates)
+
+    def prune_intermediate_layers(
+        self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> List[int]:
+        take, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[: max_index + 1]
+        if prune_head:
+            self.head = nn.Sequential()
+            self.reset_classifier(0)
+        return take
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Variants, paper figures and timm registration
+# ---------------------------------------------------------------------------------------------------------------------
+
+VARIANTS: Dict[str, Dict[str, Any]] = {
+    "conv2former_n": dict(dims=(64, 128, 256, 512), depths=(2, 2, 8, 2), kernel_size=7),
+    "conv2former_t": dict(dims=(72, 144, 288, 576), depths=(3, 3, 12, 3), kernel_size=11),
+    "conv2former_s": dict(dims=(72, 144, 288, 576), depths=(4, 4, 32, 4), kernel_size=11),
+    "conv2former_b": dict(dims=(96, 192, 384, 768), depths=(4, 4, 34, 4), kernel_size=11),
+    "conv2former_b_22k": dict(dims=(96, 192, 384, 768), depths=(4, 4, 34, 4), kernel_size=7),
+    "conv2former_l": dict(dims=(128, 256, 512, 1024), depths=(4, 4, 48, 4), kernel_size=11),
+    "conv2former_demo": dict(dims=(16, 32, 64, 128), depths=(1, 1, 2, 1), kernel_size=7),
+    "conv2former_is": dict(isotropic=True, dim=320, depth=18, kernel_size=11, stem="patch"),
+    "conv2former_is_convs": dict(isotropic=True, dim=320, depth=18, kernel_size=11, stem="convs"),
+    "conv2former_ib": dict(isotropic=True, dim=640, depth=18, kernel_size=11, stem="patch"),
+    "conv2former_ib_convs": dict(isotropic=True, dim=640, depth=18, kernel_size=11, stem="convs"),
+}
+
+# (params in millions, GMACs at 224, GMACs at 384) as printed in the paper (Tables 1, 3, 4, 6, 8), 1000 classes.
+PAPER_FIGURES: Dict[str, Tuple[Optional[float], Optional[float], Optional[float]]] = {
+    "conv2former_n": (15, 2.2, None),
+    "conv2former_t": (27, 4.4, None),
+    "conv2former_s": (50, 8.7, None),
+    "conv2former_b": (90, 15.9, 46.7),
+    "conv2former_b_22k": (89, 15.6, None),
+    "conv2former_l": (199, 36.0, 105.9),
+    "conv2former_demo": (None, None, None),
+    "conv2former_is": (23, 4.3, None),
+    "conv2former_is_convs": (23, 4.5, None),
+    "conv2former_ib": (86, 16.5, None),
+    "conv2former_ib_convs": (87, 17.3, None),
+}
+
+
+def _cfg(**kwargs: Any) -> Dict[str, Any]:
+    return {
+        "url": "",
+        "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
+        "crop_pct": 0.875, "interpolation": "bicubic",
+        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "downsample_layers.0.0", "classifier": "pred",
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    name: _cfg(first_conv="stem.0", pool_size=(14, 14)) if spec.get("isotropic") else _cfg()
+    for name, spec in VARIANTS.items()
+})
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Unwrap official/DeepSpeed/DDP checkpoints for timm's ``pretrained_cfg_overlay=dict(file=...)`` loading."""
+    from conv2former.weights import unwrap_state_dict
+
+    return unwrap_state_dict(state_dict)
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    spec = dict(VARIANTS[variant])
+    isotropic = spec.pop("isotropic", False)
+    model_cls = Conv2FormerIsotropic if isotropic else Conv2Former
+    model_args = {**spec, **kwargs}
+    feature_cfg = dict(feature_cls="getter", out_indices=(0, 1, 2, 3) if not isotropic else (17,))
+    return build_model_with_cfg(
+        model_cls, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=feature_cfg,
+        **model_args,
+    )
+
+
+@register_model
+def conv2former_n(pretrained: bool = False, **kwargs: Any) -> Conv2Former:
+    return _create("conv2former_n", pretrained, **kwargs)
+
+
+@register_model
+def conv2former_t(pretrained: bool = False, **kwargs: Any) -> Conv2Former:
+    return _create("conv2former_t", pretrained, **kwargs)
+
+
+@register_model
+def conv2former_s(pretrained: bool = False, **kwargs: Any) -> Conv2Former:
+    return _create("conv2former_s", pretrained, **kwargs)
+
+
+@register_model
+def conv2former_b(pretrained: bool = False, **kwargs: Any) -> Conv2Former:
+    return _create("conv2former_b", pretrained, **kwargs)
+
+
+@register_model
+def conv2former_b_22k(pretrained: bool = False, **kwargs: Any) -> Conv2Former:
+    return _create("conv2former_b_22k", pretrained, **kwargs)
+
+
+@register_model
+def conv2former_l(pretrained: bool = False, **kwargs: Any) -> Conv2Former:
+    return _create("conv2former_l", pretrained, **kwargs)
+
+
+@register_model
+def conv2former_demo(pretrained: bool = False, **kwargs: Any) -> Conv2Former:
+    """A tiny Conv2Former (same blocks) that trains at a few steps per second on 2 CPU cores."""
+    return _create("conv2former_demo", pretrained, **kwargs)
+
+
+@register_model
+def conv2former_is(pretrained: bool = False, **kwargs: Any) -> Conv2FormerIsotropic:
+    return _create("conv2former_is", pretrained, **kwargs)
+
+
+@register_model
+def conv2former_is_convs(pretrained: bool = False, **kwargs: Any) -> Conv2FormerIsotropic:
+    return _create("conv2former_is_convs", pretrained, **kwargs)
+
+
+@register_model
+def conv2former_ib(pretrained: bool = False, **kwargs: Any) -> Conv2FormerIsotropic:
+    return _create("conv2former_ib", pretrained, **kwargs)
+
+
+@register_model
+def conv2former_ib_convs(pretrained: bool = False, **kwargs: Any) -> Conv2FormerIsotropic:
+    return _create("conv2former_ib_convs", pretrained, **kwargs)
