@@ -88,11 +88,15 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--memory-format", choices=["nchw", "channels_last", "both"], default="both")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
+    parser.add_argument("--flush-denormal", action="store_true",
+                        help="flush denormal floats to zero on CPU (layer scales of 1e-6 make tiny gradients early on)")
     parser.add_argument("--record", action="store_true", help="append the rows to docs/PERFORMANCE.md")
     args = parser.parse_args()
     if args.variant not in timm.list_models("conv2former_*"):
         parser.error(f"unknown variant {args.variant!r}; choose from {', '.join(timm.list_models('conv2former_*'))}")
     device = torch.device(args.device)
+    if args.flush_denormal:
+        torch.set_flush_denormal(True)
     formats = {"nchw": [False], "channels_last": [True], "both": [False, True]}[args.memory_format]
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -106,7 +110,7 @@ def main() -> None:
         fmt = "channels_last" if channels_last else "NCHW"
         row = (f"| {datetime.date.today()} | {device_name(device)} | {args.variant} ({macs[args.variant]:.2f} GMACs) | "
                f"{args.baseline} ({macs[args.baseline]:.2f} GMACs) | {args.resolution} | {args.batch} | {precision}, {fmt}"
-               f"{', compiled' if args.compile else ''} | {ips[args.variant]:.1f} | {ips[args.baseline]:.1f} | "
+               f"{', compiled' if args.compile else ''}{', FTZ' if args.flush_denormal else ''} | {ips[args.variant]:.1f} | {ips[args.baseline]:.1f} | "
                f"{ratio:.2f}× | torch {torch.__version__}, timm {timm.__version__} |")
         rows.append(row)
         print(f"{fmt:>13}: {args.variant} {ips[args.variant]:.1f} img/s, {args.baseline} {ips[args.baseline]:.1f} img/s, "

@@ -1,0 +1,215 @@
+"""Turn a listed source into a shard root: plan, guard against mixing runs, write in parallel, write the manifest."""
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import posixpath
+import sys
+import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional, Sequence
+
+import fsspec
+from tqdm import tqdm
+
+from conv2former.data import shard_format as fmt
+from conv2former.errors import UserError
+from data_prep.sources import Listing, SourceItem
+from data_prep.writer import (PROGRESS_DIR, ShardResult, ShardTask, WriteOptions, cut_into_shards, read_progress,
+                              shuffle_items, summarize_skips, write_shard)
+
+PLAN_FILE = "_plan.json"
+
+
+@dataclass
+class BuildOptions:
+    seed: int = 0
+    samples_per_shard: Optional[int] = None
+    shard_bytes: Optional[int] = 1 << 30
+    workers: int = 1
+    overwrite: bool = False
+    resume: bool = True
+    write: WriteOptions = WriteOptions()
+    quiet: bool = False
+
+
+def _digest(splits: Dict[str, List[List[SourceItem]]]) -> str:
+    h = hashlib.sha256()
+    for split in sorted(splits):
+        for i, shard in enumerate(splits[split]):
+            h.update(f"{split}/{i}:".encode())
+            for item in shard:
+                h.update(f"{item.synset}/{item.key}|{item.name}|{item.size};".encode())
+    return h.hexdigest()
+
+
+def _check_writable(fs: fsspec.AbstractFileSystem, out_path: str, out: str) -> None:
+    try:
+        fs.makedirs(out_path, exist_ok=True)
+        probe = posixpath.join(out_path, ".write-probe")
+        with fs.open(probe, "wb") as f:
+            f.write(b"ok")
+        fs.rm(probe)
+    except (OSError, PermissionError, ValueError) as err:
+        raise UserError(f"cannot write to output {out}: {err}") from None
+
+
+def _clear_output(fs: fsspec.AbstractFileSystem, out_path: str) -> None:
+    for name in ("train", "val", PROGRESS_DIR, fmt.INFO_FILE, fmt.CLASSES_FILE, fmt.SKIPPED_FILE, PLAN_FILE):
+        target = posixpath.join(out_path, name)
+        if fs.exists(target):
+            fs.rm(target, recursive=True)
+
+
+def build_shards(
+    out: str,
+    name: str,
+    classes: Sequence[str],
+    splits: Dict[str, Listing],
+    source_description: Dict[str, object],
+    options: BuildOptions,
+) -> Dict[str, object]:
+    """Write ``splits`` ({"train": Listing, "val": Listing}) to ``out`` and return the run summary."""
+    start = time.time()
+    fs, out_path = fsspec.core.url_to_fs(str(out))
+    out_path = out_path.rstrip("/")
+    _check_writable(fs, out_path, out)
+    label_of = {synset: i for i, synset in enumerate(classes)}
+
+    listing_skips: List[Dict[str, str]] = []
+    planned: Dict[str, List[List[SourceItem]]] = {}
+    for split, listing in splits.items():
+        listing_skips += listing.skipped
+        kept = []
+        for item in listing.items:
+            if item.synset in label_of:
+                kept.append(item)
+            else:
+                listing_skips.append({"source": item.name, "reason": f"synset {item.synset} not in the class list"})
+        shuffled = shuffle_items(kept, options.seed, split)
+        planned[split] = cut_into_shards(shuffled, options.samples_per_shard, options.shard_bytes) if shuffled else []
+
+    plan = {
+        "name": name,
+        "source": source_description,
+        "seed": options.seed,
+        "samples_per_shard": options.samples_per_shard,
+        "shard_bytes": None if options.samples_per_shard else options.shard_bytes,
+        "write": asdict(options.write),
+        "num_classes": len(classes),
+        "shards": {split: len(shards) for split, shards in planned.items()},
+        "digest": _digest(planned),
+    }
+    plan_path = posixpath.join(out_path, PLAN_FILE)
+    if fs.exists(plan_path):
+        with fs.open(plan_path, "r") as f:
+            previous = json.load(f)
+        if previous != plan:
+            if not options.overwrite:
+                differs = sorted(k for k in plan if previous.get(k) != plan[k])
+                raise UserError(
+                    f"{out} already holds shards from a different source or settings ({', '.join(differs)} differ); "
+                    "pass --overwrite to replace them, or choose another output"
+                )
+            _clear_output(fs, out_path)
+        elif not options.resume:
+            _clear_output(fs, out_path)
+    elif fs.exists(posixpath.join(out_path, "train")) or fs.exists(posixpath.join(out_path, fmt.INFO_FILE)):
+        if not options.overwrite:
+            raise UserError(f"{out} already holds shards not written by this plan; pass --overwrite to replace them")
+        _clear_output(fs, out_path)
+    fs.makedirs(out_path, exist_ok=True)
+    with fs.open(plan_path, "w") as f:
+        json.dump(plan, f, indent=1, sort_keys=True)
+    with fs.open(posixpath.join(out_path, fmt.CLASSES_FILE), "w") as f:
+        f.write("".join(f"{synset}\n" for synset in classes))
+
+    results: Dict[tuple, ShardResult] = {}
+    tasks: List[ShardTask] = []
+    for split, shards in planned.items():
+        for index, shard in enumerate(shards):
+            done = read_progress(fs, out_path, split, index) if options.resume else None
+            if done is not None:
+                results[(split, index)] = done
+            else:
+                items = [(item, label_of[item.synset]) for item in shard]
+                tasks.append(ShardTask(str(out).rstrip("/"), split, index, items, options.write))
+
+    total_images = sum(len(shard) for shards in planned.values() for shard in shards)
+    reused = sum(r.images_in for r in results.values())
+    bar = tqdm(total=total_images, initial=reused, unit="img", desc=f"shards {name}", disable=options.quiet,
+               dynamic_ncols=True, file=sys.stderr)
+    skipped_count = len(listing_skips) + sum(len(r.skipped) for r in results.values())
+
+    def collect(result: ShardResult) -> None:
+        nonlocal skipped_count
+        results[(result.split, result.index)] = result
+        skipped_count += len(result.skipped)
+        bar.update(result.images_in)
+        bar.set_postfix(skipped=skipped_count)
+
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    # memory:// lives inside one process: workers could not hand their shards back.
+    in_process = options.workers <= 1 or "memory" in protocols
+    if in_process:
+        for task in tasks:
+            collect(write_shard(task))
+    else:
+        ctx = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(max_workers=options.workers, mp_context=ctx) as pool:
+            futures = [pool.submit(write_shard, task) for task in tasks]
+            for future in as_completed(futures):
+                collect(future.result())
+    bar.close()
+
+    info = {"name": name, "num_classes": len(classes), "seed": options.seed, "source": source_description,
+            "format": {"image": fmt.IMAGE_KEY, "class": fmt.CLASS_KEY, "label": fmt.LABEL_KEY + " (int64 LE)",
+                       "meta": fmt.META_KEY, "index": f"DALI {fmt.INDEX_VERSION}"},
+            "splits": {}}
+    all_results = [results[key] for key in sorted(results)]
+    for split, shards in planned.items():
+        split_results = [results[(split, i)] for i in range(len(shards))]
+        info["splits"][split] = {
+            "name": split,
+            "num_samples": sum(r.num_samples for r in split_results),
+            "filenames": [f"{split}/{fmt.shard_name(split, i)}" for i in range(len(shards))],
+            "shard_lengths": [r.num_samples for r in split_results],
+        }
+    with fs.open(posixpath.join(out_path, fmt.SKIPPED_FILE), "w") as f:
+        for skip in listing_skips + [s for r in all_results for s in r.skipped]:
+            f.write(json.dumps(skip, sort_keys=True) + "\n")
+    with fs.open(posixpath.join(out_path, fmt.INFO_FILE), "w") as f:
+        json.dump(info, f, indent=1)
+
+    seconds = time.time() - start
+    written = sum(r.num_samples for r in all_results)
+    summary = {
+        "output": str(out),
+        "images_in": total_images + len(listing_skips),
+        "written": written,
+        "reencoded": sum(r.reencoded for r in all_results),
+        "skipped": dict(summarize_skips(all_results, listing_skips)),
+        "bytes": sum(r.num_bytes for r in all_results),
+        "shards": {split: len(shards) for split, shards in planned.items()},
+        "shards_reused": len(results) - len(tasks),
+        "samples": {split: info["splits"][split]["num_samples"] for split in planned},
+        "seconds": round(seconds, 2),
+        "images_per_second": round(sum(len(t.items) for t in tasks) / seconds, 1) if seconds > 0 else None,
+    }
+    return summary
+
+
+def format_summary(summary: Dict[str, object]) -> str:
+    skipped: Dict[str, int] = summary["skipped"]  # type: ignore[assignment]
+    lines = [
+        f"wrote {summary['output']}: {summary['written']} images in "
+        + ", ".join(f"{split} {n} ({summary['shards'][split]} shards)" for split, n in summary["samples"].items()),
+        f"  images in {summary['images_in']}, re-encoded {summary['reencoded']}, skipped {sum(skipped.values())}"
+        + (": " + "; ".join(f"{reason} {n}" for reason, n in Counter(skipped).most_common()) if skipped else ""),
+        f"  {summary['bytes'] / 1e6:.1f} MB, {summary['seconds']} s ({summary['images_per_second']} img/s), "
+        f"{summary['shards_reused']} complete shards reused",
+    ]
+    return "\n".join(lines)

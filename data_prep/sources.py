@@ -1,0 +1,336 @@
+"""Readers for ImageNet as users downloaded it. Each lists ``SourceItem``s (what to read, and its synset) in sorted
+order; bytes are read later, in the workers, straight from the files or from inside tar archives (in memory: tar
+members are never extracted to paths named by the archive).
+
+ImageNet-22k (fall11_whole / winter21_whole), detected from SRC:
+  synset-tars      SRC/nXXXXXXXX.tar, each holding nXXXXXXXX_N.JPEG (the release's inner tars)
+  outer-tar        SRC itself is the release's outer .tar of per-synset tars (read by offset, never unpacked)
+  synset-folders   SRC/nXXXXXXXX/*.JPEG (already extracted)
+ImageNet-1k:
+  SRC/train/nXXXXXXXX/*.JPEG, and val as SRC/val/nXXXXXXXX/*.JPEG, or flat SRC/val/*.JPEG labelled by
+  LOC_val_solution.csv (Kaggle) or by the devkit's ILSVRC2012_validation_ground_truth.txt + meta.mat.
+  Kaggle's SRC/ILSVRC/Data/CLS-LOC/{train,val} is found too.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import posixpath
+import re
+import tarfile
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import fsspec
+
+from conv2former.errors import UserError
+
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+SYNSET_RE = re.compile(r"^n\d{8}$")
+LAYOUTS_22K = ("synset-tars", "outer-tar", "synset-folders")
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    """One input image: its sample key, synset, and where its bytes are (a file, or a range inside a tar)."""
+
+    key: str
+    synset: str
+    path: str          # fsspec path of the file, or of the tar holding it
+    offset: int        # -1 for a plain file; else the byte offset of the member's data in ``path``
+    size: int
+    name: str          # the source name recorded in the sample's json and in skipped.jsonl
+
+    def read(self, fs: fsspec.AbstractFileSystem) -> bytes:
+        with fs.open(self.path, "rb") as f:
+            if self.offset < 0:
+                return f.read()
+            f.seek(self.offset)
+            return f.read(self.size)
+
+
+@dataclass
+class Listing:
+    items: List[SourceItem]
+    skipped: List[Dict[str, str]]   # {"source", "reason"} for inputs rejected while listing
+
+
+def sample_key(filename: str) -> str:
+    """The webdataset key of a source file: its base name without extension, dots replaced (keys hold no dots)."""
+    stem = posixpath.basename(filename)
+    for ext in IMAGE_EXTENSIONS:
+        if stem.lower().endswith(ext):
+            stem = stem[: -len(ext)]
+            break
+    return stem.replace(".", "_")
+
+
+def _is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _open_fs(src: str) -> Tuple[fsspec.AbstractFileSystem, str]:
+    fs, path = fsspec.core.url_to_fs(str(src))
+    if not fs.exists(path):
+        raise UserError(f"source not found: {src}")
+    return fs, path.rstrip("/") or "/"
+
+
+def _tar_members(fileobj, base_offset: int = 0) -> Iterable[Tuple[str, int, int]]:
+    """(member name, absolute data offset, size) of the regular files of a tar read from ``fileobj``."""
+    with tarfile.open(fileobj=fileobj, mode="r:") as tar:
+        for member in tar:
+            if member.isfile():
+                yield member.name, base_offset + member.offset_data, member.size
+
+
+class _RangeFile(io.RawIOBase):
+    """A read-only, seekable window [start, start+size) of a larger file: an inner tar inside the outer tar."""
+
+    def __init__(self, f, start: int, size: int) -> None:
+        self.f, self.start, self.size, self.pos = f, start, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.pos = {0: offset, 1: self.pos + offset, 2: self.size + offset}[whence]
+        return self.pos
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.size - self.pos if n is None or n < 0 else min(n, self.size - self.pos)
+        if n <= 0:
+            return b""
+        self.f.seek(self.start + self.pos)
+        data = self.f.read(n)
+        self.pos += len(data)
+        return data
+
+    def readinto(self, b) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+
+def _items_from_tar(fs, tar_path: str, synset: str, shown: str, fileobj=None, base: int = 0) -> Listing:
+    items, skipped = [], []
+    try:
+        f = fileobj if fileobj is not None else fs.open(tar_path, "rb")
+        try:
+            for name, offset, size in _tar_members(f, base):
+                source = f"{shown}:{name}"
+                if not _is_image_name(name):
+                    skipped.append({"source": source, "reason": "not an image file name"})
+                    continue
+                items.append(SourceItem(sample_key(name), synset, tar_path, offset, size, source))
+        finally:
+            if fileobj is None:
+                f.close()
+    except (tarfile.TarError, EOFError, OSError) as err:
+        # A truncated tar: keep the members read before the damage, record the rest as lost.
+        skipped.append({"source": shown, "reason": f"damaged tar, later members lost ({type(err).__name__}: {err})"})
+    return Listing(items, skipped)
+
+
+def detect_22k_layout(src: str) -> str:
+    fs, path = _open_fs(src)
+    if fs.isfile(path):
+        if path.endswith((".tar.gz", ".tgz")):
+            raise UserError(
+                f"{src} is gzip-compressed: shard.py reads the outer archive by offset, which gzip does not allow; "
+                f"decompress it once (gzip -dc {posixpath.basename(path)} > {posixpath.basename(path).rsplit('.', 2)[0]}.tar) "
+                "and pass the .tar"
+            )
+        if path.endswith(".tar"):
+            return "outer-tar"
+        raise UserError(f"{src} is a file but not a .tar archive of per-synset tars")
+    names = [posixpath.basename(p) for p in fs.ls(path, detail=False)]
+    if not names:
+        raise UserError(f"source folder is empty: {src}")
+    if any(n.endswith(".tar") and SYNSET_RE.match(n[:-4]) for n in names):
+        return "synset-tars"
+    if any(SYNSET_RE.match(n) and fs.isdir(posixpath.join(path, n)) for n in names):
+        return "synset-folders"
+    raise UserError(f"{src} holds neither nXXXXXXXX.tar files nor nXXXXXXXX/ folders (an ImageNet-22k release)")
+
+
+def list_22k(src: str, layout: Optional[str] = None) -> Tuple[str, Listing]:
+    """List an ImageNet-22k source; returns (layout, listing). Items are sorted by (synset, key)."""
+    layout = layout or detect_22k_layout(src)
+    if layout not in LAYOUTS_22K:
+        raise UserError(f"unknown ImageNet-22k layout {layout!r}: choose one of {', '.join(LAYOUTS_22K)}")
+    fs, path = _open_fs(src)
+    items: List[SourceItem] = []
+    skipped: List[Dict[str, str]] = []
+    if layout == "synset-tars":
+        for tar_path in sorted(fs.glob(posixpath.join(path, "*.tar"))):
+            synset = posixpath.basename(tar_path)[:-4]
+            shown = posixpath.basename(tar_path)
+            if not SYNSET_RE.match(synset):
+                skipped.append({"source": shown, "reason": "not a per-synset tar (name is not nXXXXXXXX.tar)"})
+                continue
+            listing = _items_from_tar(fs, tar_path, synset, shown)
+            items += listing.items
+            skipped += listing.skipped
+    elif layout == "outer-tar":
+        with fs.open(path, "rb") as outer:
+            try:
+                inner_tars = list(_tar_members(outer))
+            except (tarfile.TarError, EOFError, OSError) as err:
+                raise UserError(f"cannot read {src} as a tar archive: {err}") from None
+            for name, offset, size in inner_tars:
+                base = posixpath.basename(name)
+                synset = base[:-4] if base.endswith(".tar") else ""
+                if not SYNSET_RE.match(synset):
+                    skipped.append({"source": name, "reason": "not a per-synset tar (name is not nXXXXXXXX.tar)"})
+                    continue
+                window = io.BufferedReader(_RangeFile(outer, offset, size))
+                listing = _items_from_tar(fs, path, synset, f"{posixpath.basename(path)}:{name}", window, offset)
+                items += listing.items
+                skipped += listing.skipped
+    else:
+        for folder in sorted(fs.ls(path, detail=False)):
+            synset = posixpath.basename(folder)
+            if not (SYNSET_RE.match(synset) and fs.isdir(folder)):
+                continue
+            listing = _list_folder(fs, folder, synset, prefix=synset)
+            items += listing.items
+            skipped += listing.skipped
+    items.sort(key=lambda it: (it.synset, it.key))
+    return layout, Listing(items, skipped)
+
+
+def _list_folder(fs, folder: str, synset: str, prefix: str) -> Listing:
+    items, skipped = [], []
+    for file_path, info in sorted(fs.find(folder, detail=True).items()):
+        shown = f"{prefix}/{posixpath.relpath(file_path, folder)}"
+        if not _is_image_name(file_path):
+            skipped.append({"source": shown, "reason": "not an image file name"})
+            continue
+        items.append(SourceItem(sample_key(file_path), synset, file_path, -1, int(info.get("size") or 0), shown))
+    return Listing(items, skipped)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# ImageNet-1k
+# ------------------------------------------------------------------------------------------------------------------
+
+def _find_1k_root(fs, path: str, src: str) -> str:
+    for candidate in (path, posixpath.join(path, "ILSVRC", "Data", "CLS-LOC")):
+        if fs.isdir(posixpath.join(candidate, "train")):
+            return candidate
+    if not fs.ls(path, detail=False):
+        raise UserError(f"source folder is empty: {src}")
+    raise UserError(f"{src} has no train/ folder (expected ImageNet-1k as train/nXXXXXXXX/*.JPEG and val/)")
+
+
+def list_1k(src: str) -> Dict[str, Listing]:
+    """List ImageNet-1k train and val; returns {"train": Listing, "val": Listing} (val may be empty if absent)."""
+    fs, path = _open_fs(src)
+    if fs.isfile(path):
+        raise UserError(f"{src} is a file: give the ImageNet-1k folder holding train/ and val/")
+    root = _find_1k_root(fs, path, src)
+    out = {"train": _list_synset_tree(fs, posixpath.join(root, "train"), "train")}
+    val = posixpath.join(root, "val")
+    if not fs.isdir(val):
+        out["val"] = Listing([], [])
+        return out
+    entries = fs.ls(val, detail=False)
+    if any(SYNSET_RE.match(posixpath.basename(e)) and fs.isdir(e) for e in entries):
+        out["val"] = _list_synset_tree(fs, val, "val")
+    else:
+        out["val"] = _list_flat_val(fs, val, [root, path] + _ancestors(root, 3), src)
+    return out
+
+
+def _ancestors(path: str, n: int) -> List[str]:
+    out = []
+    for _ in range(n):
+        parent = posixpath.dirname(path.rstrip("/"))
+        if not parent or parent == path:
+            break
+        out.append(parent)
+        path = parent
+    return out
+
+
+def _list_synset_tree(fs, folder: str, prefix: str) -> Listing:
+    items, skipped = [], []
+    for sub in sorted(fs.ls(folder, detail=False)):
+        synset = posixpath.basename(sub)
+        if not fs.isdir(sub):
+            skipped.append({"source": f"{prefix}/{synset}", "reason": "file outside a synset folder"})
+            continue
+        if not SYNSET_RE.match(synset):
+            skipped.append({"source": f"{prefix}/{synset}", "reason": "folder name is not a synset id"})
+            continue
+        listing = _list_folder(fs, sub, synset, prefix=f"{prefix}/{synset}")
+        items += listing.items
+        skipped += listing.skipped
+    items.sort(key=lambda it: (it.synset, it.key))
+    return Listing(items, skipped)
+
+
+def _find_file(fs, names: Sequence[str], folders: Sequence[str]) -> Optional[str]:
+    for folder in folders:
+        for sub in ("", "ILSVRC2012_devkit_t12/data", "data"):
+            for name in names:
+                candidate = posixpath.join(folder, sub, name) if sub else posixpath.join(folder, name)
+                if fs.exists(candidate):
+                    return candidate
+    return None
+
+
+def _val_labels_from_csv(fs, csv_path: str) -> Dict[str, str]:
+    labels = {}
+    with fs.open(csv_path, "r") as f:
+        for row in csv.DictReader(f):
+            labels[row["ImageId"]] = row["PredictionString"].split()[0]
+    return labels
+
+
+def _val_labels_from_devkit(fs, truth_path: str, meta_path: str) -> Dict[str, str]:
+    """Devkit ground truth holds ILSVRC2012_IDs (1..1000, not sorted by synset); meta.mat maps them to WNIDs."""
+    from scipy.io import loadmat
+
+    with fs.open(meta_path, "rb") as f:
+        synsets = loadmat(io.BytesIO(f.read()), squeeze_me=True)["synsets"]
+    id_to_wnid = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets if int(s["num_children"]) == 0}
+    with fs.open(truth_path, "r") as f:
+        ids = [int(line) for line in f if line.strip()]
+    return {f"ILSVRC2012_val_{i + 1:08d}": id_to_wnid[label] for i, label in enumerate(ids)}
+
+
+def _list_flat_val(fs, val: str, search: List[str], src: str) -> Listing:
+    csv_path = _find_file(fs, ["LOC_val_solution.csv"], search)
+    truth = _find_file(fs, ["ILSVRC2012_validation_ground_truth.txt"], search)
+    meta = _find_file(fs, ["meta.mat"], search)
+    if csv_path:
+        labels = _val_labels_from_csv(fs, csv_path)
+    elif truth and meta:
+        labels = _val_labels_from_devkit(fs, truth, meta)
+    else:
+        raise UserError(
+            f"{src}: val/ is flat but no labels were found: put LOC_val_solution.csv (Kaggle) or the devkit's "
+            "ILSVRC2012_validation_ground_truth.txt and meta.mat in the source folder"
+        )
+    items, skipped = [], []
+    for file_path, info in sorted(fs.find(val, detail=True).items()):
+        shown = f"val/{posixpath.relpath(file_path, val)}"
+        if not _is_image_name(file_path):
+            skipped.append({"source": shown, "reason": "not an image file name"})
+            continue
+        key = sample_key(file_path)
+        synset = labels.get(key)
+        if synset is None:
+            skipped.append({"source": shown, "reason": "no label for this validation image"})
+            continue
+        items.append(SourceItem(key, synset, file_path, -1, int(info.get("size") or 0), shown))
+    items.sort(key=lambda it: (it.synset, it.key))
+    return Listing(items, skipped)
