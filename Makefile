@@ -9,7 +9,7 @@ PYTEST := DS_ACCELERATOR=cpu OMP_NUM_THREADS=2 $(PY) -m pytest
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --disable-pip-version-check -q -c constraints.txt -e '.[dali,dev]'
+	$(PY) -m pip install --disable-pip-version-check -q -c constraints.txt -e '.[dali,s3,dev]'
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -127,6 +127,10 @@ def build_shards(
     with fs.open(posixpath.join(out_path, fmt.CLASSES_FILE), "w") as f:
         f.write("".join(f"{synset}\n" for synset in classes))
 
+    for split in planned:  # temporary files of a killed run (never under a shard's final name)
+        for stale in fs.glob(posixpath.join(out_path, split, ".*.partial")):
+            fs.rm(stale)
+
     results: Dict[tuple, ShardResult] = {}
     tasks: List[ShardTask] = []
     for split, shards in planned.items():

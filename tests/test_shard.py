@@ -1,0 +1,300 @@
+"""data_prep/shard.py on fake ImageNet trees: formats, labels, bad input, determinism, crash-resume, object stores."""
+from __future__ import annotations
+
+import collections
+import filecmp
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import fsspec
+import pytest
+from PIL import Image
+
+import fake_imagenet as fake
+from conv2former.data import shard_format as fmt
+from data_prep.shard import main as shard_main
+from data_prep.verify import verify
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARD_PY = os.path.join(REPO, "data_prep", "shard.py")
+
+
+def run(*argv: str) -> int:
+    return shard_main(list(argv))
+
+
+def read_split(root: str, split: str):
+    """[(key, label, meta, jpg bytes)] of a split, in shard order, through fsspec."""
+    fs, path = fsspec.core.url_to_fs(root)
+    with fs.open(f"{path}/_info.json") as f:
+        info = json.load(f)
+    samples = []
+    for filename in info["splits"][split]["filenames"]:
+        with fs.open(f"{path}/{filename}", "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            current = {}
+            for member in tar:
+                key, _, ext = member.name.partition(".")
+                current.setdefault(key, {})[ext] = tar.extractfile(member).read()
+            for key, parts in current.items():
+                samples.append((key, int(parts["cls"]), json.loads(parts["json"]), parts["jpg"]))
+    return info, samples
+
+
+@pytest.fixture(scope="module")
+def tree_22k(tmp_path_factory):
+    root = tmp_path_factory.mktemp("in22k_src")
+    good = fake.make_22k_synset_tars(str(root))
+    fake.truncate_tar(str(root / f"{fake.SYNSETS_22K[3]}.tar"), keep_members=5)
+    return root, good
+
+
+@pytest.fixture(scope="module")
+def shards_22k(tree_22k, tmp_path_factory):
+    src, _ = tree_22k
+    out = tmp_path_factory.mktemp("in22k_out")
+    assert run("imagenet22k", str(src), str(out), "--val-per-class", "3", "--samples-per-shard", "10",
+               "--workers", "2", "--quiet") == 0
+    return out
+
+
+def test_22k_round_trip(tree_22k, shards_22k):
+    canonical = fmt.canonical_synsets("imagenet22k")
+    info, train = read_split(str(shards_22k), "train")
+    _, val = read_split(str(shards_22k), "val")
+    assert info["num_classes"] == 21841 and info["name"] == "imagenet-22k"
+    assert (shards_22k / "classes.txt").read_text().split() == list(canonical)
+    for key, label, meta, _ in train + val:
+        assert canonical[label] == meta["synset"] and key.startswith(meta["synset"]) and "." not in key
+    per_class_val = collections.Counter(meta["synset"] for _, _, meta, _ in val)
+    # 3 listed files per class are held out; the bad ones among them are then skipped
+    assert per_class_val[fake.SYNSETS_22K[1]] == per_class_val[fake.SYNSETS_22K[2]] == 3
+    assert all(n <= 3 for n in per_class_val.values())
+    assert not {k for k, *_ in train} & {k for k, *_ in val}  # the held-out split is disjoint from train
+    counts = collections.Counter(meta["synset"] for _, _, meta, _ in train + val)
+    # synset 0: 12 good + cmyk/png/gray re-encoded; synset 3: the tar was cut inside member 5 (5 kept)
+    assert counts == {fake.SYNSETS_22K[0]: 15, fake.SYNSETS_22K[1]: 12, fake.SYNSETS_22K[2]: 12, fake.SYNSETS_22K[3]: 5}
+    assert info["splits"]["train"]["num_samples"] == len(train) == sum(info["splits"]["train"]["shard_lengths"])
+    assert all(f.startswith("train/train-") for f in info["splits"]["train"]["filenames"])
+    for *_, data in train[:20]:
+        img = Image.open(io.BytesIO(data))
+        assert img.format == "JPEG" and img.mode == "RGB"
+        img.load()
+    skipped = [json.loads(line) for line in (shards_22k / "skipped.jsonl").read_text().splitlines()]
+    for kind, reason in fake.BAD_22K.items():
+        recorded = [s["reason"] for s in skipped if s["source"].endswith(f"_{kind}.JPEG")]
+        assert recorded == ([] if reason == "reencoded" else [recorded[0]]) and (not recorded or recorded[0].startswith(reason)), kind
+    assert any("n99999999" in s["source"] and "not in the class list" in s["reason"] for s in skipped)
+    assert any("damaged tar" in s["reason"] and fake.SYNSETS_22K[3] in s["source"] for s in skipped)
+
+
+def test_verify_passes_with_pil_and_dali(shards_22k):
+    assert verify(str(shards_22k), use_dali=True, quiet=True) == []
+    assert run("verify", str(shards_22k / "train"), "--quiet") == 0
+
+
+def test_index_matches_dalis_wds2idx(shards_22k, tmp_path):
+    wds2idx = os.path.join(os.path.dirname(sys.executable), "wds2idx")
+    shard = shards_22k / "train" / "train-000000.tar"
+    subprocess.run([wds2idx, str(shard), str(tmp_path / "ref.idx")], check=True, capture_output=True)
+    assert (tmp_path / "ref.idx").read_text() == (shards_22k / "train" / "train-000000.idx").read_text()
+
+
+def test_timm_wds_reader_streams_our_shards(shards_22k):
+    import timm.data
+
+    dataset = timm.data.create_dataset("wds/imagenet", root=str(shards_22k), split="train")
+    _, ours = read_split(str(shards_22k), "train")
+    got = [(target) for _, target in dataset]
+    assert len(dataset) == len(ours) and sorted(got) == sorted(label for _, label, _, _ in ours)
+
+
+def test_dali_reads_labels_identical_to_cls(shards_22k):
+    from data_prep.verify import _dali_labels
+
+    info, ours = read_split(str(shards_22k), "train")
+    first = [label for _, label, _, _ in ours[: info["splits"]["train"]["shard_lengths"][0]]]
+    shard = shards_22k / "train" / "train-000000.tar"
+    assert _dali_labels(str(shard), str(shard.with_suffix(".idx"))) == first
+
+
+@pytest.mark.parametrize("layout", ["outer-tar", "synset-folders"])
+def test_other_22k_layouts_give_the_same_samples(tmp_path, layout):
+    tars = tmp_path / "tars"
+    fake.make_22k_synset_tars(str(tars), with_bad=False)
+    if layout == "outer-tar":
+        src = tmp_path / "fall11_whole.tar"
+        fake.make_outer_tar(str(tars), str(src))
+    else:
+        src = tmp_path / "folders"
+        fake.make_22k_folders(str(src))
+    for name, source in (("ref", tars), ("other", src)):
+        assert run("imagenet22k", str(source), str(tmp_path / name), "--val-per-class", "2",
+                   "--samples-per-shard", "16", "--workers", "1", "--quiet") == 0
+    plan = json.loads((tmp_path / "other" / "_plan.json").read_text())
+    assert plan["source"]["layout"] == layout
+    for split in ("train", "val"):
+        ref = [(k, label, jpg) for k, label, _, jpg in read_split(str(tmp_path / "ref"), split)[1]]
+        other = [(k, label, jpg) for k, label, _, jpg in read_split(str(tmp_path / "other"), split)[1]]
+        assert ref == other
+
+
+@pytest.mark.parametrize("val_format", ["folder", "csv", "devkit"])
+def test_1k_val_label_formats(tmp_path, val_format):
+    truth = fake.make_1k(str(tmp_path / "src"), val_format)
+    assert run("imagenet1k", str(tmp_path / "src"), str(tmp_path / "out"), "--samples-per-shard", "7",
+               "--workers", "1", "--quiet") == 0
+    canonical = fmt.canonical_synsets("imagenet1k")
+    info, val = read_split(str(tmp_path / "out"), "val")
+    _, train = read_split(str(tmp_path / "out"), "train")
+    assert info["num_classes"] == 1000 and len(train) == 18 and len(val) == len(truth) == 9
+    for key, label, meta, _ in val:
+        assert meta["synset"] == truth[key] and canonical[label] == truth[key]
+    if val_format != "folder":  # ILSVRC2012_val_00000001 of a real devkit is class 65 (n01751748)
+        assert canonical.index("n01751748") == 65
+
+
+def test_demo_classes_present_gives_a_compact_label_space(tmp_path):
+    fake.make_1k(str(tmp_path / "src"), "folder")
+    assert run("imagenet1k", str(tmp_path / "src"), str(tmp_path / "out"), "--classes", "present",
+               "--samples-per-shard", "50", "--workers", "1", "--quiet") == 0
+    assert (tmp_path / "out" / "classes.txt").read_text().split() == fake.SYNSETS_1K
+    info, train = read_split(str(tmp_path / "out"), "train")
+    assert info["num_classes"] == 3 and {label for _, label, _, _ in train} == {0, 1, 2}
+
+
+def test_deterministic_bytes(tree_22k, tmp_path):
+    src, _ = tree_22k
+    for name, workers in (("a", "1"), ("b", "2")):
+        assert run("imagenet22k", str(src), str(tmp_path / name), "--val-per-class", "3",
+                   "--samples-per-shard", "10", "--workers", workers, "--quiet") == 0
+    compare_trees(tmp_path / "a", tmp_path / "b")
+
+
+def compare_trees(a, b):
+    for split in ("train", "val"):
+        names = sorted(os.listdir(a / split))
+        assert names == sorted(os.listdir(b / split)) and names
+        match, mismatch, errors = filecmp.cmpfiles(a / split, b / split, names, shallow=False)
+        assert not mismatch and not errors
+    for name in ("_info.json", "classes.txt", "skipped.jsonl"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_kill_minus_9_then_resume_equals_uninterrupted(tmp_path):
+    src = tmp_path / "src"
+    fake.make_22k_synset_tars(str(src), with_bad=False)
+    args = ["imagenet22k", str(src), "--val-per-class", "2", "--samples-per-shard", "2", "--workers", "1", "--quiet"]
+    assert run(args[0], args[1], str(tmp_path / "whole"), *args[2:]) == 0
+    killed = tmp_path / "killed"
+    env = dict(os.environ, PYTHONPATH=REPO)
+    proc = subprocess.Popen([sys.executable, SHARD_PY, args[0], args[1], str(killed), *args[2:]], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    progress = killed / "_progress"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not progress.exists() or len(os.listdir(progress)) < 5):
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = len(os.listdir(progress))
+    assert 5 <= done_before < 24, "the kill must land mid-run"
+    assert not (killed / "_info.json").exists()
+    assert run(args[0], args[1], str(killed), *args[2:]) == 0
+    compare_trees(tmp_path / "whole", killed)
+    assert not [n for n in os.listdir(killed / "train") if n.endswith(".partial")]
+
+
+def test_memory_url_round_trip(tree_22k):
+    src, _ = tree_22k
+    assert run("imagenet22k", str(src), "memory://shards/in22k", "--val-per-class", "3", "--samples-per-shard", "10",
+               "--workers", "2", "--quiet") == 0
+    info, train = read_split("memory://shards/in22k", "train")
+    assert len(train) == info["splits"]["train"]["num_samples"] > 0
+    assert verify("memory://shards/in22k", use_dali=True, quiet=True) == []
+
+
+def test_s3_round_trip_through_a_local_moto_server(tree_22k, tmp_path):
+    moto_server = pytest.importorskip("moto.server")
+    s3fs = pytest.importorskip("s3fs")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        os.environ.update(AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", AWS_DEFAULT_REGION="us-east-1",
+                          AWS_ENDPOINT_URL_S3=endpoint, FSSPEC_S3_ENDPOINT_URL=endpoint)
+        fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True)
+        fs.mkdir("bucket")
+        src, _ = tree_22k
+        assert run("imagenet22k", str(src), "s3://bucket/in22k", "--val-per-class", "3", "--samples-per-shard", "10",
+                   "--workers", "2", "--quiet") == 0
+        _, remote = read_split("s3://bucket/in22k", "train")
+        assert run("imagenet22k", str(src), str(tmp_path / "local"), "--val-per-class", "3",
+                   "--samples-per-shard", "10", "--workers", "1", "--quiet") == 0
+        _, local = read_split(str(tmp_path / "local"), "train")
+        assert remote == local
+        assert verify("s3://bucket/in22k/val", use_dali=True, quiet=True) == []
+    finally:
+        for var in ("AWS_ENDPOINT_URL_S3", "FSSPEC_S3_ENDPOINT_URL"):
+            os.environ.pop(var, None)
+        server.stop()
+
+
+def one_line_error(capsys, *argv) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        run(*argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_bad_input_gives_one_line_errors(tmp_path, capsys, tree_22k):
+    src, _ = tree_22k
+    assert "source not found" in one_line_error(capsys, "imagenet22k", str(tmp_path / "missing"), str(tmp_path / "o"))
+    (tmp_path / "empty").mkdir()
+    assert "empty" in one_line_error(capsys, "imagenet22k", str(tmp_path / "empty"), str(tmp_path / "o"))
+    assert "empty" in one_line_error(capsys, "imagenet1k", str(tmp_path / "empty"), str(tmp_path / "o"))
+    (tmp_path / "archive.tar.gz").write_bytes(b"\x1f\x8b")
+    assert "gzip" in one_line_error(capsys, "imagenet22k", str(tmp_path / "archive.tar.gz"), str(tmp_path / "o"))
+    (tmp_path / "afile").write_text("x")
+    assert "cannot write to output" in one_line_error(capsys, "imagenet22k", str(src), str(tmp_path / "afile" / "o"))
+    flat = tmp_path / "flat1k"
+    fake.make_1k(str(flat), "folder")
+    for synset in fake.SYNSETS_1K:  # make val flat without any label file
+        for name in os.listdir(flat / "val" / synset):
+            os.rename(flat / "val" / synset / name, flat / "val" / name)
+        os.rmdir(flat / "val" / synset)
+    assert "no labels were found" in one_line_error(capsys, "imagenet1k", str(flat), str(tmp_path / "o1k"))
+
+
+def test_refuses_to_mix_runs_unless_overwrite(tree_22k, tmp_path, capsys):
+    src, _ = tree_22k
+    out = str(tmp_path / "out")
+    common = ["--val-per-class", "3", "--samples-per-shard", "10", "--workers", "1", "--quiet"]
+    assert run("imagenet22k", str(src), out, *common) == 0
+    assert run("imagenet22k", str(src), out, *common) == 0  # same plan: every shard reused
+    assert "reused" in capsys.readouterr().out
+    err = one_line_error(capsys, "imagenet22k", str(src), out, *common, "--seed", "7")
+    assert "different source or settings (digest, seed differ)" in err and "--overwrite" in err
+    assert run("imagenet22k", str(src), out, *common, "--seed", "7", "--overwrite") == 0
+    assert json.loads((tmp_path / "out" / "_info.json").read_text())["seed"] == 7
+
+
+def test_verify_reports_damage(shards_22k, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(shards_22k, copy)
+    shard = copy / "train" / "train-000001.tar"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    (copy / "train" / "train-000002.idx").write_text("v1.2 1\njpg 0 1 x.jpg\n")
+    assert run("verify", str(copy), "--quiet") == 1
+    out = capsys.readouterr().out
+    assert "train/train-000001.tar" in out and "train/train-000002.tar: index does not match the tar" in out
