@@ -14,8 +14,11 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-# The whole pipeline on the small built-in dataset (grows with the pipeline; today: the model table).
+# The whole pipeline on the small built-in dataset (grows with the pipeline issue by issue).
 demo: $(STAMP)
+	$(PY) data_prep/shard.py demo
+	$(PY) data_prep/shard.py verify data/demo/in22k --quiet
+	$(PY) data_prep/shard.py verify data/demo/in1k --quiet
 	$(PY) -m conv2former.complexity --table
 
 # Every test, the slow end-to-end ones included (CI runs this through .ci/run).
@@ -34,6 +37,7 @@ table: $(STAMP)
 # Benchmarks on this machine; `make bench RECORD=1` appends the rows to docs/PERFORMANCE.md.
 bench: $(STAMP)
 	OMP_NUM_THREADS=$$(nproc) $(PY) benchmarks/model_speed.py --variant conv2former_t --baseline convnext_tiny $(if $(RECORD),--record)
+	$(PY) benchmarks/shard_speed.py --images 2000 --workers $$(nproc) $(if $(RECORD),--record)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
