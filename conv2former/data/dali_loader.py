@@ -1,0 +1,167 @@
+"""The DALI backends: one graph for ``dali-gpu`` (``mixed`` decoding on the GPU) and ``dali-cpu`` (device_id=None).
+
+Train: ``readers.webdataset`` (our index files, the epoch's shard order, this rank's range, a seeded shuffle
+buffer) -> fused decode + random-resized-crop -> resize -> flip -> RandAugment -> normalize to float NCHW.
+Eval: decode -> resize the shorter side to size/crop_pct and center crop (or "squash" to size x size) -> normalize.
+
+RandAugment is DALI's ``auto_aug.rand_augment`` with n=2 and magnitude 9 on an 11-bin scale (0..10, timm's
+scale). DALI samples the magnitude exactly, while timm's ``rand-m9-mstd0.5-inc1`` adds Gaussian noise (std 0.5)
+to it per op; the op set and the increasing-severity convention otherwise match.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali import math as dmath
+from nvidia.dali.auto_aug import rand_augment
+from nvidia.dali.plugin.pytorch import feed_ndarray
+
+from conv2former.config import DataConfig
+from conv2former.data import shard_format as fmt
+from conv2former.data.loader import ShardLoader
+from conv2former.data.shards import SplitShards, epoch_shard_order, sample_seed
+
+READER = "reader"
+
+# Decoder memory settings from NVIDIA's ImageNet examples: enough to decode full-size ImageNet JPEGs without
+# reallocating, and the share of images sent to the hardware JPEG decoder (A100/H100).
+GPU_DECODER_ARGS = dict(device_memory_padding=211025920, host_memory_padding=140544512,
+                        preallocate_width_hint=5980, preallocate_height_hint=6430, hw_decoder_load=0.65)
+
+
+def _reader(paths, index_paths, train: bool, rank: int, world_size: int, buffer: int):
+    return fn.readers.webdataset(
+        paths=paths, index_paths=index_paths, ext=[fmt.IMAGE_KEY, fmt.LABEL_KEY],
+        dtypes=[types.UINT8, types.INT64], missing_component_behavior="error",
+        shard_id=rank, num_shards=world_size, random_shuffle=train, initial_fill=buffer,
+        pad_last_batch=not train, stick_to_shard=True, name=READER,
+    )
+
+
+def _normalize(images, cfg: DataConfig, mirror=None, crop: Optional[Tuple[int, int]] = None, crop_pos=(0.5, 0.5)):
+    kwargs: Dict[str, Any] = {}
+    if crop is not None:
+        kwargs.update(crop=crop, crop_pos_y=crop_pos[0], crop_pos_x=crop_pos[1])
+    return fn.crop_mirror_normalize(
+        images, dtype=types.FLOAT, output_layout="CHW", mirror=mirror if mirror is not None else 0,
+        mean=[m * 255 for m in cfg.mean], std=[s * 255 for s in cfg.std], **kwargs,
+    )
+
+
+def train_graph(cfg: DataConfig, paths, index_paths, rank: int, world_size: int, gpu: bool):
+    jpg, label = _reader(paths, index_paths, True, rank, world_size, cfg.shuffle_buffer)
+    aug = cfg.augment
+    images = fn.decoders.image_random_crop(
+        jpg, device="mixed" if gpu else "cpu", output_type=types.RGB,
+        random_area=list(aug.scale), random_aspect_ratio=list(aug.ratio), num_attempts=10,
+        **(GPU_DECODER_ARGS if gpu else {}),
+    )
+    images = fn.resize(images, resize_x=cfg.image_size, resize_y=cfg.image_size, interp_type=types.INTERP_CUBIC,
+                       antialias=True)
+    mirror = fn.random.coin_flip(probability=aug.hflip)
+    if aug.randaugment:
+        images = rand_augment.rand_augment(images, n=aug.randaugment_n, m=aug.randaugment_m, num_magnitude_bins=11)
+    return _normalize(images, cfg, mirror=mirror), label
+
+
+def eval_graph(cfg: DataConfig, paths, index_paths, rank: int, world_size: int, gpu: bool):
+    jpg, label = _reader(paths, index_paths, False, rank, world_size, 1)
+    images = fn.decoders.image(jpg, device="mixed" if gpu else "cpu", output_type=types.RGB,
+                               **({k: v for k, v in GPU_DECODER_ARGS.items() if k != "hw_decoder_load"} if gpu else {}))
+    size = cfg.image_size
+    if cfg.crop_mode == "squash":
+        images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_CUBIC, antialias=True)
+        return _normalize(images, cfg), label
+    # timm/torchvision geometry, exactly: the shorter side to floor(size / crop_pct), the longer to
+    # int(scale * long / short), and a center crop whose offset rounds half to even like Python's round().
+    scale = int(size / cfg.crop_pct)
+    shape = images.shape(dtype=types.FLOAT)
+    h, w = shape[0], shape[1]
+    short = dmath.min(h, w)
+    new_h, new_w = dmath.floor(scale * h / short), dmath.floor(scale * w / short)
+    images = fn.resize(images, resize_y=new_h, resize_x=new_w, interp_type=types.INTERP_CUBIC, antialias=True)
+    return _normalize(images, cfg, crop=(size, size), crop_pos=(_center(new_h, size), _center(new_w, size))), label
+
+
+def _center(length, crop: int):
+    """crop_pos giving torchvision's CenterCrop offset int(round((length - crop) / 2)) (round half to even)."""
+    d = length - crop
+    k = dmath.floor(d / 2)
+    anchor = k + (d - 2 * k) * (k - 2 * dmath.floor(k / 2))
+    return anchor / dmath.max(d, 1)
+
+
+class DaliLoader(ShardLoader):
+    def __init__(self, cfg: DataConfig, shards: SplitShards, train: bool, rank: int, world_size: int,
+                 device: torch.device, gpu: bool) -> None:
+        super().__init__(cfg, shards, train, rank, world_size, device)
+        self.gpu = gpu
+        self.backend = "dali-gpu" if gpu else "dali-cpu"
+        self._pipe = None
+        self._checkpoint: Optional[bytes] = None
+
+    def _build(self) -> None:
+        order = epoch_shard_order(len(self.shards.shards), self.cfg.seed, self.epoch) if self.train \
+            else list(range(len(self.shards.shards)))
+        paths = [self.shards.shards[i].tar for i in order]
+        index_paths = [self.shards.shards[i].index for i in order]
+        graph = train_graph if self.train else eval_graph
+        cfg, rank, world, gpu = self.cfg, self.rank, self.world_size, self.gpu
+
+        @pipeline_def(enable_conditionals=True)
+        def pipeline():
+            return graph(cfg, paths, index_paths, rank, world, gpu)
+
+        with warnings.catch_warnings():  # DALI's auto_aug calls deprecated experimental aliases internally
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pipe = pipeline(
+                batch_size=self.batch_size, num_threads=max(1, cfg.workers),
+                device_id=self.device.index if gpu else None, seed=sample_seed(cfg.seed, self.epoch, rank),
+                enable_checkpointing=self.train, checkpoint=self._checkpoint, prefetch_queue_depth=2,
+                exec_dynamic=True,
+            )
+            pipe.build()
+        self._checkpoint = None
+        self._pipe = pipe
+
+    def _reset(self) -> None:
+        self._pipe = None
+        self._checkpoint = None
+
+    def _next_batch(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self._pipe is None:
+            self._build()
+        images, labels = self._pipe.run()
+        stream = torch.cuda.current_stream(self.device) if self.gpu else None
+        images = images.as_tensor()
+        out = torch.empty(images.shape(), dtype=torch.float32, device=self.device if self.gpu else "cpu")
+        feed_ndarray(images, out, cuda_stream=stream)
+        labels_cpu = labels.as_cpu() if hasattr(labels, "as_cpu") else labels
+        label_tensor = torch.empty((self.batch_size, 1), dtype=torch.int64)
+        feed_ndarray(labels_cpu.as_tensor(), label_tensor)
+        return out.to(self.device, non_blocking=True), label_tensor.view(-1).to(self.device, non_blocking=True)
+
+    def _extra_state(self) -> Dict[str, Any]:
+        if self.train and self._pipe is not None and self.step > 0:
+            return {"dali_checkpoint": self._pipe.checkpoint()}
+        return {}
+
+    def _restore(self, state: Dict[str, Any]) -> None:
+        self._pipe = None
+        self._checkpoint = None
+        if self.step == 0:
+            return
+        if self.train:
+            checkpoint = state.get("dali_checkpoint")
+            if state.get("backend") != self.backend or not checkpoint:
+                raise ValueError(f"data position from backend {state.get('backend')} cannot resume {self.backend}")
+            self._checkpoint = checkpoint
+            return
+        # eval has no randomness: rebuild and fast-forward by reading
+        step, self.step = self.step, 0
+        for _ in range(step):
+            self._next_batch()
+            self.step += 1

@@ -1,0 +1,134 @@
+"""``build_loader(cfg, split, rank, world_size)``: batches of (images, labels) from our shards, on any backend.
+
+Every loader is an iterable over the remaining steps of its current epoch, with ``len()`` = steps per epoch,
+``set_epoch(e)``, and ``state_dict()/load_state_dict()`` holding the data position (epoch, step, and DALI's own
+pipeline checkpoint), so a run resumed mid-epoch continues with the samples it had not seen, in the same order.
+Training batches are full and every rank has the same number of them; evaluation batches keep a fixed shape and
+mark padding with label -1 (see ``conv2former.data.shards`` for the exact dealing rule).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Dict, Iterator, Optional, Tuple
+
+import torch
+
+from conv2former.config import DataConfig
+from conv2former.data.shards import SplitShards, eval_steps, open_split, rank_range, train_steps
+from conv2former.errors import UserError
+
+BACKENDS = ("dali-gpu", "dali-cpu", "torch")
+
+
+def dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(name: str) -> str:
+    if name == "auto":
+        if dali_available():
+            return "dali-gpu" if torch.cuda.is_available() else "dali-cpu"
+        return "torch"
+    if name not in BACKENDS:
+        raise UserError(f"unknown data backend {name!r}: choose auto, {', '.join(BACKENDS)}")
+    if name.startswith("dali") and not dali_available():
+        raise UserError(f"backend {name} needs NVIDIA DALI: pip install '.[dali]' (nvidia-dali-cuda120), or use --backend torch")
+    if name == "dali-gpu" and not torch.cuda.is_available():
+        raise UserError("backend dali-gpu needs a CUDA GPU and none is visible: use --backend dali-cpu or --backend torch")
+    return name
+
+
+class ShardLoader:
+    """The state and the dealing rule every backend shares; subclasses produce the batches."""
+
+    def __init__(self, cfg: DataConfig, shards: SplitShards, train: bool, rank: int, world_size: int,
+                 device: torch.device) -> None:
+        self.cfg, self.shards, self.train = cfg, shards, train
+        self.rank, self.world_size, self.device = rank, world_size, device
+        self.batch_size = cfg.batch_size if train else (cfg.eval_batch_size or cfg.batch_size)
+        self.num_classes = shards.num_classes
+        self.epoch, self.step = 0, 0
+        total = shards.num_samples
+        self.steps = (train_steps if train else eval_steps)(total, world_size, self.batch_size)
+        if self.steps == 0:
+            raise UserError(
+                f"batch {self.batch_size} per rank x {world_size} ranks is more than the {total} samples of "
+                f"{shards.root} {shards.split}: lower the micro-batch or use fewer ranks"
+            )
+        start, end = rank_range(total, rank, world_size)
+        self.rank_samples = end - start
+
+    backend = "base"
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.step = epoch, 0
+            self._reset()
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        while self.step < self.steps:
+            images, labels = self._next_batch()
+            if not self.train:  # eval: positions past this rank's range are padding
+                valid = max(0, min(self.batch_size, self.rank_samples - self.step * self.batch_size))
+                labels[valid:] = -1
+            self.step += 1
+            if self.cfg.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            yield images, labels
+        self.epoch, self.step = self.epoch + 1, 0
+        self._reset()
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"backend": self.backend, "epoch": self.epoch, "step": self.step, "rank": self.rank,
+                "world_size": self.world_size, "seed": self.cfg.seed, **self._extra_state()}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        same_dealing = state.get("world_size") == self.world_size and state.get("seed") == self.cfg.seed
+        self.epoch = int(state["epoch"])
+        if not same_dealing:
+            warnings.warn(
+                f"data position saved with {state.get('world_size')} ranks (seed {state.get('seed')}) cannot be "
+                f"replayed on {self.world_size} ranks (seed {self.cfg.seed}): epoch {self.epoch} restarts from its start"
+            )
+            self.step = 0
+            self._reset()
+            return
+        self.step = int(state["step"])
+        self._restore(state)
+
+    # backend hooks
+    def _next_batch(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def _reset(self) -> None:
+        raise NotImplementedError
+
+    def _extra_state(self) -> Dict[str, Any]:
+        return {}
+
+    def _restore(self, state: Dict[str, Any]) -> None:
+        raise NotImplementedError
+
+
+def build_loader(cfg: DataConfig, split: str, rank: int = 0, world_size: int = 1,
+                 device: Optional[torch.device] = None, train: Optional[bool] = None) -> ShardLoader:
+    """Batches of ``split`` for ``rank`` of ``world_size``; ``train`` defaults to ``split == "train"``."""
+    backend = resolve_backend(cfg.backend)
+    train = split == "train" if train is None else train
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if backend == "dali-gpu" else torch.device("cpu")
+    shards = open_split(cfg.root, split, cfg.cache_dir)
+    if backend == "torch":
+        from conv2former.data.torch_loader import TorchLoader
+
+        return TorchLoader(cfg, shards, train, rank, world_size, device)
+    from conv2former.data.dali_loader import DaliLoader
+
+    return DaliLoader(cfg, shards, train, rank, world_size, device, gpu=backend == "dali-gpu")

@@ -1,0 +1,248 @@
+"""The loaders (dali-cpu and torch) on shards made by data_prep: batches, labels, dealing, resume, eval, bad input."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conv2former.config import AugmentConfig, DataConfig
+from conv2former.data import shard_format as fmt
+from conv2former.data.augment import BatchAugment
+from conv2former.data.loader import build_loader, resolve_backend
+from conv2former.errors import UserError
+from data_prep.demo import render
+from data_prep.shard import main as shard_main
+
+BACKENDS = ["dali-cpu", "torch"]
+NUM = 240  # samples per split, one per class: a label identifies its sample
+
+
+@pytest.fixture(scope="session")
+def unique_shards(tmp_path_factory):
+    """240 synsets with one train and one val image each: label == sample identity. 12 shards per split."""
+    src = tmp_path_factory.mktemp("unique_src")
+    synsets = list(fmt.canonical_synsets("imagenet1k"))[:NUM]
+    import random
+
+    for i, synset in enumerate(synsets):
+        for split in ("train", "val"):
+            folder = src / split / synset
+            folder.mkdir(parents=True)
+            (folder / f"{synset}_{split}.JPEG").write_bytes(render(i % 40, random.Random(f"{split}{i}")))
+    out = tmp_path_factory.mktemp("unique_shards")
+    assert shard_main(["imagenet1k", str(src), str(out), "--classes", "present", "--samples-per-shard", "20",
+                       "--workers", "2", "--quiet"]) == 0
+    return out
+
+
+def cfg_for(root, backend, **kwargs) -> DataConfig:
+    base = dict(root=str(root), backend=backend, image_size=32, batch_size=16, workers=2, shuffle_buffer=64)
+    base.update(kwargs)
+    return DataConfig(**base)
+
+
+def manifest_labels(root, split):
+    info = fmt.read_info(str(root))
+    labels = []
+    for filename in info["splits"][split]["filenames"]:
+        with tarfile.open(os.path.join(root, filename)) as tar:
+            labels += [int(tar.extractfile(m).read()) for m in tar if m.name.endswith(".cls")]
+    return labels
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batches_shapes_dtypes_and_normalization(unique_shards, backend):
+    for split in ("train", "val"):
+        loader = build_loader(cfg_for(unique_shards, backend), split)
+        images, labels = next(iter(loader))
+        assert images.shape == (16, 3, 32, 32) and images.dtype == torch.float32
+        assert labels.shape == (16,) and labels.dtype == torch.int64
+        pixels = images * torch.tensor(fmt_std()).view(1, 3, 1, 1) + torch.tensor(fmt_mean()).view(1, 3, 1, 1)
+        assert pixels.min() >= -0.02 and pixels.max() <= 1.02  # normalized with ImageNet mean/std
+        assert 0.3 < images.std() < 2.0 and abs(images.mean()) < 1.5
+
+
+def fmt_mean():
+    return DataConfig().mean
+
+
+def fmt_std():
+    return DataConfig().std
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eval_labels_match_the_manifest_in_order(unique_shards, backend):
+    loader = build_loader(cfg_for(unique_shards, backend), "val")
+    labels = torch.cat([y for _, y in loader]).tolist()
+    expected = manifest_labels(unique_shards, "val")
+    assert [y for y in labels if y >= 0] == expected and len(labels) == len(loader) * 16
+
+
+def test_dali_and_torch_give_identical_labels(unique_shards):
+    seqs = [torch.cat([y for _, y in build_loader(cfg_for(unique_shards, b), "val")]).tolist() for b in BACKENDS]
+    assert seqs[0] == seqs[1]
+
+
+RANK_SCRIPT = textwrap.dedent("""
+    import json, sys, torch
+    from conv2former.config import DataConfig
+    from conv2former.data.loader import build_loader
+    root, backend, split, rank, world, out = sys.argv[1:7]
+    cfg = DataConfig(root=root, backend=backend, image_size=32, batch_size=16, workers=1, shuffle_buffer=64)
+    loader = build_loader(cfg, split, int(rank), int(world))
+    epochs = []
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        epochs.append([y.tolist() for _, y in loader])
+    json.dump({"steps": len(loader), "epochs": epochs}, open(out, "w"))
+""")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_ranks_in_separate_processes(unique_shards, backend, tmp_path):
+    results = {}
+    for split in ("train", "val"):
+        procs = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, str(unique_shards), backend, split, str(r), "2",
+                                   str(tmp_path / f"{split}{r}.json")]) for r in range(2)]
+        assert all(p.wait() == 0 for p in procs)
+        results[split] = [json.loads((tmp_path / f"{split}{r}.json").read_text()) for r in range(2)]
+    train = results["train"]
+    assert train[0]["steps"] == train[1]["steps"] == (NUM // 2) // 16
+    for epoch in range(2):
+        seen = [[y for batch in train[r]["epochs"][epoch] for y in batch] for r in range(2)]
+        assert len(seen[0]) == len(seen[1]) == 7 * 16
+        assert not set(seen[0]) & set(seen[1]) and len(set(seen[0] + seen[1])) == 2 * 7 * 16  # disjoint, no repeats
+    assert train[0]["epochs"][0] != train[0]["epochs"][1]  # each epoch reshuffles
+    val = results["val"]
+    assert val[0]["steps"] == val[1]["steps"]
+    counted = [y for r in range(2) for batch in val[r]["epochs"][0] for y in batch if y >= 0]
+    assert sorted(counted) == list(range(NUM))  # every sample exactly once across ranks
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_order_is_deterministic_per_seed_and_epoch(unique_shards, backend):
+    def labels(seed, epoch):
+        loader = build_loader(cfg_for(unique_shards, backend, seed=seed), "train")
+        loader.set_epoch(epoch)
+        return [y.tolist() for _, y in loader]
+
+    assert labels(0, 3) == labels(0, 3)
+    assert labels(0, 3) != labels(0, 4) and labels(0, 3) != labels(1, 3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resume_mid_epoch_yields_the_remaining_batches(unique_shards, backend):
+    cfg = cfg_for(unique_shards, backend)
+    reference = build_loader(cfg, "train", rank=1, world_size=2)
+    reference.set_epoch(2)
+    batches = []
+    state = None
+    for i, (x, y) in enumerate(reference):
+        batches.append((x.clone(), y.clone()))
+        if i == 2:
+            state = reference.state_dict()
+    assert state["epoch"] == 2 and state["step"] == 3
+    state = torch.load(io.BytesIO(_saved(state)), weights_only=True)  # survives a real checkpoint round trip
+    resumed = build_loader(cfg, "train", rank=1, world_size=2)
+    resumed.load_state_dict(state)
+    rest = [(x, y) for x, y in resumed]
+    assert len(rest) == len(batches) - 3
+    for (x, y), (rx, ry) in zip(batches[3:], rest):
+        assert torch.equal(y, ry) and torch.equal(x, rx)
+    assert resumed.epoch == 3 and resumed.step == 0
+
+
+def _saved(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def test_mixup_targets_sum_to_one(unique_shards):
+    images, labels = next(iter(build_loader(cfg_for(unique_shards, "dali-cpu"), "train")))
+    augment = BatchAugment(AugmentConfig(), num_classes=NUM, device=torch.device("cpu"))
+    mixed, targets = augment(images.clone(), labels)
+    assert mixed.shape == images.shape and targets.shape == (16, NUM)
+    torch.testing.assert_close(targets.sum(1), torch.ones(16))
+    assert not torch.equal(mixed, images)
+    plain = BatchAugment(AugmentConfig(mixup=0, cutmix=0, random_erasing=0), NUM, torch.device("cpu"))
+    _, smooth = plain(images, labels)
+    torch.testing.assert_close(smooth.sum(1), torch.ones(16))
+    assert smooth.argmax(1).tolist() == labels.tolist()
+    with pytest.raises(UserError, match="even batch"):
+        augment(images[:15], labels[:15])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("crop_mode,crop_pct,size", [("center", 0.875, 64), ("squash", 1.0, 96)])
+def test_eval_transform_matches_timm(tmp_path, backend, crop_mode, crop_pct, size):
+    from timm.data import create_transform
+
+    rng = np.random.default_rng(0)
+    smooth = Image.fromarray(rng.integers(0, 255, (12, 16, 3), dtype=np.uint8)).resize((160, 120), Image.BICUBIC)
+    buf = io.BytesIO()
+    smooth.save(buf, format="JPEG", quality=95)
+    src = tmp_path / "src" / "val" / "n01440764"
+    src.mkdir(parents=True)
+    (src / "x.JPEG").write_bytes(buf.getvalue())
+    (tmp_path / "src" / "train" / "n01440764").mkdir(parents=True)
+    (tmp_path / "src" / "train" / "n01440764" / "y.JPEG").write_bytes(buf.getvalue())
+    out = tmp_path / "out"
+    assert shard_main(["imagenet1k", str(tmp_path / "src"), str(out), "--classes", "present", "--workers", "1",
+                       "--quiet"]) == 0
+    cfg = cfg_for(out, backend, image_size=size, batch_size=1, crop_pct=crop_pct, crop_mode=crop_mode)
+    ours = next(iter(build_loader(cfg, "val")))[0][0]
+    reference = create_transform(size, is_training=False, crop_pct=crop_pct, crop_mode=crop_mode,
+                                 interpolation="bicubic")(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+    diff = (ours - reference).abs()
+    if backend == "torch":
+        assert torch.equal(ours, reference)
+    else:  # same geometry; DALI's cubic resampling differs from PIL's by rounding only
+        assert diff.mean() < 0.01 and diff.max() < 0.25, (diff.mean(), diff.max())
+
+
+def test_bad_input(unique_shards, tmp_path):
+    with pytest.raises(UserError, match="data root not found"):
+        build_loader(cfg_for(tmp_path / "missing", "torch"), "train")
+    with pytest.raises(UserError, match="no 'test' split"):
+        build_loader(cfg_for(unique_shards, "torch"), "test")
+    with pytest.raises(UserError, match="more than the 240 samples"):
+        build_loader(cfg_for(unique_shards, "dali-cpu", batch_size=128), "train", rank=0, world_size=2)
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="dali-cpu or --backend torch"):
+            resolve_backend("dali-gpu")
+    with pytest.raises(UserError, match="unknown data backend"):
+        resolve_backend("tfrecord")
+
+
+def test_damaged_shards(unique_shards, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(unique_shards, copy)
+    # an index that does not match its tar
+    idx = copy / "train" / "train-000001.idx"
+    lines = idx.read_text().splitlines()
+    lines[1] = " ".join(str(int(p) + 512) if i % 4 == 1 else p for i, p in enumerate(lines[1].split()))
+    idx.write_text("\n".join(lines) + "\n")
+    with pytest.raises(UserError, match="index does not match its tar"):
+        build_loader(cfg_for(copy, "torch"), "train")
+    shutil.copy(unique_shards / "train" / "train-000001.idx", idx)
+    # a truncated shard: its complete samples are used, with a warning, and the job runs
+    tar = copy / "train" / "train-000004.tar"
+    data = tar.read_bytes()
+    tar.write_bytes(data[: len(data) * 2 // 3])
+    for backend in BACKENDS:
+        with pytest.warns(UserWarning, match="truncated"):
+            loader = build_loader(cfg_for(copy, backend, cache_dir=str(tmp_path / "cache")), "val" if False else "train")
+        assert loader.shards.num_samples < NUM
+        assert sum(1 for _ in loader) == len(loader)
