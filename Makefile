@@ -38,6 +38,8 @@ table: $(STAMP)
 bench: $(STAMP)
 	OMP_NUM_THREADS=$$(nproc) $(PY) benchmarks/model_speed.py --variant conv2former_t --baseline convnext_tiny $(if $(RECORD),--record)
 	$(PY) benchmarks/shard_speed.py --images 2000 --workers $$(nproc) $(if $(RECORD),--record)
+	$(PY) benchmarks/loader_speed.py --backend all --mode train --workers $$(nproc) $(if $(RECORD),--record)
+	$(PY) benchmarks/loader_speed.py --backend all --mode eval --workers $$(nproc) $(if $(RECORD),--record)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -242,6 +242,9 @@ def list_1k(src: str) -> Dict[str, Listing]:
         out["val"] = Listing([], [])
         return out
     entries = fs.ls(val, detail=False)
+    if not entries:  # an empty val/ is no val split
+        out["val"] = Listing([], [])
+        return out
     if any(SYNSET_RE.match(posixpath.basename(e)) and fs.isdir(e) for e in entries):
         out["val"] = _list_synset_tree(fs, val, "val")
     else:

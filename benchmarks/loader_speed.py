@@ -1,0 +1,119 @@
+"""Images/s of our loaders next to the torchvision ImageFolder + PIL DataLoader most users run today.
+
+    python benchmarks/loader_speed.py --backend {dali-gpu,dali-cpu,torch,imagefolder,all} [--data DIR]
+        [--mode {train,eval}] [--image-size 224] [--batch 64] [--workers 2] [--seconds 20] [--json] [--record]
+
+``--data`` is a shard root for our backends and a class-folder tree for ``imagefolder``. Without it, a set of
+ImageNet-sized JPEGs (500x375, ~85 KB) is generated once under data/bench/ as both a tree and shards, so every
+backend reads the same images. ``--backend all`` runs each available backend on that data and reports the ratio to
+``imagefolder``. Same threads/workers for all; train uses the training transform (RandAugment included), eval the
+eval transform.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+PERFORMANCE_MD = REPO / "docs" / "PERFORMANCE.md"
+BENCH_DIR = REPO / "data" / "bench"
+
+
+def prepare(images: int) -> Path:
+    """data/bench/tree (ImageFolder layout) and data/bench/shards, made once."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from shard_speed import make_tree
+
+    tree, shards = BENCH_DIR / "tree", BENCH_DIR / "shards"
+    if not (shards / "_info.json").exists():
+        if not (tree / "train").exists():
+            make_tree(tree, images)
+        subprocess.run([sys.executable, str(REPO / "data_prep" / "shard.py"), "imagenet1k", str(tree), str(shards),
+                        "--classes", "present", "--shard-size", "32MB", "--quiet", "--check", "header"], check=True,
+                       stdout=subprocess.DEVNULL)
+    return BENCH_DIR
+
+
+def measure(loader, batch: int, seconds: float, warmup: int = 3) -> float:
+    def batches():
+        while True:
+            yield from loader
+
+    it = batches()
+    for _ in range(warmup):
+        next(it)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        images, _ = next(it)
+        if images.is_cuda:
+            torch.cuda.synchronize()
+        count += images.shape[0]
+    return count / (time.perf_counter() - start)
+
+
+def build(backend: str, data: Path, args: argparse.Namespace):
+    if backend == "imagefolder":
+        from torchvision.datasets import ImageFolder
+
+        from conv2former.config import DataConfig
+        from conv2former.data.torch_loader import timm_transform
+
+        cfg = DataConfig(image_size=args.image_size)
+        dataset = ImageFolder(str(data / "train"), transform=timm_transform(cfg, args.mode == "train"))
+        return torch.utils.data.DataLoader(dataset, batch_size=args.batch, shuffle=args.mode == "train",
+                                           num_workers=args.workers, drop_last=True, persistent_workers=True)
+    from conv2former.config import DataConfig
+    from conv2former.data.loader import build_loader
+
+    cfg = DataConfig(root=str(data), backend=backend, image_size=args.image_size, batch_size=args.batch,
+                     workers=args.workers)
+    return build_loader(cfg, "train", train=args.mode == "train")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backend", default="all", choices=["dali-gpu", "dali-cpu", "torch", "imagefolder", "all"])
+    parser.add_argument("--data", type=Path)
+    parser.add_argument("--mode", default="train", choices=["train", "eval"])
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--images", type=int, default=2000, help="images to generate when --data is not given")
+    parser.add_argument("--json", action="store_true", help="print one JSON line per backend")
+    parser.add_argument("--record", action="store_true", help="append the rows to docs/PERFORMANCE.md")
+    args = parser.parse_args()
+    generated = prepare(args.images) if args.data is None else None
+    backends = [args.backend] if args.backend != "all" else \
+        (["dali-gpu"] if torch.cuda.is_available() else []) + ["dali-cpu", "torch", "imagefolder"]
+    results = {}
+    for backend in backends:
+        data = args.data or (generated / ("tree" if backend == "imagefolder" else "shards"))
+        results[backend] = measure(build(backend, data, args), args.batch, args.seconds)
+        if args.json:
+            print(json.dumps({"backend": backend, "mode": args.mode, "images_per_s": round(results[backend], 1)}))
+        else:
+            print(f"{backend:>12} {args.mode}: {results[backend]:.1f} images/s")
+    base = results.get("imagefolder")
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{platform.machine()} CPU, {os.cpu_count()} cores"
+    if args.record:
+        command = "python benchmarks/loader_speed.py " + " ".join(sys.argv[1:])
+        with open(PERFORMANCE_MD, "a") as f:
+            for backend, ips in results.items():
+                ratio = f"{ips / base:.2f}×" if base else "—"
+                f.write(f"| {datetime.date.today()} | {device} | {backend} | {args.mode} | {args.image_size} | "
+                        f"{args.batch} | {args.workers} | {ips:.0f} | {ratio} | `{command}` |\n")
+
+
+if __name__ == "__main__":
+    main()
