@@ -1,0 +1,115 @@
+"""DeepSpeed checkpoints with our client state, complete-on-all-ranks markers, fallback, retention, export."""
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import warnings
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from safetensors.torch import save_file
+
+COMPLETE = "complete"  # written into a tag after every rank has saved its part
+
+
+def tag_for(step: int) -> str:
+    return f"step{step:09d}"
+
+
+def list_tags(ckpt_dir: str) -> List[str]:
+    if not os.path.isdir(ckpt_dir):
+        return []
+    return sorted(t for t in os.listdir(ckpt_dir) if re.fullmatch(r"step\d{9}", t))
+
+
+def rng_state() -> Dict[str, Any]:
+    """This rank's RNG states, as tensors and plain lists only (loadable with weights_only=True)."""
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "python": [list(random.getstate()[1]), random.getstate()[0], random.getstate()[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+    }
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    values, version, gauss = state["python"]
+    random.setstate((version, tuple(values), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def gather(obj: Any) -> List[Any]:
+    if not dist.is_initialized():
+        return [obj]
+    out: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def save(engine, ckpt_dir: str, step: int, client_state: Dict[str, Any], keep_last: int) -> str:
+    """Save on every rank; mark complete after a barrier; keep the newest ``keep_last`` complete tags."""
+    tag = tag_for(step)
+    engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False)
+    if dist.is_initialized():
+        dist.barrier()
+    if engine.global_rank == 0:
+        with open(os.path.join(ckpt_dir, tag, COMPLETE), "w") as f:
+            f.write(f"{step}\n")
+        with open(os.path.join(ckpt_dir, "latest.partial"), "w") as f:
+            f.write(tag)
+        os.replace(os.path.join(ckpt_dir, "latest.partial"), os.path.join(ckpt_dir, "latest"))
+        complete = [t for t in list_tags(ckpt_dir) if os.path.exists(os.path.join(ckpt_dir, t, COMPLETE))]
+        for old in complete[:-keep_last]:
+            shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+    return tag
+
+
+def resume(engine, ckpt_dir: str) -> Optional[Dict[str, Any]]:
+    """Load the newest complete, loadable checkpoint; fall back to older ones with a warning."""
+    for tag in reversed(list_tags(ckpt_dir)):
+        tag_dir = os.path.join(ckpt_dir, tag)
+        if not os.path.exists(os.path.join(tag_dir, COMPLETE)):
+            if engine.global_rank == 0:
+                warnings.warn(f"checkpoint {tag_dir} is incomplete (no '{COMPLETE}' marker): trying an older one")
+            continue
+        try:
+            path, client_state = engine.load_checkpoint(ckpt_dir, tag=tag)
+        except Exception as err:  # a corrupted file: DeepSpeed/torch raise many types
+            if engine.global_rank == 0:
+                warnings.warn(f"checkpoint {tag_dir} could not be loaded ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0][:120]}): trying an older one")
+            continue
+        if path is None:
+            continue
+        client_state["tag"] = tag
+        return client_state
+    return None
+
+
+def export(run_dir: str, model_state: Dict[str, torch.Tensor], classes: List[str], config: Dict[str, Any],
+           ema_state: Optional[Dict[str, torch.Tensor]] = None) -> str:
+    """``RUN/export/``: model.safetensors (official key names, fp32), classes.txt, config.yaml, model_ema.safetensors."""
+    out = os.path.join(run_dir, "export")
+    os.makedirs(out, exist_ok=True)
+    save_file({k: v.detach().float().contiguous().cpu() if v.is_floating_point() else v.contiguous().cpu()
+               for k, v in model_state.items()}, os.path.join(out, "model.safetensors"))
+    if ema_state is not None:
+        save_file({k: v.detach().float().contiguous().cpu() if v.is_floating_point() else v.contiguous().cpu()
+                   for k, v in ema_state.items()}, os.path.join(out, "model_ema.safetensors"))
+    with open(os.path.join(out, "classes.txt"), "w") as f:
+        f.write("".join(f"{c}\n" for c in classes))
+    with open(os.path.join(out, "config.yaml"), "w") as f:
+        yaml.safe_dump(config, f, sort_keys=False)
+    return out

@@ -1,0 +1,86 @@
+"""The command line shared by the training entry points: flags -> a resolved ``TrainConfig``."""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import List, Optional, Sequence
+
+import timm
+
+from conv2former.config import TrainConfig, apply_overrides, load_yaml, parse_set
+from conv2former.errors import UserError
+
+SHORT_VARIANTS = ("n", "t", "s", "b", "b_22k", "l", "demo")
+
+
+def variant_name(name: str) -> str:
+    full = name if name.startswith("conv2former_") else f"conv2former_{name}"
+    import conv2former  # noqa: F401  (registers the variants)
+
+    if full not in timm.list_models("conv2former_*"):
+        raise UserError(f"unknown variant {name!r}: choose one of {', '.join(SHORT_VARIANTS)} "
+                        "(or a full name such as conv2former_l)")
+    return full
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--variant", help=f"{', '.join(SHORT_VARIANTS)} or a full timm name")
+    parser.add_argument("--data", help="shard root holding train/ and val/ (local path or fsspec URL)")
+    parser.add_argument("--output", help="run directory: checkpoints/, export/, tb/, log.jsonl")
+    parser.add_argument("--config", action="append", default=[], help="YAML file of overrides (repeatable)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any config field, e.g. --set optim.base_lr=2e-3 (repeatable)")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--max-steps", type=int, help="stop after this optimizer step; the schedule still follows --epochs")
+    parser.add_argument("--global-batch", type=int)
+    parser.add_argument("--micro-batch", type=int, help="per rank")
+    parser.add_argument("--image-size", type=int)
+    parser.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3])
+    parser.add_argument("--backend", choices=["auto", "dali-gpu", "dali-cpu", "torch"])
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--save-every", type=int, help="checkpoint every N optimizer steps (and at each epoch end)")
+    parser.add_argument("--workers", type=int, help="loader threads/workers per rank")
+    parser.add_argument("--dry-run", action="store_true", help="print the derived schedule and exit")
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+
+
+def resolve_config(args: argparse.Namespace, stage_defaults: Sequence[str]) -> TrainConfig:
+    """Stage defaults, then --config files, then flags, then --set (the last word wins)."""
+    cfg = TrainConfig()
+    for path in list(stage_defaults) + list(args.config):
+        apply_overrides(cfg, load_yaml(path))
+    flags = {
+        ("model", "variant"): variant_name(args.variant) if args.variant else None,
+        ("data", "root"): args.data,
+        ("output",): args.output,
+        ("schedule", "epochs"): args.epochs,
+        ("schedule", "max_steps"): args.max_steps,
+        ("schedule", "global_batch"): args.global_batch,
+        ("data", "batch_size"): args.micro_batch,
+        ("data", "image_size"): args.image_size,
+        ("deepspeed", "zero_stage"): args.zero_stage,
+        ("data", "backend"): args.backend,
+        ("seed",): args.seed,
+        ("checkpoint", "save_every"): args.save_every,
+        ("data", "workers"): args.workers,
+    }
+    for path, value in flags.items():
+        if value is None:
+            continue
+        target = cfg
+        for part in path[:-1]:
+            target = getattr(target, part)
+        setattr(target, path[-1], value)
+    apply_overrides(cfg, parse_set(args.overrides))
+    cfg.model.variant = variant_name(cfg.model.variant)
+    if not cfg.data.root:
+        raise UserError("no data given: pass --data DIR_OR_URL (a shard root made by data_prep/shard.py)")
+    if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
+        raise UserError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {cfg.deepspeed.zero_stage}")
+    if cfg.schedule.epochs <= 0:
+        raise UserError(f"schedule.epochs must be positive, got {cfg.schedule.epochs}")
+    return cfg
+
+
+def stage_config_paths(folder: str, names: List[str]) -> List[str]:
+    return [os.path.join(folder, n) for n in names if os.path.exists(os.path.join(folder, n))]

@@ -1,0 +1,40 @@
+#!/usr/bin/env python
+"""ImageNet-22k pretraining: ``deepspeed launch/pretrain.py --variant l --data SHARDS --output runs/l22k``.
+
+Also runs under ``torchrun`` and ``srun`` (rank variables from the launcher). See README "Pretraining".
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from conv2former.engine.cli import add_train_arguments, resolve_config  # noqa: E402
+from conv2former.errors import exit_on_user_error  # noqa: E402
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pretrain", "configs")
+
+
+@exit_on_user_error
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_train_arguments(parser)
+    args = parser.parse_args(argv)
+    defaults = [os.path.join(CONFIGS, "pretrain_22k.yaml")]
+    if args.variant in ("demo", "conv2former_demo"):
+        defaults.append(os.path.join(CONFIGS, "demo.yaml"))
+    cfg = resolve_config(args, defaults)
+    from conv2former.engine.trainer import train
+
+    result = train(cfg, dry_run=args.dry_run)
+    if args.dry_run:
+        print(json.dumps(result, indent=1))
+    return 0 if result.get("status", "finished") in ("finished",) or args.dry_run or "signal" in result.get("status", "") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The ImageNet-22k pretraining stage: its recipe lives in pretrain/configs/."""
