@@ -1,0 +1,237 @@
+"""launch/pretrain.py under the real deepspeed launcher (and torchrun) on 2 CPU ranks, on the demo shards."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import conv2former  # noqa: F401
+from conv2former.config import DataConfig
+from conv2former.data.loader import build_loader
+from conv2former.engine.trainer import evaluate
+from conv2former.weights import load_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+PRETRAIN = str(REPO / "launch" / "pretrain.py")
+BIN = Path(sys.executable).parent
+FAST = ["--variant", "demo", "--image-size", "32", "--set", "schedule.warmup_epochs=0.2", "--set", "logging.print_every=1",
+        "--set", "schedule.eval_every_epochs=1", "--set", "data.eval_batch_size=50"]
+PORT = [29700]
+
+
+def env() -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PATH=f"{BIN}:{os.environ['PATH']}",
+                PYTHONPATH=str(REPO))
+
+
+def deepspeed_cmd(*args: str) -> list:
+    PORT[0] += 1
+    return [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(PORT[0]), PRETRAIN, *args]
+
+
+def run_pretrain(*args: str, launcher: str = "deepspeed") -> dict:
+    if launcher == "deepspeed":
+        cmd = deepspeed_cmd(*args)
+    else:
+        PORT[0] += 1
+        cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(PORT[0]), PRETRAIN, *args]
+    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    line = [l for l in proc.stdout.splitlines() if l.startswith("summary: ")][-1]
+    return json.loads(line[len("summary: "):])
+
+
+@pytest.fixture(scope="module")
+def demo_shards():
+    root = REPO / "data" / "demo" / "in22k"
+    if not (root / "_info.json").exists():
+        subprocess.run([sys.executable, str(REPO / "data_prep" / "shard.py"), "demo", "--quiet"], check=True, env=env())
+    return str(root)
+
+
+def read_log(run: Path, kind: str = "train"):
+    return [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines() if json.loads(l)["kind"] == kind]
+
+
+def exports_equal(a: Path, b: Path) -> bool:
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(a / "export" / "model.safetensors"), load_file(b / "export" / "model.safetensors")
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.fixture(scope="module")
+def reference_run(demo_shards, tmp_path_factory):
+    """An uninterrupted 2-rank run: 2 epochs (62 steps), checkpoint every 10 steps."""
+    out = tmp_path_factory.mktemp("ref")
+    summary = run_pretrain(*FAST, "--data", demo_shards, "--output", str(out), "--epochs", "2", "--save-every", "10")
+    return out, summary
+
+
+@pytest.mark.slow
+def test_loss_decreases_and_outputs_are_complete(reference_run, demo_shards):
+    out, summary = reference_run
+    assert summary["status"] == "finished" and summary["step"] == 62 and summary["epoch"] == 2
+    losses = [r["loss"] for r in read_log(out)]
+    assert sum(losses[-10:]) / 10 < sum(losses[:5]) / 5 - 0.2
+    assert summary["eval"]["top1"] > 3 / 40  # well above chance (1/40) after 2 epochs
+    # checkpoints: the newest K complete tags and a 'latest' pointing at the newest
+    tags = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step"))
+    assert tags == ["step000000060", "step000000062"] and (out / "checkpoints" / "latest").read_text() == tags[-1]
+    assert all((out / "checkpoints" / t / "complete").exists() for t in tags)
+    for name in ("model.safetensors", "model_ema.safetensors", "classes.txt", "config.yaml"):
+        assert (out / "export" / name).exists()
+    # TensorBoard holds the scalars
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for name in ("loss", "lr", "grad_norm", "images_per_s", "step_time", "data_time", "memory_mb", "epoch"):
+        assert f"train/{name}" in tags
+    for name in ("top1", "top5", "ema_top1"):
+        assert f"eval/{name}" in tags
+    lrs = [e.value for e in events.Scalars("train/lr")]
+    assert max(lrs) == pytest.approx(2e-3, rel=0.05) and lrs[-1] < lrs[len(lrs) // 2]  # warmup, then cosine down
+
+
+@pytest.mark.slow
+def test_export_loads_strictly_and_reproduces_eval_accuracy(reference_run, demo_shards):
+    out, summary = reference_run
+    classes = (out / "export" / "classes.txt").read_text().split()
+    model = timm.create_model("conv2former_demo", num_classes=len(classes))
+    load_checkpoint(model, str(out / "export" / "model.safetensors"))
+    cfg = DataConfig(root=demo_shards, backend="dali-cpu", image_size=32, batch_size=50, workers=2)
+    result = evaluate(model, build_loader(cfg, "val"), torch.device("cpu"), torch.float32)
+    assert result.num_samples == 400
+    assert result.top1 == pytest.approx(summary["eval"]["top1"], abs=1e-9)
+    assert result.top5 == pytest.approx(summary["eval"]["top5"], abs=1e-9)
+
+
+@pytest.mark.slow
+def test_stop_and_relaunch_resumes_exactly(reference_run, demo_shards, tmp_path):
+    ref, _ = reference_run
+    args = [*FAST, "--data", demo_shards, "--output", str(tmp_path), "--epochs", "2", "--save-every", "10"]
+    first = run_pretrain(*args, "--max-steps", "25")
+    assert first["step"] == 25
+    second = run_pretrain(*args)
+    assert second["step"] == 62
+    assert exports_equal(ref, tmp_path)
+
+
+@pytest.mark.slow
+def test_kill_minus_9_mid_epoch_then_relaunch(reference_run, demo_shards, tmp_path):
+    ref, _ = reference_run
+    args = [*FAST, "--data", demo_shards, "--output", str(tmp_path), "--epochs", "2", "--save-every", "10"]
+    proc = subprocess.Popen(deepspeed_cmd(*args), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    ckpts = tmp_path / "checkpoints"
+    while time.time() < deadline and not (ckpts / "step000000020" / "complete").exists():
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # every rank and the launcher, mid-epoch
+    proc.wait()
+    assert (ckpts / "step000000020" / "complete").exists() and not (tmp_path / "export").exists()
+    summary = run_pretrain(*args)
+    assert summary["step"] == 62
+    assert exports_equal(ref, tmp_path)
+
+
+@pytest.mark.slow
+def test_corrupt_latest_checkpoint_falls_back(reference_run, demo_shards, tmp_path):
+    ref, _ = reference_run
+    args = [*FAST, "--data", demo_shards, "--output", str(tmp_path), "--epochs", "2", "--save-every", "10"]
+    run_pretrain(*args, "--max-steps", "20")
+    latest = tmp_path / "checkpoints" / "step000000020"
+    for f in latest.glob("*model_states.pt"):
+        f.write_bytes(b"corrupt")
+    proc = subprocess.run(deepspeed_cmd(*args), env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "could not be loaded" in proc.stderr and "resumed from step000000010" in proc.stdout
+    assert exports_equal(ref, tmp_path)
+
+
+@pytest.mark.slow
+def test_sigusr1_checkpoints_and_exits_zero(demo_shards, tmp_path):
+    args = [*FAST, "--data", demo_shards, "--output", str(tmp_path), "--epochs", "20", "--save-every", "1000"]
+    proc = subprocess.Popen(deepspeed_cmd(*args), env=env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True, start_new_session=True)
+    log = tmp_path / "log.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) > 5):
+        time.sleep(0.2)
+    for child in subprocess.run(["pgrep", "-f", "--", f"{PRETRAIN}"], capture_output=True, text=True).stdout.split():
+        if int(child) != proc.pid:
+            os.kill(int(child), signal.SIGUSR1)  # the training ranks, as Slurm's --signal does
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0
+    summary = json.loads([l for l in out.splitlines() if l.startswith("summary: ")][-1][len("summary: "):])
+    assert summary["status"].startswith("stopped by signal")
+    tag = f"step{summary['step']:09d}"
+    assert (tmp_path / "checkpoints" / tag / "complete").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_zero_stages_follow_the_same_loss_trajectory(reference_run, demo_shards, tmp_path, stage):
+    ref, _ = reference_run
+    summary = run_pretrain(*FAST, "--data", demo_shards, "--output", str(tmp_path), "--epochs", "2",
+                           "--zero-stage", str(stage), "--max-steps", "15", "--set", "ema=false")
+    ref_losses = [r["loss"] for r in read_log(ref)][:15]
+    losses = [r["loss"] for r in read_log(tmp_path)]
+    assert summary["step"] == 15
+    for a, b in zip(ref_losses, losses):
+        assert a == pytest.approx(b, rel=1e-3, abs=1e-3)
+
+
+@pytest.mark.slow
+def test_torchrun_launch(demo_shards, tmp_path):
+    summary = run_pretrain(*FAST, "--data", demo_shards, "--output", str(tmp_path), "--epochs", "1", "--max-steps", "5",
+                           launcher="torchrun")
+    assert summary["status"] == "finished" and summary["step"] == 5
+
+
+def one_line_error(capsys, *argv) -> str:
+    from launch.pretrain import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(argv))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ")
+    return err
+
+
+def test_bad_configs_are_one_line_errors(capsys, demo_shards, tmp_path):
+    out = ["--output", str(tmp_path)]
+    assert "unknown variant 'xl'" in one_line_error(capsys, "--variant", "xl", "--data", demo_shards, *out)
+    assert "unknown config key 'optim.lr'" in one_line_error(
+        capsys, "--variant", "demo", "--data", demo_shards, "--set", "optim.lr=1", *out)
+    assert "no data given" in one_line_error(capsys, "--variant", "demo", *out)
+    assert "data root not found" in one_line_error(capsys, "--variant", "demo", "--data", str(tmp_path / "x"), *out)
+    assert "not divisible" in one_line_error(capsys, "--variant", "demo", "--data", demo_shards, "--global-batch", "100",
+                                             *out, "--dry-run")
+    assert "expected int" in one_line_error(capsys, "--variant", "demo", "--data", demo_shards,
+                                            "--set", "schedule.epochs=lots", *out)
+
+
+def test_dry_run_prints_the_schedule(capsys, demo_shards, tmp_path):
+    from launch.pretrain import main
+
+    assert main(["--variant", "demo", "--data", demo_shards, "--output", str(tmp_path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out[out.index("{"):])
+    schedule = result["schedule"]
+    # 2000 train samples, micro-batch 16 on 1 rank: 125 batches; global 64 -> 4 per step, 31 steps per epoch
+    assert schedule["grad_accum"] == 4 and schedule["steps_per_epoch"] == 31 and schedule["total_steps"] == 310
+    assert schedule["warmup_steps"] == 31 and schedule["lr"] == pytest.approx(2e-3)
+    assert result["classes"] == 40 and not (tmp_path / "checkpoints").exists()
