@@ -4,8 +4,11 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
+import os
 import posixpath
+import shutil
 import sys
+import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -17,7 +20,7 @@ from tqdm import tqdm
 
 from conv2former.data import shard_format as fmt
 from conv2former.errors import UserError
-from data_prep.sources import Listing, SourceItem
+from data_prep.sources import STREAMED, Listing, SourceItem, stream_targz_images
 from data_prep.writer import (PROGRESS_DIR, ShardResult, ShardTask, WriteOptions, cut_into_shards, read_progress,
                               shuffle_items, summarize_skips, write_shard)
 
@@ -58,10 +61,43 @@ def _check_writable(fs: fsspec.AbstractFileSystem, out_path: str, out: str) -> N
 
 
 def _clear_output(fs: fsspec.AbstractFileSystem, out_path: str) -> None:
-    for name in ("train", "val", PROGRESS_DIR, fmt.INFO_FILE, fmt.CLASSES_FILE, fmt.SKIPPED_FILE, PLAN_FILE):
+    for name in ("train", "val", PROGRESS_DIR, "_spill", fmt.INFO_FILE, fmt.CLASSES_FILE, fmt.SKIPPED_FILE, PLAN_FILE):
         target = posixpath.join(out_path, name)
         if fs.exists(target):
             fs.rm(target, recursive=True)
+
+
+def _spill_streamed(tasks: List[ShardTask], fs, out_path: str, quiet: bool) -> Optional[str]:
+    """Images inside a .tar.gz cannot be read by offset: stream the archive once and append each planned image to
+    its shard's local spill file, pointing the tasks' items there. Returns the spill folder (deleted at the end)."""
+    wanted: Dict[str, tuple] = {}
+    for t, task in enumerate(tasks):
+        for j, (item, _) in enumerate(task.items):
+            if item.offset == STREAMED:
+                wanted[item.name] = (t, j)
+    if not wanted:
+        return None
+    local = isinstance(fs, fsspec.implementations.local.LocalFileSystem)
+    spill_dir = posixpath.join(out_path, "_spill") if local else tempfile.mkdtemp(prefix="c2f-spill-")
+    shutil.rmtree(spill_dir, ignore_errors=True)
+    os.makedirs(spill_dir)
+    archive = tasks[wanted[next(iter(wanted))][0]].items[0][0].path
+    found = 0
+    with tqdm(total=len(wanted), unit="img", desc="spill .tar.gz", disable=quiet, file=sys.stderr) as bar:
+        for name, data in stream_targz_images(archive, wanted):
+            t, j = wanted[name]
+            task = tasks[t]
+            item, label = task.items[j]
+            spill = os.path.join(spill_dir, f"{task.split}-{task.index:06d}.bin")
+            with open(spill, "ab") as f:
+                offset = f.tell()
+                f.write(data)
+            task.items[j] = (SourceItem(item.key, item.synset, spill, offset, len(data), item.name), label)
+            found += 1
+            bar.update(1)
+    for task in tasks:  # members the second pass did not find (a damaged archive) are skipped, not guessed
+        task.items = [(item, label) for item, label in task.items if item.offset != STREAMED]
+    return spill_dir
 
 
 def build_shards(
@@ -155,6 +191,8 @@ def build_shards(
         bar.update(result.images_in)
         bar.set_postfix(skipped=skipped_count)
 
+    spill_dir = _spill_streamed(tasks, fs, out_path, options.quiet)
+
     protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
     # memory:// lives inside one process: workers could not hand their shards back.
     in_process = options.workers <= 1 or "memory" in protocols
@@ -168,6 +206,8 @@ def build_shards(
             for future in as_completed(futures):
                 collect(future.result())
     bar.close()
+    if spill_dir is not None:
+        shutil.rmtree(spill_dir, ignore_errors=True)
 
     info = {"name": name, "num_classes": len(classes), "seed": options.seed, "source": source_description,
             "format": {"image": fmt.IMAGE_KEY, "class": fmt.CLASS_KEY, "label": fmt.LABEL_KEY + " (int64 LE)",

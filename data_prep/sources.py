@@ -5,6 +5,9 @@ members are never extracted to paths named by the archive).
 ImageNet-22k (fall11_whole / winter21_whole), detected from SRC:
   synset-tars      SRC/nXXXXXXXX.tar, each holding nXXXXXXXX_N.JPEG (the release's inner tars)
   outer-tar        SRC itself is the release's outer .tar of per-synset tars (read by offset, never unpacked)
+  outer-targz      SRC is the gzip-compressed outer archive (winter21_whole.tar.gz): listed by streaming it, then
+                   streamed once more while each image is appended to its shard's local spill file (never to a
+                   path named by the archive); the spill is deleted when every shard is complete
   synset-folders   SRC/nXXXXXXXX/*.JPEG (already extracted)
 ImageNet-1k:
   SRC/train/nXXXXXXXX/*.JPEG, and val as SRC/val/nXXXXXXXX/*.JPEG, or flat SRC/val/*.JPEG labelled by
@@ -27,7 +30,8 @@ from conv2former.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 SYNSET_RE = re.compile(r"^n\d{8}$")
-LAYOUTS_22K = ("synset-tars", "outer-tar", "synset-folders")
+LAYOUTS_22K = ("synset-tars", "outer-tar", "outer-targz", "synset-folders")
+STREAMED = -2  # SourceItem.offset of a member inside a compressed archive: readable only by streaming it
 
 
 @dataclass(frozen=True)
@@ -37,11 +41,13 @@ class SourceItem:
     key: str
     synset: str
     path: str          # fsspec path of the file, or of the tar holding it
-    offset: int        # -1 for a plain file; else the byte offset of the member's data in ``path``
+    offset: int        # -1 for a plain file; STREAMED inside a .tar.gz; else the member's data offset in ``path``
     size: int
     name: str          # the source name recorded in the sample's json and in skipped.jsonl
 
     def read(self, fs: fsspec.AbstractFileSystem) -> bytes:
+        if self.offset == STREAMED:
+            raise RuntimeError(f"{self.name} lies inside a compressed archive: spill it first (data_prep.build)")
         with fs.open(self.path, "rb") as f:
             if self.offset < 0:
                 return f.read()
@@ -142,11 +148,7 @@ def detect_22k_layout(src: str) -> str:
     fs, path = _open_fs(src)
     if fs.isfile(path):
         if path.endswith((".tar.gz", ".tgz")):
-            raise UserError(
-                f"{src} is gzip-compressed: shard.py reads the outer archive by offset, which gzip does not allow; "
-                f"decompress it once (gzip -dc {posixpath.basename(path)} > {posixpath.basename(path).rsplit('.', 2)[0]}.tar) "
-                "and pass the .tar"
-            )
+            return "outer-targz"
         if path.endswith(".tar"):
             return "outer-tar"
         raise UserError(f"{src} is a file but not a .tar archive of per-synset tars")
@@ -194,6 +196,24 @@ def list_22k(src: str, layout: Optional[str] = None) -> Tuple[str, Listing]:
                 listing = _items_from_tar(fs, path, synset, f"{posixpath.basename(path)}:{name}", window, offset)
                 items += listing.items
                 skipped += listing.skipped
+    elif layout == "outer-targz":
+        base = posixpath.basename(path)
+        try:
+            for name, synset, inner in _stream_inner_tars(fs, path, skipped):
+                try:
+                    for member in inner:
+                        if not member.isfile():
+                            continue
+                        source = f"{base}:{name}:{member.name}"
+                        if not _is_image_name(member.name):
+                            skipped.append({"source": source, "reason": "not an image file name"})
+                            continue
+                        items.append(SourceItem(sample_key(member.name), synset, path, STREAMED, member.size, source))
+                except (tarfile.TarError, EOFError, OSError) as err:
+                    skipped.append({"source": f"{base}:{name}",
+                                    "reason": f"damaged tar, later members lost ({type(err).__name__}: {err})"})
+        except (tarfile.TarError, EOFError, OSError) as err:
+            skipped.append({"source": base, "reason": f"damaged archive, later members lost ({type(err).__name__}: {err})"})
     else:
         for folder in sorted(fs.ls(path, detail=False)):
             synset = posixpath.basename(folder)
@@ -204,6 +224,35 @@ def list_22k(src: str, layout: Optional[str] = None) -> Tuple[str, Listing]:
             skipped += listing.skipped
     items.sort(key=lambda it: (it.synset, it.key))
     return layout, Listing(items, skipped)
+
+
+def _stream_inner_tars(fs, path: str, skipped: List[Dict[str, str]]):
+    """(outer member name, synset, streaming TarFile of it) for each per-synset tar of a .tar.gz, in archive order."""
+    with fs.open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|gz") as outer:
+        for member in outer:
+            if not member.isfile():
+                continue
+            base = posixpath.basename(member.name)
+            synset = base[:-4] if base.endswith(".tar") else ""
+            if not SYNSET_RE.match(synset):
+                skipped.append({"source": member.name, "reason": "not a per-synset tar (name is not nXXXXXXXX.tar)"})
+                continue
+            with tarfile.open(fileobj=outer.extractfile(member), mode="r|") as inner:
+                yield member.name, synset, inner
+
+
+def stream_targz_images(path: str, wanted: Dict[str, object]):
+    """Yield (source name, bytes) for the members of a .tar.gz whose source names are in ``wanted``, in one pass."""
+    fs, fs_path = fsspec.core.url_to_fs(path)
+    base = posixpath.basename(fs_path)
+    for name, _, inner in _stream_inner_tars(fs, fs_path, []):
+        try:
+            for member in inner:
+                source = f"{base}:{name}:{member.name}"
+                if member.isfile() and source in wanted:
+                    yield source, inner.extractfile(member).read()
+        except (tarfile.TarError, EOFError, OSError):
+            continue  # recorded when listing
 
 
 def _list_folder(fs, folder: str, synset: str, prefix: str) -> Listing:

@@ -91,7 +91,7 @@ def truncate_tar(path: str, keep_members: int) -> None:
 
 
 def make_outer_tar(synset_tar_dir: str, outer_path: str) -> None:
-    with tarfile.open(outer_path, "w") as tar:
+    with tarfile.open(outer_path, "w:gz" if outer_path.endswith(".gz") else "w") as tar:
         for name in sorted(os.listdir(synset_tar_dir)):
             tar.add(os.path.join(synset_tar_dir, name), arcname=f"fall11_whole/{name}")
 

@@ -235,3 +235,16 @@ def test_dry_run_prints_the_schedule(capsys, demo_shards, tmp_path):
     assert schedule["grad_accum"] == 4 and schedule["steps_per_epoch"] == 31 and schedule["total_steps"] == 310
     assert schedule["warmup_steps"] == 31 and schedule["lr"] == pytest.approx(2e-3)
     assert result["classes"] == 40 and not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_export_script_rebuilds_the_export(reference_run, tmp_path):
+    ref, _ = reference_run
+    copy = tmp_path / "run"
+    shutil.copytree(ref / "checkpoints", copy / "checkpoints")
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "export.py"), str(copy)], env=env(),
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert exports_equal(ref, copy)
+    for name in ("model_ema.safetensors", "classes.txt", "config.yaml"):
+        assert (copy / "export" / name).read_bytes() == (ref / "export" / name).read_bytes()
