@@ -1,8 +1,11 @@
 """DeepSpeed checkpoints with our client state, complete-on-all-ranks markers, fallback, retention, export."""
 from __future__ import annotations
 
+import json
 import os
 import random
+import subprocess
+import sys
 import re
 import shutil
 import warnings
@@ -64,7 +67,7 @@ def save(engine, ckpt_dir: str, step: int, client_state: Dict[str, Any], keep_la
         dist.barrier()
     if engine.global_rank == 0:
         with open(os.path.join(ckpt_dir, tag, COMPLETE), "w") as f:
-            f.write(f"{step}\n")
+            json.dump({"step": step, "world_size": engine.world_size}, f)
         with open(os.path.join(ckpt_dir, "latest.partial"), "w") as f:
             f.write(tag)
         os.replace(os.path.join(ckpt_dir, "latest.partial"), os.path.join(ckpt_dir, "latest"))
@@ -74,6 +77,38 @@ def save(engine, ckpt_dir: str, step: int, client_state: Dict[str, Any], keep_la
     if dist.is_initialized():
         dist.barrier()
     return tag
+
+
+def newest_complete(ckpt_dir: str) -> Optional[Dict[str, Any]]:
+    """{"tag", "step", "world_size"} of the newest checkpoint marked complete, or None."""
+    for tag in reversed(list_tags(ckpt_dir)):
+        marker = os.path.join(ckpt_dir, tag, COMPLETE)
+        if os.path.exists(marker):
+            with open(marker) as f:
+                return {"tag": tag, **json.load(f)}
+    return None
+
+
+def universal_tag(ckpt_dir: str, tag: str, rank: int) -> str:
+    """Convert ``tag`` to DeepSpeed's universal format once (rank 0; others wait), for a different world size."""
+    out = f"{tag}_universal"
+    if rank == 0 and not os.path.exists(os.path.join(ckpt_dir, out, COMPLETE)):
+        subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                        os.path.join(ckpt_dir, tag), "--output_folder", os.path.join(ckpt_dir, out)],
+                       check=True, stdout=subprocess.DEVNULL)
+        with open(os.path.join(ckpt_dir, out, COMPLETE), "w") as f:
+            f.write("{}")
+    if dist.is_initialized():
+        dist.barrier()
+    return out
+
+
+def resume_universal(engine, ckpt_dir: str, tag: str) -> Dict[str, Any]:
+    path, client_state = engine.load_checkpoint(ckpt_dir, tag=tag)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load the universal checkpoint {tag}")
+    client_state["tag"] = tag
+    return client_state
 
 
 def resume(engine, ckpt_dir: str) -> Optional[Dict[str, Any]]:

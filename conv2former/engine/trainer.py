@@ -191,17 +191,40 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> Dict[str, Any]:
     if gpu:
         model = model.to(device=device, memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg, schedule.lr)
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                   config=deepspeed_config(cfg, schedule, gpu))
+    ds_config = deepspeed_config(cfg, schedule, gpu)
+    newest = ckpt.newest_complete(ckpt_dir)
+    universal = None
+    if newest is not None and newest.get("world_size", world_size) != world_size:
+        # saved on another number of ranks: resume through DeepSpeed's universal checkpoint format
+        universal = ckpt.universal_tag(ckpt_dir, newest["tag"], rank)
+        ds_config["checkpoint"] = {"load_universal": True}
+        if rank == 0:
+            print(f"checkpoint {newest['tag']} was saved by {newest['world_size']} ranks: resuming on {world_size} "
+                  f"through {universal}")
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    if cfg.model.compile:
+        engine.compile()
     scheduler = build_scheduler(optimizer, cfg, schedule)
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
     ema = None
+    zero3 = cfg.deepspeed.zero_stage == 3
     if cfg.ema:
-        if cfg.deepspeed.zero_stage == 3:
-            raise UserError("EMA under ZeRO-3 is not supported yet: use --zero-stage 2 or turn ema off")
         from timm.utils import ModelEmaV3
 
-        ema = ModelEmaV3(engine.module, decay=cfg.ema_decay, device=device)
+        if zero3:  # parameters are partitioned: build a full copy from the gathered weights
+            full = timm.create_model(cfg.model.variant, **model_kwargs)
+            with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+                full.load_state_dict(engine.module.state_dict())
+            ema = ModelEmaV3(full.to(device), decay=cfg.ema_decay, device=device)
+        else:
+            ema = ModelEmaV3(engine.module, decay=cfg.ema_decay, device=device)
+
+    def update_ema(step: int) -> None:
+        if not zero3:
+            ema.update(engine.module, step=step)
+            return
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+            ema.update(engine.module, step=step)
     augment = BatchAugment(cfg.data.augment, len(classes), device)
     criterion = SoftTargetCrossEntropy()
     val_loader = None
@@ -212,7 +235,10 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> Dict[str, Any]:
             print(f"no evaluation: {err}", file=sys.stderr)
 
     epoch, step = 0, 0
-    state = ckpt.resume(engine, ckpt_dir) if ckpt.list_tags(ckpt_dir) else None
+    if universal is not None:
+        state = ckpt.resume_universal(engine, ckpt_dir, universal)
+    else:
+        state = ckpt.resume(engine, ckpt_dir) if ckpt.list_tags(ckpt_dir) else None
     if state is not None:
         epoch, step = int(state["epoch"]), int(state["step"])
         scheduler.load_state_dict(state["scheduler"])
@@ -237,7 +263,9 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> Dict[str, Any]:
         return {"epoch": epoch, "step": step, "scheduler": scheduler.state_dict(),
                 "ema": ema.module.state_dict() if ema is not None else None,
                 "data": ckpt.gather(train_loader.state_dict()), "rng": ckpt.gather(ckpt.rng_state()),
-                "config": config_dict, "classes": classes, "schedule": schedule.as_dict()}
+                "config": config_dict, "classes": classes, "schedule": schedule.as_dict(),
+                # what DeepSpeed's ds_to_universal needs to convert this checkpoint for another world size
+                "universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}
 
     def save() -> None:
         sync_batchnorm_stats(engine.module)
@@ -278,7 +306,7 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> Dict[str, Any]:
                 step += 1
                 scheduler.step_update(step)
                 if ema is not None:
-                    ema.update(engine.module, step=step)
+                    update_ema(step)
                 seconds = time.perf_counter() - step_start
                 last_loss = loss_sum / schedule.grad_accum
                 grad_norm = engine.get_global_grad_norm()
