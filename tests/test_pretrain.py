@@ -236,6 +236,8 @@ def test_dry_run_prints_the_schedule(capsys, demo_shards, tmp_path):
     assert schedule["grad_accum"] == 4 and schedule["steps_per_epoch"] == 31 and schedule["total_steps"] == 310
     assert schedule["warmup_steps"] == 31 and schedule["lr"] == pytest.approx(2e-3)
     assert result["classes"] == 40 and not (tmp_path / "checkpoints").exists()
+    assert result["measured_step_seconds"] > 0
+    assert result["projected_hours"] == pytest.approx(result["measured_step_seconds"] * 310 / 3600, abs=0.01)
 
 
 @pytest.mark.slow
