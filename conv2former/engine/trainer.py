@@ -16,7 +16,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import timm
 import torch
@@ -32,6 +32,18 @@ from conv2former.data.shard_format import read_classes
 from conv2former.engine import checkpoint as ckpt
 from conv2former.engine.optim import Schedule, build_optimizer, build_scheduler
 from conv2former.errors import UserError
+
+
+def single_process_env() -> None:
+    """Without a launcher (plain ``python launch/...``) run as rank 0 of 1 on a free local port."""
+    if "RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ:
+        return
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
 def world_from_env() -> tuple:
@@ -50,7 +62,7 @@ def derive_schedule(cfg: TrainConfig, world_size: int, loader_steps: int) -> Sch
         raise UserError(f"one optimizer step needs {accum} micro-batches per rank but an epoch holds {loader_steps}: "
                         "lower --global-batch")
     total = cfg.schedule.epochs * steps_per_epoch
-    stop = min(total, cfg.schedule.max_steps) if cfg.schedule.max_steps is not None else total
+    stop = min(total, max(0, cfg.schedule.max_steps)) if cfg.schedule.max_steps is not None else total
     return Schedule(world_size=world_size, micro_batch=micro, global_batch=cfg.schedule.global_batch, grad_accum=accum,
                     micro_steps_per_epoch=steps_per_epoch * accum, steps_per_epoch=steps_per_epoch, total_steps=total,
                     warmup_steps=int(round(cfg.schedule.warmup_epochs * steps_per_epoch)),
@@ -190,9 +202,13 @@ def measure_step_time(cfg: TrainConfig, num_classes: int, device: torch.device, 
     return sorted(times)[len(times) // 2]
 
 
-def train(cfg: TrainConfig, dry_run: bool = False) -> Dict[str, Any]:
+def train(cfg: TrainConfig, dry_run: bool = False,
+          init_weights: Optional[Callable[[torch.nn.Module, List[str]], None]] = None) -> Dict[str, Any]:
+    """Run (or resume) a training stage. ``init_weights(model, classes)`` fills a fresh model (fine-tuning) when
+    there is no checkpoint to resume; ``schedule.max_steps == 0`` exports that model without training."""
     import deepspeed
 
+    single_process_env()
     rank, world_size, local_rank = world_from_env()
     backend = resolve_backend(cfg.data.backend)
     gpu = torch.cuda.is_available()
@@ -223,11 +239,18 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> Dict[str, Any]:
     model = timm.create_model(cfg.model.variant, **model_kwargs)
     if cfg.model.grad_checkpointing:
         model.set_grad_checkpointing(True)
+    newest = ckpt.newest_complete(ckpt_dir)
+    if init_weights is not None and newest is None:
+        init_weights(model, classes)
+        if schedule.stop_step == 0:  # --max-steps 0: write the initial (transferred) model and stop
+            export_dir = None
+            if rank == 0:
+                export_dir = ckpt.export(cfg.output, model.state_dict(), classes, to_dict(cfg))
+            return {"status": "exported without training", "step": 0, "export": export_dir, "output": cfg.output}
     if gpu:
         model = model.to(device=device, memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg, schedule.lr)
     ds_config = deepspeed_config(cfg, schedule, gpu)
-    newest = ckpt.newest_complete(ckpt_dir)
     universal = None
     if newest is not None and newest.get("world_size", world_size) != world_size:
         # saved on another number of ranks: resume through DeepSpeed's universal checkpoint format

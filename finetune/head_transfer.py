@@ -1,0 +1,82 @@
+"""Carry a pretrained classifier over to the fine-tuning label space, by synset.
+
+``synset`` (the default): row i of the new ``pred`` is the pretrained row of the same synset; classes the checkpoint
+never saw (ImageNet-1k's n04399382, teddy bear, is not in ImageNet-22k) keep the fresh initialisation.
+``reinit``: a fresh head, trunc-normal(0.02) scaled by ``head_init_scale`` (0.001, ConvNeXt's choice).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn as nn
+
+from conv2former.data.shard_format import canonical_synsets
+from conv2former.errors import UserError
+
+HEAD_INIT_SCALE = 0.001
+
+
+@dataclass
+class HeadReport:
+    mode: str
+    mapped: int
+    fresh: List[str]
+    total: int
+
+    def line(self) -> str:
+        if self.mode == "same":
+            return f"head: the checkpoint's {self.total} classes match the data's, kept as is"
+        if self.mode == "reinit":
+            return f"head: re-initialised for {self.total} classes (x{HEAD_INIT_SCALE})"
+        fresh = f" ({', '.join(self.fresh[:5])}{', ...' if len(self.fresh) > 5 else ''})" if self.fresh else ""
+        return f"head: {self.mapped} of {self.total} rows mapped by synset from the checkpoint, {len(self.fresh)} fresh{fresh}"
+
+
+def checkpoint_classes(classes: Optional[List[str]], num_rows: int) -> Optional[List[str]]:
+    """The checkpoint's class list; official checkpoints carry none: timm's 22k or 1k order by row count."""
+    if classes is not None:
+        return classes
+    if num_rows == 21841:
+        return list(canonical_synsets("imagenet22k"))
+    if num_rows == 1000:
+        return list(canonical_synsets("imagenet1k"))
+    return None
+
+
+def transfer_head(state_dict: Dict[str, torch.Tensor], ckpt_classes: Optional[List[str]], classes: List[str],
+                  model: nn.Module, mode: str = "synset") -> HeadReport:
+    """Rewrite ``state_dict['pred.*']`` in place for ``classes``, using ``model``'s fresh head for new rows."""
+    if mode not in ("synset", "reinit"):
+        raise UserError(f"unknown --head {mode!r}: choose synset or reinit")
+    fresh_w = model.pred.weight.detach().clone()
+    fresh_b = model.pred.bias.detach().clone()
+    if "pred.weight" not in state_dict:
+        raise UserError("the pretrained weights have no classifier (pred.weight): pass --head reinit")
+    rows = state_dict["pred.weight"].shape[0]
+    ckpt_classes = checkpoint_classes(ckpt_classes, rows)
+    if mode == "reinit":
+        state_dict["pred.weight"] = fresh_w * HEAD_INIT_SCALE
+        state_dict["pred.bias"] = torch.zeros_like(fresh_b)
+        return HeadReport("reinit", 0, list(classes), len(classes))
+    if ckpt_classes is None:
+        raise UserError(f"the checkpoint has {rows} classes and no class list (classes.txt beside it), the data has "
+                        f"{len(classes)}: add its classes.txt or pass --head reinit")
+    if len(ckpt_classes) != rows:
+        raise UserError(f"the checkpoint's class list has {len(ckpt_classes)} synsets but its head has {rows} rows")
+    if ckpt_classes == list(classes):
+        return HeadReport("same", rows, [], rows)
+    index = {synset: i for i, synset in enumerate(ckpt_classes)}
+    mapped = [c for c in classes if c in index]
+    if not mapped:
+        raise UserError(f"the checkpoint's {rows} classes (e.g. {', '.join(ckpt_classes[:3])}) share no synset with "
+                        f"the data's {len(classes)} classes (e.g. {', '.join(classes[:3])}): pass --head reinit")
+    weight, bias = fresh_w, fresh_b
+    for i, synset in enumerate(classes):
+        j = index.get(synset)
+        if j is not None:
+            weight[i] = state_dict["pred.weight"][j]
+            bias[i] = state_dict["pred.bias"][j]
+    state_dict["pred.weight"], state_dict["pred.bias"] = weight, bias
+    return HeadReport("synset", len(mapped), [c for c in classes if c not in index], len(classes))

@@ -1,0 +1,117 @@
+#!/usr/bin/env python
+"""Evaluate weights on a shard split: ``deepspeed launch/evaluate.py --variant l --weights W --data URL
+--resolution 384`` (also ``python launch/evaluate.py ...`` on one process).
+
+Prints top-1/top-5 and images/s; ``--json FILE`` writes {"top1", "top5", "num_samples", ...}; ``--per-class FILE``
+writes one line per class (synset, correct, total, accuracy). Each sample is counted exactly once across ranks.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from conv2former.errors import UserError, exit_on_user_error  # noqa: E402
+
+
+@exit_on_user_error
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variant", required=True)
+    parser.add_argument("--weights", required=True, help="model.safetensors, export dir, run dir, DeepSpeed dir or .pth")
+    parser.add_argument("--data", required=True, help="shard root")
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--resolution", type=int, default=224)
+    parser.add_argument("--crop-pct", type=float, help="default 0.875 at <=256 px, 1.0 above")
+    parser.add_argument("--crop-mode", choices=["center", "squash"], help="default center at <=256 px, squash above")
+    parser.add_argument("--ema", action="store_true", help="use model_ema.safetensors beside the weights")
+    parser.add_argument("--batch", type=int, default=64, help="per rank")
+    parser.add_argument("--backend", default="auto", choices=["auto", "dali-gpu", "dali-cpu", "torch"])
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--json", dest="json_path", help="write the result as JSON here")
+    parser.add_argument("--per-class", help="write per-class accuracy (synset correct total accuracy) here")
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    import timm
+    import torch
+    import torch.distributed as dist
+
+    from conv2former.config import DataConfig
+    from conv2former.data.loader import build_loader
+    from conv2former.data.shard_format import read_classes
+    from conv2former.engine.cli import variant_name
+    from conv2former.weights import check_compatible, read_weights
+
+    variant = variant_name(args.variant)
+    path = args.weights
+    if args.ema:
+        folder = path if os.path.isdir(path) else os.path.dirname(path)
+        for candidate in (os.path.join(folder, "model_ema.safetensors"), os.path.join(folder, "export", "model_ema.safetensors")):
+            if os.path.exists(candidate):
+                path = candidate
+                break
+        else:
+            raise UserError(f"--ema: no model_ema.safetensors beside {args.weights}")
+    weights = read_weights(path)
+    classes = read_classes(args.data)
+    if weights.classes is not None and weights.classes != classes:
+        raise UserError(f"the weights' {len(weights.classes)} classes (e.g. {', '.join(weights.classes[:2])}) are not "
+                        f"the data's {len(classes)} (e.g. {', '.join(classes[:2])}): evaluate on the data it was "
+                        "trained for, or fine-tune first")
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    gpu = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if gpu else torch.device("cpu")
+    if world > 1:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo", verbose=False)
+    model = timm.create_model(variant, num_classes=len(classes))
+    check_compatible(model, weights.state_dict, path)
+    model.load_state_dict(weights.state_dict, strict=True)
+    model = model.to(device).eval()
+    high = args.resolution > 256
+    cfg = DataConfig(root=args.data, backend=args.backend, image_size=args.resolution, batch_size=args.batch,
+                     workers=args.workers, crop_pct=args.crop_pct or (1.0 if high else 0.875),
+                     crop_mode=args.crop_mode or ("squash" if high else "center"))
+    loader = build_loader(cfg, args.split, rank, world, device, train=False)
+    counts = torch.zeros(len(classes), 3, dtype=torch.float64, device=device)  # top1 hits, top5 hits, total
+    start = time.perf_counter()
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu):
+        for images, labels in loader:
+            logits = model(images).float()
+            valid = labels >= 0
+            top5 = logits.topk(min(5, len(classes)), dim=1).indices
+            hits = top5 == labels.view(-1, 1)
+            idx = labels[valid]
+            counts[:, 0].index_add_(0, idx, hits[valid, 0].double())
+            counts[:, 1].index_add_(0, idx, hits[valid].any(1).double())
+            counts[:, 2].index_add_(0, idx, torch.ones_like(idx, dtype=torch.float64))
+    seconds = time.perf_counter() - start
+    if world > 1:
+        dist.all_reduce(counts)
+    totals = counts.sum(0)
+    n = int(totals[2].item())
+    result = {"top1": totals[0].item() / max(n, 1), "top5": totals[1].item() / max(n, 1), "num_samples": n,
+              "images_per_s": round(n / seconds, 1), "weights": path, "resolution": args.resolution,
+              "crop_pct": cfg.crop_pct, "crop_mode": cfg.crop_mode, "ranks": world}
+    if rank == 0:
+        print(f"top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  on {n} images "
+              f"({result['images_per_s']} img/s, {world} rank(s))")
+        if args.json_path:
+            with open(args.json_path, "w") as f:
+                json.dump(result, f, indent=1)
+        if args.per_class:
+            with open(args.per_class, "w") as f:
+                for synset, (c1, _, total) in zip(classes, counts.tolist()):
+                    f.write(f"{synset} {int(c1)} {int(total)} {c1 / total if total else 0:.4f}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+#!/usr/bin/env python
+"""Fine-tuning (22k -> 1k): ``deepspeed launch/finetune.py --variant l --pretrained runs/l22k --data IN1K
+--resolution 224 --output runs/l1k-224``, then ``--resolution 384 --pretrained runs/l1k-224``.
+
+The same engine and flags as pretraining, plus --pretrained (a run dir, an exported model.safetensors, a DeepSpeed
+checkpoint dir or an official .pth), --resolution, --recipe {224,384} and --head {synset,reinit}. ``--max-steps 0``
+writes the transferred model to OUTPUT/export/ without training.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from conv2former.engine.cli import add_train_arguments, resolve_config  # noqa: E402
+from conv2former.errors import UserError, exit_on_user_error  # noqa: E402
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "finetune", "configs")
+DROP_PATH = {"conv2former_l": 0.3, "conv2former_b": 0.2, "conv2former_b_22k": 0.2, "conv2former_s": 0.2,
+             "conv2former_t": 0.1, "conv2former_n": 0.1, "conv2former_demo": 0.0}
+
+
+@exit_on_user_error
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_train_arguments(parser)
+    parser.add_argument("--pretrained", required=True, help="run dir, model.safetensors, DeepSpeed checkpoint dir or .pth")
+    parser.add_argument("--resolution", type=int, default=224, help="training and evaluation image size")
+    parser.add_argument("--recipe", choices=["224", "384"], help="eval crop recipe (default: 384 above 256 px)")
+    parser.add_argument("--head", choices=["synset", "reinit"], default="synset",
+                        help="map the pretrained head rows by synset (default) or start a fresh head")
+    args = parser.parse_args(argv)
+    recipe = args.recipe or ("384" if args.resolution > 256 else "224")
+    defaults = [os.path.join(CONFIGS, "finetune_224.yaml")]
+    if recipe == "384":
+        defaults.append(os.path.join(CONFIGS, "finetune_384.yaml"))
+    if args.variant in ("demo", "conv2former_demo"):
+        defaults.append(os.path.join(CONFIGS, "demo.yaml"))
+    if args.image_size is None:
+        args.image_size = args.resolution
+    cfg = resolve_config(args, defaults)
+    if not any(o.startswith("model.drop_path_rate=") for o in args.overrides):
+        cfg.model.drop_path_rate = DROP_PATH.get(cfg.model.variant, cfg.model.drop_path_rate)
+    if recipe == "384" and cfg.model.variant == "conv2former_l" and \
+            not any(o.startswith("model.grad_checkpointing=") for o in args.overrides):
+        cfg.model.grad_checkpointing = True
+    cfg.stage = f"finetune-{args.resolution}"
+
+    from conv2former.weights import check_compatible, read_weights
+    from finetune.head_transfer import transfer_head
+
+    weights = read_weights(args.pretrained)  # before any process group work: bad paths fail fast
+    rank = int(os.environ.get("RANK", 0))
+
+    def init_weights(model, classes):
+        state = dict(weights.state_dict)
+        report = transfer_head(state, weights.classes, classes, model, args.head)
+        check_compatible(model, state, args.pretrained)
+        model.load_state_dict(state, strict=True)
+        if rank == 0:
+            print(report.line())
+
+    from conv2former.engine.trainer import train
+
+    result = train(cfg, dry_run=args.dry_run, init_weights=None if args.dry_run else init_weights)
+    if args.dry_run:
+        print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
