@@ -55,6 +55,19 @@ def main(argv=None) -> int:
 
     weights = read_weights(args.pretrained)  # before any process group work: bad paths fail fast
     rank = int(os.environ.get("RANK", 0))
+    import timm
+    import torch
+
+    from conv2former.data.shard_format import read_classes
+
+    data_classes = read_classes(cfg.data.root) if os.path.exists(os.path.join(cfg.data.root, "classes.txt")) \
+        or "://" in cfg.data.root else None
+    if data_classes is not None:  # the same transfer and checks on a weightless model: mistakes fail in one line now
+        with torch.device("meta"):
+            probe = timm.create_model(cfg.model.variant, num_classes=len(data_classes))
+        state = {k: v.to("meta") for k, v in weights.state_dict.items()}
+        transfer_head(state, weights.classes, data_classes, probe, args.head)
+        check_compatible(probe, state, args.pretrained)
 
     def init_weights(model, classes):
         state = dict(weights.state_dict)

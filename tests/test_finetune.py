@@ -1,0 +1,186 @@
+"""Fine-tuning and evaluation: head transfer by synset, layer decay, the real commands end to end on 2 CPU ranks."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+import conv2former  # noqa: F401
+from conv2former.config import TrainConfig
+from conv2former.data.shard_format import canonical_synsets
+from conv2former.engine.optim import Schedule, build_optimizer, build_scheduler
+from conv2former.errors import UserError
+from conv2former.weights import check_compatible, read_weights
+from finetune.head_transfer import HEAD_INIT_SCALE, transfer_head
+from test_pretrain import BIN, FAST, PORT, REPO, demo_shards, env, run_pretrain  # noqa: F401  (fixture)
+
+FINETUNE = str(REPO / "launch" / "finetune.py")
+EVALUATE = str(REPO / "launch" / "evaluate.py")
+IN1K = str(REPO / "data" / "demo" / "in1k")
+
+
+def launch(script: str, *args: str, ranks: int = 2) -> subprocess.CompletedProcess:
+    PORT[0] += 1
+    proc = subprocess.run([str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(PORT[0]), script,
+                           *args], env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def summary_of(proc) -> dict:
+    return json.loads([l for l in proc.stdout.splitlines() if l.startswith("summary: ")][-1][len("summary: "):])
+
+
+def test_head_rows_follow_synsets_and_unknown_classes_stay_fresh():
+    src_classes = ["n01440764", "n01443537", "n02085620", "n04399382x"]
+    source = timm.create_model("conv2former_demo", num_classes=4)
+    state = {k: v.clone() for k, v in source.state_dict().items()}
+    target_classes = ["n02085620", "n04399382", "n01440764"]  # n04399382 (teddy bear) is not in the source
+    target = timm.create_model("conv2former_demo", num_classes=3)
+    fresh = target.pred.weight.detach().clone()
+    report = transfer_head(state, src_classes, target_classes, target, "synset")
+    assert report.mapped == 2 and report.fresh == ["n04399382"]
+    assert torch.equal(state["pred.weight"][0], source.pred.weight[2]) and torch.equal(state["pred.weight"][2], source.pred.weight[0])
+    assert torch.equal(state["pred.weight"][1], fresh[1])
+    target.load_state_dict(state, strict=True)
+    state = {k: v.clone() for k, v in source.state_dict().items()}
+    report = transfer_head(state, src_classes, target_classes, target, "reinit")
+    assert report.mode == "reinit" and 0 < state["pred.weight"].abs().max() < 0.1 * HEAD_INIT_SCALE
+    assert torch.equal(state["pred.bias"], torch.zeros(3))
+    with pytest.raises(UserError, match="share no synset"):
+        transfer_head(dict(source.state_dict()), src_classes, ["n09999999"], timm.create_model("conv2former_demo", num_classes=1))
+    with pytest.raises(UserError, match="no class list"):
+        transfer_head(dict(source.state_dict()), None, target_classes, target)
+
+
+def test_22k_order_is_assumed_for_official_22k_heads():
+    in1k, in22k = canonical_synsets("imagenet1k"), canonical_synsets("imagenet22k")
+    assert "n04399382" in in1k and "n04399382" not in in22k
+    source = {"pred.weight": torch.arange(21841, dtype=torch.float32).view(-1, 1).repeat(1, 1280),
+              "pred.bias": torch.arange(21841, dtype=torch.float32)}
+    target = timm.create_model("conv2former_demo", num_classes=1000)
+    report = transfer_head(source, None, list(in1k), target, "synset")
+    assert report.mapped == 999 and report.fresh == ["n04399382"]
+    index = {s: i for i, s in enumerate(in22k)}
+    for i in (0, 500, 999):
+        assert source["pred.bias"][i].item() == index[in1k[i]]
+
+
+def test_layer_decay_lrs_follow_depth_through_the_schedule():
+    cfg = TrainConfig()
+    cfg.optim.layer_decay = 0.8
+    cfg.optim.weight_decay = 1e-8
+    cfg.schedule.min_lr = 0.0
+    model = timm.create_model("conv2former_demo", num_classes=10)
+    schedule = Schedule(1, 16, 64, 4, 40, 10, 100, 0, 5e-5, 100)
+    optimizer = build_optimizer(model, cfg, schedule.lr)
+    scheduler = build_scheduler(optimizer, cfg, schedule)
+    depth = len({g["lr_scale"] for g in optimizer.param_groups})
+    assert depth == 1 + 5 + 1  # stem, 5 blocks, head
+    for step in (0, 37, 99):
+        scheduler.step_update(step)
+        top = max(g["lr"] for g in optimizer.param_groups)
+        for group in optimizer.param_groups:
+            assert group["lr"] == pytest.approx(top * group["lr_scale"])
+        scales = sorted({round(g["lr_scale"], 10) for g in optimizer.param_groups})
+        assert scales == pytest.approx([0.8 ** k for k in range(depth - 1, -1, -1)])
+    named = {id(p): n for n, p in model.named_parameters()}
+    stem_group = next(g for g in optimizer.param_groups if any(named[id(p)].startswith("downsample_layers.0.") for p in g["params"]))
+    assert stem_group["lr_scale"] == pytest.approx(0.8 ** (depth - 1))
+
+
+@pytest.mark.slow
+def test_official_format_pth_loads_for_every_variant(tmp_path):
+    demo_classes = (REPO / "data" / "demo" / "in1k" / "classes.txt")
+    classes = demo_classes.read_text().split() if demo_classes.exists() else list(canonical_synsets("imagenet1k"))[:10]
+    for variant in ["conv2former_n", "conv2former_t", "conv2former_s", "conv2former_b", "conv2former_b_22k", "conv2former_l"]:
+        num = 21841 if variant in ("conv2former_b_22k", "conv2former_l") else 1000
+        source = timm.create_model(variant, num_classes=num)
+        path = tmp_path / f"{variant}.pth"
+        torch.save({"model": source.state_dict(), "epoch": 89}, path)  # the official release's layout
+        weights = read_weights(str(path))
+        same = timm.create_model(variant, num_classes=num)
+        check_compatible(same, weights.state_dict, str(path))
+        same.load_state_dict(weights.state_dict, strict=True)
+        target = timm.create_model(variant, num_classes=len(classes))
+        state = dict(weights.state_dict)
+        report = transfer_head(state, weights.classes, classes, target, "synset")
+        assert report.mapped == len(classes)
+        target.load_state_dict(state, strict=True)
+        order = canonical_synsets("imagenet22k" if num == 21841 else "imagenet1k")
+        assert torch.equal(target.pred.weight[0], source.pred.weight[order.index(classes[0])])
+        path.unlink()
+        del source, same, target, weights, state
+
+
+@pytest.mark.slow
+def test_pretrain_finetune_twice_and_evaluate_through_the_commands(demo_shards, tmp_path):
+    pre = tmp_path / "pre"
+    run_pretrain(*FAST, "--data", demo_shards, "--output", str(pre), "--epochs", "3", "--image-size", "48")
+    ft1, ft2 = tmp_path / "ft64", tmp_path / "ft96"
+    # --max-steps 0: the transferred model, for inspection
+    mapped = launch(FINETUNE, "--variant", "demo", "--pretrained", str(pre), "--data", IN1K, "--resolution", "48",
+                    "--output", str(tmp_path / "mapped"), "--max-steps", "0", ranks=1)
+    assert "head: 10 of 10 rows mapped by synset" in mapped.stdout
+    pre_w, pre_classes = load_file(pre / "export" / "model.safetensors"), (pre / "export" / "classes.txt").read_text().split()
+    new_w, new_classes = load_file(tmp_path / "mapped" / "export" / "model.safetensors"), (tmp_path / "mapped" / "export" / "classes.txt").read_text().split()
+    for i, synset in enumerate(new_classes):
+        assert torch.equal(new_w["pred.weight"][i], pre_w["pred.weight"][pre_classes.index(synset)])
+    assert all(torch.equal(new_w[k], pre_w[k]) for k in pre_w if not k.startswith("pred."))
+    # fine-tune at a "224" stand-in, then at a "384" stand-in from it
+    first = summary_of(launch(FINETUNE, "--variant", "demo", "--pretrained", str(pre), "--data", IN1K,
+                              "--resolution", "48", "--output", str(ft1), "--epochs", "4"))
+    assert first["eval"]["top1"] > 0.4  # chance is 0.1
+    second = summary_of(launch(FINETUNE, "--variant", "demo", "--pretrained", str(ft1), "--data", IN1K,
+                               "--resolution", "64", "--recipe", "384", "--output", str(ft2), "--epochs", "2"))
+    assert second["eval"]["top1"] > 0.4
+    config = (ft2 / "export" / "config.yaml").read_text()
+    assert "crop_mode: squash" in config and "crop_pct: 1.0" in config
+    # evaluate: 2 ranks equal 1 rank equal the engine's own evaluation
+    results = []
+    for ranks in (1, 2):
+        out = tmp_path / f"eval{ranks}.json"
+        launch(EVALUATE, "--variant", "demo", "--weights", str(ft2 / "export"), "--data", IN1K, "--resolution", "64",
+               "--crop-pct", "1.0", "--crop-mode", "squash", "--batch", "32", "--json", str(out),
+               "--per-class", str(tmp_path / f"pc{ranks}.txt"), ranks=ranks)
+        results.append(json.loads(out.read_text()))
+    assert results[0]["num_samples"] == results[1]["num_samples"] == 300
+    assert results[0]["top1"] == results[1]["top1"] == pytest.approx(second["eval"]["top1"], abs=1e-9)
+    assert results[0]["top5"] == results[1]["top5"]
+    lines = (tmp_path / "pc1.txt").read_text().splitlines()
+    assert len(lines) == 10 and sum(int(l.split()[2]) for l in lines) == 300
+
+
+def test_mismatches_are_one_line_errors(tmp_path, capsys):
+    from launch.evaluate import main as evaluate_main
+    from launch.finetune import main as finetune_main
+
+    model = timm.create_model("conv2former_demo", num_classes=40)
+    export = tmp_path / "export"
+    export.mkdir()
+    from safetensors.torch import save_file
+
+    save_file(model.state_dict(), export / "model.safetensors")
+    (export / "classes.txt").write_text("".join(f"n{i:08d}\n" for i in range(40)))
+
+    def error(fn, *argv) -> str:
+        with pytest.raises(SystemExit) as e:
+            fn(list(argv))
+        assert e.value.code == 2
+        return capsys.readouterr().err.strip().splitlines()[-1]
+
+    if not (REPO / "data" / "demo" / "in1k" / "_info.json").exists():
+        subprocess.run([sys.executable, str(REPO / "data_prep" / "shard.py"), "demo", "--quiet"], check=True, env=env())
+    assert "are not the data's 10" in error(evaluate_main, "--variant", "demo", "--weights", str(export), "--data", IN1K)
+    assert "pick the matching --variant" in error(finetune_main, "--variant", "n", "--pretrained", str(export), "--data",
+                                                  IN1K, "--output", str(tmp_path / "o"), "--head", "reinit")
+    msg = error(finetune_main, "--variant", "demo", "--pretrained", str(export), "--data", IN1K, "--output",
+                str(tmp_path / "o"), "--max-steps", "0")
+    assert "share no synset" in msg and "--head reinit" in msg
+    assert "weights not found" in error(finetune_main, "--variant", "demo", "--pretrained", str(tmp_path / "nope"),
+                                        "--data", IN1K, "--output", str(tmp_path / "o"))
