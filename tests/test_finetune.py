@@ -135,10 +135,10 @@ def test_pretrain_finetune_twice_and_evaluate_through_the_commands(demo_shards, 
     # fine-tune at a "224" stand-in, then at a "384" stand-in from it
     first = summary_of(launch(FINETUNE, "--variant", "demo", "--pretrained", str(pre), "--data", IN1K,
                               "--resolution", "48", "--output", str(ft1), "--epochs", "4"))
-    assert first["eval"]["top1"] > 0.4  # chance is 0.1
+    assert first["eval"]["top1"] > 0.3  # chance is 0.1
     second = summary_of(launch(FINETUNE, "--variant", "demo", "--pretrained", str(ft1), "--data", IN1K,
                                "--resolution", "64", "--recipe", "384", "--output", str(ft2), "--epochs", "2"))
-    assert second["eval"]["top1"] > 0.4
+    assert second["eval"]["top1"] > 0.3
     config = (ft2 / "export" / "config.yaml").read_text()
     assert "crop_mode: squash" in config and "crop_pct: 1.0" in config
     # evaluate: 2 ranks equal 1 rank equal the engine's own evaluation
