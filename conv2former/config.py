@@ -105,6 +105,7 @@ class TrainConfig:
     seed: int = 0
     ema: bool = False
     ema_decay: float = 0.9999
+    ema_warmup: bool = False          # timm's EMA warmup (decay ramps up from 0): for short runs, so BN stats catch up
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -273,9 +273,9 @@ def train(cfg: TrainConfig, dry_run: bool = False,
             full = timm.create_model(cfg.model.variant, **model_kwargs)
             with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
                 full.load_state_dict(engine.module.state_dict())
-            ema = ModelEmaV3(full.to(device), decay=cfg.ema_decay, device=device)
+            ema = ModelEmaV3(full.to(device), decay=cfg.ema_decay, device=device, use_warmup=cfg.ema_warmup)
         else:
-            ema = ModelEmaV3(engine.module, decay=cfg.ema_decay, device=device)
+            ema = ModelEmaV3(engine.module, decay=cfg.ema_decay, device=device, use_warmup=cfg.ema_warmup)
 
     def update_ema(step: int) -> None:
         if not zero3:
