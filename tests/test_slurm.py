@@ -1,0 +1,110 @@
+"""The Slurm templates on a real single-node Slurm cluster (munge + slurmctld + slurmd started by the fixture)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from slurm_cluster import SlurmCluster, ensure_installed
+
+REPO = Path(__file__).resolve().parent.parent
+SLURM = REPO / "launch" / "slurm"
+SMALL = ["--variant", "demo", "--image-size", "32", "--set", "logging.print_every=1"]
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    reason = ensure_installed()
+    if reason is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the Slurm tests: {reason}")
+        pytest.skip(reason)
+    root = tmp_path_factory.mktemp("slurm")
+    c = SlurmCluster(root)
+    c.start()
+    c.env.update(C2F_PYTHON=sys.executable, C2F_REPO=str(REPO), PYTHONPATH=str(REPO))
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def demo_data():
+    for name in ("in22k", "in1k"):
+        if not (REPO / "data" / "demo" / name / "_info.json").exists():
+            subprocess.run([sys.executable, str(REPO / "data_prep" / "shard.py"), "demo", "--quiet"], check=True)
+    return REPO / "data" / "demo"
+
+
+def sbatch(cluster: SlurmCluster, *args: str) -> str:
+    proc = subprocess.run(["sbatch", "--parsable", *args], env=cluster.env, cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().split(";")[0]
+
+
+def test_pretrain_sbatch_two_tasks(cluster, demo_data, tmp_path):
+    out = tmp_path / "run"
+    job = sbatch(cluster, "--ntasks=2", f"--output={tmp_path}/slurm-%j.out", str(SLURM / "pretrain.sbatch"), *SMALL,
+                 "--data", str(demo_data / "in22k"), "--output", str(out), "--max-steps", "12", "--save-every", "6")
+    info = cluster.wait(job)
+    log = (tmp_path / f"slurm-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED", log[-3000:]
+    assert "2 task(s)" in log
+    summary = json.loads([l for l in log.splitlines() if l.startswith("summary: ")][-1][len("summary: "):])
+    assert summary["step"] == 12
+    assert (out / "checkpoints" / "step000000012" / "complete").exists()
+    assert json.loads((out / "checkpoints" / "step000000012" / "complete").read_text())["world_size"] == 2
+    assert any(p.name.startswith("events.out.tfevents") for p in (out / "tb").iterdir())
+    assert (out / "export" / "model.safetensors").exists()
+
+
+def test_submit_pipeline_runs_every_stage_in_order(cluster, demo_data, tmp_path):
+    env = dict(cluster.env, DATA_22K=str(demo_data / "in22k"), DATA_1K=str(demo_data / "in1k"), RUN_DIR=str(tmp_path),
+               VARIANT="demo", RES_LOW="32", RES_HIGH="48", PRETRAIN_SBATCH="--ntasks=2", FINETUNE_SBATCH="--ntasks=2",
+               EVAL_SBATCH="--ntasks=2", PRETRAIN_ARGS="--image-size 32 --max-steps 10",
+               FT224_ARGS="--max-steps 6", FT384_ARGS="--max-steps 6", EVAL_ARGS="--batch 50")
+    proc = subprocess.run([str(REPO / "launch" / "submit_pipeline.sh")], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    jobs = dict(line.split() for line in proc.stdout.strip().splitlines())
+    assert list(jobs) == ["pretrain", "finetune_32", "finetune_48", "evaluate"]
+    infos = {}
+    for stage, job in jobs.items():
+        infos[stage] = cluster.wait(job, timeout=900)
+        logs = "\n".join(p.read_text() for p in tmp_path.glob(f"slurm-*-{job}.out"))
+        assert infos[stage]["JobState"] == "COMPLETED", (stage, logs[-3000:])
+    stages = list(jobs)
+    for earlier, later in zip(stages, stages[1:]):
+        assert infos[earlier]["EndTime"] <= infos[later]["StartTime"]
+        assert f"afterok:{jobs[earlier]}" in infos[later]["Dependency"] or infos[later]["Dependency"] == "(null)"
+    result = json.loads((tmp_path / "eval_48.json").read_text())
+    assert result["num_samples"] == 300 and result["ranks"] == 2 and 0 <= result["top1"] <= 1
+
+
+def test_usr1_checkpoints_requeues_and_resumes(cluster, demo_data, tmp_path):
+    out = tmp_path / "run"
+    job = sbatch(cluster, "--ntasks=2", f"--output={tmp_path}/slurm-%j.out", str(SLURM / "pretrain.sbatch"), *SMALL,
+                 "--data", str(demo_data / "in22k"), "--output", str(out), "--max-steps", "60", "--save-every", "1000")
+    log_path = out / "log.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (log_path.exists() and len(log_path.read_text().splitlines()) >= 8):
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=cluster.env, check=True)  # as --signal=B:USR1 does
+    deadline = time.time() + 300
+    while time.time() < deadline and cluster.job(job).get("Restarts", "0") == "0":
+        time.sleep(0.5)
+    info = cluster.wait(job, timeout=600)
+    log = (tmp_path / f"slurm-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-3000:]
+    summaries = [json.loads(l[len("summary: "):]) for l in log.splitlines() if l.startswith("summary: ")]
+    assert summaries[0]["status"].startswith("stopped by signal") and summaries[-1]["step"] == 60
+    stopped_at = summaries[0]["step"]
+    assert 0 < stopped_at < 60
+    assert f"resumed from step{stopped_at:09d}: epoch" in log  # the requeued job continued from that checkpoint
+    steps = [json.loads(l)["step"] for l in log_path.read_text().splitlines() if json.loads(l)["kind"] == "train"]
+    assert steps == sorted(steps) and steps[-1] == 60  # the step count continues, never restarts
