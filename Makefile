@@ -16,18 +16,9 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-# The whole pipeline on the small built-in dataset (grows with the pipeline issue by issue).
+# The whole pipeline on the built-in demo dataset, with runs/demo/report.md; `make demo FRESH=1` starts over.
 demo: $(STAMP)
-	$(PY) data_prep/shard.py demo
-	$(PY) data_prep/shard.py verify data/demo/in22k --quiet
-	$(PY) data_prep/shard.py verify data/demo/in1k --quiet
-	$(DEEPSPEED) launch/pretrain.py --variant demo --data data/demo/in22k --output runs/demo/pretrain
-	$(DEEPSPEED) launch/finetune.py --variant demo --pretrained runs/demo/pretrain --data data/demo/in1k \
-		--resolution 64 --output runs/demo/finetune_64
-	$(DEEPSPEED) launch/finetune.py --variant demo --pretrained runs/demo/finetune_64 --data data/demo/in1k \
-		--resolution 96 --recipe 384 --output runs/demo/finetune_96
-	$(PY) launch/evaluate.py --variant demo --weights runs/demo/finetune_96/export --data data/demo/in1k \
-		--resolution 96 --crop-pct 1.0 --crop-mode squash --json runs/demo/eval_96.json
+	$(PY) launch/demo.py $(if $(FRESH),--fresh)
 
 # Every test, the slow end-to-end ones included (CI runs this through .ci/run).
 test: $(STAMP)

@@ -184,3 +184,27 @@ def test_mismatches_are_one_line_errors(tmp_path, capsys):
     assert "share no synset" in msg and "--head reinit" in msg
     assert "weights not found" in error(finetune_main, "--variant", "demo", "--pretrained", str(tmp_path / "nope"),
                                         "--data", IN1K, "--output", str(tmp_path / "o"))
+
+
+@pytest.mark.slow
+def test_demo_pipeline_small_writes_the_report(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "demo.py"), "--size", "small", "--out",
+                           str(tmp_path / "runs"), "--data", str(tmp_path / "data")], env=env(), capture_output=True,
+                          text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = tmp_path / "runs"
+    for name in ("report.md", "report.png", "summary.json", "eval_32.json", "eval_48.json"):
+        assert (runs / name).exists(), name
+    summary = json.loads((runs / "summary.json").read_text())["stages"]
+    assert list(summary) == ["pretrain", "finetune_32", "finetune_48"]
+    assert summary["pretrain"]["num_classes"] == 40 and summary["pretrain"]["chance"] == pytest.approx(1 / 40)
+    assert summary["pretrain"]["top1"] > 2 * summary["pretrain"]["chance"]
+    for name in ("finetune_32", "finetune_48"):
+        assert summary[name]["num_classes"] == 10 and summary[name]["top1"] > 0.25  # chance 0.10
+    report = (runs / "report.md").read_text()
+    assert "launch/pretrain.py" in report and "launch/finetune.py" in report and "tensorboard --logdir" in report
+    assert report.count("| finetune_") == 2
+    # a rerun reuses the finished runs instead of training again
+    again = subprocess.run([sys.executable, str(REPO / "launch" / "demo.py"), "--size", "small", "--out", str(runs),
+                            "--data", str(tmp_path / "data")], env=env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "# reused" in (runs / "report.md").read_text()

@@ -108,3 +108,18 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster, demo_data, tmp_path):
     assert f"resumed from step{stopped_at:09d}: epoch" in log  # the requeued job continued from that checkpoint
     steps = [json.loads(l)["step"] for l in log_path.read_text().splitlines() if json.loads(l)["kind"] == "train"]
     assert steps == sorted(steps) and steps[-1] == 60  # the step count continues, never restarts
+
+
+def test_deepspeed_launcher_mode_one_task_per_node(cluster, demo_data, tmp_path):
+    out = tmp_path / "run"
+    env = dict(cluster.env, C2F_LAUNCHER="deepspeed", GPUS_PER_NODE="2")
+    proc = subprocess.run(["sbatch", "--parsable", "--ntasks=1", "--cpus-per-task=2", f"--output={tmp_path}/slurm-%j.out",
+                           str(SLURM / "pretrain.sbatch"), *SMALL, "--data", str(demo_data / "in22k"), "--output",
+                           str(out), "--max-steps", "6"], env=env, cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    job = proc.stdout.strip()
+    info = cluster.wait(job)
+    log = (tmp_path / f"slurm-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED", log[-3000:]
+    assert '"world_size": 2' in log  # the node's deepspeed launcher started 2 ranks
+    assert (out / "export" / "model.safetensors").exists()

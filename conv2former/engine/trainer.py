@@ -368,7 +368,7 @@ def train(cfg: TrainConfig, dry_run: bool = False,
                 seconds = time.perf_counter() - step_start
                 last_loss = loss_sum / schedule.grad_accum
                 grad_norm = engine.get_global_grad_norm()
-                values = {"loss": last_loss, "lr": optimizer.param_groups[0]["lr"],
+                values = {"loss": last_loss, "lr": max(g["lr"] for g in optimizer.param_groups),
                           "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                           "images_per_s": schedule.global_batch / seconds, "step_time": seconds,
                           "data_time": data_time, "memory_mb": memory_mb(device), "epoch": epoch}
