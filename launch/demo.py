@@ -45,7 +45,7 @@ def deepspeed(script: str, *args: str, ranks: int = 2) -> List[str]:
 
 
 def run(cmd: List[str], log: Path, commands: List[str], title: str) -> None:
-    printable = " ".join(shlex.quote(c) for c in cmd)
+    printable = "OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu " + " ".join(shlex.quote(c) for c in cmd)
     commands.append(printable)
     print(f"\n==> {title}\n    {printable}", flush=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO),
