@@ -27,7 +27,7 @@ IN1K = str(REPO / "data" / "demo" / "in1k")
 def launch(script: str, *args: str, ranks: int = 2) -> subprocess.CompletedProcess:
     PORT[0] += 1
     proc = subprocess.run([str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(PORT[0]), script,
-                           *args], env=env(), capture_output=True, text=True, timeout=600)
+                           *args], env=env(), capture_output=True, text=True, errors="replace", timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -190,7 +190,7 @@ def test_mismatches_are_one_line_errors(tmp_path, capsys):
 def test_demo_pipeline_small_writes_the_report(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "launch" / "demo.py"), "--size", "small", "--out",
                            str(tmp_path / "runs"), "--data", str(tmp_path / "data")], env=env(), capture_output=True,
-                          text=True, timeout=1200)
+                          text=True, errors="replace", timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     runs = tmp_path / "runs"
     for name in ("report.md", "report.png", "summary.json", "eval_32.json", "eval_48.json"):
@@ -206,5 +206,5 @@ def test_demo_pipeline_small_writes_the_report(tmp_path):
     assert report.count("| finetune_") == 2
     # a rerun reuses the finished runs instead of training again
     again = subprocess.run([sys.executable, str(REPO / "launch" / "demo.py"), "--size", "small", "--out", str(runs),
-                            "--data", str(tmp_path / "data")], env=env(), capture_output=True, text=True, timeout=600)
+                            "--data", str(tmp_path / "data")], env=env(), capture_output=True, text=True, errors="replace", timeout=600)
     assert again.returncode == 0 and "# reused" in (runs / "report.md").read_text()

@@ -45,7 +45,7 @@ def run_pretrain(*args: str, launcher: str = "deepspeed") -> dict:
     else:
         PORT[0] += 1
         cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(PORT[0]), PRETRAIN, *args]
-    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, errors="replace", timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     line = [l for l in proc.stdout.splitlines() if l.startswith("summary: ")][-1]
     return json.loads(line[len("summary: "):])
@@ -155,7 +155,7 @@ def test_corrupt_latest_checkpoint_falls_back(reference_run, demo_shards, tmp_pa
     latest = tmp_path / "checkpoints" / "step000000020"
     for f in latest.glob("*model_states.pt"):
         f.write_bytes(b"corrupt")
-    proc = subprocess.run(deepspeed_cmd(*args), env=env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(deepspeed_cmd(*args), env=env(), capture_output=True, text=True, errors="replace", timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "could not be loaded" in proc.stderr and "resumed from step000000010" in proc.stdout
     assert exports_equal(ref, tmp_path)
@@ -165,12 +165,12 @@ def test_corrupt_latest_checkpoint_falls_back(reference_run, demo_shards, tmp_pa
 def test_sigusr1_checkpoints_and_exits_zero(demo_shards, tmp_path):
     args = [*FAST, "--data", demo_shards, "--output", str(tmp_path), "--epochs", "20", "--save-every", "1000"]
     proc = subprocess.Popen(deepspeed_cmd(*args), env=env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            text=True, start_new_session=True)
+                            text=True, errors="replace", start_new_session=True)
     log = tmp_path / "log.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) > 5):
         time.sleep(0.2)
-    for child in subprocess.run(["pgrep", "-f", "--", f"{PRETRAIN}"], capture_output=True, text=True).stdout.split():
+    for child in subprocess.run(["pgrep", "-f", "--", f"{PRETRAIN}"], capture_output=True, text=True, errors="replace").stdout.split():
         if int(child) != proc.pid:
             os.kill(int(child), signal.SIGUSR1)  # the training ranks, as Slurm's --signal does
     out, _ = proc.communicate(timeout=300)
@@ -246,7 +246,7 @@ def test_export_script_rebuilds_the_export(reference_run, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(ref / "checkpoints", copy / "checkpoints")
     proc = subprocess.run([sys.executable, str(REPO / "launch" / "export.py"), str(copy)], env=env(),
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, errors="replace")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert exports_equal(ref, copy)
     for name in ("model_ema.safetensors", "classes.txt", "config.yaml"):
@@ -259,7 +259,7 @@ def test_resume_on_one_rank_from_a_two_rank_checkpoint(demo_shards, tmp_path):
     two = run_pretrain(*args, "--max-steps", "20")
     PORT[0] += 1
     proc = subprocess.run([str(BIN / "deepspeed"), "--num_gpus", "1", "--master_port", str(PORT[0]), PRETRAIN, *args,
-                           "--max-steps", "30"], env=env(), capture_output=True, text=True, timeout=600)
+                           "--max-steps", "30"], env=env(), capture_output=True, text=True, errors="replace", timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "saved by 2 ranks: resuming on 1 through step000000020_universal" in proc.stdout
     assert "resumed from step000000020_universal: epoch 0, step 20" in proc.stdout

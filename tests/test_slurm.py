@@ -43,7 +43,7 @@ def demo_data():
 
 
 def sbatch(cluster: SlurmCluster, *args: str) -> str:
-    proc = subprocess.run(["sbatch", "--parsable", *args], env=cluster.env, cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run(["sbatch", "--parsable", *args], env=cluster.env, cwd=REPO, capture_output=True, text=True, errors="replace")
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip().split(";")[0]
 
@@ -53,7 +53,7 @@ def test_pretrain_sbatch_two_tasks(cluster, demo_data, tmp_path):
     job = sbatch(cluster, "--ntasks=2", f"--output={tmp_path}/slurm-%j.out", str(SLURM / "pretrain.sbatch"), *SMALL,
                  "--data", str(demo_data / "in22k"), "--output", str(out), "--max-steps", "12", "--save-every", "6")
     info = cluster.wait(job)
-    log = (tmp_path / f"slurm-{job}.out").read_text()
+    log = (tmp_path / f"slurm-{job}.out").read_text(errors="replace")  # tasks interleave bytes
     assert info["JobState"] == "COMPLETED", log[-3000:]
     assert "2 task(s)" in log
     summary = json.loads([l for l in log.splitlines() if l.startswith("summary: ")][-1][len("summary: "):])
@@ -69,14 +69,14 @@ def test_submit_pipeline_runs_every_stage_in_order(cluster, demo_data, tmp_path)
                VARIANT="demo", RES_LOW="32", RES_HIGH="48", PRETRAIN_SBATCH="--ntasks=2", FINETUNE_SBATCH="--ntasks=2",
                EVAL_SBATCH="--ntasks=2", PRETRAIN_ARGS="--image-size 32 --max-steps 10",
                FT224_ARGS="--max-steps 6", FT384_ARGS="--max-steps 6", EVAL_ARGS="--batch 50")
-    proc = subprocess.run([str(REPO / "launch" / "submit_pipeline.sh")], env=env, capture_output=True, text=True)
+    proc = subprocess.run([str(REPO / "launch" / "submit_pipeline.sh")], env=env, capture_output=True, text=True, errors="replace")
     assert proc.returncode == 0, proc.stderr
     jobs = dict(line.split() for line in proc.stdout.strip().splitlines())
     assert list(jobs) == ["pretrain", "finetune_32", "finetune_48", "evaluate"]
     infos = {}
     for stage, job in jobs.items():
         infos[stage] = cluster.wait(job, timeout=900)
-        logs = "\n".join(p.read_text() for p in tmp_path.glob(f"slurm-*-{job}.out"))
+        logs = "\n".join(p.read_text(errors="replace") for p in tmp_path.glob(f"slurm-*-{job}.out"))
         assert infos[stage]["JobState"] == "COMPLETED", (stage, logs[-3000:])
     stages = list(jobs)
     for earlier, later in zip(stages, stages[1:]):
@@ -99,7 +99,7 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster, demo_data, tmp_path):
     while time.time() < deadline and cluster.job(job).get("Restarts", "0") == "0":
         time.sleep(0.5)
     info = cluster.wait(job, timeout=600)
-    log = (tmp_path / f"slurm-{job}.out").read_text()
+    log = (tmp_path / f"slurm-{job}.out").read_text(errors="replace")  # tasks interleave bytes
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-3000:]
     summaries = [json.loads(l[len("summary: "):]) for l in log.splitlines() if l.startswith("summary: ")]
     assert summaries[0]["status"].startswith("stopped by signal") and summaries[-1]["step"] == 60
@@ -115,11 +115,11 @@ def test_deepspeed_launcher_mode_one_task_per_node(cluster, demo_data, tmp_path)
     env = dict(cluster.env, C2F_LAUNCHER="deepspeed", GPUS_PER_NODE="2")
     proc = subprocess.run(["sbatch", "--parsable", "--ntasks=1", "--cpus-per-task=2", f"--output={tmp_path}/slurm-%j.out",
                            str(SLURM / "pretrain.sbatch"), *SMALL, "--data", str(demo_data / "in22k"), "--output",
-                           str(out), "--max-steps", "6"], env=env, cwd=REPO, capture_output=True, text=True)
+                           str(out), "--max-steps", "6"], env=env, cwd=REPO, capture_output=True, text=True, errors="replace")
     assert proc.returncode == 0, proc.stderr
     job = proc.stdout.strip()
     info = cluster.wait(job)
-    log = (tmp_path / f"slurm-{job}.out").read_text()
+    log = (tmp_path / f"slurm-{job}.out").read_text(errors="replace")  # tasks interleave bytes
     assert info["JobState"] == "COMPLETED", log[-3000:]
     assert '"world_size": 2' in log  # the node's deepspeed launcher started 2 ranks
     assert (out / "export" / "model.safetensors").exists()
