@@ -8,6 +8,7 @@ mark padding with label -1 (see ``conv2former.data.shards`` for the exact dealin
 """
 from __future__ import annotations
 
+import abc
 import warnings
 from typing import Any, Dict, Iterator, Optional, Tuple
 
@@ -42,7 +43,7 @@ def resolve_backend(name: str) -> str:
     return name
 
 
-class ShardLoader:
+class ShardLoader(abc.ABC):
     """The state and the dealing rule every backend shares; subclasses produce the batches."""
 
     def __init__(self, cfg: DataConfig, shards: SplitShards, train: bool, rank: int, world_size: int,
@@ -104,17 +105,20 @@ class ShardLoader:
         self._restore(state)
 
     # backend hooks
+    @abc.abstractmethod
     def _next_batch(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        """The next batch of the current epoch, on the loader's device."""
 
+    @abc.abstractmethod
     def _reset(self) -> None:
-        raise NotImplementedError
+        """Forget the running epoch (the next batch starts ``self.epoch`` at ``self.step``)."""
 
     def _extra_state(self) -> Dict[str, Any]:
         return {}
 
+    @abc.abstractmethod
     def _restore(self, state: Dict[str, Any]) -> None:
-        raise NotImplementedError
+        """Continue from ``state`` (``self.epoch``/``self.step`` are already set)."""
 
 
 def build_loader(cfg: DataConfig, split: str, rank: int = 0, world_size: int = 1,
