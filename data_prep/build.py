@@ -82,7 +82,6 @@ def _spill_streamed(tasks: List[ShardTask], fs, out_path: str, quiet: bool) -> O
     shutil.rmtree(spill_dir, ignore_errors=True)
     os.makedirs(spill_dir)
     archive = tasks[wanted[next(iter(wanted))][0]].items[0][0].path
-    found = 0
     with tqdm(total=len(wanted), unit="img", desc="spill .tar.gz", disable=quiet, file=sys.stderr) as bar:
         for name, data in stream_targz_images(archive, wanted):
             t, j = wanted[name]
@@ -93,7 +92,6 @@ def _spill_streamed(tasks: List[ShardTask], fs, out_path: str, quiet: bool) -> O
                 offset = f.tell()
                 f.write(data)
             task.items[j] = (SourceItem(item.key, item.synset, spill, offset, len(data), item.name), label)
-            found += 1
             bar.update(1)
     for task in tasks:  # members the second pass did not find (a damaged archive) are skipped, not guessed
         task.items = [(item, label) for item, label in task.items if item.offset != STREAMED]

@@ -17,7 +17,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from conv2former.engine.cli import add_train_arguments, resolve_config  # noqa: E402
-from conv2former.errors import UserError, exit_on_user_error  # noqa: E402
+from conv2former.errors import exit_on_user_error  # noqa: E402
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "finetune", "configs")
 DROP_PATH = {"conv2former_l": 0.3, "conv2former_b": 0.2, "conv2former_b_22k": 0.2, "conv2former_s": 0.2,

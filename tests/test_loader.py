@@ -246,3 +246,30 @@ def test_damaged_shards(unique_shards, tmp_path):
             loader = build_loader(cfg_for(copy, backend, cache_dir=str(tmp_path / "cache")), "val" if False else "train")
         assert loader.shards.num_samples < NUM
         assert sum(1 for _ in loader) == len(loader)
+
+
+def test_position_survives_a_save_right_after_restore_and_other_backends_restart(unique_shards):
+    cfg = cfg_for(unique_shards, "dali-cpu")
+    first = build_loader(cfg, "train")
+    it = iter(first)
+    for _ in range(2):
+        next(it)
+    expected = next(it)[1]
+    again = build_loader(cfg, "train")
+    again.load_state_dict(_two_step_state(cfg))
+    resaved = again.state_dict()  # saved before any batch was drawn (e.g. preempted at once)
+    third = build_loader(cfg, "train")
+    third.load_state_dict(resaved)
+    assert torch.equal(next(iter(third))[1], expected)
+    other = build_loader(cfg_for(unique_shards, "torch"), "train")
+    with pytest.warns(UserWarning, match="backend dali-cpu cannot be replayed"):
+        other.load_state_dict(resaved)
+    assert other.step == 0
+
+
+def _two_step_state(cfg):
+    loader = build_loader(cfg, "train")
+    it = iter(loader)
+    next(it)
+    next(it)
+    return loader.state_dict()

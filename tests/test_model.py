@@ -8,7 +8,7 @@ import timm
 import torch
 from timm.optim import param_groups_layer_decay
 
-import conv2former
+import conv2former  # noqa: F401  (registers the variants with timm)
 from conv2former.complexity import count_gmacs, count_params
 from conv2former.model import FUSIONS, PAPER_FIGURES, VARIANTS
 

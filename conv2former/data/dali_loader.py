@@ -145,8 +145,11 @@ class DaliLoader(ShardLoader):
         return out.to(self.device, non_blocking=True), label_tensor.view(-1).to(self.device, non_blocking=True)
 
     def _extra_state(self) -> Dict[str, Any]:
-        if self.train and self._pipe is not None and self.step > 0:
-            return {"dali_checkpoint": self._pipe.checkpoint()}
+        if self.train and self.step > 0:
+            if self._pipe is not None:
+                return {"dali_checkpoint": self._pipe.checkpoint()}
+            if self._checkpoint is not None:  # restored but not yet rebuilt: hand the position on unchanged
+                return {"dali_checkpoint": self._checkpoint}
         return {}
 
     def _restore(self, state: Dict[str, Any]) -> None:
@@ -155,10 +158,7 @@ class DaliLoader(ShardLoader):
         if self.step == 0:
             return
         if self.train:
-            checkpoint = state.get("dali_checkpoint")
-            if state.get("backend") != self.backend or not checkpoint:
-                raise ValueError(f"data position from backend {state.get('backend')} cannot resume {self.backend}")
-            self._checkpoint = checkpoint
+            self._checkpoint = state.get("dali_checkpoint")  # same backend, checked by load_state_dict
             return
         # eval has no randomness: rebuild and fast-forward by reading
         step, self.step = self.step, 0

@@ -91,12 +91,14 @@ class ShardLoader(abc.ABC):
                 "world_size": self.world_size, "seed": self.cfg.seed, **self._extra_state()}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        same_dealing = state.get("world_size") == self.world_size and state.get("seed") == self.cfg.seed
+        same_dealing = (state.get("world_size"), state.get("seed"), state.get("backend")) == \
+            (self.world_size, self.cfg.seed, self.backend)
         self.epoch = int(state["epoch"])
         if not same_dealing:
             warnings.warn(
-                f"data position saved with {state.get('world_size')} ranks (seed {state.get('seed')}) cannot be "
-                f"replayed on {self.world_size} ranks (seed {self.cfg.seed}): epoch {self.epoch} restarts from its start"
+                f"data position saved with {state.get('world_size')} ranks, seed {state.get('seed')}, backend "
+                f"{state.get('backend')} cannot be replayed on {self.world_size} ranks, seed {self.cfg.seed}, backend "
+                f"{self.backend}: epoch {self.epoch} restarts from its start"
             )
             self.step = 0
             self._reset()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import timm
 

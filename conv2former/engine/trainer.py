@@ -9,7 +9,6 @@ cleanly on SIGTERM/SIGUSR1 (checkpoint first), and exports consolidated fp32 wei
 from __future__ import annotations
 
 import json
-import math
 import os
 import resource
 import signal
