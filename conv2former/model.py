@@ -28,6 +28,8 @@ from timm.layers import DropPath, LayerNorm2d, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
+from conv2former.depthwise import DepthwiseConv2d
+
 __all__ = ["Conv2Former", "Conv2FormerIsotropic", "ConvMod", "MLP", "Block", "FUSIONS", "VARIANTS"]
 
 FUSIONS = ("hadamard", "sum", "sigmoid", "l1", "linear01")
@@ -79,7 +81,7 @@ class MLP(nn.Module):
 class ConvMod(nn.Module):
     """Convolutional modulation: proj(A ⊙ V), A = DWConv_k(GELU(W1 LN(x))), V = W2 LN(x)."""
 
-    def __init__(self, dim: int, kernel_size: int = 11, fusion: str = "hadamard") -> None:
+    def __init__(self, dim: int, kernel_size: int = 11, fusion: str = "hadamard", fast_depthwise: bool = True) -> None:
         super().__init__()
         if fusion not in FUSIONS:
             raise ValueError(f"unknown fusion {fusion!r}: choose one of {', '.join(FUSIONS)}")
@@ -90,7 +92,7 @@ class ConvMod(nn.Module):
         self.att = nn.Sequential(
             nn.Conv2d(dim, dim, 1),
             nn.GELU(),
-            nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim),
+            DepthwiseConv2d(dim, kernel_size, fast_backward=fast_depthwise),
         )
         self.v = nn.Conv2d(dim, dim, 1)
         self.proj = nn.Conv2d(dim, dim, 1)
@@ -111,9 +113,10 @@ class Block(nn.Module):
         drop_path: float = 0.0,
         layer_scale_init_value: float = 1e-6,
         fusion: str = "hadamard",
+        fast_depthwise: bool = True,
     ) -> None:
         super().__init__()
-        self.attn = ConvMod(dim, kernel_size, fusion)
+        self.attn = ConvMod(dim, kernel_size, fusion, fast_depthwise)
         self.mlp = MLP(dim, mlp_ratio)
         self.layer_scale_1 = nn.Parameter(layer_scale_init_value * torch.ones(dim))
         self.layer_scale_2 = nn.Parameter(layer_scale_init_value * torch.ones(dim))
@@ -166,7 +169,11 @@ class _ClassifierMixin:
 
 
 class Conv2Former(_ClassifierMixin, nn.Module):
-    """Hierarchical Conv2Former (variants N/T/S/B/L of the paper)."""
+    """Hierarchical Conv2Former (variants N/T/S/B/L of the paper).
+
+    ``fast_depthwise`` (default True) computes the k x k depthwise convolution's CPU backward as two forward
+    convolutions (conv2former/depthwise.py; same parameters, same math); False is the plain ``nn.Conv2d``.
+    """
 
     def __init__(
         self,
@@ -182,6 +189,7 @@ class Conv2Former(_ClassifierMixin, nn.Module):
         head_dim: int = 1280,
         fusion: str = "hadamard",
         global_pool: str = "avg",
+        fast_depthwise: bool = True,
     ) -> None:
         super().__init__()
         if len(depths) != 4 or len(dims) != 4:
@@ -223,7 +231,7 @@ class Conv2Former(_ClassifierMixin, nn.Module):
         first = 0
         for i, (depth, dim) in enumerate(zip(depths, dims)):
             self.stages.append(nn.Sequential(*[
-                Block(dim, kernel_size, mlp_ratio, rates[first + j], layer_scale_init_value, fusion)
+                Block(dim, kernel_size, mlp_ratio, rates[first + j], layer_scale_init_value, fusion, fast_depthwise)
                 for j in range(depth)
             ]))
             first += depth
@@ -316,6 +324,7 @@ class Conv2FormerIsotropic(_ClassifierMixin, nn.Module):
         fusion: str = "hadamard",
         stem: str = "patch",
         global_pool: str = "avg",
+        fast_depthwise: bool = True,
     ) -> None:
         super().__init__()
         if drop_rate:
@@ -346,7 +355,8 @@ class Conv2FormerIsotropic(_ClassifierMixin, nn.Module):
             raise ValueError(f"unknown isotropic stem {stem!r}: choose 'patch' or 'convs'")
         rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         self.blocks = nn.Sequential(*[
-            Block(dim, kernel_size, mlp_ratio, rates[i], layer_scale_init_value, fusion) for i in range(depth)
+            Block(dim, kernel_size, mlp_ratio, rates[i], layer_scale_init_value, fusion, fast_depthwise)
+            for i in range(depth)
         ])
         self.feature_info = [dict(num_chs=dim, reduction=16, module=f"blocks.{i}") for i in range(depth)]
         self.head = _classifier_head(dim, head_dim)
