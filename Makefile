@@ -36,12 +36,16 @@ test-slurm: $(STAMP)
 table: $(STAMP)
 	$(PY) -m conv2former.complexity --table
 
-# Benchmarks on this machine; `make bench RECORD=1` appends the rows to docs/PERFORMANCE.md.
+# Benchmarks on this machine (~12 min on 2 cores); `make bench RECORD=1` adds the rows to docs/PERFORMANCE.md.
+# On a GPU machine run benchmarks/gpu_suite.sh instead (DALI mixed decoding, bf16 Conv2Former-L, MFU, ZeRO 1/2/3).
 bench: $(STAMP)
 	OMP_NUM_THREADS=$$(nproc) $(PY) benchmarks/model_speed.py --variant conv2former_t --baseline convnext_tiny $(if $(RECORD),--record)
+	OMP_NUM_THREADS=$$(nproc) $(PY) benchmarks/profile_step.py --variant conv2former_l --batch 4 $(if $(RECORD),--record)
+	OMP_NUM_THREADS=$$(nproc) $(PY) benchmarks/profile_step.py --variant conv2former_l --batch 4 --plain-depthwise $(if $(RECORD),--record)
 	$(PY) benchmarks/shard_speed.py --images 2000 --workers $$(nproc) $(if $(RECORD),--record)
 	$(PY) benchmarks/loader_speed.py --backend all --mode train --workers $$(nproc) $(if $(RECORD),--record)
 	$(PY) benchmarks/loader_speed.py --backend all --mode eval --workers $$(nproc) $(if $(RECORD),--record)
+	$(PY) benchmarks/train_speed.py $(if $(RECORD),--record)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

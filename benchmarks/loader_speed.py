@@ -14,8 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-PERFORMANCE_MD = REPO / "docs" / "PERFORMANCE.md"
+from results import machine, record, versions  # noqa: E402  (benchmarks/results.py)
 BENCH_DIR = REPO / "data" / "bench"
 
 
@@ -34,13 +33,17 @@ def prepare(images: int) -> Path:
     sys.path.insert(0, str(REPO / "benchmarks"))
     from shard_speed import make_tree
 
-    tree, shards = BENCH_DIR / "tree", BENCH_DIR / "shards"
+    tree, shards, count = BENCH_DIR / "tree", BENCH_DIR / "shards", BENCH_DIR / "images.txt"
+    if count.exists() and count.read_text().strip() != str(images):  # made for another --images: make it again
+        shutil.rmtree(tree, ignore_errors=True)
+        shutil.rmtree(shards, ignore_errors=True)
     if not (shards / "_info.json").exists():
         if not (tree / "train").exists():
             make_tree(tree, images)
         subprocess.run([sys.executable, str(REPO / "data_prep" / "shard.py"), "imagenet1k", str(tree), str(shards),
                         "--classes", "present", "--shard-size", "32MB", "--quiet", "--check", "header"], check=True,
                        stdout=subprocess.DEVNULL)
+        count.write_text(f"{images}\n")
     return BENCH_DIR
 
 
@@ -101,18 +104,16 @@ def main() -> None:
         data = args.data or (generated / ("tree" if backend == "imagefolder" else "shards"))
         results[backend] = measure(build(backend, data, args), args.batch, args.seconds)
         if args.json:
-            print(json.dumps({"backend": backend, "mode": args.mode, "images_per_s": round(results[backend], 1)}))
+            print(json.dumps({"backend": backend, "mode": args.mode, "images_per_s": round(results[backend], 1),
+                              "image_size": args.image_size, "batch": args.batch, "workers": args.workers}))
         else:
             print(f"{backend:>12} {args.mode}: {results[backend]:.1f} images/s")
     base = results.get("imagefolder")
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{platform.machine()} CPU, {os.cpu_count()} cores"
     if args.record:
-        command = "python benchmarks/loader_speed.py " + " ".join(sys.argv[1:])
-        with open(PERFORMANCE_MD, "a") as f:
-            for backend, ips in results.items():
-                ratio = f"{ips / base:.2f}×" if base else "—"
-                f.write(f"| {datetime.date.today()} | {device} | {backend} | {args.mode} | {args.image_size} | "
-                        f"{args.batch} | {args.workers} | {ips:.0f} | {ratio} | `{command}` |\n")
+        rows = [f"| {datetime.date.today()} | {machine()} | {backend} | {args.mode} | {args.image_size} | {args.batch} | "
+                f"{args.workers} | {ips:.0f} | {f'{ips / base:.2f}×' if base else '—'} | "
+                f"{versions('dali', 'torch', 'pillow')} |" for backend, ips in results.items()]
+        record("loader_speed.py", rows)
 
 
 if __name__ == "__main__":

@@ -1,38 +1,43 @@
 """Training-step throughput (forward + backward + optimizer step) of a Conv2Former variant next to timm's ConvNeXt.
 
     python benchmarks/model_speed.py --variant conv2former_t --baseline convnext_tiny --resolution 224 --batch 8
+    python benchmarks/model_speed.py --variant conv2former_l --baseline convnext_large --batch 64 --compile   # GPU
 
-CPU: fp32, NCHW and channels_last. GPU: bf16 autocast + channels_last (and ``--compile`` for torch.compile).
-Both models run in the same process, alternating, so the ratio is fair. ``--record`` appends a row to
-docs/PERFORMANCE.md with the date, machine, versions and command.
+CPU: fp32, NCHW and channels_last, plus our model with the plain ``nn.Conv2d`` depthwise backward
+(``fast_depthwise=False``) so the gain of conv2former/depthwise.py is measured in the same run.
+GPU: bf16 autocast, channels_last, cuDNN benchmark mode; MFU = images/s x 6 x MACs / the GPU's bf16 dense peak.
+``--grad-checkpointing`` and ``--compile`` apply to both models. All models run in one process, alternating round
+by round, so the ratio is fair. ``--record`` adds the rows to docs/PERFORMANCE.md; ``--json`` prints one line each.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
-import os
-import platform
-import sys
+import json
 import time
-from pathlib import Path
-from typing import Dict, List
+from typing import Callable, Dict, List, Optional, Tuple
 
 import timm
 import torch
 
 import conv2former  # noqa: F401  (registers the variants)
 from conv2former.complexity import count_gmacs
+from results import machine, record, versions
 
-PERFORMANCE_MD = Path(__file__).resolve().parent.parent / "docs" / "PERFORMANCE.md"
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+# bf16 dense tensor-core peak (FLOP/s, no sparsity) by device-name fragment, from NVIDIA's data sheets.
+BF16_PEAK = {"H200": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12, "GH200": 989e12,
+             "B200": 2250e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
 
 
-def step_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer, bf16: bool):
+def bf16_peak(device: torch.device) -> Optional[float]:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in BF16_PEAK.items() if key in name), None)
+
+
+def step_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer,
+            bf16: bool) -> Callable[[], None]:
     def step() -> None:
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = torch.nn.functional.cross_entropy(model(x), y)
@@ -43,7 +48,7 @@ def step_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, opt: torch
     return step
 
 
-def time_steps(step, device: torch.device, warmup: int, iters: int) -> float:
+def time_steps(step: Callable[[], None], device: torch.device, warmup: int, iters: int) -> float:
     for _ in range(warmup):
         step()
     if device.type == "cuda":
@@ -56,24 +61,30 @@ def time_steps(step, device: torch.device, warmup: int, iters: int) -> float:
     return (time.perf_counter() - start) / iters
 
 
-def measure(names: List[str], args: argparse.Namespace, device: torch.device, channels_last: bool) -> Dict[str, float]:
+def measure(models: Dict[str, Tuple[str, dict]], args: argparse.Namespace, device: torch.device,
+            channels_last: bool) -> Tuple[Dict[str, float], Dict[str, float]]:
+    """Best-of-rounds images/s and peak memory (MB, GPU only) per entry of ``models`` (label -> (timm name, kwargs))."""
     bf16 = device.type == "cuda"
-    steps = {}
-    for name in names:
-        model = timm.create_model(name, num_classes=1000).to(device).train()
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        model = model.to(memory_format=fmt)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    steps, memory = {}, {}
+    for label, (name, kwargs) in models.items():
+        model = timm.create_model(name, num_classes=1000, **kwargs).to(device).train().to(memory_format=fmt)
+        model.set_grad_checkpointing(args.grad_checkpointing)
         if args.compile:
             model = torch.compile(model)
         x = torch.randn(args.batch, 3, args.resolution, args.resolution, device=device).to(memory_format=fmt)
         y = torch.randint(0, 1000, (args.batch,), device=device)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        steps[name] = step_fn(model, x, y, opt, bf16)
-    seconds: Dict[str, List[float]] = {n: [] for n in names}
-    for _ in range(args.rounds):  # alternate the models so both see the same machine state
-        for name in names:
-            seconds[name].append(time_steps(steps[name], device, args.warmup, args.iters))
-    return {name: args.batch / min(times) for name, times in seconds.items()}
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+        steps[label] = step_fn(model, x, y, opt, bf16)
+    seconds: Dict[str, List[float]] = {label: [] for label in models}
+    for _ in range(args.rounds):  # alternate the models so all see the same machine state
+        for label in models:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            seconds[label].append(time_steps(steps[label], device, args.warmup, args.iters))
+            if device.type == "cuda":
+                memory[label] = max(memory.get(label, 0.0), torch.cuda.max_memory_allocated(device) / 2**20)
+    return {label: args.batch / min(times) for label, times in seconds.items()}, memory
 
 
 def main() -> None:
@@ -86,41 +97,68 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--memory-format", choices=["nchw", "channels_last", "both"], default="both")
+    parser.add_argument("--memory-format", choices=["nchw", "channels_last", "both"])
+    parser.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations (both models)")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
-    parser.add_argument("--flush-denormal", action="store_true",
-                        help="flush denormal floats to zero on CPU (layer scales of 1e-6 make tiny gradients early on)")
-    parser.add_argument("--record", action="store_true", help="append the rows to docs/PERFORMANCE.md")
+    parser.add_argument("--no-plain-depthwise", action="store_true",
+                        help="skip the extra CPU run of our model with the plain nn.Conv2d depthwise backward")
+    parser.add_argument("--flush-denormal", action="store_true", help="flush denormal floats to zero on CPU")
+    parser.add_argument("--json", action="store_true", help="print one JSON line per measured model")
+    parser.add_argument("--record", action="store_true", help="add the rows to docs/PERFORMANCE.md")
     args = parser.parse_args()
     if args.variant not in timm.list_models("conv2former_*"):
         parser.error(f"unknown variant {args.variant!r}; choose from {', '.join(timm.list_models('conv2former_*'))}")
+    if args.baseline not in timm.list_models():
+        parser.error(f"unknown baseline {args.baseline!r}: give a timm model name such as convnext_tiny")
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but no CUDA device is visible; use --device cpu")
     if args.flush_denormal:
         torch.set_flush_denormal(True)
-    formats = {"nchw": [False], "channels_last": [True], "both": [False, True]}[args.memory_format]
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    memory_format = args.memory_format or ("channels_last" if device.type == "cuda" else "both")
+    formats = {"nchw": [False], "channels_last": [True], "both": [False, True]}[memory_format]
     precision = "bf16" if device.type == "cuda" else "fp32"
     with torch.device("meta"):
         macs = {n: count_gmacs(timm.create_model(n), args.resolution) for n in (args.variant, args.baseline)}
+    peak = bf16_peak(device)
+
+    models: Dict[str, Tuple[str, dict]] = {args.variant: (args.variant, {})}
+    if device.type == "cpu" and not args.no_plain_depthwise:
+        models[f"{args.variant}, plain depthwise"] = (args.variant, {"fast_depthwise": False})
+    models[args.baseline] = (args.baseline, {})
+
     rows = []
+    name = machine(torch.get_num_threads() if device.type == "cpu" else None)
     for channels_last in formats:
-        ips = measure([args.variant, args.baseline], args, device, channels_last)
-        ratio = ips[args.variant] / ips[args.baseline]
-        fmt = "channels_last" if channels_last else "NCHW"
-        row = (f"| {datetime.date.today()} | {device_name(device)} | {args.variant} ({macs[args.variant]:.2f} GMACs) | "
-               f"{args.baseline} ({macs[args.baseline]:.2f} GMACs) | {args.resolution} | {args.batch} | {precision}, {fmt}"
-               f"{', compiled' if args.compile else ''}{', FTZ' if args.flush_denormal else ''} | {ips[args.variant]:.1f} | {ips[args.baseline]:.1f} | "
-               f"{ratio:.2f}× | torch {torch.__version__}, timm {timm.__version__} |")
-        rows.append(row)
-        print(f"{fmt:>13}: {args.variant} {ips[args.variant]:.1f} img/s, {args.baseline} {ips[args.baseline]:.1f} img/s, "
-              f"ratio {ratio:.2f}")
+        ips, memory = measure(models, args, device, channels_last)
+        setting = ", ".join([precision, "channels_last" if channels_last else "NCHW"]
+                            + (["grad ckpt"] if args.grad_checkpointing else [])
+                            + (["compiled"] if args.compile else []) + (["FTZ"] if args.flush_denormal else []))
+        base = ips[args.baseline]
+        for label in models:
+            if label == args.baseline:
+                continue
+            timm_name = models[label][0]
+            mfu = ips[label] * 6 * macs[timm_name] * 1e9 / peak if peak else None
+            base_mfu = base * 6 * macs[args.baseline] * 1e9 / peak if peak else None
+            mem = f"{memory[label]:.0f} / {memory[args.baseline]:.0f}" if memory else "—"
+            rows.append(
+                f"| {datetime.date.today()} | {name} | {label} ({macs[timm_name]:.2f} GMACs) | "
+                f"{args.baseline} ({macs[args.baseline]:.2f} GMACs) | {args.resolution} | {args.batch} | {setting} | "
+                f"{ips[label]:.1f} | {base:.1f} | {ips[label] / base:.2f}× | "
+                f"{f'{mfu:.1%} / {base_mfu:.1%}' if mfu else '—'} | {mem} | {versions('torch', 'timm')} |")
+            if args.json:
+                print(json.dumps(dict(model=label, baseline=args.baseline, setting=setting, resolution=args.resolution,
+                                      batch=args.batch, images_per_s=round(ips[label], 2),
+                                      baseline_images_per_s=round(base, 2), ratio=round(ips[label] / base, 3),
+                                      mfu=mfu, baseline_mfu=base_mfu, memory_mb=memory.get(label))))
+            else:
+                print(f"{setting:>24}: {label} {ips[label]:.1f} img/s, {args.baseline} {base:.1f} img/s, "
+                      f"ratio {ips[label] / base:.2f}" + (f", MFU {mfu:.1%} (baseline {base_mfu:.1%})" if mfu else ""))
     if args.record:
-        command = "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
-        with open(PERFORMANCE_MD, "a") as f:
-            for row in rows:
-                f.write(row[:-1] + f"| `{command}` |\n")
-        print(f"recorded {len(rows)} row(s) in {PERFORMANCE_MD}")
+        record("model_speed.py", rows)
 
 
 if __name__ == "__main__":

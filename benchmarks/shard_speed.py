@@ -12,7 +12,6 @@ import argparse
 import datetime
 import io
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -26,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
-PERFORMANCE_MD = REPO / "docs" / "PERFORMANCE.md"
+from results import machine, record, versions  # noqa: E402  (benchmarks/results.py)
 SYNSETS = ["n01440764", "n01443537", "n01484850", "n01491361", "n01494475", "n01496331", "n01498041", "n01514668"]
 
 
@@ -86,20 +85,15 @@ def main() -> None:
             rows.append((name, seconds, float(match.group(1)) if match else None))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    machine = f"{platform.machine()} CPU, {os.cpu_count()} cores"
     lines = []
     for name, seconds, steady in rows:
         steady_text = f"{steady:.0f}" if steady else "—"
-        line = (f"| {datetime.date.today()} | {machine} | {name} | {args.images} | {args.workers} | {seconds:.2f} | "
-                f"{args.images / seconds:.0f} | {steady_text} | {seconds / tar_s:.2f}× |")
+        line = (f"| {datetime.date.today()} | {machine()} | {name} | {args.images} | {args.workers} | {seconds:.2f} | "
+                f"{args.images / seconds:.0f} | {steady_text} | {seconds / tar_s:.2f}× | {versions('pillow', 'webdataset')} |")
         print(line)
         lines.append(line)
     if args.record:
-        command = "python benchmarks/shard_speed.py " + " ".join(sys.argv[1:])
-        with open(PERFORMANCE_MD, "a") as f:
-            for line in lines:
-                f.write(line + f" `{command}` |\n")
-        print(f"recorded {len(lines)} rows in {PERFORMANCE_MD}")
+        record("shard_speed.py", lines)
 
 
 if __name__ == "__main__":

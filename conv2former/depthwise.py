@@ -50,8 +50,10 @@ class _DepthwiseConv2dCPU(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = F.conv2d(grad_out, weight.flip(-1, -2), padding=padding, groups=channels)
         if ctx.needs_input_grad[1]:
-            x_padded = F.pad(x, (padding, padding, padding, padding))
-            x_padded = x_padded.transpose(0, 1).reshape(1, channels * batch, height + 2 * padding, width + 2 * padding)
+            # pad and put channels first in one copy: (C, B, H + 2p, W + 2p)
+            x_padded = x.new_zeros(channels, batch, height + 2 * padding, width + 2 * padding)
+            x_padded[:, :, padding:padding + height, padding:padding + width] = x.transpose(0, 1)
+            x_padded = x_padded.view(1, channels * batch, height + 2 * padding, width + 2 * padding)
             kernels = grad_out.transpose(0, 1).reshape(channels * batch, 1, height, width)
             grad_w = F.conv2d(x_padded, kernels, groups=channels * batch)
             grad_w = grad_w.view(channels, batch, k, k).sum(1, keepdim=True)

@@ -248,6 +248,7 @@ def train(cfg: TrainConfig, dry_run: bool = False,
             return {"status": "exported without training", "step": 0, "export": export_dir, "output": cfg.output}
     if gpu:
         model = model.to(device=device, memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels once
     optimizer = build_optimizer(model, cfg, schedule.lr)
     ds_config = deepspeed_config(cfg, schedule, gpu)
     universal = None

@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# The GPU benchmark suite in one command: run it on a GPU machine from the repository root.
+#
+#   benchmarks/gpu_suite.sh                 # everything, rows recorded in docs/PERFORMANCE.md
+#   QUICK=1 benchmarks/gpu_suite.sh         # 224 only, no torch.compile, fewer steps (~10 min on one H100)
+#   DRY_RUN=1 benchmarks/gpu_suite.sh       # print the commands, run nothing (works without a GPU)
+#
+# 1. DALI `mixed` (GPU) decoding next to dali-cpu, the torch loader and torchvision ImageFolder, train and eval
+#    transforms, on generated ImageNet-sized JPEG shards (BENCH_IMAGES of 500x375, ~85 KB each).
+# 2. Conv2Former-L next to timm's ConvNeXt-L: training images/s, MFU and memory, bf16 + channels_last, at 224 and
+#    384, activation checkpointing off/on, torch.compile off/on.
+# 3. End to end: launch/pretrain.py with the DALI loader feeding the engine, ZeRO 1/2/3, one rank per visible GPU:
+#    images/s, the share of each step spent waiting for data, MFU, memory per rank.
+# 4. A report (table + projected wall time of 90 epochs of ImageNet-22k on 8/64/256 GPUs) printed and written to
+#    $OUT/report.md; every JSON result is kept in $OUT/results.jsonl.
+#
+# Settings (environment): OUT (runs/gpu_suite/<date>), BENCH_IMAGES (20000), BATCH_224 (128), BATCH_384 (32),
+# WORKERS (CPU cores), RECORD (1: add rows to docs/PERFORMANCE.md; 0: do not), PYTHON (.venv/bin/python if present).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
+OUT=${OUT:-runs/gpu_suite/$(date +%Y%m%d-%H%M%S)}
+BENCH_IMAGES=${BENCH_IMAGES:-20000}
+BATCH_224=${BATCH_224:-128}
+BATCH_384=${BATCH_384:-32}
+WORKERS=${WORKERS:-$(nproc)}
+RECORD=${RECORD:-1}
+QUICK=${QUICK:-0}
+DRY_RUN=${DRY_RUN:-0}
+REC=$([ "$RECORD" = 1 ] && echo --record || true)
+
+if [ "$DRY_RUN" != 1 ]; then
+    if ! "$PYTHON" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+        echo "error: gpu_suite.sh needs a CUDA GPU visible to $PYTHON (on CPU run 'make bench'; DRY_RUN=1 lists the commands)" >&2
+        exit 2
+    fi
+    NGPU=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')
+else
+    NGPU=${NGPU:-1}
+fi
+RESULTS="$OUT/results.jsonl"
+if [ "$DRY_RUN" != 1 ]; then mkdir -p "$OUT"; : > "$RESULTS"; fi
+
+# run LABEL CMD...: print the command; unless DRY_RUN, run it, show its output and keep its JSON lines
+run() {
+    local label=$1; shift
+    echo "== $label: $*"
+    [ "$DRY_RUN" = 1 ] && return 0
+    "$@" 2>&1 | tee -a "$OUT/log.txt" | while IFS= read -r line; do
+        case "$line" in
+            "{"*) printf '{"suite": "%s", %s\n' "$label" "${line#\{}" >> "$RESULTS" ;;
+            *) printf '%s\n' "$line" ;;
+        esac
+    done
+}
+
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+RESOLUTIONS="224 384"; COMPILE="off on"; STEPS=40
+if [ "$QUICK" = 1 ]; then RESOLUTIONS="224"; COMPILE="off"; STEPS=25; fi
+
+# 1. the data path (the loader benchmark generates data/bench/{tree,shards} once)
+for mode in train eval; do
+    run "loader-$mode" "$PYTHON" benchmarks/loader_speed.py --backend all --mode "$mode" --images "$BENCH_IMAGES" \
+        --workers "$WORKERS" --batch 128 --seconds 30 --json $REC
+done
+
+# 2. the model, side by side with ConvNeXt-L
+for res in $RESOLUTIONS; do
+    batch=$([ "$res" = 224 ] && echo "$BATCH_224" || echo "$BATCH_384")
+    for ckpt in off on; do
+        for comp in $COMPILE; do
+            flags=()
+            [ "$ckpt" = on ] && flags+=(--grad-checkpointing)
+            [ "$comp" = on ] && flags+=(--compile)
+            run "model-$res-ckpt_$ckpt-compile_$comp" "$PYTHON" benchmarks/model_speed.py --variant conv2former_l \
+                --baseline convnext_large --resolution "$res" --batch "$batch" --iters 10 --rounds 3 \
+                ${flags[@]+"${flags[@]}"} --json $REC
+        done
+    done
+done
+
+# 3. end to end: DALI on the GPU feeding the DeepSpeed engine, ZeRO 1/2/3
+run "train-224" "$PYTHON" benchmarks/train_speed.py --variant l --image-size 224 --data data/bench/shards \
+    --stages 1 2 3 --ranks "$NGPU" --micro-batch "$BATCH_224" --global-batch $((BATCH_224 * NGPU)) \
+    --backend dali-gpu --steps "$STEPS" --set data.workers="$((WORKERS / NGPU > 0 ? WORKERS / NGPU : 1))" --json $REC
+
+# 4. the report
+run "report" "$PYTHON" benchmarks/suite_report.py "$RESULTS" --output "$OUT/report.md"
+[ "$DRY_RUN" = 1 ] || echo "results: $RESULTS, report: $OUT/report.md"

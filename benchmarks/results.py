@@ -1,0 +1,79 @@
+"""Shared by the benchmarks: the machine's name, the versions in use, and writing rows into docs/PERFORMANCE.md.
+
+Each benchmark owns one table in docs/PERFORMANCE.md, found by the heading that names the script
+(e.g. ``## Model training throughput (`benchmarks/model_speed.py`)``). ``record`` inserts the new rows after the
+last row of that table, each ending with the command that produced it, so the document stays in sections.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Iterable, List
+
+REPO = Path(__file__).resolve().parent.parent
+PERFORMANCE_MD = REPO / "docs" / "PERFORMANCE.md"
+
+PACKAGES = {"torch": "torch", "timm": "timm", "deepspeed": "deepspeed", "webdataset": "webdataset",
+            "dali": "nvidia-dali-cuda120", "pillow": "pillow"}
+
+
+def machine(threads: int | None = None) -> str:
+    """The GPU's name, or the CPU architecture with its core (or thread) count."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name()
+    except ImportError:
+        pass
+    if threads is not None:
+        return f"{platform.machine()} CPU, {threads} threads"
+    return f"{platform.machine()} CPU, {os.cpu_count()} cores"
+
+
+def versions(*names: str) -> str:
+    """'torch 2.14.1, timm 1.0.31' for the named packages (keys of PACKAGES) that are installed."""
+    parts = []
+    for name in names:
+        dist = PACKAGES.get(name, name)
+        candidates = [dist, "nvidia-dali-cuda130"] if name == "dali" else [dist]
+        for candidate in candidates:
+            try:
+                parts.append(f"{name} {metadata.version(candidate).split('+')[0]}")
+                break
+            except metadata.PackageNotFoundError:
+                continue
+    return ", ".join(parts)
+
+
+def command_line() -> str:
+    """How this benchmark was started, as a user would type it from the repository root."""
+    script = os.path.relpath(sys.argv[0], REPO) if os.path.isabs(sys.argv[0]) else sys.argv[0]
+    return " ".join(["python", script] + [shlex.quote(a) for a in sys.argv[1:]])
+
+
+def record(script: str, rows: Iterable[str], path: Path = PERFORMANCE_MD) -> None:
+    """Insert ``rows`` ('| a | b |' strings without the command cell) into the table of ``script``'s section."""
+    rows = [row.rstrip().rstrip("|").rstrip() + f" | `{command_line()}` |" for row in rows]
+    lines = path.read_text().splitlines()
+    marker = f"`benchmarks/{script}`"
+    heading = next((i for i, line in enumerate(lines) if line.startswith("#") and marker in line), None)
+    if heading is None:
+        raise SystemExit(f"error: {path} has no section heading naming {marker}; add one with a table header")
+    last_row = None
+    for i in range(heading + 1, len(lines)):
+        if lines[i].startswith("#"):
+            break
+        if lines[i].startswith("|"):
+            last_row = i
+        elif last_row is not None and lines[i].strip() == "":
+            break
+    if last_row is None:
+        raise SystemExit(f"error: the section naming {marker} in {path} has no table header to add rows to")
+    new: List[str] = lines[: last_row + 1] + rows + lines[last_row + 1:]
+    path.write_text("\n".join(new) + "\n")
+    print(f"recorded {len(rows)} row(s) in {os.path.relpath(path)}")

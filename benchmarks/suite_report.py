@@ -1,0 +1,118 @@
+"""The report of benchmarks/gpu_suite.sh: tables from its results.jsonl and the projected cost of a full pretraining.
+
+    python benchmarks/suite_report.py runs/gpu_suite/DATE/results.jsonl [--output report.md] [--gpus 8 64 256]
+
+Reads the JSON lines written by loader_speed.py, model_speed.py and train_speed.py (``--json``) and prints:
+the data path (images/s per backend and the ratio to ImageFolder), the model next to its baseline (images/s, ratio,
+MFU, memory), the end-to-end runs (images/s, data wait, MFU per ZeRO stage), and the projected wall time of
+90 epochs of ImageNet-22k (DESIGN.md: ~14.2M images) on 8/64/256 GPUs. The projection takes the best measured
+end-to-end images/s per GPU (else the model-only rate, said so) and assumes linear scaling: it is the lower bound
+on wall time, before inter-node gradient traffic; measure a multi-node run with launch/slurm to correct it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+IMAGENET_22K_IMAGES = 14_197_122  # fall11 release, all 21,841 classes
+EPOCHS = 90
+
+
+def load(path: Path) -> List[dict]:
+    if not path.is_file():
+        raise SystemExit(f"error: {path} does not exist; give the results.jsonl written by benchmarks/gpu_suite.sh")
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise SystemExit(f"error: {path}:{number} is not a JSON line ({err.msg}); was the suite cut off?")
+    return rows
+
+
+def pct(value: Optional[float]) -> str:
+    return "—" if value is None else f"{value:.1%}"
+
+
+def table(header: List[str], rows: List[List[str]]) -> List[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"] + \
+        ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def per_gpu_rate(results: List[dict]) -> Tuple[Optional[float], str]:
+    """The best measured images/s per GPU for the projection, and where it came from."""
+    train = [r for r in results if "stage" in r and r.get("image_size") == 224]
+    if train:
+        best = max(train, key=lambda r: r["images_per_s"] / r["ranks"])
+        return best["images_per_s"] / best["ranks"], (
+            f"end to end (DALI + engine), ZeRO-{best['stage']}, {best['ranks']} rank(s), conv2former_{best['variant']}")
+    model = [r for r in results if "model" in r and r.get("resolution") == 224 and "plain depthwise" not in r["model"]]
+    if model:
+        best = max(model, key=lambda r: r["images_per_s"])
+        return best["images_per_s"], f"model only (synthetic input), {best['model']}, {best['setting']}"
+    return None, "no 224 training measurement"
+
+
+def report(results: List[dict], gpus: List[int]) -> str:
+    out: List[str] = ["# Benchmark suite report", ""]
+    loaders = [r for r in results if "backend" in r]
+    if loaders:
+        out += ["## Data path (images/s)", ""]
+        rows = []
+        for r in loaders:
+            base = next((b["images_per_s"] for b in loaders if b["backend"] == "imagefolder" and b["mode"] == r["mode"]
+                         and b.get("suite") == r.get("suite")), None)
+            rows.append([r["backend"], r["mode"], str(r.get("image_size", "")), str(r.get("batch", "")),
+                         str(r.get("workers", "")), f"{r['images_per_s']:.0f}",
+                         f"{r['images_per_s'] / base:.2f}×" if base else "—"])
+        out += table(["backend", "mode", "size", "batch", "workers", "images/s", "vs ImageFolder"], rows) + [""]
+    models = [r for r in results if "model" in r]
+    if models:
+        out += ["## Model training step (synthetic input)", ""]
+        rows = [[r["model"], r["baseline"], str(r["resolution"]), str(r["batch"]), r["setting"],
+                 f"{r['images_per_s']:.1f}", f"{r['baseline_images_per_s']:.1f}", f"{r['ratio']:.2f}×",
+                 pct(r.get("mfu")), pct(r.get("baseline_mfu")),
+                 "—" if r.get("memory_mb") is None else f"{r['memory_mb']:.0f}"] for r in models]
+        out += table(["ours", "baseline", "res", "batch", "setting", "ours img/s", "baseline img/s", "ratio",
+                      "MFU", "baseline MFU", "peak MB"], rows) + [""]
+    train = [r for r in results if "stage" in r]
+    if train:
+        out += ["## End to end: loader feeding the engine", ""]
+        rows = [[f"conv2former_{r['variant']}", str(r["image_size"]), str(r["ranks"]), str(r["stage"]),
+                 f"{r['images_per_s']:.0f}", f"{r['images_per_s'] / r['ranks']:.0f}", pct(r["data_wait"]),
+                 pct(r.get("mfu")), f"{r['memory_mb']:.0f}"] for r in train]
+        out += table(["model", "res", "ranks", "ZeRO", "images/s", "per GPU", "data wait", "MFU", "peak MB/rank"],
+                     rows) + [""]
+    rate, source = per_gpu_rate(results)
+    out += [f"## Projected wall time: {EPOCHS} epochs of ImageNet-22k ({IMAGENET_22K_IMAGES:,} images)", ""]
+    if rate is None:
+        out += ["No 224 training measurement in the results: nothing to project.", ""]
+    else:
+        images = EPOCHS * IMAGENET_22K_IMAGES
+        rows = [[str(n), f"{rate * n:,.0f}", f"{images / (rate * n) / 3600:,.1f}",
+                 f"{images / (rate * n) / 86400:,.2f}", f"{images / rate / 3600:,.0f}"] for n in gpus]
+        out += [f"From {rate:,.0f} images/s per GPU ({source}), scaling assumed linear (a lower bound on wall time).",
+                ""] + table(["GPUs", "images/s", "hours", "days", "GPU-hours"], rows) + [""]
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("results", type=Path)
+    parser.add_argument("--output", type=Path, help="also write the report (Markdown) here")
+    parser.add_argument("--gpus", type=int, nargs="+", default=[8, 64, 256])
+    args = parser.parse_args()
+    text = report(load(args.results), args.gpus)
+    print(text)
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(text + "\n")
+        print(f"written to {args.output}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""The benchmark tooling: real runs at tiny sizes (speed itself is measured by `make bench`, never asserted here)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import results  # noqa: E402  (benchmarks/results.py)
+import suite_report  # noqa: E402
+
+ENV = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="2")
+
+
+def run(*args: str, check: bool = True, env: dict = ENV) -> subprocess.CompletedProcess:
+    done = subprocess.run(list(args), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    if check and done.returncode != 0:
+        raise AssertionError(f"{args} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    return done
+
+
+def test_record_inserts_rows_into_the_scripts_own_table(tmp_path):
+    doc = tmp_path / "PERFORMANCE.md"
+    doc.write_text("# Performance\n\n## A (`benchmarks/a.py`)\n\ntext\n\n| x | command |\n|---|---|\n| 1 | `old` |\n\n"
+                   "after A\n\n## B (`benchmarks/b.py`)\n\n| y | command |\n|---|---|\n")
+    results.record("a.py", ["| 2 |"], path=doc)
+    results.record("b.py", ["| 3 |", "| 4 |"], path=doc)
+    lines = doc.read_text().splitlines()
+    assert lines[lines.index("| 1 | `old` |") + 1].startswith("| 2 | `python ")
+    assert lines[lines.index("after A") - 2].startswith("| 2 |")
+    assert [line[:5] for line in lines[-2:]] == ["| 3 |", "| 4 |"]
+    with pytest.raises(SystemExit, match="no section heading"):
+        results.record("c.py", ["| 5 |"], path=doc)
+
+
+def test_model_speed_json_feeds_the_suite_report(tmp_path):
+    done = run(sys.executable, "benchmarks/model_speed.py", "--variant", "conv2former_demo", "--baseline",
+               "convnext_atto", "--resolution", "64", "--batch", "4", "--warmup", "1", "--iters", "1",
+               "--rounds", "1", "--memory-format", "nchw", "--json")
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert [r["model"] for r in lines] == ["conv2former_demo", "conv2former_demo, plain depthwise"]
+    assert all(r["images_per_s"] > 0 and r["ratio"] > 0 and r["mfu"] is None for r in lines)  # no MFU on CPU
+    # a train_speed-shaped line at 224 makes the projection: 90 x 14.2M images at 100 img/s per GPU on 8 GPUs
+    lines.append(dict(stage=1, variant="l", image_size=224, ranks=2, images_per_s=200.0, data_wait=0.01,
+                      memory_mb=1000.0, mfu=0.41))
+    path = tmp_path / "results.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    report = run(sys.executable, "benchmarks/suite_report.py", str(path), "--output", str(tmp_path / "r.md")).stdout
+    assert "| conv2former_demo, plain depthwise | convnext_atto | 64 |" in report
+    hours_8 = 90 * suite_report.IMAGENET_22K_IMAGES / (100 * 8) / 3600
+    assert f"| 8 | 800 | {hours_8:,.1f} |" in report and "41.0%" in report
+    assert (tmp_path / "r.md").read_text().strip() == report.strip()
+
+
+def test_suite_report_bad_input_is_one_line(tmp_path):
+    done = run(sys.executable, "benchmarks/suite_report.py", str(tmp_path / "missing.jsonl"), check=False)
+    assert done.returncode != 0 and done.stderr.strip().count("\n") == 0 and "gpu_suite.sh" in done.stderr
+    (tmp_path / "cut.jsonl").write_text('{"model": "x", "images_')
+    done = run(sys.executable, "benchmarks/suite_report.py", str(tmp_path / "cut.jsonl"), check=False)
+    assert done.returncode != 0 and "cut.jsonl:1 is not a JSON line" in done.stderr
+
+
+def test_gpu_suite_lists_its_commands_and_refuses_to_run_without_a_gpu(tmp_path):
+    env = dict(ENV, OUT=str(tmp_path / "suite"), PYTHON=sys.executable)
+    plan = run("bash", "benchmarks/gpu_suite.sh", env=dict(env, DRY_RUN="1", NGPU="8")).stdout
+    commands = [line for line in plan.splitlines() if line.startswith("== ")]
+    assert sum("model_speed.py" in c for c in commands) == 8  # 224/384 x checkpointing off/on x compile off/on
+    assert sum("loader_speed.py" in c for c in commands) == 2
+    assert any("--stages 1 2 3" in c and "--global-batch 1024" in c and "dali-gpu" in c for c in commands)
+    assert not (tmp_path / "suite").exists()
+    quick = run("bash", "benchmarks/gpu_suite.sh", env=dict(env, DRY_RUN="1", QUICK="1")).stdout
+    assert "--resolution 384" not in quick and "--compile" not in quick
+    if not _cuda():
+        done = run("bash", "benchmarks/gpu_suite.sh", env=env, check=False)
+        assert done.returncode == 2 and done.stderr.strip().startswith("error: gpu_suite.sh needs a CUDA GPU")
+
+
+def test_profile_step_names_the_depthwise_kernels():
+    done = run(sys.executable, "benchmarks/profile_step.py", "--variant", "conv2former_demo", "--resolution", "64",
+               "--batch", "2", "--warmup", "1", "--top", "40", "--plain-depthwise")
+    assert "ms of self CPU time in one step" in done.stdout
+    assert "aten::convolution_backward depthwise 7x7 on 16x16x16" in done.stdout
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
