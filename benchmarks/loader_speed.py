@@ -14,18 +14,20 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Dict
 
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from results import machine, record, versions  # noqa: E402  (benchmarks/results.py)
-BENCH_DIR = REPO / "data" / "bench"
+BENCH_DIR = Path(os.environ.get("C2F_BENCH_DIR", REPO / "data" / "bench"))  # generated benchmark data
 
 
 def prepare(images: int) -> Path:
@@ -47,21 +49,34 @@ def prepare(images: int) -> Path:
     return BENCH_DIR
 
 
-def measure(loader, batch: int, seconds: float, warmup: int = 3) -> float:
+def measure(loader, seconds: float, warmup: int = 3) -> Dict[str, float]:
+    """Overall images/s; images/s within an epoch (the first batch of each epoch left out); mean seconds to an
+    epoch's first batch (pipeline or worker start, shuffle-buffer fill), which a run pays once per epoch."""
     def batches():
         while True:
-            yield from loader
+            for i, batch in enumerate(loader):
+                yield i == 0, batch
 
     it = batches()
     for _ in range(warmup):
         next(it)
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        images, _ = next(it)
+    count = within_count = 0
+    within_s, firsts = 0.0, []
+    start = last = time.perf_counter()
+    while last - start < seconds:
+        first, (images, _) = next(it)
         if images.is_cuda:
             torch.cuda.synchronize()
+        now = time.perf_counter()
         count += images.shape[0]
-    return count / (time.perf_counter() - start)
+        if first:
+            firsts.append(now - last)
+        else:
+            within_count += images.shape[0]
+            within_s += now - last
+        last = now
+    return {"images_per_s": count / (last - start), "within_epoch_images_per_s": within_count / within_s,
+            "epoch_start_s": sum(firsts) / len(firsts) if firsts else float("nan")}
 
 
 def build(backend: str, data: Path, args: argparse.Namespace):
@@ -99,22 +114,27 @@ def main() -> None:
     generated = prepare(args.images) if args.data is None else None
     backends = [args.backend] if args.backend != "all" else \
         (["dali-gpu"] if torch.cuda.is_available() else []) + ["dali-cpu", "torch", "imagefolder"]
-    results = {}
+    results: Dict[str, Dict[str, float]] = {}
     for backend in backends:
         data = args.data or (generated / ("tree" if backend == "imagefolder" else "shards"))
-        results[backend] = measure(build(backend, data, args), args.batch, args.seconds)
+        results[backend] = r = measure(build(backend, data, args), args.seconds)
         if args.json:
-            print(json.dumps({"backend": backend, "mode": args.mode, "images_per_s": round(results[backend], 1),
+            print(json.dumps({"backend": backend, "mode": args.mode, **{k: round(v, 3) for k, v in r.items()},
                               "image_size": args.image_size, "batch": args.batch, "workers": args.workers}))
         else:
-            print(f"{backend:>12} {args.mode}: {results[backend]:.1f} images/s")
+            print(f"{backend:>12} {args.mode}: {r['images_per_s']:.1f} images/s, {r['within_epoch_images_per_s']:.1f} "
+                  f"within an epoch, {r['epoch_start_s']:.2f} s to an epoch's first batch")
     base = results.get("imagefolder")
+
+    def ratio(r: Dict[str, float], key: str) -> str:
+        return f"{r[key] / base[key]:.2f}×" if base else "—"
+
     if args.record:
         rows = [f"| {datetime.date.today()} | {machine()} | {backend} | {args.mode} | {args.image_size} | {args.batch} | "
-                f"{args.workers} | {ips:.0f} | {f'{ips / base:.2f}×' if base else '—'} | "
-                f"{versions('dali', 'torch', 'pillow')} |" for backend, ips in results.items()]
+                f"{args.workers} | {r['images_per_s']:.0f} | {ratio(r, 'images_per_s')} | "
+                f"{r['within_epoch_images_per_s']:.0f} | {ratio(r, 'within_epoch_images_per_s')} | "
+                f"{r['epoch_start_s']:.2f} | {versions('dali', 'torch', 'pillow')} |" for backend, r in results.items()]
         record("loader_speed.py", rows)
-
 
 if __name__ == "__main__":
     main()

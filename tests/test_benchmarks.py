@@ -93,3 +93,10 @@ def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def test_loader_breakdown_measures_every_stage_of_the_dali_cpu_graph(tmp_path):
+    done = run(sys.executable, "benchmarks/loader_breakdown.py", "--seconds", "0.2", "--batch", "8", "--images", "200",
+               env=dict(ENV, C2F_BENCH_DIR=str(tmp_path / "bench")))
+    rates = [line for line in done.stdout.splitlines() if "images/s" in line]
+    assert len(rates) == 8 and "RandAugment n=2 m=9 (full graph)" in done.stdout

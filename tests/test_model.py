@@ -312,3 +312,20 @@ def test_fast_depthwise_model_trains_like_the_reference_formulation():
     # the fast path is what actually ran: its backward node is the custom function
     out = fast.stages[0][0].attn.att[2](torch.randn(1, 16, 8, 8, requires_grad=True))
     assert "DepthwiseConv2dCPU" in type(out.grad_fn).__name__
+
+
+@pytest.mark.slow
+def test_torch_compile_traces_the_fast_depthwise_backward():
+    """torch.compile (inductor on CPU) compiles the model with the custom depthwise backward: same outputs, grads."""
+    model = randomize(timm.create_model("conv2former_demo", num_classes=10))
+    x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    expected = model(x)
+    expected.square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    compiled = torch.compile(model)
+    out = compiled(x)
+    out.square().mean().backward()
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-3, atol=1e-6, msg=name)

@@ -140,7 +140,7 @@ class DaliLoader(ShardLoader):
         out = torch.empty(images.shape(), dtype=torch.float32, device=self.device if self.gpu else "cpu")
         feed_ndarray(images, out, cuda_stream=stream)
         labels_cpu = labels.as_cpu() if hasattr(labels, "as_cpu") else labels
-        label_tensor = torch.empty((self.batch_size, 1), dtype=torch.int64)
+        label_tensor = torch.empty((self.batch_size, 1), dtype=torch.int64, pin_memory=self.gpu)  # async copy below
         feed_ndarray(labels_cpu.as_tensor(), label_tensor)
         return out.to(self.device, non_blocking=True), label_tensor.view(-1).to(self.device, non_blocking=True)
 

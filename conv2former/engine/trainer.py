@@ -83,21 +83,42 @@ def deepspeed_config(cfg: TrainConfig, schedule: Schedule, gpu: bool) -> Dict[st
 
 
 class _Stop:
-    """SIGTERM / SIGUSR1 (Slurm preemption): finish the step, checkpoint, exit 0."""
+    """SIGTERM / SIGUSR1 (Slurm preemption): finish the step, checkpoint, exit 0.
+
+    The ranks agree through an all-reduce of a flag. It is started without waiting at every optimizer step and read
+    one step later, when the next step's work is already queued, so the check never leaves the GPU idle; all ranks
+    read the same value at the same step, so they stop at the same step.
+    """
 
     def __init__(self) -> None:
         self.requested = False
+        self._flag: Optional[torch.Tensor] = None
+        self._work = None
+        self._pending = False
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handler)
 
     def _handler(self, signum, frame) -> None:
         self.requested = True
 
-    def agreed(self, device: torch.device) -> bool:
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+    def poll(self, device: torch.device) -> bool:
+        """Whether every rank had agreed to stop by the previous call; starts this step's agreement."""
+        agreed = False
+        if self._pending:
+            self.wait()
+            agreed = bool(self._flag.item())
+        if self._flag is None:
+            self._flag = torch.zeros(1, device=device)
+        self._flag.fill_(1.0 if self.requested else 0.0)  # a kernel on GPU, not a host-to-device copy
+        self._work = dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, async_op=True) if dist.is_initialized() else None
+        self._pending = True
+        return agreed
+
+    def wait(self) -> None:
+        """Let the outstanding agreement finish (before other collectives such as a checkpoint)."""
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
 
 
 @dataclass
@@ -347,49 +368,56 @@ def train(cfg: TrainConfig, dry_run: bool = False,
                desc=cfg.stage, file=sys.stderr)
     start = time.time()
     last_loss, last_eval, saved_at, status = float("nan"), {}, step, "finished"
+    step_loss: Optional[torch.Tensor] = None
     engine.train()
+    # Nothing in a step waits for the device: losses add up on the device and are read (with the grad norm and the
+    # timings, averaged over the steps since the last record) only every logging.print_every steps.
     while step < schedule.stop_step and epoch < cfg.schedule.epochs and status == "finished":
         train_loader.set_epoch(epoch)
+        loss_sum = torch.zeros((), device=device)
+        window_steps, window_data, window_start = 0, 0.0, time.perf_counter()
         t_data = time.perf_counter()
-        data_time, loss_sum = 0.0, 0.0
-        step_start = time.perf_counter()
         for images, labels in train_loader:
-            data_time += time.perf_counter() - t_data
+            window_data += time.perf_counter() - t_data
             images, targets = augment(images, labels)
             loss = criterion(engine(images.to(dtype=dtype)).float(), targets)
             engine.backward(loss)
             engine.step()
-            loss_sum += loss.item()
+            loss_sum += loss.detach()
             if train_loader.step % schedule.grad_accum == 0:  # an optimizer step happened
                 step += 1
+                window_steps += 1
                 scheduler.step_update(step)
                 if ema is not None:
                     update_ema(step)
-                seconds = time.perf_counter() - step_start
-                last_loss = loss_sum / schedule.grad_accum
-                grad_norm = engine.get_global_grad_norm()
-                values = {"loss": last_loss, "lr": max(g["lr"] for g in optimizer.param_groups),
-                          "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                          "images_per_s": schedule.global_batch / seconds, "step_time": seconds,
-                          "data_time": data_time, "memory_mb": memory_mb(device), "epoch": epoch}
-                if step % cfg.logging.print_every == 0 or step == 1:
-                    logger.scalars(step, values)
+                step_loss, loss_sum = loss_sum / schedule.grad_accum, torch.zeros((), device=device)
                 bar.update(1)
-                bar.set_postfix(loss=f"{last_loss:.3f}", img_s=f"{values['images_per_s']:.0f}", epoch=epoch)
-                loss_sum, data_time = 0.0, 0.0
-                if stopper.agreed(device):
+                if step % cfg.logging.print_every == 0 or step == 1:
+                    seconds = (time.perf_counter() - window_start) / window_steps
+                    last_loss = step_loss.item()
+                    grad_norm = engine.get_global_grad_norm()
+                    values = {"loss": last_loss, "lr": max(g["lr"] for g in optimizer.param_groups),
+                              "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                              "images_per_s": schedule.global_batch / seconds, "step_time": seconds,
+                              "data_time": window_data / window_steps, "memory_mb": memory_mb(device), "epoch": epoch}
+                    logger.scalars(step, values)
+                    bar.set_postfix(loss=f"{last_loss:.3f}", img_s=f"{values['images_per_s']:.0f}", epoch=epoch)
+                    window_steps, window_data, window_start = 0, 0.0, time.perf_counter()
+                if stopper.poll(device):
                     save()
                     saved_at, status = step, "stopped by signal (checkpoint saved)"
                     break
                 if cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0:
+                    stopper.wait()
                     save()
                     saved_at = step
+                    window_steps, window_data, window_start = 0, 0.0, time.perf_counter()  # time training only
                 if step >= schedule.stop_step:
                     break
-                step_start = time.perf_counter()
             if train_loader.step >= schedule.micro_steps_per_epoch:
                 break
             t_data = time.perf_counter()
+        stopper.wait()
         if status != "finished":
             break
         if train_loader.step >= schedule.micro_steps_per_epoch or train_loader.step == 0:
@@ -400,6 +428,8 @@ def train(cfg: TrainConfig, dry_run: bool = False,
             save()
             saved_at = step
     bar.close()
+    if step_loss is not None:
+        last_loss = step_loss.item()
     if status == "finished" and saved_at != step:
         save()
     if status == "finished" and not last_eval:

@@ -1,0 +1,97 @@
+"""Where the DALI training pipeline's time goes: images/s of the pipeline cut after each stage, and of single ops.
+
+    python benchmarks/loader_breakdown.py [--device cpu|gpu] [--batch 64] [--threads 2] [--seconds 10] [--record]
+
+Runs on the shards loader_speed.py generates (data/bench/shards). Stages, cumulative, as in
+conv2former/data/dali_loader.py's train graph: read + fused decode/random-resized-crop; + bicubic antialiased
+resize to 224; + normalize/flip (crop_mirror_normalize); + RandAugment n=2 m=9 (= the full graph). Then the full
+graph without RandAugment plus one op each (rotate, shear, brightness, equalize) to see which RandAugment ops cost.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+import time
+import warnings
+from typing import Callable, Optional
+
+from results import REPO, machine, record, versions
+
+sys.path.insert(0, str(REPO))
+
+
+def pipeline_rate(stage: str, extra: Optional[str], args: argparse.Namespace, paths, index_paths) -> float:
+    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali.auto_aug import rand_augment
+
+    gpu = args.device == "gpu"
+    extras: dict[str, Callable] = {
+        "rotate": lambda im: fn.rotate(im, angle=fn.random.uniform(range=[-30, 30]), keep_size=True, fill_value=128),
+        "shear": lambda im: fn.warp_affine(im, matrix=[1, 0.3, 0, 0, 1, 0], fill_value=128, inverse_map=False),
+        "brightness": lambda im: fn.brightness(im, brightness=fn.random.uniform(range=[0.5, 1.5])),
+        "equalize": lambda im: fn.equalize(im),
+    }
+
+    @pipeline_def(enable_conditionals=True)
+    def pipe():
+        jpg, _ = fn.readers.webdataset(paths=paths, index_paths=index_paths, ext=["jpg", "cls"],
+                                       missing_component_behavior="error", random_shuffle=True, initial_fill=1024)
+        images = fn.decoders.image_random_crop(jpg, device="mixed" if gpu else "cpu", output_type=types.RGB,
+                                               random_area=[0.08, 1.0], random_aspect_ratio=[3 / 4, 4 / 3],
+                                               num_attempts=10)
+        if stage == "decode":
+            return images
+        images = fn.resize(images, resize_x=224, resize_y=224, interp_type=types.INTERP_CUBIC, antialias=True)
+        if stage == "resize":
+            return images
+        if stage == "randaugment":
+            images = rand_augment.rand_augment(images, n=2, m=9, num_magnitude_bins=11)
+        if extra:
+            images = extras[extra](images)
+        return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", mirror=fn.random.coin_flip())
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        p = pipe(batch_size=args.batch, num_threads=args.threads, device_id=0 if gpu else None, seed=1,
+                 prefetch_queue_depth=2, exec_dynamic=True)
+        p.build()
+        for _ in range(3):
+            p.run()
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < args.seconds:
+            p.run()
+            count += args.batch
+    return count / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--images", type=int, default=2000, help="images to generate if data/bench is absent")
+    parser.add_argument("--record", action="store_true", help="add the rows to docs/PERFORMANCE.md")
+    args = parser.parse_args()
+    from loader_speed import prepare
+
+    from conv2former.data.shards import open_split
+
+    split = open_split(str(prepare(args.images) / "shards"), "train")
+    paths, index_paths = [s.tar for s in split.shards], [s.index for s in split.shards]
+    runs = [("read + decode/random crop", "decode", None), ("+ resize to 224 (bicubic, antialias)", "resize", None),
+            ("+ flip, normalize to float CHW", "normalize", None), ("+ RandAugment n=2 m=9 (full graph)", "randaugment", None)]
+    runs += [(f"no RandAugment, + {op} only", "normalize", op) for op in ("rotate", "shear", "brightness", "equalize")]
+    rows = []
+    for label, stage, extra in runs:
+        rate = pipeline_rate(stage, extra, args, paths, index_paths)
+        print(f"{label:<40} {rate:8.0f} images/s  ({1e3 * args.threads / rate:.2f} ms per image per thread)")
+        rows.append(f"| {datetime.date.today()} | {machine()} | dali-{args.device} | {label} | {args.batch} | "
+                    f"{args.threads} | {rate:.0f} | {1e3 * args.threads / rate:.2f} | {versions('dali')} |")
+    if args.record:
+        record("loader_breakdown.py", rows)
+
+
+if __name__ == "__main__":
+    main()
