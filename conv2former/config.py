@@ -47,7 +47,7 @@ class DataConfig:
     crop_mode: str = "center"         # eval: center | squash (resize to image_size x image_size, no crop)
     mean: Tuple[float, float, float] = IMAGENET_DEFAULT_MEAN
     std: Tuple[float, float, float] = IMAGENET_DEFAULT_STD
-    channels_last: bool = False
+    channels_last: Optional[bool] = None  # batches in channels_last memory format; None: on GPU only
     cache_dir: Optional[str] = None   # local cache for remote shards (DALI reads local files)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 

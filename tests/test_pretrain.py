@@ -195,6 +195,19 @@ def test_zero_stages_follow_the_same_loss_trajectory(reference_run, demo_shards,
 
 
 @pytest.mark.slow
+def test_channels_last_batches_train_like_nchw(reference_run, demo_shards, tmp_path):
+    """What GPU runs use by default (channels_last batches, contiguous parameters under DeepSpeed), here on CPU."""
+    ref, _ = reference_run
+    summary = run_pretrain(*FAST, "--data", demo_shards, "--output", str(tmp_path), "--epochs", "2",
+                           "--max-steps", "15", "--set", "data.channels_last=true")
+    ref_losses = [r["loss"] for r in read_log(ref)][:15]
+    losses = [r["loss"] for r in read_log(tmp_path)]
+    assert summary["step"] == 15 and len(losses) == 15
+    for a, b in zip(ref_losses, losses):
+        assert a == pytest.approx(b, rel=1e-3, abs=1e-3)
+
+
+@pytest.mark.slow
 def test_torchrun_launch(demo_shards, tmp_path):
     summary = run_pretrain(*FAST, "--data", demo_shards, "--output", str(tmp_path), "--epochs", "1", "--max-steps", "5",
                            launcher="torchrun")

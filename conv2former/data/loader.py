@@ -62,6 +62,9 @@ class ShardLoader(abc.ABC):
             )
         start, end = rank_range(total, rank, world_size)
         self.rank_samples = end - start
+        # channels_last batches make cuDNN pick its NHWC kernels; the model's parameters stay contiguous (DeepSpeed
+        # flattens and broadcasts them and rejects channels_last ones)
+        self.channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
 
     backend = "base"
 
@@ -80,7 +83,7 @@ class ShardLoader(abc.ABC):
                 valid = max(0, min(self.batch_size, self.rank_samples - self.step * self.batch_size))
                 labels[valid:] = -1
             self.step += 1
-            if self.cfg.channels_last:
+            if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             yield images, labels
         self.epoch, self.step = self.epoch + 1, 0

@@ -268,7 +268,9 @@ def train(cfg: TrainConfig, dry_run: bool = False,
                 export_dir = ckpt.export(cfg.output, model.state_dict(), classes, to_dict(cfg))
             return {"status": "exported without training", "step": 0, "export": export_dir, "output": cfg.output}
     if gpu:
-        model = model.to(device=device, memory_format=torch.channels_last)
+        # Parameters stay contiguous: DeepSpeed broadcasts them as bytes (channels_last weights fail there) and ZeRO
+        # re-flattens them anyway. The loader hands channels_last batches, so cuDNN runs NHWC kernels all the same.
+        model = model.to(device=device)
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels once
     optimizer = build_optimizer(model, cfg, schedule.lr)
     ds_config = deepspeed_config(cfg, schedule, gpu)
