@@ -30,7 +30,7 @@ from timm.models._features import feature_take_indices
 
 from conv2former.depthwise import DepthwiseConv2d
 
-__all__ = ["Conv2Former", "Conv2FormerIsotropic", "ConvMod", "MLP", "Block", "FUSIONS", "VARIANTS"]
+__all__ = ["Conv2Former", "Conv2FormerIsotropic", "ConvMod", "MLP", "Block", "BatchNorm2dFP32", "FUSIONS", "VARIANTS"]
 
 FUSIONS = ("hadamard", "sum", "sigmoid", "l1", "linear01")
 """How the modulation weights A = DWConv(GELU(W1 x)) meet the value V = W2 x (paper Table 7).
@@ -58,6 +58,34 @@ def _fuse(a: torch.Tensor, v: torch.Tensor, fusion: str) -> torch.Tensor:
         a_max = a.amax(dim=(2, 3), keepdim=True)
         return ((a - a_min + eps) / (a_max - a_min + eps)) * v
     raise ValueError(f"unknown fusion {fusion!r}: choose one of {', '.join(FUSIONS)}")
+
+
+class BatchNorm2dFP32(nn.BatchNorm2d):
+    """The stem's BatchNorm, computed in float32 whatever the precision of the input and the parameters.
+
+    Same parameters, buffers and names as ``nn.BatchNorm2d``. DeepSpeed's bf16 mode casts parameters but not buffers,
+    so a plain BatchNorm would meet bf16 input and weight with fp32 running statistics, which PyTorch rejects; and
+    batch statistics of bf16 activations lose precision. Mixed-precision practice keeps BatchNorm in fp32.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and (self.weight is None or self.weight.dtype == torch.float32):
+            return super().forward(x)
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average, as nn.BatchNorm2d
+                momentum = 1.0 / float(self.num_batches_tracked)
+        use_batch_stats = self.training or self.running_mean is None
+        out = F.batch_norm(
+            x.float(),
+            self.running_mean if not self.training or self.track_running_stats else None,
+            self.running_var if not self.training or self.track_running_stats else None,
+            None if self.weight is None else self.weight.float(),
+            None if self.bias is None else self.bias.float(),
+            use_batch_stats, momentum, self.eps,
+        )
+        return out.to(x.dtype)
 
 
 class MLP(nn.Module):
@@ -213,10 +241,10 @@ class Conv2Former(_ClassifierMixin, nn.Module):
         self.downsample_layers.append(nn.Sequential(
             nn.Conv2d(in_chans, stem_dim, 3, stride=2, padding=1, bias=False),
             nn.GELU(),
-            nn.BatchNorm2d(stem_dim),
+            BatchNorm2dFP32(stem_dim),
             nn.Conv2d(stem_dim, stem_dim, 3, stride=1, padding=1, bias=False),
             nn.GELU(),
-            nn.BatchNorm2d(stem_dim),
+            BatchNorm2dFP32(stem_dim),
             nn.Conv2d(stem_dim, dims[0], 2, stride=2, bias=False),
         ))
         for i in range(3):
@@ -345,10 +373,10 @@ class Conv2FormerIsotropic(_ClassifierMixin, nn.Module):
             self.stem = nn.Sequential(
                 nn.Conv2d(in_chans, mid, 3, stride=2, padding=1, bias=False),
                 nn.GELU(),
-                nn.BatchNorm2d(mid),
+                BatchNorm2dFP32(mid),
                 nn.Conv2d(mid, mid, 3, stride=2, padding=1, bias=False),
                 nn.GELU(),
-                nn.BatchNorm2d(mid),
+                BatchNorm2dFP32(mid),
                 nn.Conv2d(mid, dim, 4, stride=4, bias=False),
             )
         else:

@@ -329,3 +329,29 @@ def test_torch_compile_traces_the_fast_depthwise_backward():
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
     for name, grad in grads.items():
         torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-3, atol=1e-6, msg=name)
+
+
+def test_stem_batchnorm_runs_in_fp32_under_deepspeed_style_bf16():
+    """DeepSpeed's bf16 mode casts parameters, not buffers: the stem BatchNorm still works and keeps fp32 statistics."""
+    from conv2former.model import BatchNorm2dFP32
+
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(4, 6, 8, 8, generator=gen) * 3 + 1
+    ours, plain = BatchNorm2dFP32(6), torch.nn.BatchNorm2d(6)
+    with torch.no_grad():
+        plain.weight.uniform_(0.5, 1.5, generator=gen)
+        plain.bias.uniform_(-1, 1, generator=gen)
+    ours.load_state_dict(plain.state_dict(), strict=True)
+    expected = plain(x.bfloat16().float())
+    ours.weight.data, ours.bias.data = ours.weight.data.bfloat16(), ours.bias.data.bfloat16()  # as DeepSpeed does
+    out = ours(x.bfloat16())
+    assert out.dtype == torch.bfloat16 and ours.running_mean.dtype == torch.float32
+    torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(ours.running_mean, plain.running_mean, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(ours.running_var, plain.running_var, rtol=1e-2, atol=1e-2)
+    assert int(ours.num_batches_tracked) == int(plain.num_batches_tracked) == 1
+    ours.eval(), plain.eval()
+    torch.testing.assert_close(ours(x.bfloat16()).float(), plain(x.bfloat16().float()), rtol=2e-2, atol=3e-2)
+    # fp32 in, fp32 parameters: exactly nn.BatchNorm2d
+    fresh, reference = BatchNorm2dFP32(6), torch.nn.BatchNorm2d(6)
+    torch.testing.assert_close(fresh(x), reference(x), rtol=0, atol=0)

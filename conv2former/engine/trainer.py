@@ -299,6 +299,9 @@ def train(cfg: TrainConfig, dry_run: bool = False,
             ema = ModelEmaV3(full.to(device), decay=cfg.ema_decay, device=device, use_warmup=cfg.ema_warmup)
         else:
             ema = ModelEmaV3(engine.module, decay=cfg.ema_decay, device=device, use_warmup=cfg.ema_warmup)
+        # The average lives in fp32 whatever the training precision: in bf16 (8-bit mantissa) an update of
+        # (1 - 0.9999) x (w - ema) rounds away and the EMA would silently stay at its first value.
+        ema.module.float()
 
     def update_ema(step: int) -> None:
         if not zero3:
@@ -348,20 +351,27 @@ def train(cfg: TrainConfig, dry_run: bool = False,
                 # what DeepSpeed's ds_to_universal needs to convert this checkpoint for another world size
                 "universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}
 
-    def save() -> None:
+    def sync_models() -> None:
+        """Every rank holds the same model and the same EMA (BatchNorm statistics are per rank between syncs)."""
         sync_batchnorm_stats(engine.module)
+        if ema is not None:
+            sync_batchnorm_stats(ema.module)
+
+    def save() -> None:
+        sync_models()
         ckpt.save(engine, ckpt_dir, step, client_state(), cfg.checkpoint.keep_last)
 
     def run_eval() -> Dict[str, float]:
         if val_loader is None:
             return {}
-        sync_batchnorm_stats(engine.module)
+        sync_models()
         val_loader.set_epoch(0)
         result = evaluate(engine, val_loader, device, dtype)
         out = {"top1": result.top1, "top5": result.top5, "num_samples": result.num_samples}
         if ema is not None:
             val_loader.set_epoch(0)
-            ema_result = evaluate(ema.module, val_loader, device, dtype)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                ema_result = evaluate(ema.module, val_loader, device, torch.float32)  # fp32 weights, bf16 compute
             out.update(ema_top1=ema_result.top1, ema_top5=ema_result.top5)
         logger.scalars(step, {**out, "epoch": epoch}, kind="eval")
         return out
