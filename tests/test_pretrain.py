@@ -208,6 +208,20 @@ def test_channels_last_batches_train_like_nchw(reference_run, demo_shards, tmp_p
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("option", ["model.grad_checkpointing=true", "model.compile=true"])
+def test_grad_checkpointing_and_compile_through_the_engine(reference_run, demo_shards, tmp_path, option):
+    """Activation checkpointing and DeepSpeed's engine.compile() (torch.compile) train like the plain engine."""
+    ref, _ = reference_run
+    summary = run_pretrain(*FAST, "--data", demo_shards, "--output", str(tmp_path), "--epochs", "2",
+                           "--max-steps", "10", "--set", option)
+    ref_losses = [r["loss"] for r in read_log(ref)][:10]
+    losses = [r["loss"] for r in read_log(tmp_path)]
+    assert summary["step"] == 10 and len(losses) == 10 and summary["export"]
+    for a, b in zip(ref_losses, losses):
+        assert a == pytest.approx(b, rel=1e-3, abs=1e-3)
+
+
+@pytest.mark.slow
 def test_torchrun_launch(demo_shards, tmp_path):
     summary = run_pretrain(*FAST, "--data", demo_shards, "--output", str(tmp_path), "--epochs", "1", "--max-steps", "5",
                            launcher="torchrun")
