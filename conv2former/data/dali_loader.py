@@ -5,7 +5,7 @@ buffer) -> fused decode + random-resized-crop -> resize -> flip -> RandAugment -
 Eval: decode -> resize the shorter side to size/crop_pct and center crop (or "squash" to size x size) -> normalize.
 
 RandAugment is DALI's ``auto_aug.rand_augment`` with n=2 and magnitude 9 on an 11-bin scale (0..10, timm's
-scale). DALI samples the magnitude exactly, while timm's ``rand-m9-mstd0.5-inc1`` adds Gaussian noise (std 0.5)
+scale), translations relative to the image (45% of the side at full magnitude, as timm's TranslateRel). DALI samples the magnitude exactly, while timm's ``rand-m9-mstd0.5-inc1`` adds Gaussian noise (std 0.5)
 to it per op; the op set and the increasing-severity convention otherwise match.
 """
 from __future__ import annotations
@@ -63,7 +63,10 @@ def train_graph(cfg: DataConfig, paths, index_paths, rank: int, world_size: int,
                        antialias=True)
     mirror = fn.random.coin_flip(probability=aug.hflip)
     if aug.randaugment:
-        images = rand_augment.rand_augment(images, n=aug.randaugment_n, m=aug.randaugment_m, num_magnitude_bins=11)
+        # translations relative to the image like timm's TranslateRel (at most 45% of the side at magnitude 10);
+        # DALI's default is an absolute 100 px, which is timm's only at 224
+        images = rand_augment.rand_augment(images, n=aug.randaugment_n, m=aug.randaugment_m, num_magnitude_bins=11,
+                                           shape=(cfg.image_size, cfg.image_size), max_translate_rel=0.45)
     return _normalize(images, cfg, mirror=mirror), label
 
 
