@@ -11,7 +11,8 @@
 #    384, activation checkpointing off/on, torch.compile off/on.
 # 3. End to end: launch/pretrain.py with the DALI loader feeding the engine, ZeRO 1/2/3, one rank per visible GPU:
 #    images/s, the share of each step spent waiting for data, MFU, memory per rank.
-# 4. A report (table + projected wall time of 90 epochs of ImageNet-22k on 8/64/256 GPUs) printed and written to
+# 4. The top CUDA kernels of one Conv2Former-L step (torch.profiler; is the 11x11 depthwise conv the bottleneck?).
+# 5. A report (table + projected wall time of 90 epochs of ImageNet-22k on 8/64/256 GPUs) printed and written to
 #    $OUT/report.md; every JSON result is kept in $OUT/results.jsonl.
 #
 # Settings (environment): OUT (runs/gpu_suite/<date>), BENCH_IMAGES (20000), BATCH_224 (128), BATCH_384 (32),
@@ -79,6 +80,10 @@ for res in $RESOLUTIONS; do
         done
     done
 done
+
+# 2b. where the time goes: the top CUDA kernels of one Conv2Former-L step (a trace for TensorBoard in $OUT/trace)
+run "profile-224" "$PYTHON" benchmarks/profile_step.py --variant conv2former_l --batch "$BATCH_224" --top 12 \
+    --trace "$OUT/trace" $REC
 
 # 3. end to end: DALI on the GPU feeding the DeepSpeed engine, ZeRO 1/2/3
 run "train-224" "$PYTHON" benchmarks/train_speed.py --variant l --image-size 224 --data data/bench/shards \

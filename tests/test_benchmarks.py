@@ -73,6 +73,7 @@ def test_gpu_suite_lists_its_commands_and_refuses_to_run_without_a_gpu(tmp_path)
     commands = [line for line in plan.splitlines() if line.startswith("== ")]
     assert sum("model_speed.py" in c for c in commands) == 8  # 224/384 x checkpointing off/on x compile off/on
     assert sum("loader_speed.py" in c for c in commands) == 2
+    assert any("profile_step.py --variant conv2former_l" in c for c in commands)
     assert any("--stages 1 2 3" in c and "--global-batch 1024" in c and "dali-gpu" in c for c in commands)
     assert not (tmp_path / "suite").exists()
     quick = run("bash", "benchmarks/gpu_suite.sh", env=dict(env, DRY_RUN="1", QUICK="1")).stdout
