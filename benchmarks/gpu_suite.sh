@@ -43,17 +43,22 @@ fi
 RESULTS="$OUT/results.jsonl"
 if [ "$DRY_RUN" != 1 ]; then mkdir -p "$OUT"; : > "$RESULTS"; fi
 
-# run LABEL CMD...: print the command; unless DRY_RUN, run it, show its output and keep its JSON lines
+# run LABEL CMD...: print the command; unless DRY_RUN, run it, show its output and keep its JSON lines.
+# A failing step (say, out of memory at 384) is reported and the suite goes on; the exit status says if any failed.
+FAILED=()
 run() {
     local label=$1; shift
     echo "== $label: $*"
     [ "$DRY_RUN" = 1 ] && return 0
-    "$@" 2>&1 | tee -a "$OUT/log.txt" | while IFS= read -r line; do
+    if ! "$@" 2>&1 | tee -a "$OUT/log.txt" | while IFS= read -r line; do
         case "$line" in
             "{"*) printf '{"suite": "%s", %s\n' "$label" "${line#\{}" >> "$RESULTS" ;;
             *) printf '%s\n' "$line" ;;
         esac
-    done
+    done; then
+        echo "!! $label failed (its output is above and in $OUT/log.txt); going on"
+        FAILED+=("$label")
+    fi
 }
 
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -93,3 +98,7 @@ run "train-224" "$PYTHON" benchmarks/train_speed.py --variant l --image-size 224
 # 4. the report
 run "report" "$PYTHON" benchmarks/suite_report.py "$RESULTS" --output "$OUT/report.md"
 [ "$DRY_RUN" = 1 ] || echo "results: $RESULTS, report: $OUT/report.md"
+if [ ${#FAILED[@]} -gt 0 ]; then
+    echo "error: ${#FAILED[@]} step(s) failed: ${FAILED[*]} (lower BATCH_224/BATCH_384 if they ran out of memory)" >&2
+    exit 1
+fi

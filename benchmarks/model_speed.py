@@ -132,7 +132,11 @@ def main() -> None:
     rows = []
     name = machine(torch.get_num_threads() if device.type == "cpu" else None)
     for channels_last in formats:
-        ips, memory = measure(models, args, device, channels_last)
+        try:
+            ips, memory = measure(models, args, device, channels_last)
+        except torch.cuda.OutOfMemoryError:
+            raise SystemExit(f"error: batch {args.batch} at {args.resolution} px does not fit in GPU memory; "
+                             "lower --batch or add --grad-checkpointing") from None
         setting = ", ".join([precision, "channels_last" if channels_last else "NCHW"]
                             + (["grad ckpt"] if args.grad_checkpointing else [])
                             + (["compiled"] if args.compile else []) + (["FTZ"] if args.flush_denormal else []))
