@@ -136,6 +136,31 @@ def build_index(tar_path: str) -> Tuple[str, int]:
     return fmt.format_index(samples), len(samples)
 
 
+class _IndexTracker:
+    """DALI's index of a shard, taken from the positions the tar writer reports while it writes.
+
+    Each member is a 512-byte header then its data padded to 512 bytes, unless ``tarfile`` had to add an extended
+    (pax) header, e.g. for a name over 100 bytes. Every sample's members are checked against the writer's offset;
+    any mismatch marks the index unknown and the shard is indexed by reading it back (``build_index``).
+    """
+
+    def __init__(self, tarstream: tarfile.TarFile) -> None:
+        self.tar = tarstream
+        self.samples: List[List[Tuple[str, int, int, str]]] = []
+        self.exact = True
+
+    def write(self, writer: "wds.TarWriter", sample: Dict[str, object]) -> None:
+        start, first = self.tar.offset, len(self.tar.members)
+        writer.write(sample)
+        position, entries = start, []
+        for member in self.tar.members[first:]:
+            ext = member.name.split(".", 1)[1]
+            entries.append((ext, position + tarfile.BLOCKSIZE, member.size, member.name))
+            position += tarfile.BLOCKSIZE + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+        self.exact = self.exact and position == self.tar.offset
+        self.samples.append(entries)
+
+
 def write_shard(task: ShardTask) -> ShardResult:
     """Write one shard (run in a worker process). Never leaves a partial shard under the final name."""
     fs, out_path = fsspec.core.url_to_fs(task.out_root)
@@ -152,6 +177,7 @@ def write_shard(task: ShardTask) -> ShardResult:
     try:
         with os.fdopen(fd, "wb") as stream:
             writer = wds.TarWriter(stream, encoder=False, mtime=0, user="root", group="root", mode=0o444)
+            index = _IndexTracker(writer.tarstream)
             for item, label in task.items:
                 src_fs = src_fs_cache.get(item.path)
                 if src_fs is None:
@@ -162,7 +188,7 @@ def write_shard(task: ShardTask) -> ShardResult:
                     result.skipped.append({"source": item.name, "reason": str(skip)})
                     continue
                 meta = {"synset": item.synset, "width": clean.width, "height": clean.height, "source": item.name}
-                writer.write({
+                index.write(writer, {
                     "__key__": item.key,
                     fmt.IMAGE_KEY: clean.data,
                     fmt.CLASS_KEY: str(label).encode("ascii"),
@@ -172,7 +198,10 @@ def write_shard(task: ShardTask) -> ShardResult:
                 result.num_samples += 1
                 result.reencoded += int(clean.reencoded)
             writer.close()
-        index_text, count = build_index(tmp_tar) if result.num_samples else (fmt.format_index([]), 0)
+        if index.exact:  # the positions the writer reported (checked per sample), without reading the tar back
+            index_text, count = fmt.format_index(index.samples), len(index.samples)
+        else:
+            index_text, count = build_index(tmp_tar) if result.num_samples else (fmt.format_index([]), 0)
         assert count == result.num_samples
         result.num_bytes = os.path.getsize(tmp_tar)
         if local:

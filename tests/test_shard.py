@@ -99,10 +99,32 @@ def test_verify_passes_with_pil_and_dali(shards_22k):
 
 
 def test_index_matches_dalis_wds2idx(shards_22k, tmp_path):
+    """Our index (taken from the writer's positions) is byte-identical to what DALI's wds2idx reads from the tar."""
     wds2idx = os.path.join(os.path.dirname(sys.executable), "wds2idx")
-    shard = shards_22k / "train" / "train-000000.tar"
+    shards = sorted(shards_22k.glob("*/*.tar"))
+    assert len(shards) >= 2
+    for shard in shards:
+        subprocess.run([wds2idx, str(shard), str(tmp_path / "ref.idx")], check=True, capture_output=True)
+        assert (tmp_path / "ref.idx").read_text() == shard.with_suffix(".idx").read_text(), shard.name
+
+
+def test_index_of_members_with_extended_tar_headers(tmp_path):
+    """A name over 100 bytes makes tarfile add a pax header: the writer's positions no longer tell the layout, and
+    the shard is indexed by reading it back, still equal to wds2idx."""
+    from data_prep.sources import SourceItem
+    from data_prep.writer import ShardTask, WriteOptions, write_shard
+
+    items = []
+    for i, key in enumerate(["short_key", "k" * 120, "after_the_long_one"]):
+        path = tmp_path / f"img{i}.jpg"
+        Image.new("RGB", (64, 48), (i * 60, 30, 90)).save(path, format="JPEG")
+        items.append((SourceItem(key, "n01440764", str(path), -1, path.stat().st_size, path.name), i))
+    result = write_shard(ShardTask(str(tmp_path / "out"), "train", 0, items, WriteOptions()))
+    assert result.num_samples == 3
+    shard = tmp_path / "out" / "train" / fmt.shard_name("train", 0)
+    wds2idx = os.path.join(os.path.dirname(sys.executable), "wds2idx")
     subprocess.run([wds2idx, str(shard), str(tmp_path / "ref.idx")], check=True, capture_output=True)
-    assert (tmp_path / "ref.idx").read_text() == (shards_22k / "train" / "train-000000.idx").read_text()
+    assert (tmp_path / "ref.idx").read_text() == shard.with_suffix(".idx").read_text()
 
 
 def test_timm_wds_reader_streams_our_shards(shards_22k):
