@@ -14,11 +14,24 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Tuple
 
 IMAGENET_22K_IMAGES = 14_197_122  # fall11 release, all 21,841 classes
 EPOCHS = 90
+
+
+@dataclass
+class Network:
+    """What the projection assumes about the model and the cluster (command-line flags)."""
+
+    params: float = 198.89e6          # Conv2Former-L
+    grad_bytes_per_param: int = 2     # bf16 gradients
+    global_batch: int = 4096          # the 22k recipe
+    gpus_per_node: int = 8
+    intra_node_gbs: float = 300.0     # NVLink, effective all-reduce bus bandwidth per GPU (GB/s)
+    inter_node_gbps: float = 400.0    # one 400 Gb/s NIC per GPU (InfiniBand NDR)
 
 
 def load(path: Path) -> List[dict]:
@@ -57,7 +70,8 @@ def per_gpu_rate(results: List[dict]) -> Tuple[Optional[float], str]:
     return None, "no 224 training measurement"
 
 
-def report(results: List[dict], gpus: List[int]) -> str:
+def report(results: List[dict], gpus: List[int], net: Optional[Network] = None) -> str:
+    net = net or Network()
     out: List[str] = ["# Benchmark suite report", ""]
     loaders = [r for r in results if "backend" in r]
     if loaders:
@@ -92,12 +106,43 @@ def report(results: List[dict], gpus: List[int]) -> str:
     if rate is None:
         out += ["No 224 training measurement in the results: nothing to project.", ""]
     else:
-        images = EPOCHS * IMAGENET_22K_IMAGES
-        rows = [[str(n), f"{rate * n:,.0f}", f"{images / (rate * n) / 3600:,.1f}",
-                 f"{images / (rate * n) / 86400:,.2f}", f"{images / rate / 3600:,.0f}"] for n in gpus]
-        out += [f"From {rate:,.0f} images/s per GPU ({source}), scaling assumed linear (a lower bound on wall time).",
-                ""] + table(["GPUs", "images/s", "hours", "days", "GPU-hours"], rows) + [""]
+        out += projection(rate, source, gpus, net) + [""]
     return "\n".join(out)
+
+
+def allreduce_seconds(grad_bytes: float, gpus: int, net: Network) -> float:
+    """Ring all-reduce time of the gradients per optimizer step: 2 (N-1)/N x bytes over the slowest link per GPU."""
+    if gpus <= 1:
+        return 0.0
+    bandwidth = net.intra_node_gbs if gpus <= net.gpus_per_node else net.inter_node_gbps / 8
+    return 2 * (gpus - 1) / gpus * grad_bytes / (bandwidth * 1e9)
+
+
+def projection(rate: float, source: str, gpus: List[int], net: Network) -> List[str]:
+    """Wall time of the run at each GPU count: linear scaling, and with the gradient all-reduce of every optimizer
+    step added (not overlapped with the backward pass) or hidden (fully overlapped)."""
+    images = EPOCHS * IMAGENET_22K_IMAGES
+    grad_bytes = net.params * net.grad_bytes_per_param
+    rows = []
+    for n in gpus:
+        per_gpu = net.global_batch / n
+        compute = per_gpu / rate
+        comm = allreduce_seconds(grad_bytes, n, net)
+        steps = images / net.global_batch
+        hours = lambda step_s: steps * step_s / 3600  # noqa: E731
+        rows.append([str(n), f"{per_gpu:,.0f}", f"{compute * 1e3:,.1f}", f"{comm * 1e3:,.1f}",
+                     f"{hours(compute):,.1f}", f"{hours(max(compute, comm)):,.1f} – {hours(compute + comm):,.1f}",
+                     f"{compute / (compute + comm):.0%}", f"{n * hours(compute + comm):,.0f}"])
+    return [
+        f"From {rate:,.0f} images/s per GPU ({source}); global batch {net.global_batch} (one gradient all-reduce per "
+        f"optimizer step, accumulation inside it); {net.params / 1e6:.1f}M parameters with "
+        f"{net.grad_bytes_per_param}-byte gradients; ring all-reduce at {net.intra_node_gbs:g} GB/s per GPU within a "
+        f"node of {net.gpus_per_node} and {net.inter_node_gbps:g} Gb/s per GPU across nodes. \"with all-reduce\" "
+        "spans fully overlapped (DeepSpeed overlap_comm, on in our config) to not overlapped; efficiency = compute / (compute + "
+        "all-reduce). Inputs, not measurements: check them against your cluster with a multi-node run.",
+        "",
+    ] + table(["GPUs", "per-GPU batch", "compute ms/step", "all-reduce ms/step", "hours, linear",
+               "hours with all-reduce", "efficiency, not overlapped", "GPU-hours, not overlapped"], rows)
 
 
 def main() -> None:
@@ -105,8 +150,17 @@ def main() -> None:
     parser.add_argument("results", type=Path)
     parser.add_argument("--output", type=Path, help="also write the report (Markdown) here")
     parser.add_argument("--gpus", type=int, nargs="+", default=[8, 64, 256])
+    parser.add_argument("--global-batch", type=int, default=Network.global_batch)
+    parser.add_argument("--params", type=float, default=Network.params, help="model parameters (default: L)")
+    parser.add_argument("--gpus-per-node", type=int, default=Network.gpus_per_node)
+    parser.add_argument("--intra-node-gbs", type=float, default=Network.intra_node_gbs,
+                        help="all-reduce bandwidth per GPU inside a node, GB/s")
+    parser.add_argument("--inter-node-gbps", type=float, default=Network.inter_node_gbps,
+                        help="network bandwidth per GPU across nodes, Gb/s")
     args = parser.parse_args()
-    text = report(load(args.results), args.gpus)
+    net = Network(params=args.params, global_batch=args.global_batch, gpus_per_node=args.gpus_per_node,
+                  intra_node_gbs=args.intra_node_gbs, inter_node_gbps=args.inter_node_gbps)
+    text = report(load(args.results), args.gpus, net)
     print(text)
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)

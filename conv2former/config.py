@@ -85,6 +85,7 @@ class ScheduleConfig:
 class DeepSpeedConfig:
     zero_stage: int = 1
     bf16: bool = True                 # on GPU; CPU runs are fp32
+    overlap_comm: bool = True         # reduce gradients during the backward pass (DeepSpeed's default: ZeRO-3 only)
 
 
 @dataclass

@@ -54,8 +54,11 @@ def test_model_speed_json_feeds_the_suite_report(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in lines))
     report = run(sys.executable, "benchmarks/suite_report.py", str(path), "--output", str(tmp_path / "r.md")).stdout
     assert "| conv2former_demo, plain depthwise | convnext_atto | 64 |" in report
-    hours_8 = 90 * suite_report.IMAGENET_22K_IMAGES / (100 * 8) / 3600
-    assert f"| 8 | 800 | {hours_8:,.1f} |" in report and "41.0%" in report
+    hours_8 = 90 * suite_report.IMAGENET_22K_IMAGES / (100 * 8) / 3600  # linear scaling: 100 img/s per GPU
+    assert f"| 8 | 512 | 5,120.0 | 2.3 | {hours_8:,.1f} |" in report and "41.0%" in report
+    # the all-reduce of Conv2Former-L's bf16 gradients across 256 GPUs at 400 Gb/s each: 2 x 255/256 x 398 MB / 50 GB/s
+    assert suite_report.allreduce_seconds(198.89e6 * 2, 256, suite_report.Network()) == pytest.approx(0.01585, rel=1e-3)
+    assert "| 256 | 16 | 160.0 | 15.8 |" in report
     assert (tmp_path / "r.md").read_text().strip() == report.strip()
 
 

@@ -73,7 +73,7 @@ def deepspeed_config(cfg: TrainConfig, schedule: Schedule, gpu: bool) -> Dict[st
         "train_batch_size": schedule.global_batch,
         "train_micro_batch_size_per_gpu": schedule.micro_batch,
         "gradient_accumulation_steps": schedule.grad_accum,
-        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "zero_optimization": {"stage": cfg.deepspeed.zero_stage, "overlap_comm": bool(cfg.deepspeed.overlap_comm)},
         "bf16": {"enabled": bool(gpu and cfg.deepspeed.bf16)},
         "gradient_clipping": float(cfg.optim.clip_grad),  # explicit: DeepSpeed >= 0.19.3 clips at 1.0 otherwise
         "zero_allow_untested_optimizer": True,
