@@ -2,7 +2,7 @@
 # The GPU benchmark suite in one command: run it on a GPU machine from the repository root.
 #
 #   benchmarks/gpu_suite.sh                 # everything, rows recorded in docs/PERFORMANCE.md
-#   QUICK=1 benchmarks/gpu_suite.sh         # 224 only, no torch.compile, fewer steps (~10 min on one H100)
+#   QUICK=1 benchmarks/gpu_suite.sh         # 224 only, no torch.compile, fewer steps (estimated ~10 min on one H100)
 #   DRY_RUN=1 benchmarks/gpu_suite.sh       # print the commands, run nothing (works without a GPU)
 #
 # 1. DALI `mixed` (GPU) decoding next to dali-cpu, the torch loader and torchvision ImageFolder, train and eval
