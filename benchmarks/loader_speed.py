@@ -31,9 +31,8 @@ BENCH_DIR = Path(os.environ.get("C2F_BENCH_DIR", REPO / "data" / "bench"))  # ge
 
 
 def prepare(images: int) -> Path:
-    """data/bench/tree (ImageFolder layout) and data/bench/shards, made once."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from shard_speed import make_tree
+    """data/bench/tree (ImageFolder layout) and data/bench/shards, made once per --images."""
+    from shard_speed import make_tree  # benchmarks/ is on the path: these scripts run as benchmarks/NAME.py
 
     tree, shards, count = BENCH_DIR / "tree", BENCH_DIR / "shards", BENCH_DIR / "images.txt"
     if count.exists() and count.read_text().strip() != str(images):  # made for another --images: make it again

@@ -23,13 +23,10 @@ PACKAGES = {"torch": "torch", "timm": "timm", "deepspeed": "deepspeed", "webdata
 
 def machine(threads: int | None = None) -> str:
     """The GPU's name, or the CPU architecture with its core (or thread) count."""
-    try:
-        import torch
+    import torch
 
-        if torch.cuda.is_available():
-            return torch.cuda.get_device_name()
-    except ImportError:
-        pass
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
     if threads is not None:
         return f"{platform.machine()} CPU, {threads} threads"
     return f"{platform.machine()} CPU, {os.cpu_count()} cores"

@@ -26,7 +26,8 @@ from torch.autograd.function import once_differentiable
 __all__ = ["DepthwiseConv2d", "depthwise_conv2d"]
 
 FAST_BACKWARD_MIN_KERNEL = 5
-"""Kernels this large or larger use the reformulated CPU backward (measured faster from 7x7 up; slower at 3x3)."""
+"""Kernels this large or larger use the reformulated CPU backward: fwd+bwd measured 1.3-4x faster at 5x5 (and more at
+7x7 and 11x11) on the four stage shapes of Conv2Former-T at batch 8, slower at 3x3, on a 2-core x86_64 CPU."""
 
 
 class _DepthwiseConv2dCPU(torch.autograd.Function):

@@ -113,9 +113,7 @@ class ConvMod(nn.Module):
         super().__init__()
         if fusion not in FUSIONS:
             raise ValueError(f"unknown fusion {fusion!r}: choose one of {', '.join(FUSIONS)}")
-        if kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be a positive odd number, got {kernel_size}")
-        self.fusion = fusion
+        self.fusion = fusion  # (DepthwiseConv2d below checks kernel_size)
         self.norm = LayerNorm2d(dim, eps=1e-6)
         self.att = nn.Sequential(
             nn.Conv2d(dim, dim, 1),

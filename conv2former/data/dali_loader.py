@@ -5,8 +5,9 @@ buffer) -> fused decode + random-resized-crop -> resize -> flip -> RandAugment -
 Eval: decode -> resize the shorter side to size/crop_pct and center crop (or "squash" to size x size) -> normalize.
 
 RandAugment is DALI's ``auto_aug.rand_augment`` with n=2 and magnitude 9 on an 11-bin scale (0..10, timm's
-scale), translations relative to the image (45% of the side at full magnitude, as timm's TranslateRel). DALI samples the magnitude exactly, while timm's ``rand-m9-mstd0.5-inc1`` adds Gaussian noise (std 0.5)
-to it per op; the op set and the increasing-severity convention otherwise match.
+scale), translations relative to the image (45% of the side at full magnitude, as timm's TranslateRel). DALI
+samples the magnitude exactly, while timm's ``rand-m9-mstd0.5-inc1`` adds Gaussian noise (std 0.5) to it per op;
+the op set and the increasing-severity convention otherwise match.
 """
 from __future__ import annotations
 

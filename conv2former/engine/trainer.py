@@ -92,9 +92,8 @@ class _Stop:
 
     def __init__(self) -> None:
         self.requested = False
-        self._flag: Optional[torch.Tensor] = None
+        self._flag: Optional[torch.Tensor] = None  # created at the first poll
         self._work = None
-        self._pending = False
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handler)
 
@@ -103,15 +102,13 @@ class _Stop:
 
     def poll(self, device: torch.device) -> bool:
         """Whether every rank had agreed to stop by the previous call; starts this step's agreement."""
-        agreed = False
-        if self._pending:
+        if self._flag is None:
+            agreed, self._flag = False, torch.zeros(1, device=device)
+        else:
             self.wait()
             agreed = bool(self._flag.item())
-        if self._flag is None:
-            self._flag = torch.zeros(1, device=device)
         self._flag.fill_(1.0 if self.requested else 0.0)  # a kernel on GPU, not a host-to-device copy
         self._work = dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, async_op=True) if dist.is_initialized() else None
-        self._pending = True
         return agreed
 
     def wait(self) -> None:
