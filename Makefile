@@ -7,7 +7,7 @@ PYTEST := DS_ACCELERATOR=cpu OMP_NUM_THREADS=2 $(PY) -m pytest
 # 2 CPU ranks with DeepSpeed (one OpenMP thread each: 2 ranks x 2 threads on 2 cores is 4x slower)
 DEEPSPEED := DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/deepspeed --num_gpus 2
 
-.PHONY: demo test test-fast test-slow test-slurm bench table install clean
+.PHONY: demo test test-fast test-slow test-slurm bench table install offline-bundle clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,15 @@ bench: $(STAMP)
 	$(PY) benchmarks/loader_speed.py --backend all --mode train --workers $$(nproc) $(if $(RECORD),--record)
 	$(PY) benchmarks/loader_speed.py --backend all --mode eval --workers $$(nproc) $(if $(RECORD),--record)
 	$(PY) benchmarks/train_speed.py $(if $(RECORD),--record)
+
+# Wheels for a GPU host without package access (docs/OFFLINE_INSTALL.md); install there with
+# launch/install_offline.sh dist/offline. CUDA=12|13, PYVER (the host's Python), GLIBC (its ldd --version),
+# PART_MIB (cut into parts of at most N MiB).
+CUDA ?= 13
+PYVER ?= 3.12
+GLIBC ?= 2.28
+offline-bundle: $(STAMP)
+	$(PY) tools/offline_bundle.py --cuda $(CUDA) --python-version $(PYVER) --glibc $(GLIBC) $(if $(PART_MIB),--part-mib $(PART_MIB))
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -86,6 +86,19 @@ def test_gpu_suite_lists_its_commands_and_refuses_to_run_without_a_gpu(tmp_path)
         assert done.returncode == 2 and done.stderr.strip().startswith("error: gpu_suite.sh needs a CUDA GPU")
 
 
+def test_gpu_checklist_lists_the_issue_steps_in_order_and_refuses_to_run_without_a_gpu(tmp_path):
+    env = dict(ENV, OUT=str(tmp_path / "list"), PYTHON=sys.executable)
+    plan = run("bash", "benchmarks/gpu_checklist.sh", env=dict(env, DRY_RUN="1")).stdout
+    steps = [line.split(":")[0][3:] for line in plan.splitlines() if line.startswith("== ")]
+    assert steps == ["1-environment", "2-loader-dali-gpu", "3-pretrain-smoke", "4-gpu-suite"]
+    assert "tests/test_loader.py -k dali-gpu" in plan and "tests/test_gpu.py" in plan and "QUICK=1" in plan
+    assert "QUICK=1" not in run("bash", "benchmarks/gpu_checklist.sh", env=dict(env, DRY_RUN="1", FULL="1")).stdout
+    assert not (tmp_path / "list").exists()
+    if not _cuda():
+        done = run("bash", "benchmarks/gpu_checklist.sh", env=env, check=False)
+        assert done.returncode == 2 and done.stderr.strip().startswith("error: gpu_checklist.sh needs a CUDA GPU")
+
+
 def test_profile_step_names_the_depthwise_kernels():
     done = run(sys.executable, "benchmarks/profile_step.py", "--variant", "conv2former_demo", "--resolution", "64",
                "--batch", "2", "--warmup", "1", "--top", "40", "--plain-depthwise")

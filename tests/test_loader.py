@@ -22,7 +22,9 @@ from conv2former.errors import UserError
 from data_prep.demo import render
 from data_prep.shard import main as shard_main
 
-BACKENDS = ["dali-cpu", "torch"]
+# dali-gpu (``mixed`` decoding) joins every backend-parametrised test where a CUDA GPU is visible:
+# `pytest tests/test_loader.py -k dali-gpu` on a GPU host (benchmarks/gpu_checklist.sh runs it).
+BACKENDS = ["dali-cpu", "torch"] + (["dali-gpu"] if torch.cuda.is_available() else [])
 NUM = 240  # samples per split, one per class: a label identifies its sample
 
 
@@ -64,6 +66,7 @@ def test_batches_shapes_dtypes_and_normalization(unique_shards, backend):
     for split in ("train", "val"):
         loader = build_loader(cfg_for(unique_shards, backend), split)
         images, labels = next(iter(loader))
+        images, labels = images.cpu(), labels.cpu()  # dali-gpu hands CUDA tensors
         assert images.shape == (16, 3, 32, 32) and images.dtype == torch.float32
         assert labels.shape == (16,) and labels.dtype == torch.int64
         pixels = images * torch.tensor(fmt_std()).view(1, 3, 1, 1) + torch.tensor(fmt_mean()).view(1, 3, 1, 1)
@@ -89,7 +92,7 @@ def test_eval_labels_match_the_manifest_in_order(unique_shards, backend):
 
 def test_dali_and_torch_give_identical_labels(unique_shards):
     seqs = [torch.cat([y for _, y in build_loader(cfg_for(unique_shards, b), "val")]).tolist() for b in BACKENDS]
-    assert seqs[0] == seqs[1]
+    assert all(seq == seqs[0] for seq in seqs[1:])
 
 
 RANK_SCRIPT = textwrap.dedent("""
@@ -200,7 +203,7 @@ def test_eval_transform_matches_timm(tmp_path, backend, crop_mode, crop_pct, siz
     assert shard_main(["imagenet1k", str(tmp_path / "src"), str(out), "--classes", "present", "--workers", "1",
                        "--quiet"]) == 0
     cfg = cfg_for(out, backend, image_size=size, batch_size=1, crop_pct=crop_pct, crop_mode=crop_mode)
-    ours = next(iter(build_loader(cfg, "val")))[0][0]
+    ours = next(iter(build_loader(cfg, "val")))[0][0].cpu()
     reference = create_transform(size, is_training=False, crop_pct=crop_pct, crop_mode=crop_mode,
                                  interpolation="bicubic")(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
     diff = (ours - reference).abs()

@@ -1,0 +1,91 @@
+"""The GPU path, run for real where a CUDA GPU is visible (skipped elsewhere, CI included).
+
+One GPU, the real deepspeed launcher, bf16, DALI ``mixed`` decoding (the GPU default), channels_last batches,
+EMA on: the demo model and Conv2Former-L, ZeRO 1 and 3, 30 steps, stopped at 15 and relaunched, which must end
+bit for bit where the uninterrupted run ends (as on CPU), with an fp32 export that loads strictly.
+`benchmarks/gpu_checklist.sh` runs this file together with the dali-gpu loader tests and the GPU benchmarks.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+PRETRAIN = str(REPO / "launch" / "pretrain.py")
+BIN = Path(sys.executable).parent
+PORT = [29900]
+
+pytestmark = [pytest.mark.gpu, pytest.mark.slow]
+
+# variant -> (image size, micro batch = global batch on one GPU)
+SETTINGS = {"demo": (64, 64), "l": (224, 32)}
+
+
+def gpu_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    return dict(env, PATH=f"{BIN}:{os.environ['PATH']}", PYTHONPATH=str(REPO))
+
+
+def run_pretrain(*args: str) -> dict:
+    PORT[0] += 1
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "1", "--master_port", str(PORT[0]), PRETRAIN, *args]
+    proc = subprocess.run(cmd, env=gpu_env(), capture_output=True, text=True, errors="replace", timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    line = [l for l in proc.stdout.splitlines() if l.startswith("summary: ")][-1]
+    return json.loads(line[len("summary: "):])
+
+
+@pytest.fixture(scope="module")
+def demo_shards():
+    root = REPO / "data" / "demo" / "in22k"
+    if not (root / "_info.json").exists():
+        subprocess.run([sys.executable, str(REPO / "data_prep" / "shard.py"), "demo", "--quiet"], check=True,
+                       env=gpu_env())
+    return str(root)
+
+
+def args_for(variant: str, stage: int, data: str, out: Path) -> list[str]:
+    size, batch = SETTINGS[variant]
+    return ["--variant", variant, "--data", data, "--output", str(out), "--zero-stage", str(stage),
+            "--image-size", str(size), "--max-steps", "30", "--save-every", "15",
+            "--set", "ema=true", "--set", f"data.batch_size={batch}", "--set", f"schedule.global_batch={batch}",
+            "--set", "data.backend=dali-gpu", "--set", "data.channels_last=true",
+            "--set", "logging.print_every=5", "--set", "schedule.warmup_epochs=0.1"]
+
+
+def export_tensors(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(run / "export" / "model.safetensors")
+
+
+@pytest.mark.parametrize("variant", ["demo", "l"])
+@pytest.mark.parametrize("stage", [1, 3])
+def test_bf16_zero_run_stops_resumes_bitwise_and_exports(demo_shards, tmp_path, variant, stage):
+    whole = run_pretrain(*args_for(variant, stage, demo_shards, tmp_path / "whole"))
+    assert whole["step"] == 30 and math.isfinite(whole["loss"]), whole
+    resumed_args = args_for(variant, stage, demo_shards, tmp_path / "split")
+    first = run_pretrain(*resumed_args, "--max-steps", "15")  # the later flag wins: stop at 15
+    assert first["step"] == 15
+    second = run_pretrain(*resumed_args)
+    assert second["step"] == 30
+    a, b = export_tensors(tmp_path / "whole"), export_tensors(tmp_path / "split")
+    assert a.keys() == b.keys()
+    assert all(t.dtype == torch.float32 for t in a.values())  # the export is fp32 whatever the training precision
+    differing = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differing, f"{len(differing)} tensors differ after stop + resume, e.g. {differing[:3]}"
+
+    import timm
+
+    import conv2former  # noqa: F401
+    from conv2former.weights import load_checkpoint
+
+    model = timm.create_model(f"conv2former_{variant}", num_classes=a["pred.weight"].shape[0])
+    load_checkpoint(model, str(tmp_path / "whole" / "export" / "model.safetensors"))  # strict
