@@ -7,20 +7,15 @@ bit for bit where the uninterrupted run ends (as on CPU), with an fp32 export th
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-PRETRAIN = str(REPO / "launch" / "pretrain.py")
-BIN = Path(sys.executable).parent
-PORT = [29900]
+from test_pretrain import demo_shards, run_pretrain  # noqa: F401 (a fixture)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
@@ -28,27 +23,12 @@ pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 SETTINGS = {"demo": (64, 64), "l": (224, 32)}
 
 
-def gpu_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
-    return dict(env, PATH=f"{BIN}:{os.environ['PATH']}", PYTHONPATH=str(REPO))
-
-
-def run_pretrain(*args: str) -> dict:
-    PORT[0] += 1
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", "1", "--master_port", str(PORT[0]), PRETRAIN, *args]
-    proc = subprocess.run(cmd, env=gpu_env(), capture_output=True, text=True, errors="replace", timeout=900)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    line = [l for l in proc.stdout.splitlines() if l.startswith("summary: ")][-1]
-    return json.loads(line[len("summary: "):])
-
-
-@pytest.fixture(scope="module")
-def demo_shards():
-    root = REPO / "data" / "demo" / "in22k"
-    if not (root / "_info.json").exists():
-        subprocess.run([sys.executable, str(REPO / "data_prep" / "shard.py"), "demo", "--quiet"], check=True,
-                       env=gpu_env())
-    return str(root)
+def gpu_run(*args: str) -> dict:
+    """One GPU, DeepSpeed picks its CUDA accelerator (the CPU one is what the test session sets)."""
+    environ = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    environ.update(PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+                   PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    return run_pretrain(*args, ranks=1, environ=environ)
 
 
 def args_for(variant: str, stage: int, data: str, out: Path) -> list[str]:
@@ -69,12 +49,12 @@ def export_tensors(run: Path) -> dict:
 @pytest.mark.parametrize("variant", ["demo", "l"])
 @pytest.mark.parametrize("stage", [1, 3])
 def test_bf16_zero_run_stops_resumes_bitwise_and_exports(demo_shards, tmp_path, variant, stage):
-    whole = run_pretrain(*args_for(variant, stage, demo_shards, tmp_path / "whole"))
+    whole = gpu_run(*args_for(variant, stage, demo_shards, tmp_path / "whole"))
     assert whole["step"] == 30 and math.isfinite(whole["loss"]), whole
     resumed_args = args_for(variant, stage, demo_shards, tmp_path / "split")
-    first = run_pretrain(*resumed_args, "--max-steps", "15")  # the later flag wins: stop at 15
+    first = gpu_run(*resumed_args, "--max-steps", "15")  # the later flag wins: stop at 15
     assert first["step"] == 15
-    second = run_pretrain(*resumed_args)
+    second = gpu_run(*resumed_args)
     assert second["step"] == 30
     a, b = export_tensors(tmp_path / "whole"), export_tensors(tmp_path / "split")
     assert a.keys() == b.keys()

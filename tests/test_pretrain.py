@@ -34,18 +34,19 @@ def env() -> dict:
                 PYTHONPATH=str(REPO))
 
 
-def deepspeed_cmd(*args: str) -> list:
+def deepspeed_cmd(*args: str, ranks: int = 2) -> list:
     PORT[0] += 1
-    return [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(PORT[0]), PRETRAIN, *args]
+    return [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(PORT[0]), PRETRAIN, *args]
 
 
-def run_pretrain(*args: str, launcher: str = "deepspeed") -> dict:
+def run_pretrain(*args: str, launcher: str = "deepspeed", ranks: int = 2, environ: dict | None = None) -> dict:
+    """Run launch/pretrain.py (2 CPU ranks unless told) and return its summary line."""
     if launcher == "deepspeed":
-        cmd = deepspeed_cmd(*args)
+        cmd = deepspeed_cmd(*args, ranks=ranks)
     else:
         PORT[0] += 1
-        cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(PORT[0]), PRETRAIN, *args]
-    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, errors="replace", timeout=600)
+        cmd = [str(BIN / "torchrun"), "--nproc_per_node", str(ranks), "--master_port", str(PORT[0]), PRETRAIN, *args]
+    proc = subprocess.run(cmd, env=environ or env(), capture_output=True, text=True, errors="replace", timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     line = [l for l in proc.stdout.splitlines() if l.startswith("summary: ")][-1]
     return json.loads(line[len("summary: "):])

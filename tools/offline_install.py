@@ -243,7 +243,7 @@ def smoke_test(target: Path | None) -> str:
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise BundleError(f"installed, but importing the project failed: {last}")
-    return done.stdout.strip()
+    return done.stdout.strip().splitlines()[-1]  # the versions line (deepspeed may log before it)
 
 
 def describe(plan: Plan, manifest: dict) -> str:
