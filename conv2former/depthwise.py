@@ -72,16 +72,28 @@ def _use_fast_backward(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and torch.is_grad_enabled()
         and (x.requires_grad or weight.requires_grad)
         and not torch.is_autocast_enabled("cpu")
-        and not torch.jit.is_scripting()
     )
 
 
 def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                      fast_backward: bool = True) -> torch.Tensor:
-    """``F.conv2d(x, weight, bias, padding=k // 2, groups=C)`` for a (C, 1, k, k) weight with odd k."""
-    if fast_backward and _use_fast_backward(x, weight):
+    """``F.conv2d(x, weight, bias, padding=k // 2, groups=C)`` for a (C, 1, k, k) weight with odd k.
+
+    A leaf for torch.fx (``torch.fx.wrap`` below): traced graphs call this function, so they keep the fast backward
+    and never branch on a traced tensor's device or dtype. Under TorchScript it is the plain convolution.
+    """
+    if not torch.jit.is_scripting() and fast_backward:
+        return _fast_or_plain(x, weight, bias)
+    return F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2, groups=x.shape[1])
+
+
+def _fast_or_plain(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    if _use_fast_backward(x, weight):
         return _DepthwiseConv2dCPU.apply(x, weight, bias)
     return F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2, groups=x.shape[1])
+
+
+torch.fx.wrap("depthwise_conv2d")
 
 
 class DepthwiseConv2d(nn.Conv2d):

@@ -14,13 +14,13 @@ so the released checkpoints load with ``load_state_dict(strict=True)``:
 Variants are registered with timm (``import conv2former; timm.create_model("conv2former_l")``).
 ``python -m conv2former.complexity --table`` prints parameters and MACs of every variant next to the paper.
 """
-from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.fx._symbolic_trace import is_fx_tracing
 from torch.utils.checkpoint import checkpoint
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -57,7 +57,7 @@ def _fuse(a: torch.Tensor, v: torch.Tensor, fusion: str) -> torch.Tensor:
         a_min = a.amin(dim=(2, 3), keepdim=True)
         a_max = a.amax(dim=(2, 3), keepdim=True)
         return ((a - a_min + eps) / (a_max - a_min + eps)) * v
-    raise ValueError(f"unknown fusion {fusion!r}: choose one of {', '.join(FUSIONS)}")
+    raise ValueError("unknown fusion '" + fusion + "': choose hadamard, sum, sigmoid, l1 or linear01")
 
 
 class BatchNorm2dFP32(nn.BatchNorm2d):
@@ -69,8 +69,7 @@ class BatchNorm2dFP32(nn.BatchNorm2d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and (self.weight is None or self.weight.dtype == torch.float32):
-            return super().forward(x)
+        # No branch on the input's dtype, so torch.fx traces it; .float()/.to() are no-ops for fp32 tensors.
         momentum = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
@@ -159,6 +158,19 @@ def _classifier_head(in_dim: int, head_dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(in_dim, head_dim, 1), nn.GELU(), LayerNorm2d(head_dim, eps=1e-6))
 
 
+def _run_blocks(blocks: Iterable[nn.Module], x: torch.Tensor, checkpointing: bool) -> torch.Tensor:
+    """Run ``blocks`` in order; with ``checkpointing``, recompute each one's activations in the backward pass.
+
+    Checkpointing applies only where a backward pass will follow: not under no_grad, and not while torch.fx traces
+    the model (a traced graph runs the blocks plainly: checkpointing is not a graph operation). Never compiled by
+    TorchScript (the callers take the plain path when scripting).
+    """
+    checkpointing = checkpointing and torch.is_grad_enabled() and not is_fx_tracing()
+    for block in blocks:
+        x = checkpoint(block, x, use_reentrant=False) if checkpointing else block(x)
+    return x
+
+
 def _init_weights(module: nn.Module) -> None:
     if isinstance(module, (nn.Conv2d, nn.Linear)):
         trunc_normal_(module.weight, std=0.02)
@@ -166,29 +178,44 @@ def _init_weights(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
+POOLS = ("avg", "")
+"""``global_pool`` values: "avg" (the paper's global average pooling) or "" (timm's "no pooling": ``forward_head``
+returns the head's unpooled map, and with classes the per-position logits)."""
+
+
+def _check_pool(global_pool: str) -> str:
+    if global_pool not in POOLS:
+        raise ValueError(f"Conv2Former global_pool must be 'avg' or '' (no pooling), got {global_pool!r}")
+    return global_pool
+
+
 class _ClassifierMixin:
-    """The timm classifier interface shared by both model families (``head`` before pooling, then ``pred``)."""
+    """The timm classifier interface shared by both model families (``head`` before pooling, then ``pred``).
 
-    head: nn.Sequential
-    pred: nn.Module
-    num_classes: int
-    head_hidden_size: int
-    global_pool: str
+    Subclasses set ``head`` (conv1x1, GELU, LayerNorm2d), ``pred``, ``num_classes``, ``head_hidden_size`` and
+    ``global_pool``.
+    """
 
+    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.pred
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        if global_pool not in (None, "avg"):
-            raise ValueError(f"Conv2Former pools by average only, got global_pool={global_pool!r}")
+        if global_pool is not None:
+            self.global_pool = _check_pool(global_pool)
         self.num_classes = num_classes
         self.pred = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
         if num_classes > 0:
             _init_weights(self.pred)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.head(x).mean((2, 3))
-        return x if pre_logits else self.pred(x)
+        x = self.head(x)
+        if self.global_pool == "avg":
+            x = x.mean((2, 3))
+            return x if pre_logits else self.pred(x)
+        if pre_logits:
+            return x
+        return self.pred(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # per-position logits, NCHW
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
@@ -222,14 +249,12 @@ class Conv2Former(_ClassifierMixin, nn.Module):
             raise ValueError(f"Conv2Former has 4 stages: got depths={list(depths)}, dims={list(dims)}")
         if drop_rate:
             raise ValueError("Conv2Former has no classifier dropout (drop_rate); use drop_path_rate")
-        if global_pool != "avg":
-            raise ValueError(f"Conv2Former pools by average only, got global_pool={global_pool!r}")
         self.num_classes = num_classes
         self.depths = tuple(depths)
         self.dims = tuple(dims)
         self.kernel_size = kernel_size
         self.fusion = fusion
-        self.global_pool = "avg"
+        self.global_pool = _check_pool(global_pool)
         self.num_features = dims[-1]
         self.head_hidden_size = head_dim
         self.grad_checkpointing = False
@@ -283,16 +308,13 @@ class Conv2Former(_ClassifierMixin, nn.Module):
         """Recompute each block's activations in the backward pass (saves memory at large inputs)."""
         self.grad_checkpointing = enable
 
-    def _run_stage(self, stage: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-            for block in stage:
-                x = checkpoint(block, x, use_reentrant=False)
-            return x
-        return stage(x)
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         for downsample, stage in zip(self.downsample_layers, self.stages):
-            x = self._run_stage(stage, downsample(x))
+            x = downsample(x)
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = _run_blocks(stage, x, checkpointing=True)
+            else:
+                x = stage(x)
         return x
 
     def forward_intermediates(
@@ -311,7 +333,7 @@ class Conv2Former(_ClassifierMixin, nn.Module):
         intermediates = []
         last = len(self.stages) - 1 if not stop_early else max_index
         for i in range(last + 1):
-            x = self._run_stage(self.stages[i], self.downsample_layers[i](x))
+            x = _run_blocks(self.stages[i], self.downsample_layers[i](x), self.grad_checkpointing)
             if i in take:
                 intermediates.append(x)
         return intermediates if intermediates_only else (x, intermediates)
@@ -355,12 +377,10 @@ class Conv2FormerIsotropic(_ClassifierMixin, nn.Module):
         super().__init__()
         if drop_rate:
             raise ValueError("Conv2Former has no classifier dropout (drop_rate); use drop_path_rate")
-        if global_pool != "avg":
-            raise ValueError(f"Conv2Former pools by average only, got global_pool={global_pool!r}")
         self.num_classes = num_classes
         self.kernel_size = kernel_size
         self.fusion = fusion
-        self.global_pool = "avg"
+        self.global_pool = _check_pool(global_pool)
         self.num_features = dim
         self.head_hidden_size = head_dim
         self.grad_checkpointing = False
@@ -397,16 +417,11 @@ class Conv2FormerIsotropic(_ClassifierMixin, nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
-    def _run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-            return checkpoint(block, x, use_reentrant=False)
-        return block(x)
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
-        for block in self.blocks:
-            x = self._run_block(block, x)
-        return x
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return _run_blocks(self.blocks, x, checkpointing=True)
+        return self.blocks(x)
 
     def forward_intermediates(
         self,
@@ -424,7 +439,7 @@ class Conv2FormerIsotropic(_ClassifierMixin, nn.Module):
         x = self.stem(x)
         last = len(self.blocks) - 1 if not stop_early else max_index
         for i in range(last + 1):
-            x = self._run_block(self.blocks[i], x)
+            x = _run_blocks([self.blocks[i]], x, self.grad_checkpointing)
             if i in take:
                 intermediates.append(x)
         return intermediates if intermediates_only else (x, intermediates)

@@ -1,0 +1,138 @@
+"""The conventions timm checks on its own models, checked on ours (our tests, written for these behaviours).
+
+Models: the demo variant, a real hierarchical one (N) and an isotropic one (IS), at small inputs to stay fast.
+Covered: forward/backward, the classifier interface (reset_classifier(0), reset_classifier(0, '') and
+global_pool='' at creation, pre_logits), cfg names, TorchScript, features_only, forward_intermediates, torch.fx
+tracing forward and backward (torchvision's feature extractor and timm's FX feature path), FX + TorchScript.
+The fast CPU depthwise backward and grad checkpointing stay in traced graphs.
+"""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from timm.layers import set_scriptable
+from torchvision.models.feature_extraction import create_feature_extractor
+
+import conv2former  # noqa: F401
+from conv2former.depthwise import depthwise_conv2d
+
+MODELS = {"conv2former_demo": 64, "conv2former_n": 64, "conv2former_is": 64}
+
+
+def make(name: str, **kwargs) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model(name, **kwargs).eval()
+
+
+def sample(name: str, batch: int = 2) -> torch.Tensor:
+    torch.manual_seed(1)
+    return torch.randn(batch, 3, MODELS[name], MODELS[name])
+
+
+def spatial(name: str, model) -> int:
+    return MODELS[name] // model.feature_info[-1]["reduction"]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_forward_backward_reaches_every_parameter(name):
+    model = make(name, num_classes=7).train()
+    out = model(sample(name))
+    assert out.shape == (2, 7) and torch.isfinite(out).all()
+    out.mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing, missing
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_classifier_interface_and_cfg_names(name):
+    model = make(name)
+    x = sample(name)
+    side = spatial(name, model)
+    with torch.no_grad():
+        features = model.forward_features(x)
+        assert features.shape == (2, model.num_features, side, side)
+        pre = model.forward_head(features, pre_logits=True)
+        assert pre.shape == (2, model.head_hidden_size)
+        model.reset_classifier(0)
+        assert model.num_classes == 0
+        torch.testing.assert_close(model(x), pre)
+        model.reset_classifier(0, "")
+        unpooled = model(x)
+        assert unpooled.shape == (2, model.head_hidden_size, side, side)
+        torch.testing.assert_close(unpooled.mean((2, 3)), pre)  # the pooling is all that was removed
+        model.reset_classifier(5, "avg")
+        assert model(x).shape == (2, 5)
+        made = make(name, num_classes=0, global_pool="")
+        assert made(x).shape == (2, made.head_hidden_size, side, side)
+    with pytest.raises(ValueError, match="global_pool"):
+        model.reset_classifier(0, "max")
+    state = model.state_dict()
+    cfg = model.pretrained_cfg
+    assert cfg["classifier"] + ".weight" in state and cfg["first_conv"] + ".weight" in state
+    assert cfg["pool_size"] == (224 // model.feature_info[-1]["reduction"],) * 2
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_torchscript_matches_eager(name):
+    with set_scriptable(True):
+        model = make(name)
+    scripted = torch.jit.script(model)
+    x = sample(name)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), model(x))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_features_only_and_forward_intermediates_agree(name):
+    model = make(name)
+    features = make(name, features_only=True)
+    x = sample(name)
+    with torch.no_grad():
+        maps = features(x)
+        final, inter = model.forward_intermediates(x, indices=features.feature_info.out_indices)
+    channels = features.feature_info.channels()
+    assert len(maps) == len(channels) and [m.shape[1] for m in maps] == channels
+    assert len(inter) == len(maps) and all(torch.equal(a, b) for a, b in zip(inter, maps))
+    with torch.no_grad():
+        torch.testing.assert_close(final, model.forward_features(x))
+
+
+def _graph_calls_fast_depthwise(graph_module) -> bool:
+    return any(node.op == "call_function" and node.target is depthwise_conv2d for node in graph_module.graph.nodes)
+
+
+@pytest.mark.parametrize("grad_checkpointing", [False, True])
+@pytest.mark.parametrize("name", MODELS)
+def test_fx_feature_extraction_forward_backward_and_script(name, grad_checkpointing):
+    model = make(name)
+    model.set_grad_checkpointing(grad_checkpointing)
+    last = model.feature_info[-1]["module"]
+    extractor = create_feature_extractor(model, return_nodes={last: "out"})
+    assert _graph_calls_fast_depthwise(extractor)  # the fast CPU backward is a leaf, not traced through
+    x = sample(name)
+    with torch.no_grad():
+        torch.testing.assert_close(extractor(x)["out"], model.forward_features(x))
+
+    extractor.train()
+    model.train()
+    traced_grads = torch.autograd.grad(extractor(x)["out"].square().mean(), list(extractor.parameters()))
+    eager_grads = torch.autograd.grad(model.forward_features(x).square().mean(),
+                                      [dict(model.named_parameters())[n] for n, _ in extractor.named_parameters()])
+    for a, b in zip(traced_grads, eager_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+    if not grad_checkpointing:  # FX + TorchScript (a fresh model: the training passes above moved BatchNorm stats)
+        scripted = torch.jit.script(create_feature_extractor(make(name), return_nodes={last: "out"}))
+        with torch.no_grad():
+            torch.testing.assert_close(scripted(x)["out"], make(name).forward_features(x))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_timm_fx_feature_path(name):
+    features = make(name, features_only=True, feature_cls="fx")
+    reference = make(name, features_only=True)
+    x = sample(name)
+    with torch.no_grad():
+        for a, b in zip(features(x), reference(x)):
+            torch.testing.assert_close(a, b)
