@@ -85,6 +85,7 @@ def target_flags(args) -> list[str]:
 
 def build_local_wheels(dest: Path, deepspeed_version: str) -> None:
     """This project's wheel and DeepSpeed's (pure Python, no precompiled ops)."""
+    shutil.rmtree(REPO / "build", ignore_errors=True)  # stale files there would end up in the wheel
     run(pip_cmd("wheel", "--no-deps", "-q", "-w", str(dest), str(REPO)), "building this project's wheel")
     env = dict(os.environ, DS_BUILD_OPS="0")
     run(pip_cmd("wheel", "--no-deps", "-q", "-w", str(dest), f"deepspeed=={deepspeed_version}"),
