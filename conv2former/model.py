@@ -489,20 +489,44 @@ PAPER_FIGURES: Dict[str, Tuple[Optional[float], Optional[float], Optional[float]
 }
 
 
-def _cfg(**kwargs: Any) -> Dict[str, Any]:
+PAPER = dict(
+    license="mit",  # the official code's license; this registry carries no weights (url and hf_hub_id are empty)
+    paper_ids="arXiv:2211.11943",
+    paper_name="Conv2Former: A Simple Transformer-Style ConvNet for Visual Recognition",
+    origin_url="https://github.com/HVision-NKU/Conv2Former",
+)
+
+
+def _cfg(reduction: int = 32, **kwargs: Any) -> Dict[str, Any]:
+    """A variant's pretrained_cfg: what ``timm.data.resolve_data_config({}, model=model)`` reads (the eval transform
+    of our recipes: 224 px, bicubic, shorter side to 224 / 0.875 then center crop, ImageNet mean/std) and the
+    names timm's helpers look up (first conv, classifier)."""
+    size = kwargs.get("input_size", (3, 224, 224))[-1]
     return {
         "url": "",
-        "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
-        "crop_pct": 0.875, "interpolation": "bicubic",
+        "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (size // reduction,) * 2,
+        "crop_pct": 0.875, "crop_mode": "center", "interpolation": "bicubic", "fixed_input_size": False,
         "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
         "first_conv": "downsample_layers.0.0", "classifier": "pred",
+        **PAPER,
         **kwargs,
     }
 
 
+def _variant_cfgs(name: str, spec: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+    """Three tags per variant: the 1k model at 224 (the default), the ImageNet-22k pretraining head (21,841 classes in
+    timm's imagenet-22k order, so ``timm.data.ImageNetInfo`` names them) and the 1k model fine-tuned at 384 (our
+    finetune_384 recipe: squash to 384, no crop)."""
+    extra = dict(first_conv="stem.0", reduction=16) if spec.get("isotropic") else {}
+    return {
+        f"{name}.untrained": _cfg(**extra),
+        f"{name}.in22k": _cfg(num_classes=21841, **extra),
+        f"{name}.in22k_ft_in1k_384": _cfg(input_size=(3, 384, 384), crop_pct=1.0, crop_mode="squash", **extra),
+    }
+
+
 default_cfgs = generate_default_cfgs({
-    name: _cfg(first_conv="stem.0", pool_size=(14, 14)) if spec.get("isotropic") else _cfg()
-    for name, spec in VARIANTS.items()
+    tag: cfg for name, spec in VARIANTS.items() for tag, cfg in _variant_cfgs(name, spec).items()
 })
 
 

@@ -136,3 +136,34 @@ def test_timm_fx_feature_path(name):
     with torch.no_grad():
         for a, b in zip(features(x), reference(x)):
             torch.testing.assert_close(a, b)
+
+
+EVAL_224 = {"input_size": (3, 224, 224), "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406),
+            "std": (0.229, 0.224, 0.225), "crop_pct": 0.875, "crop_mode": "center"}  # finetune_224.yaml's eval
+
+
+@pytest.mark.parametrize("name", sorted(conv2former.model.VARIANTS))
+def test_pretrained_cfg_is_complete_and_gives_the_recipes_eval_transform(name):
+    from timm.data import infer_imagenet_subset, resolve_data_config
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name).to_dict()
+    for key in ("input_size", "crop_pct", "crop_mode", "interpolation", "mean", "std", "num_classes", "first_conv",
+                "classifier", "license", "paper_ids", "pool_size"):
+        assert cfg.get(key) not in (None, ""), key
+    assert resolve_data_config({}, pretrained_cfg=cfg) == EVAL_224
+    assert infer_imagenet_subset(cfg) == "imagenet-1k"
+    head22k = get_pretrained_cfg(f"{name}.in22k").to_dict()
+    assert head22k["num_classes"] == 21841 and infer_imagenet_subset(head22k) == "imagenet-22k"
+    at384 = resolve_data_config({}, pretrained_cfg=get_pretrained_cfg(f"{name}.in22k_ft_in1k_384").to_dict())
+    assert at384["input_size"] == (3, 384, 384) and at384["crop_pct"] == 1.0 and at384["crop_mode"] == "squash"
+
+
+def test_tags_build_their_heads_and_name_their_labels():
+    from timm.data import ImageNetInfo, infer_imagenet_subset, resolve_data_config
+
+    model = timm.create_model("conv2former_demo.in22k")
+    assert model.num_classes == 21841 and model.pred.out_features == 21841
+    labels = ImageNetInfo(infer_imagenet_subset(model.pretrained_cfg)).label_names()
+    assert len(labels) == 21841 and labels[0].startswith("n")
+    assert resolve_data_config({}, model=timm.create_model("conv2former_demo")) == EVAL_224
