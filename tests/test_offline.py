@@ -6,6 +6,7 @@ that looks like a stock PyTorch image (pip --no-index), and runs the dali-cpu lo
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -49,13 +50,8 @@ def small_bundle(out: Path, part_mib: float = 0, python_version: str = PYVER) ->
     fake_wheel(wheels, "alpha_pkg", "1.0", ["beta-pkg>=2", "torch>=2.0"], filler=300_000)
     fake_wheel(wheels, "beta_pkg", "2.5", filler=300_000)
     fake_wheel(wheels, "gamma_pkg", "0.3", ["alpha-pkg==1.0", "beta-pkg<3"])
-
-    class Args:
-        pass
-
-    args = Args()
-    args.python_version, args.platform, args.cuda, args.host_torch = python_version, ["any"], "13", "2.11.0"
-    args.part_mib = part_mib
+    args = argparse.Namespace(python_version=python_version, platform=["any"], cuda="13", host_torch="2.11.0",
+                              part_mib=part_mib)
     return offline_bundle.write_manifest(args, out, wheels, ["gamma-pkg"], ["torch"])
 
 
@@ -146,10 +142,8 @@ def test_bundler_marker_walk_leaves_the_torch_stack_to_the_host():
         ("lib", ["numpy"]), ("numpy", []), ("torch", ["sympy", "numpy"]), ("sympy", ["mpmath"]), ("mpmath", []),
         ("winonly", []), ("extra-dep", [])]]
 
-    class Args:
-        python_version, platform = "3.12", ["manylinux_2_28_x86_64"]
-
-    env = offline_bundle.target_environment(Args())
+    env = offline_bundle.target_environment(argparse.Namespace(python_version="3.12",
+                                                               platform=["manylinux_2_28_x86_64"]))
     assert env["platform_machine"] == "x86_64" and env["python_version"] == "3.12"
     assert offline_bundle.reachable(items, ["app"], env) == {"app", "lib", "numpy"}
     assert offline_bundle.reachable(items, ["app[x]"], env) == {"app", "lib", "numpy", "extra-dep"}
