@@ -531,10 +531,20 @@ default_cfgs = generate_default_cfgs({
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Unwrap official/DeepSpeed/DDP checkpoints for timm's ``pretrained_cfg_overlay=dict(file=...)`` loading."""
-    from conv2former.weights import unwrap_state_dict
+    """timm's pretrained loading (``local-dir:`` exports, ``pretrained_cfg_overlay=dict(file=...)``): unwrap
+    official/DeepSpeed/DDP checkpoints, and stop with a one-line ``UserError`` naming both architectures when the
+    weights belong to another variant (the head is left to timm when ``num_classes`` asks for a new one)."""
+    from conv2former.weights import check_compatible, unwrap_state_dict
 
-    return unwrap_state_dict(state_dict)
+    state_dict = unwrap_state_dict(state_dict)
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    source = cfg.get("file") or cfg.get("hf_hub_id") or "the pretrained weights"
+    new_head = model.num_classes != cfg.get("num_classes")
+    architecture = cfg.get("architecture", "this model")
+    check_compatible(model, state_dict, f"{source} (loaded as {architecture})", skip_head=new_head,
+                     hint=f"the weights are not a {architecture}: correct 'architecture' in the folder's config.json, "
+                          "or re-export the run with launch/export.py")
+    return state_dict
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:

@@ -27,7 +27,8 @@ import torch.nn as nn
 
 from conv2former.errors import UserError
 
-__all__ = ["Weights", "read_weights", "load_checkpoint", "unwrap_state_dict", "describe_architecture"]
+__all__ = ["Weights", "read_weights", "load_checkpoint", "unwrap_state_dict", "describe_architecture", "check_compatible",
+           "matching_variants"]
 
 _WRAPPER_KEYS = ("model", "state_dict", "module", "model_state_dict")
 # The only Python globals a DeepSpeed checkpoint may reference (all plain data: an Enum, a namedtuple, a scaler).
@@ -82,7 +83,10 @@ def _read_classes(fs: fsspec.AbstractFileSystem, folder: str) -> Optional[List[s
 
 
 def read_weights(path: str) -> Weights:
-    """Read weights from a ``.pth``, a ``.safetensors``, an export directory or a DeepSpeed checkpoint directory."""
+    """Read weights from a ``.pth``, a ``.safetensors``, an export directory (also written ``local-dir:DIR``, as
+    timm names it) or a DeepSpeed checkpoint directory."""
+    if str(path).startswith("local-dir:"):
+        path = str(path)[len("local-dir:"):]
     fs, fs_path = fsspec.core.url_to_fs(str(path))
     if not fs.exists(fs_path):
         raise UserError(f"weights not found: {path} (give a .pth, a model.safetensors, an export dir or a checkpoint dir)")
@@ -203,9 +207,33 @@ def _model_architecture(model: nn.Module) -> str:
     return describe_architecture(model.state_dict())
 
 
-def check_compatible(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
-    """Raise a one-line ``UserError`` unless ``state_dict`` loads into ``model`` with ``strict=True``."""
+def matching_variants(state_dict: Mapping[str, torch.Tensor]) -> List[str]:
+    """The registered variants whose backbone (everything but the head) has exactly these tensor names and shapes."""
+    import timm
+
+    from conv2former.model import VARIANTS
+
+    shapes = {k: tuple(v.shape) for k, v in state_dict.items() if not k.startswith("pred.")}
+    found = []
+    kernel = state_dict.get("stages.0.0.attn.att.2.weight", state_dict.get("blocks.0.attn.att.2.weight"))
+    for name in VARIANTS:
+        kwargs = {"kernel_size": kernel.shape[-1]} if kernel is not None else {}
+        with torch.device("meta"):
+            model = timm.create_model(name, **kwargs)
+        own = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith("pred.")}
+        if own == shapes:
+            found.append(name)
+    return found
+
+
+def check_compatible(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str,
+                     skip_head: bool = False, hint: str = "pick the matching --variant") -> None:
+    """Raise a one-line ``UserError`` unless ``state_dict`` loads into ``model`` with ``strict=True`` (with
+    ``skip_head``: unless everything but the classifier does)."""
     own = model.state_dict()
+    if skip_head:
+        own = {k: v for k, v in own.items() if not k.startswith("pred.")}
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("pred.")}
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
     mismatched = [k for k in own if k in state_dict and tuple(own[k].shape) != tuple(state_dict[k].shape)]
@@ -226,10 +254,12 @@ def check_compatible(model: nn.Module, state_dict: Mapping[str, torch.Tensor], s
             f"checkpoint {source} uses {ckpt_k}x{ckpt_k} modulation kernels, model has {model_k}x{model_k}: "
             f"pass kernel_size={ckpt_k}"
         )
+    variants = matching_variants(state_dict)
+    known = f" ({' or '.join(variants)})" if variants else ""
     raise UserError(
-        f"checkpoint {source} does not fit this model: checkpoint is {describe_architecture(state_dict)}; "
+        f"checkpoint {source} does not fit this model: checkpoint is {describe_architecture(state_dict)}{known}; "
         f"model is {_model_architecture(model)} ({len(missing)} missing, {len(unexpected)} unexpected, "
-        f"{len(mismatched)} mis-shaped tensors, e.g. {(missing + unexpected + mismatched)[0]}); pick the matching --variant"
+        f"{len(mismatched)} mis-shaped tensors, e.g. {(missing + unexpected + mismatched)[0]}); {hint}"
     )
 
 

@@ -1,13 +1,21 @@
 #!/usr/bin/env python
-"""Export a run's newest complete checkpoint: ``python launch/export.py RUN_DIR``.
+"""Export a run: ``python launch/export.py RUN_DIR [--onnx]``.
 
-Writes RUN_DIR/export/: model.safetensors (consolidated fp32, official key names, via DeepSpeed's zero_to_fp32 for
-ZeRO 1-3 or the module states for stage 0), classes.txt, config.yaml, and model_ema.safetensors when the run kept an
-EMA. Training does this by itself at the end; use this for a run that was stopped or preempted.
+Writes RUN_DIR/export/ from the newest complete checkpoint: model.safetensors (consolidated fp32, official key
+names, via DeepSpeed's zero_to_fp32 for ZeRO 1-3 or the module states for stage 0), classes.txt, config.yaml,
+timm's config.json (so ``timm.create_model("local-dir:RUN_DIR/export", pretrained=True)`` loads it) and
+model_ema.safetensors when the run kept an EMA. Training does this by itself at the end; use this for a run that was
+stopped or preempted. A run whose checkpoints are gone but whose export/ holds config.yaml gets its config.json
+(re)written.
+
+``--onnx`` also writes export/model.onnx (batch dimension dynamic) and export/onnx.json, after running the ONNX
+model with onnxruntime on real eval images of the run's data (``--data`` to point elsewhere) and comparing it with
+PyTorch: the largest absolute difference of the logits is printed and recorded. Needs the ``onnx`` extra.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -16,28 +24,104 @@ if __package__ in (None, ""):
 
 from conv2former.errors import UserError, exit_on_user_error  # noqa: E402
 
+ONNX_TOLERANCE = 1e-3
+"""Largest accepted |onnxruntime - PyTorch| of a logit, relative to the largest logit (at least 1): fp32 kernels
+that sum in another order differ by ~1e-6 here; a wrong graph differs by whole units."""
 
-@exit_on_user_error
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir", help="a run directory holding checkpoints/")
-    args = parser.parse_args(argv)
+
+def export_from_checkpoint(run_dir: str) -> str:
+    """Write run_dir/export/ from the newest complete checkpoint; refresh config.json of a bare export folder."""
     import torch
+    import yaml
 
-    from conv2former.engine.checkpoint import COMPLETE, export, list_tags
+    from conv2former.engine.checkpoint import COMPLETE, list_tags
+    from conv2former.export import write_export, write_timm_config
     from conv2former.weights import read_weights
 
-    ckpt_dir = os.path.join(args.run_dir, "checkpoints")
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
     tags = [t for t in list_tags(ckpt_dir) if os.path.exists(os.path.join(ckpt_dir, t, COMPLETE))]
+    export_dir = os.path.join(run_dir, "export")
     if not tags:
-        raise UserError(f"{args.run_dir} holds no complete checkpoint under checkpoints/")
+        config_yaml, classes_txt = os.path.join(export_dir, "config.yaml"), os.path.join(export_dir, "classes.txt")
+        if os.path.isfile(config_yaml) and os.path.isfile(classes_txt):
+            with open(config_yaml) as f:
+                config = yaml.safe_load(f)
+            with open(classes_txt) as f:
+                classes = [line.strip() for line in f if line.strip()]
+            write_timm_config(os.path.join(export_dir, "config.json"), config, classes)
+            print(f"no complete checkpoint in {run_dir}: kept the weights in {export_dir}, wrote its config.json")
+            return export_dir
+        raise UserError(f"{run_dir} holds no complete checkpoint under checkpoints/ and no export/ to complete")
     tag_dir = os.path.join(ckpt_dir, tags[-1])
     weights = read_weights(tag_dir)
     states = [f for f in sorted(os.listdir(tag_dir)) if f.endswith("model_states.pt")]
     client = torch.load(os.path.join(tag_dir, states[0]), map_location="cpu", weights_only=True)
-    out = export(args.run_dir, weights.state_dict, client.get("classes") or weights.classes or [],
-                 client.get("config") or {}, client.get("ema"))
+    out = write_export(run_dir, weights.state_dict, client.get("classes") or weights.classes or [],
+                       client.get("config") or {}, client.get("ema"))
     print(f"exported {tags[-1]} to {out}")
+    return out
+
+
+def eval_images(export_dir: str, data_root: str | None, split: str, count: int):
+    """The first ``count`` images of the split, through the stage's own eval transform (torch backend)."""
+    import torch
+    import yaml
+
+    from conv2former.config import DataConfig
+    from conv2former.data.loader import build_loader
+
+    with open(os.path.join(export_dir, "config.yaml")) as f:
+        data = yaml.safe_load(f)["data"]
+    root = data_root or data["root"]
+    cfg = DataConfig(root=root, backend="torch", image_size=data["image_size"], batch_size=count, workers=0,
+                     crop_pct=data["crop_pct"], crop_mode=data["crop_mode"], mean=tuple(data["mean"]),
+                     std=tuple(data["std"]))
+    try:
+        images, labels = next(iter(build_loader(cfg, split, 0, 1, torch.device("cpu"), train=False)))
+    except UserError as err:
+        raise UserError(f"{err} (the ONNX check reads eval images of the run's data: pass --data ROOT)") from None
+    return images[labels >= 0].contiguous(memory_format=torch.contiguous_format)
+
+
+def export_onnx_checked(export_dir: str, args: argparse.Namespace) -> dict:
+    from conv2former.export import export_onnx, model_from_export
+
+    model = model_from_export(export_dir)
+    images = eval_images(export_dir, args.data, args.split, args.images)
+    result = export_onnx(model, os.path.join(export_dir, "model.onnx"), images, args.opset)
+    result["split"] = args.split
+    with open(os.path.join(export_dir, "onnx.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"{result['file']}: opset {result['opset']}, dynamic batch; onnxruntime vs PyTorch on {result['images']} "
+          f"{args.split} images at {result['input_size'][-1]} px: max abs diff {result['max_abs_diff']:.2e} "
+          f"(logits up to {result['max_abs_logit']:.2f}), top-1 agreement {100 * result['top1_agreement']:.0f}%")
+    if result["max_abs_diff"] > ONNX_TOLERANCE * max(1.0, result["max_abs_logit"]):
+        raise UserError(f"the ONNX model disagrees with PyTorch (max abs diff {result['max_abs_diff']:.3g}): "
+                        f"do not use {os.path.join(export_dir, 'model.onnx')}; report it with onnx.json attached")
+    return result
+
+
+@exit_on_user_error
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", help="a run directory holding checkpoints/ (or an export/ to complete)")
+    parser.add_argument("--onnx", action="store_true", help="also write export/model.onnx, checked with onnxruntime")
+    parser.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    parser.add_argument("--data", help="shard root for the ONNX check (default: the run's own data root)")
+    parser.add_argument("--split", default="val", help="split whose first images check the ONNX model")
+    parser.add_argument("--images", type=int, default=32, help="how many eval images check the ONNX model")
+    args = parser.parse_args(argv)
+    if not os.path.isdir(args.run_dir):
+        raise UserError(f"run directory not found: {args.run_dir}")
+    if args.images < 1:
+        raise UserError(f"--images must be at least 1, got {args.images}")
+    if args.onnx:
+        from conv2former.export import require_onnx
+
+        require_onnx()  # before anything is written
+    export_dir = export_from_checkpoint(args.run_dir)
+    if args.onnx:
+        export_onnx_checked(export_dir, args)
     return 0
 
 

@@ -17,6 +17,7 @@ from conv2former.engine.optim import Schedule, build_optimizer, build_scheduler
 from conv2former.errors import UserError
 from conv2former.weights import check_compatible, read_weights
 from finetune.head_transfer import HEAD_INIT_SCALE, transfer_head
+from test_export import timm_top1
 from test_pretrain import BIN, FAST, PORT, REPO, demo_shards, env, run_pretrain  # noqa: F401  (fixture)
 
 FINETUNE = str(REPO / "launch" / "finetune.py")
@@ -154,6 +155,12 @@ def test_pretrain_finetune_twice_and_evaluate_through_the_commands(demo_shards, 
     assert results[0]["top5"] == results[1]["top5"]
     lines = (tmp_path / "pc1.txt").read_text().splitlines()
     assert len(lines) == 10 and sum(int(l.split()[2]) for l in lines) == 300
+    # timm alone reproduces it from the export folder: local-dir:, the transform its config.json resolves, PIL
+    # decoding (evaluate.py's torch backend decodes with PIL too; DALI's decoder rounds differently)
+    out = tmp_path / "eval_torch.json"
+    launch(EVALUATE, "--variant", "demo", "--weights", f"local-dir:{ft2 / 'export'}", "--data", IN1K, "--resolution",
+           "64", "--crop-pct", "1.0", "--crop-mode", "squash", "--backend", "torch", "--json", str(out), ranks=1)
+    assert timm_top1(str(ft2 / "export"), IN1K) == json.loads(out.read_text())["top1"]
 
 
 def test_mismatches_are_one_line_errors(tmp_path, capsys):

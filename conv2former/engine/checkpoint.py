@@ -1,4 +1,5 @@
-"""DeepSpeed checkpoints with our client state, complete-on-all-ranks markers, fallback, retention, export."""
+"""DeepSpeed checkpoints with our client state, complete-on-all-ranks markers, fallback, retention (the export
+folder is written by conv2former.export)."""
 from __future__ import annotations
 
 import json
@@ -14,8 +15,6 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
-import yaml
-from safetensors.torch import save_file
 
 COMPLETE = "complete"  # written into a tag after every rank has saved its part
 
@@ -131,20 +130,3 @@ def resume(engine, ckpt_dir: str) -> Optional[Dict[str, Any]]:
         client_state["tag"] = tag
         return client_state
     return None
-
-
-def export(run_dir: str, model_state: Dict[str, torch.Tensor], classes: List[str], config: Dict[str, Any],
-           ema_state: Optional[Dict[str, torch.Tensor]] = None) -> str:
-    """``RUN/export/``: model.safetensors (official key names, fp32), classes.txt, config.yaml, model_ema.safetensors."""
-    out = os.path.join(run_dir, "export")
-    os.makedirs(out, exist_ok=True)
-    save_file({k: v.detach().float().contiguous().cpu() if v.is_floating_point() else v.contiguous().cpu()
-               for k, v in model_state.items()}, os.path.join(out, "model.safetensors"))
-    if ema_state is not None:
-        save_file({k: v.detach().float().contiguous().cpu() if v.is_floating_point() else v.contiguous().cpu()
-                   for k, v in ema_state.items()}, os.path.join(out, "model_ema.safetensors"))
-    with open(os.path.join(out, "classes.txt"), "w") as f:
-        f.write("".join(f"{c}\n" for c in classes))
-    with open(os.path.join(out, "config.yaml"), "w") as f:
-        yaml.safe_dump(config, f, sort_keys=False)
-    return out

@@ -31,6 +31,7 @@ from conv2former.data.shard_format import read_classes
 from conv2former.engine import checkpoint as ckpt
 from conv2former.engine.optim import Schedule, build_optimizer, build_scheduler
 from conv2former.errors import UserError
+from conv2former.export import write_export
 
 
 def single_process_env() -> None:
@@ -262,7 +263,7 @@ def train(cfg: TrainConfig, dry_run: bool = False,
         if schedule.stop_step == 0:  # --max-steps 0: write the initial (transferred) model and stop
             export_dir = None
             if rank == 0:
-                export_dir = ckpt.export(cfg.output, model.state_dict(), classes, to_dict(cfg))
+                export_dir = write_export(cfg.output, model.state_dict(), classes, to_dict(cfg))
             return {"status": "exported without training", "step": 0, "export": export_dir, "output": cfg.output}
     if gpu:
         # Parameters stay contiguous: DeepSpeed broadcasts them as bytes (channels_last weights fail there) and ZeRO
@@ -450,7 +451,7 @@ def train(cfg: TrainConfig, dry_run: bool = False,
             from conv2former.weights import read_weights
 
             weights = read_weights(ckpt_dir)
-            export_dir = ckpt.export(cfg.output, weights.state_dict, classes, config_dict,
+            export_dir = write_export(cfg.output, weights.state_dict, classes, config_dict,
                                      ema.module.state_dict() if ema is not None else None)
         dist.barrier()
     logger.close()
