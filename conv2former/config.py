@@ -18,17 +18,17 @@ class AugmentConfig:
     """Training augmentation. Per-sample ops run in the loader; Mixup/CutMix and random erasing on the device batch."""
 
     randaugment: bool = True          # RandAugment n=2, m=9 (timm "rand-m9-mstd0.5-inc1" in the torch backend)
-    randaugment_n: int = 2
-    randaugment_m: int = 9
-    hflip: float = 0.5
-    scale: Tuple[float, float] = (0.08, 1.0)         # random-resized-crop area range
-    ratio: Tuple[float, float] = (3 / 4, 4 / 3)      # random-resized-crop aspect range
-    mixup: float = 0.8
-    cutmix: float = 1.0
-    mixup_prob: float = 1.0
-    mixup_switch_prob: float = 0.5
-    label_smoothing: float = 0.1
-    random_erasing: float = 0.25
+    randaugment_n: int = 2            # ops per image
+    randaugment_m: int = 9            # magnitude (of 10)
+    hflip: float = 0.5                # horizontal flip probability
+    scale: Tuple[float, float] = (0.08, 1.0)  # random-resized-crop area range
+    ratio: Tuple[float, float] = (3 / 4, 4 / 3)  # random-resized-crop aspect range
+    mixup: float = 0.8                # Mixup alpha (0: off)
+    cutmix: float = 1.0               # CutMix alpha (0: off)
+    mixup_prob: float = 1.0           # probability that a batch is mixed at all
+    mixup_switch_prob: float = 0.5    # probability of CutMix instead of Mixup when both are on
+    label_smoothing: float = 0.1      # applied to the (mixed) one-hot targets
+    random_erasing: float = 0.25      # probability of timm's RandomErasing per image (pixel mode)
 
 
 @dataclass
@@ -37,53 +37,53 @@ class DataConfig:
 
     root: str = ""                    # shard root holding _info.json, train/, val/ (any fsspec URL)
     backend: str = "auto"             # auto | dali-gpu | dali-cpu | torch
-    image_size: int = 224
-    batch_size: int = 32
-    eval_batch_size: Optional[int] = None
+    image_size: int = 224             # training and evaluation input side, pixels
+    batch_size: int = 32              # micro-batch per rank (training)
+    eval_batch_size: Optional[int] = None  # per rank; None: batch_size
     workers: int = 4                  # DALI threads, or DataLoader workers
-    seed: int = 0
+    seed: Optional[int] = None        # shard order and augmentation draws; None: the run's top-level seed
     shuffle_buffer: int = 4096        # per-rank sample shuffle buffer (in addition to the per-epoch shard order)
     crop_pct: float = 0.875           # eval: resize the shorter side to image_size / crop_pct, then center crop
     crop_mode: str = "center"         # eval: center | squash (resize to image_size x image_size, no crop)
-    mean: Tuple[float, float, float] = IMAGENET_DEFAULT_MEAN
-    std: Tuple[float, float, float] = IMAGENET_DEFAULT_STD
+    mean: Tuple[float, float, float] = IMAGENET_DEFAULT_MEAN  # normalisation mean (RGB, 0-1 scale)
+    std: Tuple[float, float, float] = IMAGENET_DEFAULT_STD  # normalisation std (RGB, 0-1 scale)
     channels_last: Optional[bool] = None  # batches in channels_last memory format; None: on GPU only
     cache_dir: Optional[str] = None   # local cache for remote shards (DALI reads local files)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # training augmentation
 
 
 @dataclass
 class ModelConfig:
-    variant: str = "conv2former_l"
-    drop_path_rate: float = 0.1
-    kernel_size: Optional[int] = None
-    grad_checkpointing: bool = False
-    compile: bool = False
+    variant: str = "conv2former_l"    # a registered timm name (the launchers' --variant takes short names)
+    drop_path_rate: float = 0.1       # stochastic depth at the last block (linear over depth)
+    kernel_size: Optional[int] = None  # modulation kernel; None: the variant's own (11, or 7 for n and b_22k)
+    grad_checkpointing: bool = False  # per-block activation checkpointing (memory for compute)
+    compile: bool = False             # torch.compile the DeepSpeed engine
 
 
 @dataclass
 class OptimConfig:
     base_lr: float = 1e-3             # lr = base_lr * global_batch / 1024 (paper, section 4.1)
-    weight_decay: float = 0.05
-    betas: Tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
+    weight_decay: float = 0.05        # AdamW decoupled decay; none on 1-D parameters (norms, biases, layer scales)
+    betas: Tuple[float, float] = (0.9, 0.999)  # AdamW betas
+    eps: float = 1e-8                 # AdamW epsilon
     clip_grad: float = 0.0            # 0 = no clipping (the paper's setting)
-    layer_decay: Optional[float] = None
+    layer_decay: Optional[float] = None  # layer-wise lr decay (fine-tuning: 0.8); None: off
 
 
 @dataclass
 class ScheduleConfig:
-    epochs: int = 90
-    warmup_epochs: float = 5.0
-    min_lr: float = 1e-6
+    epochs: int = 90                  # the schedule's length
+    warmup_epochs: float = 5.0        # linear warmup, per optimizer step
+    min_lr: float = 1e-6              # the cosine schedule's floor
     max_steps: Optional[int] = None   # stop early without changing the schedule
-    global_batch: int = 4096
-    eval_every_epochs: int = 1
+    global_batch: int = 4096          # images per optimizer step over all ranks (ranks x micro-batch x accumulation)
+    eval_every_epochs: int = 1        # evaluate every N epochs (and at the end)
 
 
 @dataclass
 class DeepSpeedConfig:
-    zero_stage: int = 1
+    zero_stage: int = 1               # DeepSpeed ZeRO stage 0-3
     bf16: bool = True                 # on GPU; CPU runs are fp32
     overlap_comm: bool = True         # reduce gradients during the backward pass (DeepSpeed's default: ZeRO-3 only)
 
@@ -91,21 +91,21 @@ class DeepSpeedConfig:
 @dataclass
 class CheckpointConfig:
     save_every: int = 1000            # steps; and at each epoch end
-    keep_last: int = 3
+    keep_last: int = 3                # complete checkpoints kept; older ones are deleted
 
 
 @dataclass
 class LoggingConfig:
-    print_every: int = 20
+    print_every: int = 20             # steps between recorded training scalars
 
 
 @dataclass
 class TrainConfig:
-    stage: str = "pretrain"
-    output: str = "runs/default"
-    seed: int = 0
-    ema: bool = False
-    ema_decay: float = 0.9999
+    stage: str = "pretrain"           # a name for the run's logs and export tag
+    output: str = "runs/default"      # run directory: checkpoints/, export/, tb/, log.jsonl
+    seed: int = 0                     # initial weights, dropout and (unless data.seed) the data order
+    ema: bool = False                 # keep an exponential moving average of the weights (timm ModelEmaV3)
+    ema_decay: float = 0.9999         # the EMA's decay per optimizer step
     ema_warmup: bool = False          # timm's EMA warmup (decay ramps up from 0): for short runs, so BN stats catch up
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -204,3 +204,35 @@ def load_yaml(path: str) -> Dict[str, Any]:
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must hold a mapping of sections")
     return data
+
+
+def field_docs(cls: type = None, prefix: str = "") -> Dict[str, str]:
+    """``{"section.key": the comment beside its declaration above}`` for every leaf field of ``TrainConfig``."""
+    import inspect
+    import re
+
+    cls = cls or TrainConfig
+    source = inspect.getsource(cls)
+    comments = {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+):[^\n#]*#([^\n]*)$", source, re.M)}
+    hints = typing.get_type_hints(cls)
+    docs: Dict[str, str] = {}
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            docs.update(field_docs(hints[f.name], f"{prefix}{f.name}."))
+        else:
+            docs[f"{prefix}{f.name}"] = comments.get(f.name, "")
+    return docs
+
+
+def describe_config(cfg: "TrainConfig") -> str:
+    """Every field as ``key = value  # what it is``, in declaration order (the launchers' --help-config)."""
+    lines = []
+    for key, doc in field_docs().items():
+        value: Any = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        if isinstance(value, tuple):
+            value = list(value)
+        lines.append(f"{key} = {yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
+                     f"  # {doc}")
+    return "\n".join(lines)

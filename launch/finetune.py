@@ -20,8 +20,6 @@ from conv2former.engine.cli import add_train_arguments, resolve_config  # noqa: 
 from conv2former.errors import exit_on_user_error  # noqa: E402
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "finetune", "configs")
-DROP_PATH = {"conv2former_l": 0.3, "conv2former_b": 0.2, "conv2former_b_22k": 0.2, "conv2former_s": 0.2,
-             "conv2former_t": 0.1, "conv2former_n": 0.1, "conv2former_demo": 0.0}
 
 
 @exit_on_user_error
@@ -38,16 +36,10 @@ def main(argv=None) -> int:
     defaults = [os.path.join(CONFIGS, "finetune_224.yaml")]
     if recipe == "384":
         defaults.append(os.path.join(CONFIGS, "finetune_384.yaml"))
-    if args.variant in ("demo", "conv2former_demo"):
-        defaults.append(os.path.join(CONFIGS, "demo.yaml"))
     if args.image_size is None:
         args.image_size = args.resolution
-    cfg = resolve_config(args, defaults)
-    if not any(o.startswith("model.drop_path_rate=") for o in args.overrides):
-        cfg.model.drop_path_rate = DROP_PATH.get(cfg.model.variant, cfg.model.drop_path_rate)
-    if recipe == "384" and cfg.model.variant == "conv2former_l" and \
-            not any(o.startswith("model.grad_checkpointing=") for o in args.overrides):
-        cfg.model.grad_checkpointing = True
+    # per variant: variants/<v>.yaml (drop path, the demo's CPU sizes), and at 384 variants/<v>_384.yaml
+    cfg = resolve_config(args, defaults, os.path.join(CONFIGS, "variants"), ("", "_384") if recipe == "384" else ("",))
     cfg.stage = f"finetune-{args.resolution}"
 
     from conv2former.weights import check_compatible, read_weights

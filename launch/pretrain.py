@@ -24,10 +24,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_train_arguments(parser)
     args = parser.parse_args(argv)
-    defaults = [os.path.join(CONFIGS, "pretrain_22k.yaml")]
-    if args.variant in ("demo", "conv2former_demo"):
-        defaults.append(os.path.join(CONFIGS, "demo.yaml"))
-    cfg = resolve_config(args, defaults)
+    # per variant: variants/<v>.yaml (the demo's CPU sizes)
+    cfg = resolve_config(args, [os.path.join(CONFIGS, "pretrain_22k.yaml")], os.path.join(CONFIGS, "variants"))
     from conv2former.engine.trainer import train
 
     result = train(cfg, dry_run=args.dry_run)

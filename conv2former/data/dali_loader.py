@@ -22,7 +22,7 @@ from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from conv2former.config import DataConfig
 from conv2former.data import shard_format as fmt
-from conv2former.data.loader import ShardLoader
+from conv2former.data.base import ShardLoader
 from conv2former.data.shards import SplitShards, epoch_shard_order, sample_seed
 
 READER = "reader"
@@ -101,14 +101,13 @@ def _center(length, crop: int):
 class DaliLoader(ShardLoader):
     def __init__(self, cfg: DataConfig, shards: SplitShards, train: bool, rank: int, world_size: int,
                  device: torch.device, gpu: bool) -> None:
-        super().__init__(cfg, shards, train, rank, world_size, device)
+        super().__init__(cfg, shards, train, rank, world_size, device, backend="dali-gpu" if gpu else "dali-cpu")
         self.gpu = gpu
-        self.backend = "dali-gpu" if gpu else "dali-cpu"
         self._pipe = None
         self._checkpoint: Optional[bytes] = None
 
     def _build(self) -> None:
-        order = epoch_shard_order(len(self.shards.shards), self.cfg.seed, self.epoch) if self.train \
+        order = epoch_shard_order(len(self.shards.shards), self.seed, self.epoch) if self.train \
             else list(range(len(self.shards.shards)))
         paths = [self.shards.shards[i].tar for i in order]
         index_paths = [self.shards.shards[i].index for i in order]
@@ -123,7 +122,7 @@ class DaliLoader(ShardLoader):
             warnings.simplefilter("ignore", DeprecationWarning)
             pipe = pipeline(
                 batch_size=self.batch_size, num_threads=max(1, cfg.workers),
-                device_id=self.device.index if gpu else None, seed=sample_seed(cfg.seed, self.epoch, rank),
+                device_id=self.device.index if gpu else None, seed=sample_seed(self.seed, self.epoch, rank),
                 enable_checkpointing=self.train, checkpoint=self._checkpoint, prefetch_queue_depth=2,
                 exec_dynamic=True,
             )

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from conv2former.config import DataConfig
 from conv2former.data import shard_format as fmt
-from conv2former.data.loader import ShardLoader
+from conv2former.data.base import ShardLoader
 from conv2former.data.shards import SplitShards, epoch_shard_order, rank_range, sample_seed
 
 SampleRef = Tuple[str, Tuple[int, int], Tuple[int, int]]  # (tar path, jpg (offset, size), cls (offset, size))
@@ -83,18 +83,18 @@ class _Batches(Dataset):
 
 
 class TorchLoader(ShardLoader):
-    backend = "torch"
+    """timm's transforms in a ``DataLoader`` whose items are whole batches (decoded and stacked in a worker)."""
 
     def __init__(self, cfg: DataConfig, shards: SplitShards, train: bool, rank: int, world_size: int,
                  device: torch.device) -> None:
-        super().__init__(cfg, shards, train, rank, world_size, device)
+        super().__init__(cfg, shards, train, rank, world_size, device, backend="torch")
         self.transform = timm_transform(cfg, train)
         self._iter = None
 
     def epoch_refs(self) -> List[Optional[SampleRef]]:
         """This rank's samples of the current epoch in order, cut (train) or padded (eval) to whole batches."""
         shards = self.shards.shards
-        order = epoch_shard_order(len(shards), self.cfg.seed, self.epoch) if self.train else range(len(shards))
+        order = epoch_shard_order(len(shards), self.seed, self.epoch) if self.train else range(len(shards))
         refs: List[Optional[SampleRef]] = []
         for i in order:
             shard = shards[i]
@@ -102,14 +102,14 @@ class TorchLoader(ShardLoader):
         start, end = rank_range(len(refs), self.rank, self.world_size)
         refs = refs[start:end]
         if self.train:
-            rng = random.Random(sample_seed(self.cfg.seed, self.epoch, self.rank))
+            rng = random.Random(sample_seed(self.seed, self.epoch, self.rank))
             refs = buffer_shuffle(refs, self.cfg.shuffle_buffer, rng)
             return refs[: self.steps * self.batch_size]
         return refs + [None] * (self.steps * self.batch_size - len(refs))
 
     def _loader(self) -> DataLoader:
         dataset = _Batches(self.epoch_refs(), self.batch_size, self.transform, self.cfg.image_size,
-                           sample_seed(self.cfg.seed, self.epoch, self.rank))
+                           sample_seed(self.seed, self.epoch, self.rank))
         return DataLoader(dataset, batch_size=None, sampler=range(self.step, self.steps),
                           num_workers=self.cfg.workers, pin_memory=self.device.type == "cuda",
                           prefetch_factor=2 if self.cfg.workers else None, persistent_workers=False)

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import timm
 
-from conv2former.config import TrainConfig, apply_overrides, load_yaml, parse_set
+from conv2former.config import TrainConfig, apply_overrides, describe_config, load_yaml, parse_set
 from conv2former.errors import UserError
 
 SHORT_VARIANTS = ("n", "t", "s", "b", "b_22k", "l", "demo")
@@ -41,13 +41,15 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save-every", type=int, help="checkpoint every N optimizer steps (and at each epoch end)")
     parser.add_argument("--workers", type=int, help="loader threads/workers per rank")
     parser.add_argument("--dry-run", action="store_true", help="print the derived schedule and exit")
+    parser.add_argument("--help-config", action="store_true",
+                        help="print every config field as this command line resolves it (key = value  # meaning), exit")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # set by the deepspeed launcher
 
 
-def resolve_config(args: argparse.Namespace, stage_defaults: Sequence[str]) -> TrainConfig:
-    """Stage defaults, then --config files, then flags, then --set (the last word wins)."""
+def _merge(args: argparse.Namespace, files: Sequence[str]) -> TrainConfig:
+    """YAML files in order, then the flags, then --set: the last word wins."""
     cfg = TrainConfig()
-    for path in list(stage_defaults) + list(args.config):
+    for path in files:
         apply_overrides(cfg, load_yaml(path))
     flags = {
         ("model", "variant"): variant_name(args.variant) if args.variant else None,
@@ -73,6 +75,32 @@ def resolve_config(args: argparse.Namespace, stage_defaults: Sequence[str]) -> T
         setattr(target, path[-1], value)
     apply_overrides(cfg, parse_set(args.overrides))
     cfg.model.variant = variant_name(cfg.model.variant)
+    return cfg
+
+
+def variant_recipe_paths(folder: Optional[str], variant: str, suffixes: Sequence[str] = ("",)) -> List[str]:
+    """The per-variant recipe files that exist: ``folder/<short name><suffix>.yaml`` (e.g. variants/l_384.yaml)."""
+    if folder is None:
+        return []
+    short = variant[len("conv2former_"):] if variant.startswith("conv2former_") else variant
+    return stage_config_paths(folder, [f"{short}{suffix}.yaml" for suffix in suffixes])
+
+
+def resolve_config(args: argparse.Namespace, stage_defaults: Sequence[str], variant_folder: Optional[str] = None,
+                   variant_suffixes: Sequence[str] = ("",)) -> TrainConfig:
+    """The documented precedence: stage YAML (then its per-variant files) < --config files < flags < --set.
+
+    The variant is whatever the whole chain ends with; its recipe files (``variant_folder``) join the stage
+    defaults, so a --config, flag or --set always beats them."""
+    variant = _merge(args, list(stage_defaults) + list(args.config)).model.variant
+    defaults = list(stage_defaults) + variant_recipe_paths(variant_folder, variant, variant_suffixes)
+    cfg = _merge(args, defaults + list(args.config))
+    if getattr(args, "help_config", False):
+        print(describe_config(cfg))
+        raise SystemExit(0)
+    if cfg.model.variant != variant:
+        raise UserError(f"the variant's recipe file sets model.variant={cfg.model.variant}, not {variant}: fix "
+                        f"{variant_recipe_paths(variant_folder, variant, variant_suffixes)}")
     if not cfg.data.root:
         raise UserError("no data given: pass --data DIR_OR_URL (a shard root made by data_prep/shard.py)")
     if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):

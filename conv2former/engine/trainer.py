@@ -234,7 +234,8 @@ def train(cfg: TrainConfig, dry_run: bool = False,
     if gpu:
         torch.cuda.set_device(device)
     cfg.data.backend = backend
-    cfg.data.seed = cfg.seed
+    if cfg.data.seed is None:
+        cfg.data.seed = cfg.seed  # documented default: the data follow the run's seed unless data.seed is set
     train_loader = build_loader(cfg.data, "train", rank, world_size, device)
     schedule = derive_schedule(cfg, world_size, len(train_loader))
     classes = read_classes(cfg.data.root)

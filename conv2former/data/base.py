@@ -1,0 +1,103 @@
+"""``ShardLoader``: what every backend shares: the data position, the dealing rule, eval padding.
+
+Every loader is an iterable over the remaining steps of its current epoch, with ``len()`` = steps per epoch,
+``set_epoch(e)``, and ``state_dict()/load_state_dict()`` holding the data position (epoch, step, and DALI's own
+pipeline checkpoint), so a run resumed mid-epoch continues with the samples it had not seen, in the same order.
+Training batches are full and every rank has the same number of them; evaluation batches keep a fixed shape and
+mark padding with label -1 (see ``conv2former.data.shards`` for the exact dealing rule). The backends
+(``dali_loader.DaliLoader``, ``torch_loader.TorchLoader``) produce the batches; ``loader.build_loader`` picks one.
+"""
+from __future__ import annotations
+
+import abc
+import warnings
+from typing import Any, Dict, Iterator, Tuple
+
+import torch
+
+from conv2former.config import DataConfig
+from conv2former.data.shards import SplitShards, eval_steps, rank_range, train_steps
+from conv2former.errors import UserError
+
+
+class ShardLoader(abc.ABC):
+    """The state and the dealing rule every backend shares; subclasses produce the batches."""
+
+    def __init__(self, cfg: DataConfig, shards: SplitShards, train: bool, rank: int, world_size: int,
+                 device: torch.device, backend: str) -> None:
+        self.backend = backend  # "dali-gpu", "dali-cpu" or "torch": recorded in the data position
+        self.cfg, self.shards, self.train = cfg, shards, train
+        self.seed = 0 if cfg.seed is None else cfg.seed  # shard order and augmentation draws
+        self.rank, self.world_size, self.device = rank, world_size, device
+        self.batch_size = cfg.batch_size if train else (cfg.eval_batch_size or cfg.batch_size)
+        self.num_classes = shards.num_classes
+        self.epoch, self.step = 0, 0
+        total = shards.num_samples
+        self.steps = (train_steps if train else eval_steps)(total, world_size, self.batch_size)
+        if self.steps == 0:
+            raise UserError(
+                f"batch {self.batch_size} per rank x {world_size} ranks is more than the {total} samples of "
+                f"{shards.root} {shards.split}: lower the micro-batch or use fewer ranks"
+            )
+        start, end = rank_range(total, rank, world_size)
+        self.rank_samples = end - start
+        # channels_last batches make cuDNN pick its NHWC kernels; the model's parameters stay contiguous (DeepSpeed
+        # flattens and broadcasts them and rejects channels_last ones)
+        self.channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.step = epoch, 0
+            self._reset()
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        while self.step < self.steps:
+            images, labels = self._next_batch()
+            if not self.train:  # eval: positions past this rank's range are padding
+                valid = max(0, min(self.batch_size, self.rank_samples - self.step * self.batch_size))
+                labels[valid:] = -1
+            self.step += 1
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            yield images, labels
+        self.epoch, self.step = self.epoch + 1, 0
+        self._reset()
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"backend": self.backend, "epoch": self.epoch, "step": self.step, "rank": self.rank,
+                "world_size": self.world_size, "seed": self.seed, **self._extra_state()}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        same_dealing = (state.get("world_size"), state.get("seed"), state.get("backend")) == \
+            (self.world_size, self.seed, self.backend)
+        self.epoch = int(state["epoch"])
+        if not same_dealing:
+            warnings.warn(
+                f"data position saved with {state.get('world_size')} ranks, seed {state.get('seed')}, backend "
+                f"{state.get('backend')} cannot be replayed on {self.world_size} ranks, seed {self.seed}, backend "
+                f"{self.backend}: epoch {self.epoch} restarts from its start"
+            )
+            self.step = 0
+            self._reset()
+            return
+        self.step = int(state["step"])
+        self._restore(state)
+
+    # backend hooks
+    @abc.abstractmethod
+    def _next_batch(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The next batch of the current epoch, on the loader's device."""
+
+    @abc.abstractmethod
+    def _reset(self) -> None:
+        """Forget the running epoch (the next batch starts ``self.epoch`` at ``self.step``)."""
+
+    def _extra_state(self) -> Dict[str, Any]:
+        return {}
+
+    @abc.abstractmethod
+    def _restore(self, state: Dict[str, Any]) -> None:
+        """Continue from ``state`` (``self.epoch``/``self.step`` are already set)."""
