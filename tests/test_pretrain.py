@@ -191,6 +191,7 @@ def test_zero_stages_follow_the_same_loss_trajectory(reference_run, demo_shards,
     ref_losses = [r["loss"] for r in read_log(ref)][:15]
     losses = [r["loss"] for r in read_log(tmp_path)]
     assert summary["step"] == 15 and "ema_top1" in summary["eval"]  # EMA works under every stage
+    assert len(ref_losses) == len(losses) == 15
     for a, b in zip(ref_losses, losses):
         assert a == pytest.approx(b, rel=1e-3, abs=1e-3)
 
@@ -203,7 +204,7 @@ def test_channels_last_batches_train_like_nchw(reference_run, demo_shards, tmp_p
                            "--max-steps", "15", "--set", "data.channels_last=true")
     ref_losses = [r["loss"] for r in read_log(ref)][:15]
     losses = [r["loss"] for r in read_log(tmp_path)]
-    assert summary["step"] == 15 and len(losses) == 15
+    assert summary["step"] == 15 and len(ref_losses) == len(losses) == 15
     for a, b in zip(ref_losses, losses):
         assert a == pytest.approx(b, rel=1e-3, abs=1e-3)
 
@@ -217,7 +218,7 @@ def test_grad_checkpointing_and_compile_through_the_engine(reference_run, demo_s
                            "--max-steps", "10", "--set", option)
     ref_losses = [r["loss"] for r in read_log(ref)][:10]
     losses = [r["loss"] for r in read_log(tmp_path)]
-    assert summary["step"] == 10 and len(losses) == 10 and summary["export"]
+    assert summary["step"] == 10 and len(ref_losses) == len(losses) == 10 and summary["export"]
     for a, b in zip(ref_losses, losses):
         assert a == pytest.approx(b, rel=1e-3, abs=1e-3)
 

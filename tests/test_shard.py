@@ -240,7 +240,7 @@ def test_memory_url_round_trip(tree_22k):
     assert verify("memory://shards/in22k", use_dali=True, quiet=True) == []
 
 
-def test_s3_round_trip_through_a_local_moto_server(tree_22k, tmp_path):
+def test_s3_round_trip_through_a_local_moto_server(tree_22k, tmp_path, monkeypatch):
     moto_server = pytest.importorskip("moto.server")
     s3fs = pytest.importorskip("s3fs")
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
@@ -248,8 +248,9 @@ def test_s3_round_trip_through_a_local_moto_server(tree_22k, tmp_path):
     try:
         host, port = server.get_host_and_port()
         endpoint = f"http://{host}:{port}"
-        os.environ.update(AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", AWS_DEFAULT_REGION="us-east-1",
-                          AWS_ENDPOINT_URL_S3=endpoint, FSSPEC_S3_ENDPOINT_URL=endpoint)
+        for var, value in dict(AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", AWS_DEFAULT_REGION="us-east-1",
+                               AWS_ENDPOINT_URL_S3=endpoint, FSSPEC_S3_ENDPOINT_URL=endpoint).items():
+            monkeypatch.setenv(var, value)  # undone after the test, whatever happens
         fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True)
         fs.mkdir("bucket")
         src, _ = tree_22k
@@ -262,8 +263,6 @@ def test_s3_round_trip_through_a_local_moto_server(tree_22k, tmp_path):
         assert remote == local
         assert verify("s3://bucket/in22k/val", use_dali=True, quiet=True) == []
     finally:
-        for var in ("AWS_ENDPOINT_URL_S3", "FSSPEC_S3_ENDPOINT_URL"):
-            os.environ.pop(var, None)
         server.stop()
 
 
