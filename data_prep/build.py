@@ -49,6 +49,15 @@ def _digest(splits: Dict[str, List[List[SourceItem]]]) -> str:
     return h.hexdigest()
 
 
+def _same_items(previous: Dict[str, object], plan: Dict[str, object]) -> bool:
+    """Whether two plans differ only in where the source lives (same settings, same samples in the same shards)."""
+    def without_location(p: Dict[str, object]) -> Dict[str, object]:
+        source = p.get("source")
+        return {**p, "source": {k: v for k, v in source.items() if k != "src"} if isinstance(source, dict) else source}
+
+    return without_location(previous) == without_location(plan)
+
+
 def _check_writable(fs: fsspec.AbstractFileSystem, out_path: str, out: str) -> None:
     try:
         fs.makedirs(out_path, exist_ok=True)
@@ -141,6 +150,12 @@ def build_shards(
     if fs.exists(plan_path):
         with fs.open(plan_path, "r") as f:
             previous = json.load(f)
+        if previous != plan and _same_items(previous, plan):
+            # the same images under another path (a moved checkout or mount): the shards stay valid
+            if not options.quiet:
+                print(f"{out}: the source moved ({previous['source'].get('src')} -> {plan['source'].get('src')}); "
+                      "the planned samples are identical, so the shards are reused")
+            previous = plan
         if previous != plan:
             if not options.overwrite:
                 differs = sorted(k for k in plan if previous.get(k) != plan[k])

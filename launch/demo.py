@@ -24,19 +24,16 @@ from pathlib import Path
 from typing import Dict, List
 
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from conv2former.engine.distributed import free_port  # noqa: E402
+
 SIZES = {
     # pretrain epochs, pretrain px, fine-tune epochs, (low px, high px)
     "full": dict(pre_epochs=10, pre_px=64, ft_epochs=6, low=64, high=96, hi_epochs=3),
     "small": dict(pre_epochs=3, pre_px=32, ft_epochs=3, low=32, high=48, hi_epochs=2),
 }
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def deepspeed(script: str, *args: str, ranks: int = 2) -> List[str]:

@@ -40,12 +40,13 @@ def main(argv=None) -> int:
 
     import timm
     import torch
-    import torch.distributed as dist
 
     from conv2former.config import DataConfig
     from conv2former.data.loader import build_loader
     from conv2former.data.shard_format import read_classes
     from conv2former.engine.cli import variant_name
+    from conv2former.engine.evaluator import Evaluator
+    from conv2former.engine.metrics import get_logger
     from conv2former.weights import check_compatible, read_weights
 
     variant = variant_name(args.variant)
@@ -82,35 +83,22 @@ def main(argv=None) -> int:
                      workers=args.workers, crop_pct=args.crop_pct or (1.0 if high else 0.875),
                      crop_mode=args.crop_mode or ("squash" if high else "center"))
     loader = build_loader(cfg, args.split, rank, world, device, train=False)
-    counts = torch.zeros(len(classes), 3, dtype=torch.float64, device=device)  # top1 hits, top5 hits, total
     start = time.perf_counter()
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu):
-        for images, labels in loader:
-            logits = model(images).float()
-            valid = labels >= 0
-            top5 = logits.topk(min(5, len(classes)), dim=1).indices
-            hits = top5 == labels.view(-1, 1)
-            idx = labels[valid]
-            counts[:, 0].index_add_(0, idx, hits[valid, 0].double())
-            counts[:, 1].index_add_(0, idx, hits[valid].any(1).double())
-            counts[:, 2].index_add_(0, idx, torch.ones_like(idx, dtype=torch.float64))
+    evaluation = Evaluator(len(classes), device).run(model, loader, autocast_dtype=torch.bfloat16 if gpu else None)
     seconds = time.perf_counter() - start
-    if world > 1:
-        dist.all_reduce(counts)
-    totals = counts.sum(0)
-    n = int(totals[2].item())
-    result = {"top1": totals[0].item() / max(n, 1), "top5": totals[1].item() / max(n, 1), "num_samples": n,
+    n = evaluation.num_samples
+    result = {"top1": evaluation.top1, "top5": evaluation.top5, "num_samples": n,
               "images_per_s": round(n / seconds, 1), "weights": path, "resolution": args.resolution,
               "crop_pct": cfg.crop_pct, "crop_mode": cfg.crop_mode, "ranks": world}
     if rank == 0:
-        print(f"top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  on {n} images "
+        get_logger(rank).info(f"top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  on {n} images "
               f"({result['images_per_s']} img/s, {world} rank(s))")
         if args.json_path:
             with open(args.json_path, "w") as f:
                 json.dump(result, f, indent=1)
         if args.per_class:
             with open(args.per_class, "w") as f:
-                for synset, (c1, _, total) in zip(classes, counts.tolist()):
+                for synset, (c1, _, total) in zip(classes, evaluation.per_class.tolist()):
                     f.write(f"{synset} {int(c1)} {int(total)} {c1 / total if total else 0:.4f}\n")
     return 0
 

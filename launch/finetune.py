@@ -42,6 +42,7 @@ def main(argv=None) -> int:
     cfg = resolve_config(args, defaults, os.path.join(CONFIGS, "variants"), ("", "_384") if recipe == "384" else ("",))
     cfg.stage = f"finetune-{args.resolution}"
 
+    from conv2former.engine.metrics import get_logger
     from conv2former.weights import check_compatible, read_weights
     from finetune.head_transfer import transfer_head
 
@@ -66,8 +67,7 @@ def main(argv=None) -> int:
         report = transfer_head(state, weights.classes, classes, model, args.head)
         check_compatible(model, state, args.pretrained)
         model.load_state_dict(state, strict=True)
-        if rank == 0:
-            print(report.line())
+        get_logger(rank).info(report.line())
 
     from conv2former.engine.trainer import train
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """ImageNet-22k pretraining: ``deepspeed launch/pretrain.py --variant l --data SHARDS --output runs/l22k``.
 
-Also runs under ``torchrun`` and ``srun`` (rank variables from the launcher). See README "Pretraining".
+Also runs under ``torchrun`` and ``srun`` (rank variables from the launcher). See docs/TRAINING.md.
 """
 from __future__ import annotations
 

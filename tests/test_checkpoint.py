@@ -16,7 +16,7 @@ WORKER = r"""
 import json, sys, warnings
 import deepspeed, torch
 from conv2former.engine import checkpoint as ckpt
-from conv2former.engine.trainer import single_process_env
+from conv2former.engine.distributed import single_process_env
 
 mode, ckpt_dir = sys.argv[1], sys.argv[2]
 single_process_env()

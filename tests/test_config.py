@@ -10,7 +10,7 @@ import pytest
 
 from conv2former.config import TrainConfig, field_docs
 from conv2former.engine.cli import add_train_arguments, resolve_config
-from conv2former.engine.trainer import derive_schedule
+from conv2former.engine.optim import derive_schedule
 from conv2former.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent

@@ -18,7 +18,7 @@ import torch
 import conv2former  # noqa: F401
 from conv2former.config import DataConfig
 from conv2former.data.loader import build_loader
-from conv2former.engine.trainer import evaluate
+from conv2former.engine.evaluator import Evaluator
 from conv2former.weights import load_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
@@ -113,7 +113,7 @@ def test_export_loads_strictly_and_reproduces_eval_accuracy(reference_run, demo_
     model = timm.create_model("conv2former_demo", num_classes=len(classes))
     load_checkpoint(model, str(out / "export" / "model.safetensors"))
     cfg = DataConfig(root=demo_shards, backend="dali-cpu", image_size=32, batch_size=50, workers=2)
-    result = evaluate(model, build_loader(cfg, "val"), torch.device("cpu"), torch.float32)
+    result = Evaluator(len(classes), torch.device("cpu")).run(model, build_loader(cfg, "val"))
     assert result.num_samples == 400
     assert result.top1 == pytest.approx(summary["eval"]["top1"], abs=1e-9)
     assert result.top5 == pytest.approx(summary["eval"]["top5"], abs=1e-9)

@@ -5,6 +5,7 @@ import collections
 import filecmp
 import io
 import json
+import shutil
 import os
 import signal
 import subprocess
@@ -301,9 +302,14 @@ def test_refuses_to_mix_runs_unless_overwrite(tree_22k, tmp_path, capsys):
     assert run("imagenet22k", str(src), out, *common) == 0
     assert run("imagenet22k", str(src), out, *common) == 0  # same plan: every shard reused
     assert "reused" in capsys.readouterr().out
-    err = one_line_error(capsys, "imagenet22k", str(src), out, *common, "--seed", "7")
+    moved = tmp_path / "moved-checkout" / "src"  # the same images at another path: still the same plan
+    shutil.copytree(src, moved)
+    assert run("imagenet22k", str(moved), out, *common) == 0
+    assert "reused" in capsys.readouterr().out
+    assert json.loads((tmp_path / "out" / "_plan.json").read_text())["source"]["src"] == str(moved)
+    err = one_line_error(capsys, "imagenet22k", str(moved), out, *common, "--seed", "7")
     assert "different source or settings (digest, seed differ)" in err and "--overwrite" in err
-    assert run("imagenet22k", str(src), out, *common, "--seed", "7", "--overwrite") == 0
+    assert run("imagenet22k", str(moved), out, *common, "--seed", "7", "--overwrite") == 0
     assert json.loads((tmp_path / "out" / "_info.json").read_text())["seed"] == 7
 
 

@@ -130,3 +130,37 @@ def resume(engine, ckpt_dir: str) -> Optional[Dict[str, Any]]:
         client_state["tag"] = tag
         return client_state
     return None
+
+
+class CheckpointManager:
+    """``OUTPUT/checkpoints/``: where a run saves and from where it resumes.
+
+    Saving happens on every rank (DeepSpeed writes each rank's part), then rank 0 marks the tag ``complete``, points
+    ``latest`` at it and keeps the newest ``keep_last`` complete tags. Resuming takes the newest complete, loadable
+    tag (older ones on failure, with a warning); a tag saved by another number of ranks is converted once to
+    DeepSpeed's universal format, which must be known before ``deepspeed.initialize`` (``configure``).
+    """
+
+    def __init__(self, ckpt_dir: str, keep_last: int, rank: int, world_size: int) -> None:
+        self.dir, self.keep_last, self.rank, self.world_size = ckpt_dir, keep_last, rank, world_size
+        self.newest = newest_complete(ckpt_dir)
+        self.universal: Optional[str] = None
+
+    def configure(self, ds_config: Dict[str, Any]) -> Optional[str]:
+        """Prepare a resume across world sizes; returns a line to show when that happens."""
+        saved_by = self.newest.get("world_size", self.world_size) if self.newest else self.world_size
+        if saved_by == self.world_size:
+            return None
+        self.universal = universal_tag(self.dir, self.newest["tag"], self.rank)
+        ds_config["checkpoint"] = {"load_universal": True}
+        return (f"checkpoint {self.newest['tag']} was saved by {saved_by} ranks: resuming on {self.world_size} "
+                f"through {self.universal}")
+
+    def load(self, engine) -> Optional[Dict[str, Any]]:
+        """The client state of the checkpoint loaded into ``engine``, or None for a fresh run."""
+        if self.universal is not None:
+            return resume_universal(engine, self.dir, self.universal)
+        return resume(engine, self.dir) if list_tags(self.dir) else None
+
+    def save(self, engine, step: int, client_state: Dict[str, Any]) -> str:
+        return save(engine, self.dir, step, client_state, self.keep_last)

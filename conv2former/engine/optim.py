@@ -1,4 +1,4 @@
-"""Optimizer parameter groups and the per-step learning-rate schedule."""
+"""The schedule derived from the config and the world size, the optimizer's parameter groups, the per-step lr."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,6 +10,7 @@ from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
 
 from conv2former.config import TrainConfig
+from conv2former.errors import UserError
 
 
 @dataclass
@@ -29,6 +30,25 @@ class Schedule:
 
     def as_dict(self) -> Dict[str, float]:
         return dict(self.__dict__)
+
+
+def derive_schedule(cfg: TrainConfig, world_size: int, loader_steps: int) -> Schedule:
+    micro = cfg.data.batch_size
+    per_step = micro * world_size
+    if cfg.schedule.global_batch % per_step:
+        raise UserError(f"global batch {cfg.schedule.global_batch} is not divisible by {world_size} ranks x micro-batch "
+                        f"{micro} = {per_step}: change --global-batch or --micro-batch")
+    accum = cfg.schedule.global_batch // per_step
+    steps_per_epoch = loader_steps // accum
+    if steps_per_epoch == 0:
+        raise UserError(f"one optimizer step needs {accum} micro-batches per rank but an epoch holds {loader_steps}: "
+                        "lower --global-batch")
+    total = cfg.schedule.epochs * steps_per_epoch
+    stop = min(total, max(0, cfg.schedule.max_steps)) if cfg.schedule.max_steps is not None else total
+    return Schedule(world_size=world_size, micro_batch=micro, global_batch=cfg.schedule.global_batch, grad_accum=accum,
+                    micro_steps_per_epoch=steps_per_epoch * accum, steps_per_epoch=steps_per_epoch, total_steps=total,
+                    warmup_steps=int(round(cfg.schedule.warmup_epochs * steps_per_epoch)),
+                    lr=cfg.optim.base_lr * cfg.schedule.global_batch / 1024, stop_step=stop)
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> List[Dict]:

@@ -1,0 +1,62 @@
+"""``--dry-run``: the derived schedule and the projected wall time, from one optimizer step timed on this device."""
+from __future__ import annotations
+
+import time
+from typing import Any, Dict
+
+import timm
+import torch
+
+import conv2former  # noqa: F401  (registers the variants)
+from conv2former.config import TrainConfig
+from conv2former.data.loader import build_loader, resolve_backend
+from conv2former.data.shard_format import read_classes
+from conv2former.engine.distributed import single_process_env, world_from_env
+from conv2former.engine.optim import Schedule, derive_schedule
+
+
+def measure_step_time(cfg: TrainConfig, num_classes: int, device: torch.device, schedule: Schedule) -> float:
+    """Seconds of one optimizer step of this model on this device (3 warm-up, 3 timed; synthetic batches)."""
+    model = timm.create_model(cfg.model.variant, num_classes=num_classes, drop_path_rate=cfg.model.drop_path_rate)
+    model = model.to(device).train()
+    if cfg.model.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(schedule.micro_batch, 3, cfg.data.image_size, cfg.data.image_size, device=device)
+    y = torch.randint(0, num_classes, (schedule.micro_batch,), device=device)
+    use_bf16 = device.type == "cuda" and cfg.deepspeed.bf16
+
+    def micro_step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+
+    times = []
+    for i in range(6):
+        start = time.perf_counter()
+        for _ in range(schedule.grad_accum):
+            micro_step()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= 3:
+            times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def dry_run_report(cfg: TrainConfig) -> Dict[str, Any]:
+    """What ``launch/pretrain.py --dry-run`` prints: the schedule, and the whole run's time at this step time."""
+    single_process_env()
+    rank, world_size, local_rank = world_from_env()
+    gpu = torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if gpu else torch.device("cpu")
+    cfg.data.backend = resolve_backend(cfg.data.backend)
+    schedule = derive_schedule(cfg, world_size, len(build_loader(cfg.data, "train", rank, world_size, device)))
+    classes = read_classes(cfg.data.root)
+    step_s = measure_step_time(cfg, len(classes), device, schedule)
+    return {"schedule": schedule.as_dict(), "classes": len(classes), "measured_step_seconds": round(step_s, 4),
+            "projected_hours": round(step_s * schedule.total_steps / 3600, 2),
+            "projection": f"{schedule.total_steps} steps x {step_s:.3f} s (forward+backward+AdamW of one "
+                          f"optimizer step on this device, {schedule.grad_accum} micro-batches of "
+                          f"{schedule.micro_batch}, synthetic data; communication not included)"}

@@ -1,0 +1,100 @@
+"""What a run tells its user: a rank-aware ``logging`` logger, TensorBoard scalars, ``log.jsonl``, the progress bar,
+and the timing window behind images/s, step time and data time."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import sys
+import time
+from typing import Dict, Optional
+
+import torch
+from tqdm import tqdm
+
+LOGGER_NAME = "conv2former"
+
+
+class _BelowWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.WARNING
+
+
+def get_logger(rank: Optional[int] = None) -> logging.Logger:
+    """The pipeline's logger: on rank 0, INFO to stdout and warnings/errors to stderr, as bare messages; on other
+    ranks only warnings and errors. Configured once per process (``rank`` from the RANK variable when not given)."""
+    logger = logging.getLogger(LOGGER_NAME)
+    if not getattr(logger, "_c2f_configured", False):
+        rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+        out = logging.StreamHandler(sys.stdout)
+        out.addFilter(_BelowWarning())
+        err = logging.StreamHandler(sys.stderr)
+        err.setLevel(logging.WARNING)
+        for handler in (out, err):
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            logger.addHandler(handler)
+        logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+        logger.propagate = False
+        logger._c2f_configured = True  # type: ignore[attr-defined]
+    return logger
+
+
+def memory_mb(device: torch.device) -> float:
+    """Peak memory of this rank: allocated on the GPU, or the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Metrics:
+    """Rank 0 writes TensorBoard scalars (``OUTPUT/tb``) and JSON lines (``OUTPUT/log.jsonl``) and draws the bar;
+    other ranks write nothing. Training scalars are averaged over a window: the steps since the last record."""
+
+    def __init__(self, output: str, rank: int, total_steps: int, initial_step: int, desc: str) -> None:
+        self.rank = rank
+        self.tb = self.jsonl = None
+        if rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(output, "tb"))
+            self.jsonl = open(os.path.join(output, "log.jsonl"), "a")
+        self.bar = tqdm(total=total_steps, initial=initial_step, disable=rank != 0, unit="step", dynamic_ncols=True,
+                        desc=desc, file=sys.stderr)
+        self.restart_window()
+
+    # the timing window
+    def restart_window(self) -> None:
+        self.window_steps, self.window_data, self.window_start = 0, 0.0, time.perf_counter()
+
+    def add_data_time(self, seconds: float) -> None:
+        self.window_data += seconds
+
+    def step_done(self) -> None:
+        self.window_steps += 1
+        self.bar.update(1)
+
+    def window(self) -> Dict[str, float]:
+        """Seconds per optimizer step and waiting for data per step, averaged over the window."""
+        steps = max(1, self.window_steps)
+        return {"step_time": (time.perf_counter() - self.window_start) / steps, "data_time": self.window_data / steps}
+
+    # records
+    def scalars(self, step: int, values: Dict[str, float], kind: str = "train") -> None:
+        if self.rank:
+            return
+        for key, value in values.items():
+            self.tb.add_scalar(f"{kind}/{key}", value, step)
+        self.jsonl.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
+        self.jsonl.flush()
+
+    def show(self, **postfix: str) -> None:
+        self.bar.set_postfix(**postfix)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.tb is not None:
+            self.tb.flush()
+            self.tb.close()
+            self.jsonl.close()
+            self.tb = self.jsonl = None
