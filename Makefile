@@ -7,7 +7,7 @@ PYTEST := DS_ACCELERATOR=cpu OMP_NUM_THREADS=2 $(PY) -m pytest
 # 2 CPU ranks with DeepSpeed (one OpenMP thread each: 2 ranks x 2 threads on 2 cores is 4x slower)
 DEEPSPEED := DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/deepspeed --num_gpus 2
 
-.PHONY: demo test test-fast test-slow test-slurm bench table install offline-bundle clean
+.PHONY: demo test test-fast test-slow test-slurm lint bench table install offline-bundle clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ test-slow: $(STAMP)
 
 test-slurm: $(STAMP)
 	$(PYTEST) -m slurm
+
+# ruff: the formatter's check and the lint rules of pyproject.toml (CI runs this before the tests).
+lint: $(STAMP)
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
 
 table: $(STAMP)
 	$(PY) -m conv2former.complexity --table

@@ -1,5 +1,11 @@
 import os
+import subprocess
 import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
 
 # Tests run on CPU, deterministically, with DeepSpeed's CPU accelerator.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -18,3 +24,26 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory) -> Path:
+    """The demo dataset (``data_prep/shard.py demo``: generated images, "22k" and "1k" shards), built once per test
+    session under pytest's temporary directory, never inside the checkout."""
+    out = tmp_path_factory.mktemp("demo-data")
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, str(REPO / "data_prep" / "shard.py"), "demo", "--out", str(out), "--quiet"],
+                   check=True, env=env, cwd=REPO, stdout=subprocess.DEVNULL)
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_shards(demo_root) -> str:
+    """The demo "22k" shard root (40 classes)."""
+    return str(demo_root / "in22k")
+
+
+@pytest.fixture(scope="session")
+def demo_in1k(demo_root) -> str:
+    """The demo "1k" shard root (10 classes)."""
+    return str(demo_root / "in1k")

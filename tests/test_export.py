@@ -11,7 +11,6 @@ import pytest
 import timm
 import torch
 import webdataset as wds
-from safetensors.torch import load_file
 
 import conv2former  # noqa: F401
 from conv2former.config import TrainConfig, to_dict
@@ -22,21 +21,15 @@ from conv2former.model import VARIANTS
 from conv2former.weights import read_weights
 
 REPO = Path(__file__).resolve().parents[1]
-IN1K = str(REPO / "data" / "demo" / "in1k")
 EXPORT = str(REPO / "launch" / "export.py")
 
 
-def demo_in1k() -> str:
-    if not (Path(IN1K) / "_info.json").exists():
-        subprocess.run([sys.executable, str(REPO / "data_prep" / "shard.py"), "demo", "--quiet"], check=True)
-    return IN1K
-
-
-def make_run(run_dir: Path, classes, kernel_size=None, image_size=48, crop_pct=1.0, crop_mode="squash", ema=False):
+def make_run(run_dir: Path, classes, kernel_size=None, image_size=48, crop_pct=1.0, crop_mode="squash", ema=False,
+             data_root=""):
     """A run folder whose export/ was written by the engine's own writer, from a freshly initialised demo model."""
     cfg = TrainConfig(stage="finetune", output=str(run_dir))
     cfg.model.variant, cfg.model.kernel_size = "conv2former_demo", kernel_size
-    cfg.data.root, cfg.data.image_size, cfg.data.crop_pct, cfg.data.crop_mode = IN1K, image_size, crop_pct, crop_mode
+    cfg.data.root, cfg.data.image_size, cfg.data.crop_pct, cfg.data.crop_mode = data_root, image_size, crop_pct, crop_mode
     torch.manual_seed(0)
     model = timm.create_model("conv2former_demo", num_classes=len(classes), **({"kernel_size": kernel_size} if kernel_size else {}))
     ema_state = {k: v + 1 if v.is_floating_point() else v for k, v in model.state_dict().items()} if ema else None
@@ -116,12 +109,12 @@ def test_torch_export_of_every_variant(variant):
         assert torch.allclose(program.module()(x[:1]), model(x[:1]), atol=1e-4)
 
 
-def test_onnx_export_is_checked_on_eval_images(tmp_path):
+def test_onnx_export_is_checked_on_eval_images(demo_in1k, tmp_path):
     pytest.importorskip("onnxruntime", reason="the onnx extra is part of .[dev]")
     import onnxruntime
 
-    model, export = make_run(tmp_path / "run", read_classes(demo_in1k()), image_size=48, crop_pct=0.875,
-                             crop_mode="center")
+    model, export = make_run(tmp_path / "run", read_classes(demo_in1k), image_size=48, crop_pct=0.875,
+                             crop_mode="center", data_root=demo_in1k)
     proc = subprocess.run([sys.executable, EXPORT, str(tmp_path / "run"), "--onnx", "--images", "8"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -18,11 +18,10 @@ from conv2former.errors import UserError
 from conv2former.weights import check_compatible, read_weights
 from finetune.head_transfer import HEAD_INIT_SCALE, transfer_head
 from test_export import timm_top1
-from test_pretrain import BIN, FAST, PORT, REPO, demo_shards, env, run_pretrain  # noqa: F401  (fixture)
+from test_pretrain import BIN, FAST, PORT, REPO, env, run_pretrain
 
 FINETUNE = str(REPO / "launch" / "finetune.py")
 EVALUATE = str(REPO / "launch" / "evaluate.py")
-IN1K = str(REPO / "data" / "demo" / "in1k")
 
 
 def launch(script: str, *args: str, ranks: int = 2) -> subprocess.CompletedProcess:
@@ -34,7 +33,7 @@ def launch(script: str, *args: str, ranks: int = 2) -> subprocess.CompletedProce
 
 
 def summary_of(proc) -> dict:
-    return json.loads([l for l in proc.stdout.splitlines() if l.startswith("summary: ")][-1][len("summary: "):])
+    return json.loads([line for line in proc.stdout.splitlines() if line.startswith("summary: ")][-1][len("summary: "):])
 
 
 def test_head_rows_follow_synsets_and_unknown_classes_stay_fresh():
@@ -97,8 +96,7 @@ def test_layer_decay_lrs_follow_depth_through_the_schedule():
 
 @pytest.mark.slow
 def test_official_format_pth_loads_for_every_variant(tmp_path):
-    demo_classes = (REPO / "data" / "demo" / "in1k" / "classes.txt")
-    classes = demo_classes.read_text().split() if demo_classes.exists() else list(canonical_synsets("imagenet1k"))[:10]
+    classes = list(canonical_synsets("imagenet1k"))[:10]
     for variant in ["conv2former_n", "conv2former_t", "conv2former_s", "conv2former_b", "conv2former_b_22k", "conv2former_l"]:
         num = 21841 if variant in ("conv2former_b_22k", "conv2former_l") else 1000
         source = timm.create_model(variant, num_classes=num)
@@ -120,7 +118,8 @@ def test_official_format_pth_loads_for_every_variant(tmp_path):
 
 
 @pytest.mark.slow
-def test_pretrain_finetune_twice_and_evaluate_through_the_commands(demo_shards, tmp_path):
+def test_pretrain_finetune_twice_and_evaluate_through_the_commands(demo_shards, demo_in1k, tmp_path):
+    IN1K = demo_in1k  # noqa: N806
     pre = tmp_path / "pre"
     run_pretrain(*FAST, "--data", demo_shards, "--output", str(pre), "--epochs", "3", "--image-size", "48")
     ft1, ft2 = tmp_path / "ft64", tmp_path / "ft96"
@@ -154,7 +153,7 @@ def test_pretrain_finetune_twice_and_evaluate_through_the_commands(demo_shards, 
     assert results[0]["top1"] == results[1]["top1"] == pytest.approx(second["eval"]["top1"], abs=1e-9)
     assert results[0]["top5"] == results[1]["top5"]
     lines = (tmp_path / "pc1.txt").read_text().splitlines()
-    assert len(lines) == 10 and sum(int(l.split()[2]) for l in lines) == 300
+    assert len(lines) == 10 and sum(int(line.split()[2]) for line in lines) == 300
     # timm alone reproduces it from the export folder: local-dir:, the transform its config.json resolves, PIL
     # decoding (evaluate.py's torch backend decodes with PIL too; DALI's decoder rounds differently)
     out = tmp_path / "eval_torch.json"
@@ -163,7 +162,8 @@ def test_pretrain_finetune_twice_and_evaluate_through_the_commands(demo_shards, 
     assert timm_top1(str(ft2 / "export"), IN1K) == json.loads(out.read_text())["top1"]
 
 
-def test_mismatches_are_one_line_errors(tmp_path, capsys):
+def test_mismatches_are_one_line_errors(demo_in1k, tmp_path, capsys):
+    IN1K = demo_in1k  # noqa: N806
     from launch.evaluate import main as evaluate_main
     from launch.finetune import main as finetune_main
 
@@ -181,8 +181,6 @@ def test_mismatches_are_one_line_errors(tmp_path, capsys):
         assert e.value.code == 2
         return capsys.readouterr().err.strip().splitlines()[-1]
 
-    if not (REPO / "data" / "demo" / "in1k" / "_info.json").exists():
-        subprocess.run([sys.executable, str(REPO / "data_prep" / "shard.py"), "demo", "--quiet"], check=True, env=env())
     assert "are not the data's 10" in error(evaluate_main, "--variant", "demo", "--weights", str(export), "--data", IN1K)
     assert "pick the matching --variant" in error(finetune_main, "--variant", "n", "--pretrained", str(export), "--data",
                                                   IN1K, "--output", str(tmp_path / "o"), "--head", "reinit")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_pretrain import demo_shards, run_pretrain  # noqa: F401 (a fixture)
+from test_pretrain import run_pretrain
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 

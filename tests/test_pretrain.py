@@ -48,20 +48,12 @@ def run_pretrain(*args: str, launcher: str = "deepspeed", ranks: int = 2, enviro
         cmd = [str(BIN / "torchrun"), "--nproc_per_node", str(ranks), "--master_port", str(PORT[0]), PRETRAIN, *args]
     proc = subprocess.run(cmd, env=environ or env(), capture_output=True, text=True, errors="replace", timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    line = [l for l in proc.stdout.splitlines() if l.startswith("summary: ")][-1]
+    line = [line for line in proc.stdout.splitlines() if line.startswith("summary: ")][-1]
     return json.loads(line[len("summary: "):])
 
 
-@pytest.fixture(scope="module")
-def demo_shards():
-    root = REPO / "data" / "demo" / "in22k"
-    if not (root / "_info.json").exists():
-        subprocess.run([sys.executable, str(REPO / "data_prep" / "shard.py"), "demo", "--quiet"], check=True, env=env())
-    return str(root)
-
-
 def read_log(run: Path, kind: str = "train"):
-    return [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines() if json.loads(l)["kind"] == kind]
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if json.loads(line)["kind"] == kind]
 
 
 def exports_equal(a: Path, b: Path) -> bool:
@@ -176,7 +168,7 @@ def test_sigusr1_checkpoints_and_exits_zero(demo_shards, tmp_path):
             os.kill(int(child), signal.SIGUSR1)  # the training ranks, as Slurm's --signal does
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0
-    summary = json.loads([l for l in out.splitlines() if l.startswith("summary: ")][-1][len("summary: "):])
+    summary = json.loads([line for line in out.splitlines() if line.startswith("summary: ")][-1][len("summary: "):])
     assert summary["status"].startswith("stopped by signal")
     tag = f"step{summary['step']:09d}"
     assert (tmp_path / "checkpoints" / tag / "complete").exists()
@@ -292,6 +284,6 @@ def test_resume_on_one_rank_from_a_two_rank_checkpoint(demo_shards, tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "saved by 2 ranks: resuming on 1 through step000000020_universal" in proc.stdout
     assert "resumed from step000000020_universal: epoch 0, step 20" in proc.stdout
-    one = json.loads([l for l in proc.stdout.splitlines() if l.startswith("summary: ")][-1][len("summary: "):])
+    one = json.loads([line for line in proc.stdout.splitlines() if line.startswith("summary: ")][-1][len("summary: "):])
     assert one["step"] == 30 and math.isfinite(one["loss"])
     assert one["eval"]["top1"] >= two["eval"]["top1"] - 0.05  # the weights came across, not a fresh model
