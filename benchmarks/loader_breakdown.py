@@ -7,6 +7,7 @@ conv2former/data/dali_loader.py's train graph: read + fused decode/random-resize
 resize to 224; + normalize/flip (crop_mirror_normalize); + RandAugment n=2 m=9 (= the full graph). Then the full
 graph without RandAugment plus one op each (rotate, shear, brightness, equalize) to see which RandAugment ops cost.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,11 +36,22 @@ def pipeline_rate(stage: str, extra: Optional[str], args: argparse.Namespace, pa
 
     @pipeline_def(enable_conditionals=True)
     def pipe():
-        jpg, _ = fn.readers.webdataset(paths=paths, index_paths=index_paths, ext=["jpg", "cls"],
-                                       missing_component_behavior="error", random_shuffle=True, initial_fill=1024)
-        images = fn.decoders.image_random_crop(jpg, device="mixed" if gpu else "cpu", output_type=types.RGB,
-                                               random_area=[0.08, 1.0], random_aspect_ratio=[3 / 4, 4 / 3],
-                                               num_attempts=10)
+        jpg, _ = fn.readers.webdataset(
+            paths=paths,
+            index_paths=index_paths,
+            ext=["jpg", "cls"],
+            missing_component_behavior="error",
+            random_shuffle=True,
+            initial_fill=1024,
+        )
+        images = fn.decoders.image_random_crop(
+            jpg,
+            device="mixed" if gpu else "cpu",
+            output_type=types.RGB,
+            random_area=[0.08, 1.0],
+            random_aspect_ratio=[3 / 4, 4 / 3],
+            num_attempts=10,
+        )
         if stage == "decode":
             return images
         images = fn.resize(images, resize_x=224, resize_y=224, interp_type=types.INTERP_CUBIC, antialias=True)
@@ -53,8 +65,14 @@ def pipeline_rate(stage: str, extra: Optional[str], args: argparse.Namespace, pa
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        p = pipe(batch_size=args.batch, num_threads=args.threads, device_id=0 if gpu else None, seed=1,
-                 prefetch_queue_depth=2, exec_dynamic=True)
+        p = pipe(
+            batch_size=args.batch,
+            num_threads=args.threads,
+            device_id=0 if gpu else None,
+            seed=1,
+            prefetch_queue_depth=2,
+            exec_dynamic=True,
+        )
         p.build()
         for _ in range(3):
             p.run()
@@ -80,15 +98,21 @@ def main() -> None:
 
     split = open_split(str(prepare(args.images) / "shards"), "train")
     paths, index_paths = [s.tar for s in split.shards], [s.index for s in split.shards]
-    runs = [("read + decode/random crop", "decode", None), ("+ resize to 224 (bicubic, antialias)", "resize", None),
-            ("+ flip, normalize to float CHW", "normalize", None), ("+ RandAugment n=2 m=9 (full graph)", "randaugment", None)]
+    runs = [
+        ("read + decode/random crop", "decode", None),
+        ("+ resize to 224 (bicubic, antialias)", "resize", None),
+        ("+ flip, normalize to float CHW", "normalize", None),
+        ("+ RandAugment n=2 m=9 (full graph)", "randaugment", None),
+    ]
     runs += [(f"no RandAugment, + {op} only", "normalize", op) for op in ("rotate", "shear", "brightness", "equalize")]
     rows = []
     for label, stage, extra in runs:
         rate = pipeline_rate(stage, extra, args, paths, index_paths)
         print(f"{label:<40} {rate:8.0f} images/s  ({1e3 * args.threads / rate:.2f} ms per image per thread)")
-        rows.append(f"| {datetime.date.today()} | {machine()} | dali-{args.device} | {label} | {args.batch} | "
-                    f"{args.threads} | {rate:.0f} | {1e3 * args.threads / rate:.2f} | {versions('dali')} |")
+        rows.append(
+            f"| {datetime.date.today()} | {machine()} | dali-{args.device} | {label} | {args.batch} | "
+            f"{args.threads} | {rate:.0f} | {1e3 * args.threads / rate:.2f} | {versions('dali')} |"
+        )
     if args.record:
         record("loader_breakdown.py", rows)
 

@@ -9,6 +9,7 @@ backend reads the same images. ``--backend all`` runs each available backend on 
 ``imagefolder``. Same threads/workers for all; train uses the training transform (RandAugment included), eval the
 eval transform.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,6 +28,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from results import machine, record, versions  # noqa: E402  (benchmarks/results.py)
+
 BENCH_DIR = Path(os.environ.get("C2F_BENCH_DIR", REPO / "data" / "bench"))  # generated benchmark data
 
 
@@ -41,9 +43,24 @@ def prepare(images: int) -> Path:
     if not (shards / "_info.json").exists():
         if not (tree / "train").exists():
             make_tree(tree, images)
-        subprocess.run([sys.executable, str(REPO / "data_prep" / "shard.py"), "imagenet1k", str(tree), str(shards),
-                        "--classes", "present", "--shard-size", "32MB", "--quiet", "--check", "header"], check=True,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                sys.executable,
+                str(REPO / "data_prep" / "shard.py"),
+                "imagenet1k",
+                str(tree),
+                str(shards),
+                "--classes",
+                "present",
+                "--shard-size",
+                "32MB",
+                "--quiet",
+                "--check",
+                "header",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         count.write_text(f"{images}\n")
     return BENCH_DIR
 
@@ -51,6 +68,7 @@ def prepare(images: int) -> Path:
 def measure(loader, seconds: float, warmup: int = 3) -> Dict[str, float]:
     """Overall images/s; images/s within an epoch (the first batch of each epoch left out); mean seconds to an
     epoch's first batch (pipeline or worker start, shuffle-buffer fill), which a run pays once per epoch."""
+
     def batches():
         while True:
             for i, batch in enumerate(loader):
@@ -74,8 +92,11 @@ def measure(loader, seconds: float, warmup: int = 3) -> Dict[str, float]:
             within_count += images.shape[0]
             within_s += now - last
         last = now
-    return {"images_per_s": count / (last - start), "within_epoch_images_per_s": within_count / within_s,
-            "epoch_start_s": sum(firsts) / len(firsts) if firsts else float("nan")}
+    return {
+        "images_per_s": count / (last - start),
+        "within_epoch_images_per_s": within_count / within_s,
+        "epoch_start_s": sum(firsts) / len(firsts) if firsts else float("nan"),
+    }
 
 
 def build(backend: str, data: Path, args: argparse.Namespace):
@@ -87,13 +108,20 @@ def build(backend: str, data: Path, args: argparse.Namespace):
 
         cfg = DataConfig(image_size=args.image_size)
         dataset = ImageFolder(str(data / "train"), transform=timm_transform(cfg, args.mode == "train"))
-        return torch.utils.data.DataLoader(dataset, batch_size=args.batch, shuffle=args.mode == "train",
-                                           num_workers=args.workers, drop_last=True, persistent_workers=True)
+        return torch.utils.data.DataLoader(
+            dataset,
+            batch_size=args.batch,
+            shuffle=args.mode == "train",
+            num_workers=args.workers,
+            drop_last=True,
+            persistent_workers=True,
+        )
     from conv2former.config import DataConfig
     from conv2former.data.loader import build_loader
 
-    cfg = DataConfig(root=str(data), backend=backend, image_size=args.image_size, batch_size=args.batch,
-                     workers=args.workers)
+    cfg = DataConfig(
+        root=str(data), backend=backend, image_size=args.image_size, batch_size=args.batch, workers=args.workers
+    )
     return build_loader(cfg, "train", train=args.mode == "train")
 
 
@@ -111,29 +139,48 @@ def main() -> None:
     parser.add_argument("--record", action="store_true", help="append the rows to docs/PERFORMANCE.md")
     args = parser.parse_args()
     generated = prepare(args.images) if args.data is None else None
-    backends = [args.backend] if args.backend != "all" else \
-        (["dali-gpu"] if torch.cuda.is_available() else []) + ["dali-cpu", "torch", "imagefolder"]
+    backends = (
+        [args.backend]
+        if args.backend != "all"
+        else (["dali-gpu"] if torch.cuda.is_available() else []) + ["dali-cpu", "torch", "imagefolder"]
+    )
     results: Dict[str, Dict[str, float]] = {}
     for backend in backends:
         data = args.data or (generated / ("tree" if backend == "imagefolder" else "shards"))
         results[backend] = r = measure(build(backend, data, args), args.seconds)
         if args.json:
-            print(json.dumps({"backend": backend, "mode": args.mode, **{k: round(v, 3) for k, v in r.items()},
-                              "image_size": args.image_size, "batch": args.batch, "workers": args.workers}))
+            print(
+                json.dumps(
+                    {
+                        "backend": backend,
+                        "mode": args.mode,
+                        **{k: round(v, 3) for k, v in r.items()},
+                        "image_size": args.image_size,
+                        "batch": args.batch,
+                        "workers": args.workers,
+                    }
+                )
+            )
         else:
-            print(f"{backend:>12} {args.mode}: {r['images_per_s']:.1f} images/s, {r['within_epoch_images_per_s']:.1f} "
-                  f"within an epoch, {r['epoch_start_s']:.2f} s to an epoch's first batch")
+            print(
+                f"{backend:>12} {args.mode}: {r['images_per_s']:.1f} images/s, {r['within_epoch_images_per_s']:.1f} "
+                f"within an epoch, {r['epoch_start_s']:.2f} s to an epoch's first batch"
+            )
     base = results.get("imagefolder")
 
     def ratio(r: Dict[str, float], key: str) -> str:
         return f"{r[key] / base[key]:.2f}×" if base else "—"
 
     if args.record:
-        rows = [f"| {datetime.date.today()} | {machine()} | {backend} | {args.mode} | {args.image_size} | {args.batch} | "
-                f"{args.workers} | {r['images_per_s']:.0f} | {ratio(r, 'images_per_s')} | "
-                f"{r['within_epoch_images_per_s']:.0f} | {ratio(r, 'within_epoch_images_per_s')} | "
-                f"{r['epoch_start_s']:.2f} | {versions('dali', 'torch', 'pillow')} |" for backend, r in results.items()]
+        rows = [
+            f"| {datetime.date.today()} | {machine()} | {backend} | {args.mode} | {args.image_size} | {args.batch} | "
+            f"{args.workers} | {r['images_per_s']:.0f} | {ratio(r, 'images_per_s')} | "
+            f"{r['within_epoch_images_per_s']:.0f} | {ratio(r, 'within_epoch_images_per_s')} | "
+            f"{r['epoch_start_s']:.2f} | {versions('dali', 'torch', 'pillow')} |"
+            for backend, r in results.items()
+        ]
         record("loader_speed.py", rows)
+
 
 if __name__ == "__main__":
     main()

@@ -9,6 +9,7 @@ GPU: bf16 autocast, channels_last, cuDNN benchmark mode; MFU = images/s x 6 x MA
 ``--grad-checkpointing`` and ``--compile`` apply to both models. All models run in one process, alternating round
 by round, so the ratio is fair. ``--record`` adds the rows to docs/PERFORMANCE.md; ``--json`` prints one line each.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,14 +20,24 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import timm
 import torch
+from results import machine, record, versions
 
 import conv2former  # noqa: F401  (registers the variants)
 from conv2former.complexity import count_gmacs
-from results import machine, record, versions
 
 # bf16 dense tensor-core peak (FLOP/s, no sparsity) by device-name fragment, from NVIDIA's data sheets.
-BF16_PEAK = {"H200": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12, "GH200": 989e12,
-             "B200": 2250e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
+BF16_PEAK = {
+    "H200": 989e12,
+    "H100 NVL": 835e12,
+    "H100 PCIe": 756e12,
+    "H100": 989e12,
+    "GH200": 989e12,
+    "B200": 2250e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 70e12,
+    "L4": 121e12,
+}
 
 
 def bf16_peak(device: torch.device) -> Optional[float]:
@@ -36,8 +47,9 @@ def bf16_peak(device: torch.device) -> Optional[float]:
     return next((peak for key, peak in BF16_PEAK.items() if key in name), None)
 
 
-def step_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer,
-            bf16: bool) -> Callable[[], None]:
+def step_fn(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer, bf16: bool
+) -> Callable[[], None]:
     def step() -> None:
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = torch.nn.functional.cross_entropy(model(x), y)
@@ -61,8 +73,9 @@ def time_steps(step: Callable[[], None], device: torch.device, warmup: int, iter
     return (time.perf_counter() - start) / iters
 
 
-def measure(models: Dict[str, Tuple[str, dict]], args: argparse.Namespace, device: torch.device,
-            channels_last: bool) -> Tuple[Dict[str, float], Dict[str, float]]:
+def measure(
+    models: Dict[str, Tuple[str, dict]], args: argparse.Namespace, device: torch.device, channels_last: bool
+) -> Tuple[Dict[str, float], Dict[str, float]]:
     """Best-of-rounds images/s and peak memory (MB, GPU only) per entry of ``models`` (label -> (timm name, kwargs))."""
     bf16 = device.type == "cuda"
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -100,8 +113,11 @@ def main() -> None:
     parser.add_argument("--memory-format", choices=["nchw", "channels_last", "both"])
     parser.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations (both models)")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
-    parser.add_argument("--no-plain-depthwise", action="store_true",
-                        help="skip the extra CPU run of our model with the plain nn.Conv2d depthwise backward")
+    parser.add_argument(
+        "--no-plain-depthwise",
+        action="store_true",
+        help="skip the extra CPU run of our model with the plain nn.Conv2d depthwise backward",
+    )
     parser.add_argument("--flush-denormal", action="store_true", help="flush denormal floats to zero on CPU")
     parser.add_argument("--json", action="store_true", help="print one JSON line per measured model")
     parser.add_argument("--record", action="store_true", help="add the rows to docs/PERFORMANCE.md")
@@ -135,11 +151,16 @@ def main() -> None:
         try:
             ips, memory = measure(models, args, device, channels_last)
         except torch.cuda.OutOfMemoryError:
-            raise SystemExit(f"error: batch {args.batch} at {args.resolution} px does not fit in GPU memory; "
-                             "lower --batch or add --grad-checkpointing") from None
-        setting = ", ".join([precision, "channels_last" if channels_last else "NCHW"]
-                            + (["grad ckpt"] if args.grad_checkpointing else [])
-                            + (["compiled"] if args.compile else []) + (["FTZ"] if args.flush_denormal else []))
+            raise SystemExit(
+                f"error: batch {args.batch} at {args.resolution} px does not fit in GPU memory; "
+                "lower --batch or add --grad-checkpointing"
+            ) from None
+        setting = ", ".join(
+            [precision, "channels_last" if channels_last else "NCHW"]
+            + (["grad ckpt"] if args.grad_checkpointing else [])
+            + (["compiled"] if args.compile else [])
+            + (["FTZ"] if args.flush_denormal else [])
+        )
         base = ips[args.baseline]
         for label in models:
             if label == args.baseline:
@@ -152,15 +173,31 @@ def main() -> None:
                 f"| {datetime.date.today()} | {name} | {label} ({macs[timm_name]:.2f} GMACs) | "
                 f"{args.baseline} ({macs[args.baseline]:.2f} GMACs) | {args.resolution} | {args.batch} | {setting} | "
                 f"{ips[label]:.1f} | {base:.1f} | {ips[label] / base:.2f}× | "
-                f"{f'{mfu:.1%} / {base_mfu:.1%}' if mfu else '—'} | {mem} | {versions('torch', 'timm')} |")
+                f"{f'{mfu:.1%} / {base_mfu:.1%}' if mfu else '—'} | {mem} | {versions('torch', 'timm')} |"
+            )
             if args.json:
-                print(json.dumps(dict(model=label, baseline=args.baseline, setting=setting, resolution=args.resolution,
-                                      batch=args.batch, images_per_s=round(ips[label], 2),
-                                      baseline_images_per_s=round(base, 2), ratio=round(ips[label] / base, 3),
-                                      mfu=mfu, baseline_mfu=base_mfu, memory_mb=memory.get(label))))
+                print(
+                    json.dumps(
+                        dict(
+                            model=label,
+                            baseline=args.baseline,
+                            setting=setting,
+                            resolution=args.resolution,
+                            batch=args.batch,
+                            images_per_s=round(ips[label], 2),
+                            baseline_images_per_s=round(base, 2),
+                            ratio=round(ips[label] / base, 3),
+                            mfu=mfu,
+                            baseline_mfu=base_mfu,
+                            memory_mb=memory.get(label),
+                        )
+                    )
+                )
             else:
-                print(f"{setting:>24}: {label} {ips[label]:.1f} img/s, {args.baseline} {base:.1f} img/s, "
-                      f"ratio {ips[label] / base:.2f}" + (f", MFU {mfu:.1%} (baseline {base_mfu:.1%})" if mfu else ""))
+                print(
+                    f"{setting:>24}: {label} {ips[label]:.1f} img/s, {args.baseline} {base:.1f} img/s, "
+                    f"ratio {ips[label] / base:.2f}" + (f", MFU {mfu:.1%} (baseline {base_mfu:.1%})" if mfu else "")
+                )
     if args.record:
         record("model_speed.py", rows)
 

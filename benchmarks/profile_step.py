@@ -8,6 +8,7 @@ Ranks operators by self time (CPU time on CPU, CUDA kernel time on GPU) and prin
 of the step. ``--plain-depthwise`` profiles the model with the plain nn.Conv2d depthwise backward (what
 conv2former/depthwise.py replaces on CPU). ``--trace DIR`` also writes a Chrome/TensorBoard trace.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,11 +17,11 @@ from pathlib import Path
 
 import timm
 import torch
+from model_speed import step_fn
+from results import machine, record, versions
 from torch.profiler import ProfilerActivity, profile
 
 import conv2former  # noqa: F401  (registers the variants)
-from model_speed import step_fn
-from results import machine, record, versions
 
 
 def describe(event) -> str:
@@ -77,19 +78,25 @@ def main() -> None:
     key = "self_device_time_total" if gpu else "self_cpu_time_total"
     total = sum(getattr(e, key) for e in events)
     top = sorted(events, key=lambda e: getattr(e, key), reverse=True)[: args.top]
-    setting = ", ".join(["bf16, channels_last" if gpu else "fp32, NCHW"]
-                        + (["plain depthwise"] if args.plain_depthwise else [])
-                        + (["compiled"] if args.compile else []))
-    print(f"{args.variant} at {args.resolution}, batch {args.batch}, {setting}: "
-          f"{total / 1e3:.1f} ms of self {'CUDA' if gpu else 'CPU'} time in one step")
+    setting = ", ".join(
+        ["bf16, channels_last" if gpu else "fp32, NCHW"]
+        + (["plain depthwise"] if args.plain_depthwise else [])
+        + (["compiled"] if args.compile else [])
+    )
+    print(
+        f"{args.variant} at {args.resolution}, batch {args.batch}, {setting}: "
+        f"{total / 1e3:.1f} ms of self {'CUDA' if gpu else 'CPU'} time in one step"
+    )
     rows = []
     for rank, event in enumerate(top, 1):
         ms = getattr(event, key) / 1e3
         name = describe(event)
         print(f"{rank:>3}. {name:<64} {ms:>9.1f} ms {ms * 1e3 / total:>6.1%}  ({event.count} calls)")
-        rows.append(f"| {datetime.date.today()} | {machine(torch.get_num_threads() if not gpu else None)} | "
-                    f"{args.variant} {args.resolution}px batch {args.batch} | {setting} | {total / 1e3:.0f} | {rank} | "
-                    f"`{name}` | {event.count} | {ms:.1f} | {ms * 1e3 / total:.1%} | {versions('torch')} |")
+        rows.append(
+            f"| {datetime.date.today()} | {machine(torch.get_num_threads() if not gpu else None)} | "
+            f"{args.variant} {args.resolution}px batch {args.batch} | {setting} | {total / 1e3:.0f} | {rank} | "
+            f"`{name}` | {event.count} | {ms:.1f} | {ms * 1e3 / total:.1%} | {versions('torch')} |"
+        )
     if args.record:
         record("profile_step.py", rows)
 

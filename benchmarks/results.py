@@ -4,6 +4,7 @@ Each benchmark owns one table in docs/PERFORMANCE.md, found by the heading that 
 (e.g. ``## Model training throughput (`benchmarks/model_speed.py`)``). ``record`` inserts the new rows after the
 last row of that table, each ending with the command that produced it, so the document stays in sections.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,8 +18,14 @@ from typing import Iterable, List
 REPO = Path(__file__).resolve().parent.parent
 PERFORMANCE_MD = REPO / "docs" / "PERFORMANCE.md"
 
-PACKAGES = {"torch": "torch", "timm": "timm", "deepspeed": "deepspeed", "webdataset": "webdataset",
-            "dali": "nvidia-dali-cuda120", "pillow": "pillow"}
+PACKAGES = {
+    "torch": "torch",
+    "timm": "timm",
+    "deepspeed": "deepspeed",
+    "webdataset": "webdataset",
+    "dali": "nvidia-dali-cuda120",
+    "pillow": "pillow",
+}
 
 
 def machine(threads: int | None = None) -> str:
@@ -71,6 +78,6 @@ def record(script: str, rows: Iterable[str], path: Path = PERFORMANCE_MD) -> Non
             break
     if last_row is None:
         raise SystemExit(f"error: the section naming {marker} in {path} has no table header to add rows to")
-    new: List[str] = lines[: last_row + 1] + rows + lines[last_row + 1:]
+    new: List[str] = lines[: last_row + 1] + rows + lines[last_row + 1 :]
     path.write_text("\n".join(new) + "\n")
     print(f"recorded {len(rows)} row(s) in {os.path.relpath(path)}")

@@ -6,6 +6,7 @@ Generates an ImageNet-1k-style tree of 500x375 JPEGs (~110 KB each) in a tempora
 the outputs, then times, each in a fresh output: ``tar cf``; shard.py with ``--check header`` (no decode, no
 re-encode); shard.py with the default ``--check decode``; and shard.py re-encoding everything (``--max-side 256``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,6 +27,7 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 from results import machine, record, versions  # noqa: E402  (benchmarks/results.py)
+
 SYNSETS = ["n01440764", "n01443537", "n01484850", "n01491361", "n01494475", "n01496331", "n01498041", "n01514668"]
 
 
@@ -80,7 +82,9 @@ def main() -> None:
         }
         rows = [("tar cf", tar_s, None)]
         for i, (name, extra) in enumerate(runs.items()):
-            seconds, out = timed(shard + [str(work / f"out{i}")] + common + extra, env=dict(os.environ, PYTHONPATH=str(REPO)))
+            seconds, out = timed(
+                shard + [str(work / f"out{i}")] + common + extra, env=dict(os.environ, PYTHONPATH=str(REPO))
+            )
             match = re.search(r"\(([0-9.]+) img/s\)", out)
             rows.append((name, seconds, float(match.group(1)) if match else None))
     finally:
@@ -88,8 +92,10 @@ def main() -> None:
     lines = []
     for name, seconds, steady in rows:
         steady_text = f"{steady:.0f}" if steady else "—"
-        line = (f"| {datetime.date.today()} | {machine()} | {name} | {args.images} | {args.workers} | {seconds:.2f} | "
-                f"{args.images / seconds:.0f} | {steady_text} | {seconds / tar_s:.2f}× | {versions('pillow', 'webdataset')} |")
+        line = (
+            f"| {datetime.date.today()} | {machine()} | {name} | {args.images} | {args.workers} | {seconds:.2f} | "
+            f"{args.images / seconds:.0f} | {steady_text} | {seconds / tar_s:.2f}× | {versions('pillow', 'webdataset')} |"
+        )
         print(line)
         lines.append(line)
     if args.record:

@@ -9,6 +9,7 @@ MFU, memory), the end-to-end runs (images/s, data wait, MFU per ZeRO stage), and
 end-to-end images/s per GPU (else the model-only rate, said so) and assumes linear scaling: it is the lower bound
 on wall time, before inter-node gradient traffic; measure a multi-node run with launch/slurm to correct it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,12 +27,12 @@ EPOCHS = 90
 class Network:
     """What the projection assumes about the model and the cluster (command-line flags)."""
 
-    params: float = 198.89e6          # Conv2Former-L
-    grad_bytes_per_param: int = 2     # bf16 gradients
-    global_batch: int = 4096          # the 22k recipe
+    params: float = 198.89e6  # Conv2Former-L
+    grad_bytes_per_param: int = 2  # bf16 gradients
+    global_batch: int = 4096  # the 22k recipe
     gpus_per_node: int = 8
-    intra_node_gbs: float = 300.0     # NVLink, effective all-reduce bus bandwidth per GPU (GB/s)
-    inter_node_gbps: float = 400.0    # one 400 Gb/s NIC per GPU (InfiniBand NDR)
+    intra_node_gbs: float = 300.0  # NVLink, effective all-reduce bus bandwidth per GPU (GB/s)
+    inter_node_gbps: float = 400.0  # one 400 Gb/s NIC per GPU (InfiniBand NDR)
 
 
 def load(path: Path) -> List[dict]:
@@ -52,8 +53,9 @@ def pct(value: Optional[float]) -> str:
 
 
 def table(header: List[str], rows: List[List[str]]) -> List[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"] + \
-        ["| " + " | ".join(row) + " |" for row in rows]
+    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"] + [
+        "| " + " | ".join(row) + " |" for row in rows
+    ]
 
 
 def per_gpu_rate(results: List[dict]) -> Tuple[Optional[float], str]:
@@ -62,7 +64,8 @@ def per_gpu_rate(results: List[dict]) -> Tuple[Optional[float], str]:
     if train:
         best = max(train, key=lambda r: r["images_per_s"] / r["ranks"])
         return best["images_per_s"] / best["ranks"], (
-            f"end to end (DALI + engine), ZeRO-{best['stage']}, {best['ranks']} rank(s), conv2former_{best['variant']}")
+            f"end to end (DALI + engine), ZeRO-{best['stage']}, {best['ranks']} rank(s), conv2former_{best['variant']}"
+        )
     model = [r for r in results if "model" in r and r.get("resolution") == 224 and "plain depthwise" not in r["model"]]
     if model:
         best = max(model, key=lambda r: r["images_per_s"])
@@ -78,29 +81,81 @@ def report(results: List[dict], gpus: List[int], net: Optional[Network] = None) 
         out += ["## Data path (images/s)", ""]
         rows = []
         for r in loaders:
-            base = next((b["images_per_s"] for b in loaders if b["backend"] == "imagefolder" and b["mode"] == r["mode"]
-                         and b.get("suite") == r.get("suite")), None)
-            rows.append([r["backend"], r["mode"], str(r.get("image_size", "")), str(r.get("batch", "")),
-                         str(r.get("workers", "")), f"{r['images_per_s']:.0f}",
-                         f"{r['images_per_s'] / base:.2f}×" if base else "—"])
+            base = next(
+                (
+                    b["images_per_s"]
+                    for b in loaders
+                    if b["backend"] == "imagefolder" and b["mode"] == r["mode"] and b.get("suite") == r.get("suite")
+                ),
+                None,
+            )
+            rows.append(
+                [
+                    r["backend"],
+                    r["mode"],
+                    str(r.get("image_size", "")),
+                    str(r.get("batch", "")),
+                    str(r.get("workers", "")),
+                    f"{r['images_per_s']:.0f}",
+                    f"{r['images_per_s'] / base:.2f}×" if base else "—",
+                ]
+            )
         out += table(["backend", "mode", "size", "batch", "workers", "images/s", "vs ImageFolder"], rows) + [""]
     models = [r for r in results if "model" in r]
     if models:
         out += ["## Model training step (synthetic input)", ""]
-        rows = [[r["model"], r["baseline"], str(r["resolution"]), str(r["batch"]), r["setting"],
-                 f"{r['images_per_s']:.1f}", f"{r['baseline_images_per_s']:.1f}", f"{r['ratio']:.2f}×",
-                 pct(r.get("mfu")), pct(r.get("baseline_mfu")),
-                 "—" if r.get("memory_mb") is None else f"{r['memory_mb']:.0f}"] for r in models]
-        out += table(["ours", "baseline", "res", "batch", "setting", "ours img/s", "baseline img/s", "ratio",
-                      "MFU", "baseline MFU", "peak MB"], rows) + [""]
+        rows = [
+            [
+                r["model"],
+                r["baseline"],
+                str(r["resolution"]),
+                str(r["batch"]),
+                r["setting"],
+                f"{r['images_per_s']:.1f}",
+                f"{r['baseline_images_per_s']:.1f}",
+                f"{r['ratio']:.2f}×",
+                pct(r.get("mfu")),
+                pct(r.get("baseline_mfu")),
+                "—" if r.get("memory_mb") is None else f"{r['memory_mb']:.0f}",
+            ]
+            for r in models
+        ]
+        out += table(
+            [
+                "ours",
+                "baseline",
+                "res",
+                "batch",
+                "setting",
+                "ours img/s",
+                "baseline img/s",
+                "ratio",
+                "MFU",
+                "baseline MFU",
+                "peak MB",
+            ],
+            rows,
+        ) + [""]
     train = [r for r in results if "stage" in r]
     if train:
         out += ["## End to end: loader feeding the engine", ""]
-        rows = [[f"conv2former_{r['variant']}", str(r["image_size"]), str(r["ranks"]), str(r["stage"]),
-                 f"{r['images_per_s']:.0f}", f"{r['images_per_s'] / r['ranks']:.0f}", pct(r["data_wait"]),
-                 pct(r.get("mfu")), f"{r['memory_mb']:.0f}"] for r in train]
-        out += table(["model", "res", "ranks", "ZeRO", "images/s", "per GPU", "data wait", "MFU", "peak MB/rank"],
-                     rows) + [""]
+        rows = [
+            [
+                f"conv2former_{r['variant']}",
+                str(r["image_size"]),
+                str(r["ranks"]),
+                str(r["stage"]),
+                f"{r['images_per_s']:.0f}",
+                f"{r['images_per_s'] / r['ranks']:.0f}",
+                pct(r["data_wait"]),
+                pct(r.get("mfu")),
+                f"{r['memory_mb']:.0f}",
+            ]
+            for r in train
+        ]
+        out += table(
+            ["model", "res", "ranks", "ZeRO", "images/s", "per GPU", "data wait", "MFU", "peak MB/rank"], rows
+        ) + [""]
     rate, source = per_gpu_rate(results)
     out += [f"## Projected wall time: {EPOCHS} epochs of ImageNet-22k ({IMAGENET_22K_IMAGES:,} images)", ""]
     if rate is None:
@@ -130,19 +185,39 @@ def projection(rate: float, source: str, gpus: List[int], net: Network) -> List[
         comm = allreduce_seconds(grad_bytes, n, net)
         steps = images / net.global_batch
         hours = lambda step_s: steps * step_s / 3600  # noqa: E731
-        rows.append([str(n), f"{per_gpu:,.0f}", f"{compute * 1e3:,.1f}", f"{comm * 1e3:,.1f}",
-                     f"{hours(compute):,.1f}", f"{hours(max(compute, comm)):,.1f} – {hours(compute + comm):,.1f}",
-                     f"{compute / (compute + comm):.0%}", f"{n * hours(compute + comm):,.0f}"])
+        rows.append(
+            [
+                str(n),
+                f"{per_gpu:,.0f}",
+                f"{compute * 1e3:,.1f}",
+                f"{comm * 1e3:,.1f}",
+                f"{hours(compute):,.1f}",
+                f"{hours(max(compute, comm)):,.1f} – {hours(compute + comm):,.1f}",
+                f"{compute / (compute + comm):.0%}",
+                f"{n * hours(compute + comm):,.0f}",
+            ]
+        )
     return [
         f"From {rate:,.0f} images/s per GPU ({source}); global batch {net.global_batch} (one gradient all-reduce per "
         f"optimizer step, accumulation inside it); {net.params / 1e6:.1f}M parameters with "
         f"{net.grad_bytes_per_param}-byte gradients; ring all-reduce at {net.intra_node_gbs:g} GB/s per GPU within a "
-        f"node of {net.gpus_per_node} and {net.inter_node_gbps:g} Gb/s per GPU across nodes. \"with all-reduce\" "
+        f'node of {net.gpus_per_node} and {net.inter_node_gbps:g} Gb/s per GPU across nodes. "with all-reduce" '
         "spans fully overlapped (DeepSpeed overlap_comm, on in our config) to not overlapped; efficiency = compute / (compute + "
         "all-reduce). Inputs, not measurements: check them against your cluster with a multi-node run.",
         "",
-    ] + table(["GPUs", "per-GPU batch", "compute ms/step", "all-reduce ms/step", "hours, linear",
-               "hours with all-reduce", "efficiency, not overlapped", "GPU-hours, not overlapped"], rows)
+    ] + table(
+        [
+            "GPUs",
+            "per-GPU batch",
+            "compute ms/step",
+            "all-reduce ms/step",
+            "hours, linear",
+            "hours with all-reduce",
+            "efficiency, not overlapped",
+            "GPU-hours, not overlapped",
+        ],
+        rows,
+    )
 
 
 def main() -> None:
@@ -153,13 +228,26 @@ def main() -> None:
     parser.add_argument("--global-batch", type=int, default=Network.global_batch)
     parser.add_argument("--params", type=float, default=Network.params, help="model parameters (default: L)")
     parser.add_argument("--gpus-per-node", type=int, default=Network.gpus_per_node)
-    parser.add_argument("--intra-node-gbs", type=float, default=Network.intra_node_gbs,
-                        help="all-reduce bandwidth per GPU inside a node, GB/s")
-    parser.add_argument("--inter-node-gbps", type=float, default=Network.inter_node_gbps,
-                        help="network bandwidth per GPU across nodes, Gb/s")
+    parser.add_argument(
+        "--intra-node-gbs",
+        type=float,
+        default=Network.intra_node_gbs,
+        help="all-reduce bandwidth per GPU inside a node, GB/s",
+    )
+    parser.add_argument(
+        "--inter-node-gbps",
+        type=float,
+        default=Network.inter_node_gbps,
+        help="network bandwidth per GPU across nodes, Gb/s",
+    )
     args = parser.parse_args()
-    net = Network(params=args.params, global_batch=args.global_batch, gpus_per_node=args.gpus_per_node,
-                  intra_node_gbs=args.intra_node_gbs, inter_node_gbps=args.inter_node_gbps)
+    net = Network(
+        params=args.params,
+        global_batch=args.global_batch,
+        gpus_per_node=args.gpus_per_node,
+        intra_node_gbs=args.intra_node_gbs,
+        inter_node_gbps=args.inter_node_gbps,
+    )
     text = report(load(args.results), args.gpus, net)
     print(text)
     if args.output:

@@ -10,6 +10,7 @@ images/s (median), the share of step time spent waiting for the next batch ("dat
 keeps up), peak memory per rank, and on a GPU the MFU (images/s per GPU x 6 x MACs / bf16 dense peak). ZeRO-0 (plain
 data parallel, what DDP does) is the baseline each stage's ratio is taken against.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,18 +25,42 @@ from statistics import median
 
 import torch
 import yaml
-
 from results import REPO, machine, record, versions
 
 
 def run_stage(stage: int, args: argparse.Namespace, env: dict) -> dict:
     bin_dir = Path(sys.executable).parent
     with tempfile.TemporaryDirectory() as out:
-        cmd = [str(bin_dir / "deepspeed"), "--num_gpus", str(args.ranks), "--master_port", str(29800 + stage),
-               str(REPO / "launch" / "pretrain.py"), "--variant", args.variant, "--data", args.data,
-               "--output", out, "--image-size", str(args.image_size), "--max-steps", str(args.steps),
-               "--zero-stage", str(stage), "--save-every", "0", "--backend", args.backend,
-               "--set", "ema=false", "--set", "logging.print_every=5", "--set", "schedule.eval_every_epochs=1000"]
+        cmd = [
+            str(bin_dir / "deepspeed"),
+            "--num_gpus",
+            str(args.ranks),
+            "--master_port",
+            str(29800 + stage),
+            str(REPO / "launch" / "pretrain.py"),
+            "--variant",
+            args.variant,
+            "--data",
+            args.data,
+            "--output",
+            out,
+            "--image-size",
+            str(args.image_size),
+            "--max-steps",
+            str(args.steps),
+            "--zero-stage",
+            str(stage),
+            "--save-every",
+            "0",
+            "--backend",
+            args.backend,
+            "--set",
+            "ema=false",
+            "--set",
+            "logging.print_every=5",
+            "--set",
+            "schedule.eval_every_epochs=1000",
+        ]
         if args.micro_batch:
             cmd += ["--micro-batch", str(args.micro_batch)]
         if args.global_batch:
@@ -51,10 +76,13 @@ def run_stage(stage: int, args: argparse.Namespace, env: dict) -> dict:
     train = [r for r in log if r["kind"] == "train" and r["step"] > 10]  # each record averages 5 steps
     if not train:
         raise SystemExit(f"error: no steps after the 10th with --steps {args.steps}; give --steps 20 or more")
-    return dict(images_per_s=median(r["images_per_s"] for r in train),
-                data_wait=median(r["data_time"] / r["step_time"] for r in train),
-                memory_mb=max(r["memory_mb"] for r in train),
-                micro_batch=config["data"]["batch_size"], global_batch=config["schedule"]["global_batch"])
+    return dict(
+        images_per_s=median(r["images_per_s"] for r in train),
+        data_wait=median(r["data_time"] / r["step_time"] for r in train),
+        memory_mb=max(r["memory_mb"] for r in train),
+        micro_batch=config["data"]["batch_size"],
+        global_batch=config["schedule"]["global_batch"],
+    )
 
 
 def main() -> None:
@@ -83,10 +111,11 @@ def main() -> None:
 
     gmacs = peak = None
     if torch.cuda.is_available():
-        import conv2former  # noqa: F401
         import timm
-        from conv2former.complexity import count_gmacs
         from model_speed import bf16_peak
+
+        import conv2former  # noqa: F401
+        from conv2former.complexity import count_gmacs
 
         with torch.device("meta"):
             gmacs = count_gmacs(timm.create_model(f"conv2former_{args.variant}"), args.image_size)
@@ -96,10 +125,14 @@ def main() -> None:
     for stage in args.stages:
         results[stage] = r = run_stage(stage, args, env)
         r["mfu"] = r["images_per_s"] / args.ranks * 6 * gmacs * 1e9 / peak if gmacs and peak else None
-        print(f"ZeRO-{stage}: {r['images_per_s']:.0f} images/s, data wait {r['data_wait']:.1%} of step time, "
-              f"peak memory {r['memory_mb']:.0f} MB per rank" + (f", MFU {r['mfu']:.1%}" if r["mfu"] else ""))
+        print(
+            f"ZeRO-{stage}: {r['images_per_s']:.0f} images/s, data wait {r['data_wait']:.1%} of step time, "
+            f"peak memory {r['memory_mb']:.0f} MB per rank" + (f", MFU {r['mfu']:.1%}" if r["mfu"] else "")
+        )
         if args.json:
-            print(json.dumps(dict(stage=stage, variant=args.variant, image_size=args.image_size, ranks=args.ranks, **r)))
+            print(
+                json.dumps(dict(stage=stage, variant=args.variant, image_size=args.image_size, ranks=args.ranks, **r))
+            )
     base = results.get(0)
     if args.record:
         rows = []
@@ -107,9 +140,11 @@ def main() -> None:
             batch = f"{r['micro_batch']} / {r['global_batch']}"
             ratio = f"{r['images_per_s'] / base['images_per_s']:.2f}×" if base else "—"
             mfu = f"{r['mfu']:.1%}" if r["mfu"] else "—"
-            rows.append(f"| {datetime.date.today()} | {machine()} | {args.ranks} | conv2former_{args.variant} | "
-                        f"{args.image_size} | {batch} | {stage} | {r['images_per_s']:.0f} | {ratio} | "
-                        f"{r['data_wait']:.1%} | {mfu} | {r['memory_mb']:.0f} | {versions('torch', 'deepspeed', 'dali')} |")
+            rows.append(
+                f"| {datetime.date.today()} | {machine()} | {args.ranks} | conv2former_{args.variant} | "
+                f"{args.image_size} | {batch} | {stage} | {r['images_per_s']:.0f} | {ratio} | "
+                f"{r['data_wait']:.1%} | {mfu} | {r['memory_mb']:.0f} | {versions('torch', 'deepspeed', 'dali')} |"
+            )
         record("train_speed.py", rows)
 
 

@@ -3,6 +3,7 @@
 MACs are measured with ``torch.utils.flop_counter`` (which counts 2 FLOPs per multiply-add of convolutions and
 matrix products, nothing for element-wise ops) and halved, the convention of the paper's "FLOPs" column.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,15 +41,17 @@ def table_rows(variants: Optional[Sequence[str]] = None) -> List[Dict[str, objec
         with torch.device("meta"):
             model = timm.create_model(name)
         paper_params, paper_224, paper_384 = PAPER_FIGURES.get(name, (None, None, None))
-        rows.append(dict(
-            variant=name,
-            params_m=count_params(model) / 1e6,
-            gmacs_224=count_gmacs(model, 224),
-            gmacs_384=count_gmacs(model, 384),
-            paper_params_m=paper_params,
-            paper_gmacs_224=paper_224,
-            paper_gmacs_384=paper_384,
-        ))
+        rows.append(
+            dict(
+                variant=name,
+                params_m=count_params(model) / 1e6,
+                gmacs_224=count_gmacs(model, 224),
+                gmacs_384=count_gmacs(model, 384),
+                paper_params_m=paper_params,
+                paper_gmacs_224=paper_224,
+                paper_gmacs_384=paper_384,
+            )
+        )
     return rows
 
 

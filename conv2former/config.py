@@ -1,5 +1,6 @@
 """Typed configuration of the pipeline: dataclasses, filled from a stage's YAML defaults, ``--config FILE`` and
 ``--set a.b=value`` overrides (later wins). Unknown keys and impossible values are one-line ``UserError``s."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,96 +18,96 @@ from conv2former.errors import UserError
 class AugmentConfig:
     """Training augmentation. Per-sample ops run in the loader; Mixup/CutMix and random erasing on the device batch."""
 
-    randaugment: bool = True          # RandAugment n=2, m=9 (timm "rand-m9-mstd0.5-inc1" in the torch backend)
-    randaugment_n: int = 2            # ops per image
-    randaugment_m: int = 9            # magnitude (of 10)
-    hflip: float = 0.5                # horizontal flip probability
+    randaugment: bool = True  # RandAugment n=2, m=9 (timm "rand-m9-mstd0.5-inc1" in the torch backend)
+    randaugment_n: int = 2  # ops per image
+    randaugment_m: int = 9  # magnitude (of 10)
+    hflip: float = 0.5  # horizontal flip probability
     scale: Tuple[float, float] = (0.08, 1.0)  # random-resized-crop area range
     ratio: Tuple[float, float] = (3 / 4, 4 / 3)  # random-resized-crop aspect range
-    mixup: float = 0.8                # Mixup alpha (0: off)
-    cutmix: float = 1.0               # CutMix alpha (0: off)
-    mixup_prob: float = 1.0           # probability that a batch is mixed at all
-    mixup_switch_prob: float = 0.5    # probability of CutMix instead of Mixup when both are on
-    label_smoothing: float = 0.1      # applied to the (mixed) one-hot targets
-    random_erasing: float = 0.25      # probability of timm's RandomErasing per image (pixel mode)
+    mixup: float = 0.8  # Mixup alpha (0: off)
+    cutmix: float = 1.0  # CutMix alpha (0: off)
+    mixup_prob: float = 1.0  # probability that a batch is mixed at all
+    mixup_switch_prob: float = 0.5  # probability of CutMix instead of Mixup when both are on
+    label_smoothing: float = 0.1  # applied to the (mixed) one-hot targets
+    random_erasing: float = 0.25  # probability of timm's RandomErasing per image (pixel mode)
 
 
 @dataclass
 class DataConfig:
     """Where the shards are and how batches are made. ``batch_size`` is per rank (the micro-batch)."""
 
-    root: str = ""                    # shard root holding _info.json, train/, val/ (any fsspec URL)
-    backend: str = "auto"             # auto | dali-gpu | dali-cpu | torch
-    image_size: int = 224             # training and evaluation input side, pixels
-    batch_size: int = 32              # micro-batch per rank (training)
+    root: str = ""  # shard root holding _info.json, train/, val/ (any fsspec URL)
+    backend: str = "auto"  # auto | dali-gpu | dali-cpu | torch
+    image_size: int = 224  # training and evaluation input side, pixels
+    batch_size: int = 32  # micro-batch per rank (training)
     eval_batch_size: Optional[int] = None  # per rank; None: batch_size
-    workers: int = 4                  # DALI threads, or DataLoader workers
-    seed: Optional[int] = None        # shard order and augmentation draws; None: the run's top-level seed
-    shuffle_buffer: int = 4096        # per-rank sample shuffle buffer (in addition to the per-epoch shard order)
-    crop_pct: float = 0.875           # eval: resize the shorter side to image_size / crop_pct, then center crop
-    crop_mode: str = "center"         # eval: center | squash (resize to image_size x image_size, no crop)
+    workers: int = 4  # DALI threads, or DataLoader workers
+    seed: Optional[int] = None  # shard order and augmentation draws; None: the run's top-level seed
+    shuffle_buffer: int = 4096  # per-rank sample shuffle buffer (in addition to the per-epoch shard order)
+    crop_pct: float = 0.875  # eval: resize the shorter side to image_size / crop_pct, then center crop
+    crop_mode: str = "center"  # eval: center | squash (resize to image_size x image_size, no crop)
     mean: Tuple[float, float, float] = IMAGENET_DEFAULT_MEAN  # normalisation mean (RGB, 0-1 scale)
     std: Tuple[float, float, float] = IMAGENET_DEFAULT_STD  # normalisation std (RGB, 0-1 scale)
     channels_last: Optional[bool] = None  # batches in channels_last memory format; None: on GPU only
-    cache_dir: Optional[str] = None   # local cache for remote shards (DALI reads local files)
+    cache_dir: Optional[str] = None  # local cache for remote shards (DALI reads local files)
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # training augmentation
 
 
 @dataclass
 class ModelConfig:
-    variant: str = "conv2former_l"    # a registered timm name (the launchers' --variant takes short names)
-    drop_path_rate: float = 0.1       # stochastic depth at the last block (linear over depth)
+    variant: str = "conv2former_l"  # a registered timm name (the launchers' --variant takes short names)
+    drop_path_rate: float = 0.1  # stochastic depth at the last block (linear over depth)
     kernel_size: Optional[int] = None  # modulation kernel; None: the variant's own (11, or 7 for n and b_22k)
     grad_checkpointing: bool = False  # per-block activation checkpointing (memory for compute)
-    compile: bool = False             # torch.compile the DeepSpeed engine
+    compile: bool = False  # torch.compile the DeepSpeed engine
 
 
 @dataclass
 class OptimConfig:
-    base_lr: float = 1e-3             # lr = base_lr * global_batch / 1024 (paper, section 4.1)
-    weight_decay: float = 0.05        # AdamW decoupled decay; none on 1-D parameters (norms, biases, layer scales)
+    base_lr: float = 1e-3  # lr = base_lr * global_batch / 1024 (paper, section 4.1)
+    weight_decay: float = 0.05  # AdamW decoupled decay; none on 1-D parameters (norms, biases, layer scales)
     betas: Tuple[float, float] = (0.9, 0.999)  # AdamW betas
-    eps: float = 1e-8                 # AdamW epsilon
-    clip_grad: float = 0.0            # 0 = no clipping (the paper's setting)
+    eps: float = 1e-8  # AdamW epsilon
+    clip_grad: float = 0.0  # 0 = no clipping (the paper's setting)
     layer_decay: Optional[float] = None  # layer-wise lr decay (fine-tuning: 0.8); None: off
 
 
 @dataclass
 class ScheduleConfig:
-    epochs: int = 90                  # the schedule's length
-    warmup_epochs: float = 5.0        # linear warmup, per optimizer step
-    min_lr: float = 1e-6              # the cosine schedule's floor
-    max_steps: Optional[int] = None   # stop early without changing the schedule
-    global_batch: int = 4096          # images per optimizer step over all ranks (ranks x micro-batch x accumulation)
-    eval_every_epochs: int = 1        # evaluate every N epochs (and at the end)
+    epochs: int = 90  # the schedule's length
+    warmup_epochs: float = 5.0  # linear warmup, per optimizer step
+    min_lr: float = 1e-6  # the cosine schedule's floor
+    max_steps: Optional[int] = None  # stop early without changing the schedule
+    global_batch: int = 4096  # images per optimizer step over all ranks (ranks x micro-batch x accumulation)
+    eval_every_epochs: int = 1  # evaluate every N epochs (and at the end)
 
 
 @dataclass
 class DeepSpeedConfig:
-    zero_stage: int = 1               # DeepSpeed ZeRO stage 0-3
-    bf16: bool = True                 # on GPU; CPU runs are fp32
-    overlap_comm: bool = True         # reduce gradients during the backward pass (DeepSpeed's default: ZeRO-3 only)
+    zero_stage: int = 1  # DeepSpeed ZeRO stage 0-3
+    bf16: bool = True  # on GPU; CPU runs are fp32
+    overlap_comm: bool = True  # reduce gradients during the backward pass (DeepSpeed's default: ZeRO-3 only)
 
 
 @dataclass
 class CheckpointConfig:
-    save_every: int = 1000            # steps; and at each epoch end
-    keep_last: int = 3                # complete checkpoints kept; older ones are deleted
+    save_every: int = 1000  # steps; and at each epoch end
+    keep_last: int = 3  # complete checkpoints kept; older ones are deleted
 
 
 @dataclass
 class LoggingConfig:
-    print_every: int = 20             # steps between recorded training scalars
+    print_every: int = 20  # steps between recorded training scalars
 
 
 @dataclass
 class TrainConfig:
-    stage: str = "pretrain"           # a name for the run's logs and export tag
-    output: str = "runs/default"      # run directory: checkpoints/, export/, tb/, log.jsonl
-    seed: int = 0                     # initial weights, dropout and (unless data.seed) the data order
-    ema: bool = False                 # keep an exponential moving average of the weights (timm ModelEmaV3)
-    ema_decay: float = 0.9999         # the EMA's decay per optimizer step
-    ema_warmup: bool = False          # timm's EMA warmup (decay ramps up from 0): for short runs, so BN stats catch up
+    stage: str = "pretrain"  # a name for the run's logs and export tag
+    output: str = "runs/default"  # run directory: checkpoints/, export/, tb/, log.jsonl
+    seed: int = 0  # initial weights, dropout and (unless data.seed) the data order
+    ema: bool = False  # keep an exponential moving average of the weights (timm ModelEmaV3)
+    ema_decay: float = 0.9999  # the EMA's decay per optimizer step
+    ema_warmup: bool = False  # timm's EMA warmup (decay ramps up from 0): for short runs, so BN stats catch up
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -172,7 +173,9 @@ def apply_overrides(cfg: Any, values: Dict[str, Any], prefix: str = "") -> None:
         current = getattr(cfg, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
-                raise UserError(f"{where}: expected a mapping of {', '.join(f.name for f in dataclasses.fields(current))}")
+                raise UserError(
+                    f"{where}: expected a mapping of {', '.join(f.name for f in dataclasses.fields(current))}"
+                )
             apply_overrides(current, value, f"{where}.")
         else:
             setattr(cfg, key, _coerce(value, hints[key], where))
@@ -233,6 +236,7 @@ def describe_config(cfg: "TrainConfig") -> str:
             value = getattr(value, part)
         if isinstance(value, tuple):
             value = list(value)
-        lines.append(f"{key} = {yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
-                     f"  # {doc}")
+        lines.append(
+            f"{key} = {yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}  # {doc}"
+        )
     return "\n".join(lines)

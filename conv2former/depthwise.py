@@ -14,6 +14,7 @@ The results equal PyTorch's own backward up to float rounding (the sums run in a
 ``nn.Conv2d`` in tests/test_model.py). On CUDA, under autocast, for non-float32 tensors or small kernels
 (3x3, where PyTorch's backward is already fast) the layer is exactly ``nn.Conv2d``.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -53,7 +54,7 @@ class _DepthwiseConv2dCPU(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             # pad and put channels first in one copy: (C, B, H + 2p, W + 2p)
             x_padded = x.new_zeros(channels, batch, height + 2 * padding, width + 2 * padding)
-            x_padded[:, :, padding:padding + height, padding:padding + width] = x.transpose(0, 1)
+            x_padded[:, :, padding : padding + height, padding : padding + width] = x.transpose(0, 1)
             x_padded = x_padded.view(1, channels * batch, height + 2 * padding, width + 2 * padding)
             kernels = grad_out.transpose(0, 1).reshape(channels * batch, 1, height, width)
             grad_w = F.conv2d(x_padded, kernels, groups=channels * batch)
@@ -75,8 +76,9 @@ def _use_fast_backward(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
-def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                     fast_backward: bool = True) -> torch.Tensor:
+def depthwise_conv2d(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, fast_backward: bool = True
+) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, padding=k // 2, groups=C)`` for a (C, 1, k, k) weight with odd k.
 
     A leaf for torch.fx (``torch.fx.wrap`` below): traced graphs call this function, so they keep the fast backward

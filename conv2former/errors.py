@@ -1,4 +1,5 @@
 """User-facing errors: one clear line that says what was wrong and how to fix it, never a traceback."""
+
 from __future__ import annotations
 
 import functools

@@ -16,6 +16,7 @@ So after ``import conv2former``, ``timm.create_model("local-dir:OUTPUT/export", 
 model with these weights, ``timm.data.resolve_data_config({}, model=model)`` gives the stage's eval transform, and
 the folder is what ``timm.models.push_to_hf_hub`` uploads (docs/EXPORT.md).
 """
+
 from __future__ import annotations
 
 import json
@@ -36,11 +37,18 @@ ONNX_EXTRA = "onnx"
 
 
 def _fp32_cpu(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    return {k: (v.detach().float() if v.is_floating_point() else v.detach()).contiguous().cpu() for k, v in state.items()}
+    return {
+        k: (v.detach().float() if v.is_floating_point() else v.detach()).contiguous().cpu() for k, v in state.items()
+    }
 
 
-def write_export(run_dir: str, model_state: Mapping[str, torch.Tensor], classes: List[str], config: Dict[str, Any],
-                 ema_state: Optional[Mapping[str, torch.Tensor]] = None) -> str:
+def write_export(
+    run_dir: str,
+    model_state: Mapping[str, torch.Tensor],
+    classes: List[str],
+    config: Dict[str, Any],
+    ema_state: Optional[Mapping[str, torch.Tensor]] = None,
+) -> str:
     """Write ``run_dir/export/`` (see the module docstring) and return its path."""
     out = os.path.join(run_dir, "export")
     os.makedirs(out, exist_ok=True)
@@ -71,10 +79,21 @@ def write_timm_config(path: str, config: Dict[str, Any], classes: List[str]) -> 
     with torch.device("meta"):
         model = timm.create_model(model_cfg["variant"], num_classes=len(classes), **model_args)
     size = int(data["image_size"])
-    data_config = {"input_size": (3, size, size), "crop_pct": float(data["crop_pct"]), "crop_mode": data["crop_mode"],
-                   "interpolation": "bicubic", "mean": tuple(data["mean"]), "std": tuple(data["std"])}
-    save_config_for_hf(model, path, model_args=model_args, data_config=data_config,
-                       model_config={"label_names": list(classes), "pretrained_cfg": {"tag": config.get("stage", "")}})
+    data_config = {
+        "input_size": (3, size, size),
+        "crop_pct": float(data["crop_pct"]),
+        "crop_mode": data["crop_mode"],
+        "interpolation": "bicubic",
+        "mean": tuple(data["mean"]),
+        "std": tuple(data["std"]),
+    }
+    save_config_for_hf(
+        model,
+        path,
+        model_args=model_args,
+        data_config=data_config,
+        model_config={"label_names": list(classes), "pretrained_cfg": {"tag": config.get("stage", "")}},
+    )
 
 
 def model_from_export(folder: str) -> nn.Module:
@@ -86,8 +105,10 @@ def model_from_export(folder: str) -> nn.Module:
 
     config_path = os.path.join(folder, "config.json")
     if not os.path.isfile(config_path):
-        raise UserError(f"{folder} has no config.json: it is not a timm export folder (re-export it with "
-                        "python launch/export.py RUN_DIR, which writes config.json beside model.safetensors)")
+        raise UserError(
+            f"{folder} has no config.json: it is not a timm export folder (re-export it with "
+            "python launch/export.py RUN_DIR, which writes config.json beside model.safetensors)"
+        )
     try:
         with open(config_path) as f:
             architecture = json.load(f)["architecture"]
@@ -107,8 +128,10 @@ def require_onnx() -> None:
         import onnxruntime  # noqa: F401
         import onnxscript  # noqa: F401
     except ImportError as err:
-        raise UserError(f"ONNX export needs the package {err.name}, which is not installed: install the "
-                        f"'{ONNX_EXTRA}' extra (pip install -e '.[{ONNX_EXTRA}]')") from None
+        raise UserError(
+            f"ONNX export needs the package {err.name}, which is not installed: install the "
+            f"'{ONNX_EXTRA}' extra (pip install -e '.[{ONNX_EXTRA}]')"
+        ) from None
 
 
 def export_onnx(model: nn.Module, path: str, images: torch.Tensor, opset: int) -> Dict[str, Any]:
@@ -123,8 +146,15 @@ def export_onnx(model: nn.Module, path: str, images: torch.Tensor, opset: int) -
         expected = model(images).float()
     got = torch.from_numpy(onnx_forward(path, images))
     diff = (got - expected).abs().max().item()
-    return {"file": os.path.basename(path), "opset": opset, "dynamic_axes": {"input0": ["batch"]},
-            "images": int(images.shape[0]), "input_size": list(images.shape[1:]), "max_abs_diff": diff,
-            "max_abs_logit": expected.abs().max().item(),
-            "top1_agreement": (got.argmax(1) == expected.argmax(1)).float().mean().item(),
-            "torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__}
+    return {
+        "file": os.path.basename(path),
+        "opset": opset,
+        "dynamic_axes": {"input0": ["batch"]},
+        "images": int(images.shape[0]),
+        "input_size": list(images.shape[1:]),
+        "max_abs_diff": diff,
+        "max_abs_logit": expected.abs().max().item(),
+        "top1_agreement": (got.argmax(1) == expected.argmax(1)).float().mean().item(),
+        "torch": torch.__version__,
+        "onnxruntime": __import__("onnxruntime").__version__,
+    }

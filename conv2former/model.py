@@ -20,13 +20,12 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.fx._symbolic_trace import is_fx_tracing
-from torch.utils.checkpoint import checkpoint
-
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm2d, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
+from torch.fx._symbolic_trace import is_fx_tracing
+from torch.utils.checkpoint import checkpoint
 
 from conv2former.depthwise import DepthwiseConv2d
 
@@ -82,7 +81,9 @@ class BatchNorm2dFP32(nn.BatchNorm2d):
             self.running_var if not self.training or self.track_running_stats else None,
             None if self.weight is None else self.weight.float(),
             None if self.bias is None else self.bias.float(),
-            use_batch_stats, momentum, self.eps,
+            use_batch_stats,
+            momentum,
+            self.eps,
         )
         return out.to(x.dtype)
 
@@ -261,30 +262,46 @@ class Conv2Former(_ClassifierMixin, nn.Module):
 
         stem_dim = dims[0] // 2
         self.downsample_layers = nn.ModuleList()
-        self.downsample_layers.append(nn.Sequential(
-            nn.Conv2d(in_chans, stem_dim, 3, stride=2, padding=1, bias=False),
-            nn.GELU(),
-            BatchNorm2dFP32(stem_dim),
-            nn.Conv2d(stem_dim, stem_dim, 3, stride=1, padding=1, bias=False),
-            nn.GELU(),
-            BatchNorm2dFP32(stem_dim),
-            nn.Conv2d(stem_dim, dims[0], 2, stride=2, bias=False),
-        ))
+        self.downsample_layers.append(
+            nn.Sequential(
+                nn.Conv2d(in_chans, stem_dim, 3, stride=2, padding=1, bias=False),
+                nn.GELU(),
+                BatchNorm2dFP32(stem_dim),
+                nn.Conv2d(stem_dim, stem_dim, 3, stride=1, padding=1, bias=False),
+                nn.GELU(),
+                BatchNorm2dFP32(stem_dim),
+                nn.Conv2d(stem_dim, dims[0], 2, stride=2, bias=False),
+            )
+        )
         for i in range(3):
-            self.downsample_layers.append(nn.Sequential(
-                LayerNorm2d(dims[i], eps=1e-6),
-                nn.Conv2d(dims[i], dims[i + 1], 2, stride=2),
-            ))
+            self.downsample_layers.append(
+                nn.Sequential(
+                    LayerNorm2d(dims[i], eps=1e-6),
+                    nn.Conv2d(dims[i], dims[i + 1], 2, stride=2),
+                )
+            )
 
         rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()  # as the official code
         self.stages = nn.ModuleList()
         self.feature_info: List[Dict[str, Any]] = []
         first = 0
         for i, (depth, dim) in enumerate(zip(depths, dims)):
-            self.stages.append(nn.Sequential(*[
-                Block(dim, kernel_size, mlp_ratio, rates[first + j], layer_scale_init_value, fusion, fast_depthwise)
-                for j in range(depth)
-            ]))
+            self.stages.append(
+                nn.Sequential(
+                    *[
+                        Block(
+                            dim,
+                            kernel_size,
+                            mlp_ratio,
+                            rates[first + j],
+                            layer_scale_init_value,
+                            fusion,
+                            fast_depthwise,
+                        )
+                        for j in range(depth)
+                    ]
+                )
+            )
             first += depth
             self.feature_info.append(dict(num_chs=dim, reduction=2 ** (i + 2), module=f"stages.{i}"))
 
@@ -297,7 +314,9 @@ class Conv2Former(_ClassifierMixin, nn.Module):
         """Parameter groups in depth order (stem, downsample + blocks, head) for layer-wise lr decay."""
         return dict(
             stem=r"^downsample_layers\.0\.",
-            blocks=r"^(?:downsample_layers|stages)\.(\d+)" if coarse else [
+            blocks=r"^(?:downsample_layers|stages)\.(\d+)"
+            if coarse
+            else [
                 (r"^downsample_layers\.(\d+)\.", (0,)),
                 (r"^stages\.(\d+)\.(\d+)\.", None),
             ],
@@ -400,10 +419,12 @@ class Conv2FormerIsotropic(_ClassifierMixin, nn.Module):
         else:
             raise ValueError(f"unknown isotropic stem {stem!r}: choose 'patch' or 'convs'")
         rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
-        self.blocks = nn.Sequential(*[
-            Block(dim, kernel_size, mlp_ratio, rates[i], layer_scale_init_value, fusion, fast_depthwise)
-            for i in range(depth)
-        ])
+        self.blocks = nn.Sequential(
+            *[
+                Block(dim, kernel_size, mlp_ratio, rates[i], layer_scale_init_value, fusion, fast_depthwise)
+                for i in range(depth)
+            ]
+        )
         self.feature_info = [dict(num_chs=dim, reduction=16, module=f"blocks.{i}") for i in range(depth)]
         self.head = _classifier_head(dim, head_dim)
         self.pred = nn.Linear(head_dim, num_classes) if num_classes > 0 else nn.Identity()
@@ -504,10 +525,17 @@ def _cfg(reduction: int = 32, **kwargs: Any) -> Dict[str, Any]:
     size = kwargs.get("input_size", (3, 224, 224))[-1]
     return {
         "url": "",
-        "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (size // reduction,) * 2,
-        "crop_pct": 0.875, "crop_mode": "center", "interpolation": "bicubic", "fixed_input_size": False,
-        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "downsample_layers.0.0", "classifier": "pred",
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": (size // reduction,) * 2,
+        "crop_pct": 0.875,
+        "crop_mode": "center",
+        "interpolation": "bicubic",
+        "fixed_input_size": False,
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "downsample_layers.0.0",
+        "classifier": "pred",
         **PAPER,
         **kwargs,
     }
@@ -525,9 +553,9 @@ def _variant_cfgs(name: str, spec: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
     }
 
 
-default_cfgs = generate_default_cfgs({
-    tag: cfg for name, spec in VARIANTS.items() for tag, cfg in _variant_cfgs(name, spec).items()
-})
+default_cfgs = generate_default_cfgs(
+    {tag: cfg for name, spec in VARIANTS.items() for tag, cfg in _variant_cfgs(name, spec).items()}
+)
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
@@ -541,9 +569,14 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[s
     source = cfg.get("file") or cfg.get("hf_hub_id") or "the pretrained weights"
     new_head = model.num_classes != cfg.get("num_classes")
     architecture = cfg.get("architecture", "this model")
-    check_compatible(model, state_dict, f"{source} (loaded as {architecture})", skip_head=new_head,
-                     hint=f"the weights are not a {architecture}: correct 'architecture' in the folder's config.json, "
-                          "or re-export the run with launch/export.py")
+    check_compatible(
+        model,
+        state_dict,
+        f"{source} (loaded as {architecture})",
+        skip_head=new_head,
+        hint=f"the weights are not a {architecture}: correct 'architecture' in the folder's config.json, "
+        "or re-export the run with launch/export.py",
+    )
     return state_dict
 
 
@@ -554,7 +587,9 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     model_args = {**spec, **kwargs}
     feature_cfg = dict(feature_cls="getter", out_indices=(0, 1, 2, 3) if not isotropic else (17,))
     return build_model_with_cfg(
-        model_cls, variant, pretrained,
+        model_cls,
+        variant,
+        pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=feature_cfg,
         **model_args,

@@ -10,6 +10,7 @@ Accepted sources (any fsspec path or URL):
 
 A ``classes.txt`` beside the weights (synsets in head order) is returned with them.
 """
+
 from __future__ import annotations
 
 import io
@@ -27,8 +28,15 @@ import torch.nn as nn
 
 from conv2former.errors import UserError
 
-__all__ = ["Weights", "read_weights", "load_checkpoint", "unwrap_state_dict", "describe_architecture", "check_compatible",
-           "matching_variants"]
+__all__ = [
+    "Weights",
+    "read_weights",
+    "load_checkpoint",
+    "unwrap_state_dict",
+    "describe_architecture",
+    "check_compatible",
+    "matching_variants",
+]
 
 _WRAPPER_KEYS = ("model", "state_dict", "module", "model_state_dict")
 # The only Python globals a DeepSpeed checkpoint may reference (all plain data: an Enum, a namedtuple, a scaler).
@@ -65,7 +73,7 @@ def unwrap_state_dict(obj: Any) -> Dict[str, torch.Tensor]:
     for key, value in obj.items():
         for prefix in ("module.", "_orig_mod."):
             while key.startswith(prefix):
-                key = key[len(prefix):]
+                key = key[len(prefix) :]
         out[key] = value
     return out
 
@@ -86,10 +94,12 @@ def read_weights(path: str) -> Weights:
     """Read weights from a ``.pth``, a ``.safetensors``, an export directory (also written ``local-dir:DIR``, as
     timm names it) or a DeepSpeed checkpoint directory."""
     if str(path).startswith("local-dir:"):
-        path = str(path)[len("local-dir:"):]
+        path = str(path)[len("local-dir:") :]
     fs, fs_path = fsspec.core.url_to_fs(str(path))
     if not fs.exists(fs_path):
-        raise UserError(f"weights not found: {path} (give a .pth, a model.safetensors, an export dir or a checkpoint dir)")
+        raise UserError(
+            f"weights not found: {path} (give a .pth, a model.safetensors, an export dir or a checkpoint dir)"
+        )
     if fs.isdir(fs_path):
         export = posixpath.join(fs_path, "model.safetensors")
         nested_export = posixpath.join(fs_path, "export", "model.safetensors")
@@ -139,7 +149,7 @@ def _deepspeed_tag_dir(fs: fsspec.AbstractFileSystem, ds_dir: str, shown: str) -
     if fs.exists(latest):
         with fs.open(latest, "r") as f:
             return ds_dir, f.read().strip()
-    tags = sorted((n for n in names if re.fullmatch(r"global_step\d+", n)), key=lambda n: int(n[len("global_step"):]))
+    tags = sorted((n for n in names if re.fullmatch(r"global_step\d+", n)), key=lambda n: int(n[len("global_step") :]))
     if tags:
         return ds_dir, tags[-1]
     raise UserError(
@@ -189,7 +199,11 @@ def _read_deepspeed_dir(fs: fsspec.AbstractFileSystem, ds_dir: str, shown: str) 
 def describe_architecture(state_dict: Mapping[str, torch.Tensor]) -> str:
     """A short description of the Conv2Former a state_dict belongs to (dims, depths, kernel, classes)."""
     parts = []
-    dims = [state_dict[f"stages.{i}.0.layer_scale_1"].shape[0] for i in range(4) if f"stages.{i}.0.layer_scale_1" in state_dict]
+    dims = [
+        state_dict[f"stages.{i}.0.layer_scale_1"].shape[0]
+        for i in range(4)
+        if f"stages.{i}.0.layer_scale_1" in state_dict
+    ]
     depths = Counter(int(m.group(1)) for k in state_dict if (m := re.match(r"stages\.(\d+)\.(\d+)\.layer_scale_1$", k)))
     if dims:
         parts.append(f"dims {','.join(map(str, dims))}")
@@ -226,8 +240,13 @@ def matching_variants(state_dict: Mapping[str, torch.Tensor]) -> List[str]:
     return found
 
 
-def check_compatible(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str,
-                     skip_head: bool = False, hint: str = "pick the matching --variant") -> None:
+def check_compatible(
+    model: nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    source: str,
+    skip_head: bool = False,
+    hint: str = "pick the matching --variant",
+) -> None:
     """Raise a one-line ``UserError`` unless ``state_dict`` loads into ``model`` with ``strict=True`` (with
     ``skip_head``: unless everything but the classifier does)."""
     own = model.state_dict()

@@ -1,4 +1,5 @@
 """Turn a listed source into a shard root: plan, guard against mixing runs, write in parallel, write the manifest."""
+
 from __future__ import annotations
 
 import hashlib
@@ -21,8 +22,17 @@ from tqdm import tqdm
 from conv2former.data import shard_format as fmt
 from conv2former.errors import UserError
 from data_prep.sources import STREAMED, Listing, SourceItem, stream_targz_images
-from data_prep.writer import (PROGRESS_DIR, ShardResult, ShardTask, WriteOptions, cut_into_shards, read_progress,
-                              shuffle_items, summarize_skips, write_shard)
+from data_prep.writer import (
+    PROGRESS_DIR,
+    ShardResult,
+    ShardTask,
+    WriteOptions,
+    cut_into_shards,
+    read_progress,
+    shuffle_items,
+    summarize_skips,
+    write_shard,
+)
 
 PLAN_FILE = "_plan.json"
 
@@ -51,6 +61,7 @@ def _digest(splits: Dict[str, List[List[SourceItem]]]) -> str:
 
 def _same_items(previous: Dict[str, object], plan: Dict[str, object]) -> bool:
     """Whether two plans differ only in where the source lives (same settings, same samples in the same shards)."""
+
     def without_location(p: Dict[str, object]) -> Dict[str, object]:
         source = p.get("source")
         return {**p, "source": {k: v for k, v in source.items() if k != "src"} if isinstance(source, dict) else source}
@@ -153,8 +164,10 @@ def build_shards(
         if previous != plan and _same_items(previous, plan):
             # the same images under another path (a moved checkout or mount): the shards stay valid
             if not options.quiet:
-                print(f"{out}: the source moved ({previous['source'].get('src')} -> {plan['source'].get('src')}); "
-                      "the planned samples are identical, so the shards are reused")
+                print(
+                    f"{out}: the source moved ({previous['source'].get('src')} -> {plan['source'].get('src')}); "
+                    "the planned samples are identical, so the shards are reused"
+                )
             previous = plan
         if previous != plan:
             if not options.overwrite:
@@ -193,8 +206,15 @@ def build_shards(
 
     total_images = sum(len(shard) for shards in planned.values() for shard in shards)
     reused = sum(r.images_in for r in results.values())
-    bar = tqdm(total=total_images, initial=reused, unit="img", desc=f"shards {name}", disable=options.quiet,
-               dynamic_ncols=True, file=sys.stderr)
+    bar = tqdm(
+        total=total_images,
+        initial=reused,
+        unit="img",
+        desc=f"shards {name}",
+        disable=options.quiet,
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
     skipped_count = len(listing_skips) + sum(len(r.skipped) for r in results.values())
 
     def collect(result: ShardResult) -> None:
@@ -222,10 +242,20 @@ def build_shards(
     if spill_dir is not None:
         shutil.rmtree(spill_dir, ignore_errors=True)
 
-    info = {"name": name, "num_classes": len(classes), "seed": options.seed, "source": source_description,
-            "format": {"image": fmt.IMAGE_KEY, "class": fmt.CLASS_KEY, "label": fmt.LABEL_KEY + " (int64 LE)",
-                       "meta": fmt.META_KEY, "index": f"DALI {fmt.INDEX_VERSION}"},
-            "splits": {}}
+    info = {
+        "name": name,
+        "num_classes": len(classes),
+        "seed": options.seed,
+        "source": source_description,
+        "format": {
+            "image": fmt.IMAGE_KEY,
+            "class": fmt.CLASS_KEY,
+            "label": fmt.LABEL_KEY + " (int64 LE)",
+            "meta": fmt.META_KEY,
+            "index": f"DALI {fmt.INDEX_VERSION}",
+        },
+        "splits": {},
+    }
     all_results = [results[key] for key in sorted(results)]
     for split, shards in planned.items():
         split_results = [results[(split, i)] for i in range(len(shards))]

@@ -9,6 +9,7 @@ Each class is a shape drawn in a colour, on a textured noisy background, at a ra
 small network learns it within minutes on a CPU, and the same synset looks the same in "22k" and "1k" (pretraining
 transfers). Same seed, same bytes.
 """
+
 from __future__ import annotations
 
 import io
@@ -72,10 +73,24 @@ def render(class_index: int, rng: random.Random) -> bytes:
             corners = [(r * math.cos(a), r * math.sin(a)) for a in (0, 2 * math.pi / 3, 4 * math.pi / 3)]
         else:  # cross
             t = r / 3
-            corners = [(t, r), (-t, r), (-t, t), (-r, t), (-r, -t), (-t, -t), (-t, -r), (t, -r), (t, -t), (r, -t),
-                       (r, t), (t, t)]
-        rot = [(cx + x * math.cos(theta) - y * math.sin(theta), cy + x * math.sin(theta) + y * math.cos(theta))
-               for x, y in corners]
+            corners = [
+                (t, r),
+                (-t, r),
+                (-t, t),
+                (-r, t),
+                (-r, -t),
+                (-t, -t),
+                (-t, -r),
+                (t, -r),
+                (t, -t),
+                (r, -t),
+                (r, t),
+                (t, t),
+            ]
+        rot = [
+            (cx + x * math.cos(theta) - y * math.sin(theta), cy + x * math.sin(theta) + y * math.cos(theta))
+            for x, y in corners
+        ]
         draw.polygon(rot, fill=colour)
     img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.0, 1.0)))
     noisy = np.asarray(img, dtype=np.int16) + np_rng.integers(-12, 13, size=(h, w, 3))

@@ -1,4 +1,5 @@
 """Make every stored image a plain RGB JPEG that PIL and DALI decode, or say why it was skipped."""
+
 from __future__ import annotations
 
 import io
@@ -19,7 +20,7 @@ class SkipImage(Exception):
 @dataclass
 class CleanImage:
     data: bytes
-    width: int   # original size, before any downscale
+    width: int  # original size, before any downscale
     height: int
     reencoded: bool
 

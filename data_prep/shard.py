@@ -8,6 +8,7 @@
 
 OUT is a local path or any fsspec URL (s3://bucket/prefix, ...). See docs/DATA.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,7 +36,7 @@ def parse_size(text: str) -> int:
     number, unit = float(match.group(1)), match.group(2).rstrip("b")
     base = 1024 if unit.endswith("i") else 1000
     power = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}[unit.rstrip("i")]
-    return int(number * base ** power)
+    return int(number * base**power)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -43,28 +44,47 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", help="output root (local path or fsspec URL); splits go to OUT/train and OUT/val")
     sizes = p.add_mutually_exclusive_group()
     sizes.add_argument("--samples-per-shard", type=int, help="a fixed number of samples per shard")
-    sizes.add_argument("--shard-size", type=parse_size, default=parse_size("1GB"),
-                       help="target shard size in bytes of source images (default 1GB)")
-    p.add_argument("--max-side", type=int, help="downscale images whose longer side exceeds this (default: keep; "
-                                                "512 recommended for 22k throughput)")
+    sizes.add_argument(
+        "--shard-size",
+        type=parse_size,
+        default=parse_size("1GB"),
+        help="target shard size in bytes of source images (default 1GB)",
+    )
+    p.add_argument(
+        "--max-side",
+        type=int,
+        help="downscale images whose longer side exceeds this (default: keep; 512 recommended for 22k throughput)",
+    )
     p.add_argument("--min-side", type=int, default=32, help="skip images with a side under this (default 32)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="parallel writer processes")
     p.add_argument("--seed", type=int, default=0, help="shuffle (and 22k hold-out) seed (default 0)")
-    p.add_argument("--classes", default="full",
-                   help="label space: 'full' (timm's class list), 'present' (only the synsets found, in the same "
-                        "order), or a file with one synset per line (default full)")
-    p.add_argument("--check", choices=["decode", "header"], default="decode",
-                   help="decode every kept JPEG (default), or trust a parsed header with an end-of-image marker")
+    p.add_argument(
+        "--classes",
+        default="full",
+        help="label space: 'full' (timm's class list), 'present' (only the synsets found, in the same "
+        "order), or a file with one synset per line (default full)",
+    )
+    p.add_argument(
+        "--check",
+        choices=["decode", "header"],
+        default="decode",
+        help="decode every kept JPEG (default), or trust a parsed header with an end-of-image marker",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace shards of a different source or settings")
-    p.add_argument("--no-resume", dest="resume", action="store_false",
-                   help="rewrite every shard instead of keeping the complete ones")
+    p.add_argument(
+        "--no-resume",
+        dest="resume",
+        action="store_false",
+        help="rewrite every shard instead of keeping the complete ones",
+    )
     p.add_argument("--name", help="dataset name in _info.json (default: imagenet-22k / imagenet-1k)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="shard.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="shard.py", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command")
     demo = sub.add_parser("demo", help="generate the demo dataset and shard it (the default)")
     demo.add_argument("--out", default=DEMO_DIR, help=f"where to build it (default {DEMO_DIR})")
@@ -102,8 +122,12 @@ def run_imagenet22k(args: argparse.Namespace) -> dict:
         raise UserError(f"no images found in {args.src} (layout {layout})")
     train, val = split_holdout(listing.items, args.val_per_class, args.seed)
     splits = {"train": Listing(train, listing.skipped), "val": Listing(val, [])}
-    source = {"dataset": "imagenet22k", "src": os.path.abspath(args.src) if "://" not in args.src else args.src,
-              "layout": layout, "val_per_class": args.val_per_class}
+    source = {
+        "dataset": "imagenet22k",
+        "src": os.path.abspath(args.src) if "://" not in args.src else args.src,
+        "layout": layout,
+        "val_per_class": args.val_per_class,
+    }
     return _build(args, "imagenet22k", args.name or "imagenet-22k", splits, source)
 
 
@@ -118,9 +142,13 @@ def run_imagenet1k(args: argparse.Namespace) -> dict:
 def _build(args: argparse.Namespace, dataset: str, name: str, splits: dict, source: dict) -> dict:
     classes = resolve_classes(args.classes, dataset, splits)
     options = BuildOptions(
-        seed=args.seed, samples_per_shard=args.samples_per_shard,
-        shard_bytes=None if args.samples_per_shard else args.shard_size, workers=args.workers,
-        overwrite=args.overwrite, resume=args.resume, quiet=args.quiet,
+        seed=args.seed,
+        samples_per_shard=args.samples_per_shard,
+        shard_bytes=None if args.samples_per_shard else args.shard_size,
+        workers=args.workers,
+        overwrite=args.overwrite,
+        resume=args.resume,
+        quiet=args.quiet,
         write=WriteOptions(max_side=args.max_side, min_side=args.min_side, check=args.check),
     )
     summary = build_shards(args.out, name, classes, splits, source, options)
@@ -137,8 +165,11 @@ def run_demo(out: str, workers: int, quiet: bool) -> None:
     common = ["--samples-per-shard", "250", "--classes", "present", "--workers", str(workers)]
     common += ["--quiet"] if quiet else []
     parser = build_parser()
-    run_imagenet22k(parser.parse_args(["imagenet22k", os.path.join(raw, "in22k"), os.path.join(out, "in22k"),
-                                       "--val-per-class", "10", *common]))
+    run_imagenet22k(
+        parser.parse_args(
+            ["imagenet22k", os.path.join(raw, "in22k"), os.path.join(out, "in22k"), "--val-per-class", "10", *common]
+        )
+    )
     run_imagenet1k(parser.parse_args(["imagenet1k", os.path.join(raw, "in1k"), os.path.join(out, "in1k"), *common]))
 
 

@@ -14,6 +14,7 @@ ImageNet-1k:
   LOC_val_solution.csv (Kaggle) or by the devkit's ILSVRC2012_validation_ground_truth.txt + meta.mat.
   Kaggle's SRC/ILSVRC/Data/CLS-LOC/{train,val} is found too.
 """
+
 from __future__ import annotations
 
 import csv
@@ -40,10 +41,10 @@ class SourceItem:
 
     key: str
     synset: str
-    path: str          # fsspec path of the file, or of the tar holding it
-    offset: int        # -1 for a plain file; STREAMED inside a .tar.gz; else the member's data offset in ``path``
+    path: str  # fsspec path of the file, or of the tar holding it
+    offset: int  # -1 for a plain file; STREAMED inside a .tar.gz; else the member's data offset in ``path``
     size: int
-    name: str          # the source name recorded in the sample's json and in skipped.jsonl
+    name: str  # the source name recorded in the sample's json and in skipped.jsonl
 
     def read(self, fs: fsspec.AbstractFileSystem) -> bytes:
         if self.offset == STREAMED:
@@ -58,7 +59,7 @@ class SourceItem:
 @dataclass
 class Listing:
     items: List[SourceItem]
-    skipped: List[Dict[str, str]]   # {"source", "reason"} for inputs rejected while listing
+    skipped: List[Dict[str, str]]  # {"source", "reason"} for inputs rejected while listing
 
 
 def sample_key(filename: str) -> str:
@@ -210,10 +211,16 @@ def list_22k(src: str, layout: Optional[str] = None) -> Tuple[str, Listing]:
                             continue
                         items.append(SourceItem(sample_key(member.name), synset, path, STREAMED, member.size, source))
                 except (tarfile.TarError, EOFError, OSError) as err:
-                    skipped.append({"source": f"{base}:{name}",
-                                    "reason": f"damaged tar, later members lost ({type(err).__name__}: {err})"})
+                    skipped.append(
+                        {
+                            "source": f"{base}:{name}",
+                            "reason": f"damaged tar, later members lost ({type(err).__name__}: {err})",
+                        }
+                    )
         except (tarfile.TarError, EOFError, OSError) as err:
-            skipped.append({"source": base, "reason": f"damaged archive, later members lost ({type(err).__name__}: {err})"})
+            skipped.append(
+                {"source": base, "reason": f"damaged archive, later members lost ({type(err).__name__}: {err})"}
+            )
     else:
         for folder in sorted(fs.ls(path, detail=False)):
             synset = posixpath.basename(folder)
@@ -269,6 +276,7 @@ def _list_folder(fs, folder: str, synset: str, prefix: str) -> Listing:
 # ------------------------------------------------------------------------------------------------------------------
 # ImageNet-1k
 # ------------------------------------------------------------------------------------------------------------------
+
 
 def _find_1k_root(fs, path: str, src: str) -> str:
     for candidate in (path, posixpath.join(path, "ILSVRC", "Data", "CLS-LOC")):

@@ -1,4 +1,5 @@
 """``shard.py verify URL``: read every shard and index back and decode every image (PIL, and DALI when installed)."""
+
 from __future__ import annotations
 
 import io
@@ -95,9 +96,14 @@ def _dali_labels(tar_path: str, idx_path: str) -> List[int]:
 
     @pipeline_def(batch_size=32, num_threads=2, device_id=None, prefetch_queue_depth=1)
     def decode_all():
-        jpg, lbl = fn.readers.webdataset(paths=[tar_path], index_paths=[idx_path], ext=[fmt.IMAGE_KEY, fmt.LABEL_KEY],
-                                         dtypes=[types.UINT8, types.INT64], missing_component_behavior="error",
-                                         name="reader")
+        jpg, lbl = fn.readers.webdataset(
+            paths=[tar_path],
+            index_paths=[idx_path],
+            ext=[fmt.IMAGE_KEY, fmt.LABEL_KEY],
+            dtypes=[types.UINT8, types.INT64],
+            missing_component_behavior="error",
+            name="reader",
+        )
         return fn.decoders.image(jpg, device="cpu", output_type=types.RGB), lbl
 
     pipe = decode_all()
@@ -144,8 +150,9 @@ def verify(url: str, use_dali: bool = True, quiet: bool = False) -> List[str]:
         filenames, lengths = split_info["filenames"], split_info["shard_lengths"]
         if sum(lengths) != split_info["num_samples"]:
             problems.append(f"{split}: shard lengths sum to {sum(lengths)}, num_samples is {split_info['num_samples']}")
-        for filename, expected in tqdm(list(zip(filenames, lengths)), desc=f"verify {split}", unit="shard",
-                                       disable=quiet):
+        for filename, expected in tqdm(
+            list(zip(filenames, lengths)), desc=f"verify {split}", unit="shard", disable=quiet
+        ):
             count, labels = _check_shard(fs, root, filename, num_classes, problems)
             if count != expected:
                 problems.append(f"{filename}: {count} samples, {fmt.INFO_FILE} says {expected}")

@@ -7,6 +7,7 @@ the tar (written to a temporary local file and moved/uploaded whole), its DALI i
 ``OUT/_progress/{split}-NNNNNN.json`` with its length, size and skips. On resume, shards with a valid marker are
 kept and the others are rewritten, so a killed run ends with exactly the shards of an uninterrupted one.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,10 +39,10 @@ class WriteOptions:
 
 @dataclass
 class ShardTask:
-    out_root: str               # fsspec URL of OUT
+    out_root: str  # fsspec URL of OUT
     split: str
     index: int
-    items: List[Tuple[SourceItem, int]]   # (item, label) in the order they are written
+    items: List[Tuple[SourceItem, int]]  # (item, label) in the order they are written
     options: WriteOptions
 
 
@@ -56,8 +57,15 @@ class ShardResult:
     images_in: int = 0
 
     def to_json(self) -> Dict:
-        return dict(split=self.split, index=self.index, num_samples=self.num_samples, num_bytes=self.num_bytes,
-                    skipped=self.skipped, reencoded=self.reencoded, images_in=self.images_in)
+        return dict(
+            split=self.split,
+            index=self.index,
+            num_samples=self.num_samples,
+            num_bytes=self.num_bytes,
+            skipped=self.skipped,
+            reencoded=self.reencoded,
+            images_in=self.images_in,
+        )
 
 
 def shuffle_items(items: Sequence[SourceItem], seed: int, salt: str) -> List[SourceItem]:
@@ -81,9 +89,11 @@ def split_holdout(items: Sequence[SourceItem], per_class: int, seed: int) -> Tup
     return sorted(train, key=key), sorted(val, key=key)
 
 
-def cut_into_shards(items: Sequence[SourceItem], samples_per_shard: Optional[int], shard_bytes: Optional[int]) -> List[List[SourceItem]]:
+def cut_into_shards(
+    items: Sequence[SourceItem], samples_per_shard: Optional[int], shard_bytes: Optional[int]
+) -> List[List[SourceItem]]:
     if samples_per_shard:
-        return [list(items[i:i + samples_per_shard]) for i in range(0, len(items), samples_per_shard)]
+        return [list(items[i : i + samples_per_shard]) for i in range(0, len(items), samples_per_shard)]
     shards, current, size = [], [], 0
     for item in items:
         if current and size + item.size > shard_bytes:
@@ -183,18 +193,23 @@ def write_shard(task: ShardTask) -> ShardResult:
                 if src_fs is None:
                     src_fs = src_fs_cache[item.path] = fsspec.core.url_to_fs(item.path)[0]
                 try:
-                    clean = clean_image(item.read(src_fs), task.options.max_side, task.options.min_side, task.options.check)
+                    clean = clean_image(
+                        item.read(src_fs), task.options.max_side, task.options.min_side, task.options.check
+                    )
                 except SkipImage as skip:
                     result.skipped.append({"source": item.name, "reason": str(skip)})
                     continue
                 meta = {"synset": item.synset, "width": clean.width, "height": clean.height, "source": item.name}
-                index.write(writer, {
-                    "__key__": item.key,
-                    fmt.IMAGE_KEY: clean.data,
-                    fmt.CLASS_KEY: str(label).encode("ascii"),
-                    fmt.LABEL_KEY: fmt.encode_label(label),
-                    fmt.META_KEY: json.dumps(meta, sort_keys=True).encode("utf-8"),
-                })
+                index.write(
+                    writer,
+                    {
+                        "__key__": item.key,
+                        fmt.IMAGE_KEY: clean.data,
+                        fmt.CLASS_KEY: str(label).encode("ascii"),
+                        fmt.LABEL_KEY: fmt.encode_label(label),
+                        fmt.META_KEY: json.dumps(meta, sort_keys=True).encode("utf-8"),
+                    },
+                )
                 result.num_samples += 1
                 result.reencoded += int(clean.reencoded)
             writer.close()
@@ -208,7 +223,7 @@ def write_shard(task: ShardTask) -> ShardResult:
             os.replace(tmp_tar, final_tar)
         else:
             fs.makedirs(split_dir, exist_ok=True)
-            fs.put_file(tmp_tar, final_tar)   # object stores make an upload visible only once complete
+            fs.put_file(tmp_tar, final_tar)  # object stores make an upload visible only once complete
         with fs.open(final_idx, "w") as f:
             f.write(index_text)
         fs.makedirs(posixpath.join(out_path, PROGRESS_DIR), exist_ok=True)

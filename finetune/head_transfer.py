@@ -4,6 +4,7 @@
 never saw (ImageNet-1k's n04399382, teddy bear, is not in ImageNet-22k) keep the fresh initialisation.
 ``reinit``: a fresh head, trunc-normal(0.02) scaled by ``head_init_scale`` (0.001, ConvNeXt's choice).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -45,8 +46,13 @@ def checkpoint_classes(classes: Optional[List[str]], num_rows: int) -> Optional[
     return None
 
 
-def transfer_head(state_dict: Dict[str, torch.Tensor], ckpt_classes: Optional[List[str]], classes: List[str],
-                  model: nn.Module, mode: str = "synset") -> HeadReport:
+def transfer_head(
+    state_dict: Dict[str, torch.Tensor],
+    ckpt_classes: Optional[List[str]],
+    classes: List[str],
+    model: nn.Module,
+    mode: str = "synset",
+) -> HeadReport:
     """Rewrite ``state_dict['pred.*']`` in place for ``classes``, using ``model``'s fresh head for new rows."""
     if mode not in ("synset", "reinit"):
         raise UserError(f"unknown --head {mode!r}: choose synset or reinit")
@@ -61,8 +67,10 @@ def transfer_head(state_dict: Dict[str, torch.Tensor], ckpt_classes: Optional[Li
         state_dict["pred.bias"] = torch.zeros_like(fresh_b)
         return HeadReport("reinit", 0, list(classes), len(classes))
     if ckpt_classes is None:
-        raise UserError(f"the checkpoint has {rows} classes and no class list (classes.txt beside it), the data has "
-                        f"{len(classes)}: add its classes.txt or pass --head reinit")
+        raise UserError(
+            f"the checkpoint has {rows} classes and no class list (classes.txt beside it), the data has "
+            f"{len(classes)}: add its classes.txt or pass --head reinit"
+        )
     if len(ckpt_classes) != rows:
         raise UserError(f"the checkpoint's class list has {len(ckpt_classes)} synsets but its head has {rows} rows")
     if ckpt_classes == list(classes):
@@ -70,8 +78,10 @@ def transfer_head(state_dict: Dict[str, torch.Tensor], ckpt_classes: Optional[Li
     index = {synset: i for i, synset in enumerate(ckpt_classes)}
     mapped = [c for c in classes if c in index]
     if not mapped:
-        raise UserError(f"the checkpoint's {rows} classes (e.g. {', '.join(ckpt_classes[:3])}) share no synset with "
-                        f"the data's {len(classes)} classes (e.g. {', '.join(classes[:3])}): pass --head reinit")
+        raise UserError(
+            f"the checkpoint's {rows} classes (e.g. {', '.join(ckpt_classes[:3])}) share no synset with "
+            f"the data's {len(classes)} classes (e.g. {', '.join(classes[:3])}): pass --head reinit"
+        )
     weight, bias = fresh_w, fresh_b
     for i, synset in enumerate(classes):
         j = index.get(synset)

@@ -10,6 +10,7 @@ Stages (each a real command, printed and recorded so any of them can be replayed
 
 A rerun reuses finished work (shards, and runs whose export exists); ``--fresh`` starts over.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,16 +38,28 @@ SIZES = {
 
 
 def deepspeed(script: str, *args: str, ranks: int = 2) -> List[str]:
-    return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port",
-            str(free_port()), script, *args]
+    return [
+        str(Path(sys.executable).parent / "deepspeed"),
+        "--num_gpus",
+        str(ranks),
+        "--master_port",
+        str(free_port()),
+        script,
+        *args,
+    ]
 
 
 def run(cmd: List[str], log: Path, commands: List[str], title: str) -> None:
     printable = "OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu " + " ".join(shlex.quote(c) for c in cmd)
     commands.append(printable)
     print(f"\n==> {title}\n    {printable}", flush=True)
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO),
-               PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        DS_ACCELERATOR="cpu",
+        PYTHONPATH=str(REPO),
+        PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+    )
     with open(log, "a") as f:
         proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
@@ -76,8 +89,10 @@ def make_report(out: Path, stages: Dict[str, Dict], commands: List[str]) -> Dict
             axes[0, 1].plot([r["step"] for r in evals], [r["ema_top1"] for r in evals], ls="--", label=f"{name} EMA")
         axes[1, 0].plot([r["step"] for r in train], [r["lr"] for r in train], label=name)
         axes[1, 1].plot([r["step"] for r in train], [r["images_per_s"] for r in train], label=name)
-    for ax, title in zip(axes.flat, ["training loss", "held-out top-1", "learning rate (per group max)",
-                                     "throughput (images/s, all ranks)"]):
+    for ax, title in zip(
+        axes.flat,
+        ["training loss", "held-out top-1", "learning rate (per group max)", "throughput (images/s, all ranks)"],
+    ):
         ax.set_title(title)
         ax.set_xlabel("optimizer step")
         ax.legend(fontsize=8)
@@ -89,26 +104,48 @@ def make_report(out: Path, stages: Dict[str, Dict], commands: List[str]) -> Dict
 
     summary = {"stages": {}}
     for name, info in stages.items():
-        summary["stages"][name] = {"top1": info["top1"], "top5": info["top5"], "num_classes": info["num_classes"],
-                                   "chance": 1.0 / info["num_classes"]}
+        summary["stages"][name] = {
+            "top1": info["top1"],
+            "top5": info["top5"],
+            "num_classes": info["num_classes"],
+            "chance": 1.0 / info["num_classes"],
+        }
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
 
-    lines = ["# conv2former-pretrain demo report", "",
-             "The whole pipeline on the built-in demo dataset, on CPU: generated images in ImageNet's on-disk layouts "
-             "-> WebDataset shards -> DeepSpeed pretraining on 2 ranks -> head transfer by synset -> fine-tuning at "
-             "two resolutions -> evaluation.", "", "![report](report.png)", "",
-             "| stage | classes | top-1 | top-5 | chance | steps | images/s (median) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "# conv2former-pretrain demo report",
+        "",
+        "The whole pipeline on the built-in demo dataset, on CPU: generated images in ImageNet's on-disk layouts "
+        "-> WebDataset shards -> DeepSpeed pretraining on 2 ranks -> head transfer by synset -> fine-tuning at "
+        "two resolutions -> evaluation.",
+        "",
+        "![report](report.png)",
+        "",
+        "| stage | classes | top-1 | top-5 | chance | steps | images/s (median) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, info in stages.items():
         train = [r for r in runs[name] if r["kind"] == "train"]
         ips = sorted(r["images_per_s"] for r in train)
         median = f"{ips[len(ips) // 2]:.0f}" if ips else "—"
         steps = train[-1]["step"] if train else 0
-        lines.append(f"| {name} | {info['num_classes']} | {100 * info['top1']:.1f}% | {100 * info['top5']:.1f}% | "
-                     f"{100 / info['num_classes']:.1f}% | {steps} | {median} |")
-    lines += ["", "Top-1/top-5 of the fine-tunes come from `launch/evaluate.py`; the pretraining row is the engine's "
-              "held-out evaluation of its last epoch.", "",
-              "## Commands that ran (replay any stage)", "", "```bash"] + commands + ["```", "",
-              f"TensorBoard: `tensorboard --logdir {out}`", ""]
+        lines.append(
+            f"| {name} | {info['num_classes']} | {100 * info['top1']:.1f}% | {100 * info['top5']:.1f}% | "
+            f"{100 / info['num_classes']:.1f}% | {steps} | {median} |"
+        )
+    lines += (
+        [
+            "",
+            "Top-1/top-5 of the fine-tunes come from `launch/evaluate.py`; the pretraining row is the engine's "
+            "held-out evaluation of its last epoch.",
+            "",
+            "## Commands that ran (replay any stage)",
+            "",
+            "```bash",
+        ]
+        + commands
+        + ["```", "", f"TensorBoard: `tensorboard --logdir {out}`", ""]
+    )
     (out / "report.md").write_text("\n".join(lines))
     return summary
 
@@ -134,9 +171,24 @@ def main(argv=None) -> int:
     run([py, "data_prep/shard.py", "demo", "--out", str(data)], log, commands, "1/5 demo dataset and shards")
     pre = out / "pretrain"
     if not (pre / "export" / "model.safetensors").exists():
-        run(deepspeed("launch/pretrain.py", "--variant", "demo", "--data", str(data / "in22k"), "--output", str(pre),
-                      "--epochs", str(size["pre_epochs"]), "--image-size", str(size["pre_px"])),
-            log, commands, "2/5 pretrain on demo-22k (2 CPU ranks, ZeRO-1, EMA)")
+        run(
+            deepspeed(
+                "launch/pretrain.py",
+                "--variant",
+                "demo",
+                "--data",
+                str(data / "in22k"),
+                "--output",
+                str(pre),
+                "--epochs",
+                str(size["pre_epochs"]),
+                "--image-size",
+                str(size["pre_px"]),
+            ),
+            log,
+            commands,
+            "2/5 pretrain on demo-22k (2 CPU ranks, ZeRO-1, EMA)",
+        )
     else:
         commands.append(f"# reused {pre}")
     previous = pre
@@ -148,28 +200,72 @@ def main(argv=None) -> int:
         name = f"finetune_{res}"
         ft = out / name
         if not (ft / "export" / "model.safetensors").exists():
-            run(deepspeed("launch/finetune.py", "--variant", "demo", "--pretrained", str(previous), "--data",
-                          str(data / "in1k"), "--resolution", str(res), "--recipe", recipe, "--epochs", str(epochs),
-                          "--output", str(ft)),
-                log, commands, f"3/5 fine-tune on demo-1k at {res} px (the {recipe} recipe)")
+            run(
+                deepspeed(
+                    "launch/finetune.py",
+                    "--variant",
+                    "demo",
+                    "--pretrained",
+                    str(previous),
+                    "--data",
+                    str(data / "in1k"),
+                    "--resolution",
+                    str(res),
+                    "--recipe",
+                    recipe,
+                    "--epochs",
+                    str(epochs),
+                    "--output",
+                    str(ft),
+                ),
+                log,
+                commands,
+                f"3/5 fine-tune on demo-1k at {res} px (the {recipe} recipe)",
+            )
         else:
             commands.append(f"# reused {ft}")
         result = out / f"eval_{res}.json"
         crop = ["--crop-pct", "1.0", "--crop-mode", "squash"] if recipe == "384" else ["--crop-pct", "0.875"]
-        run([py, "launch/evaluate.py", "--variant", "demo", "--weights", str(ft / "export"), "--data",
-             str(data / "in1k"), "--resolution", str(res), *crop, "--json", str(result), "--per-class",
-             str(out / f"eval_{res}_per_class.txt")], log, commands, f"4/5 evaluate the {res} px fine-tune")
+        run(
+            [
+                py,
+                "launch/evaluate.py",
+                "--variant",
+                "demo",
+                "--weights",
+                str(ft / "export"),
+                "--data",
+                str(data / "in1k"),
+                "--resolution",
+                str(res),
+                *crop,
+                "--json",
+                str(result),
+                "--per-class",
+                str(out / f"eval_{res}_per_class.txt"),
+            ],
+            log,
+            commands,
+            f"4/5 evaluate the {res} px fine-tune",
+        )
         evaluation = json.loads(result.read_text())
-        stages[name] = {"top1": evaluation["top1"], "top5": evaluation["top5"],
-                        "num_classes": len((ft / "export" / "classes.txt").read_text().split())}
+        stages[name] = {
+            "top1": evaluation["top1"],
+            "top5": evaluation["top5"],
+            "num_classes": len((ft / "export" / "classes.txt").read_text().split()),
+        }
         previous = ft
     print("\n==> 5/5 report", flush=True)
     summary = make_report(out, stages, commands)
     for name, info in summary["stages"].items():
-        print(f"    {name:>14}: top-1 {100 * info['top1']:5.1f}%  top-5 {100 * info['top5']:5.1f}%  "
-              f"(chance {100 * info['chance']:.1f}%)")
-    print(f"    report: {out / 'report.md'} and report.png; TensorBoard: tensorboard --logdir {out}; "
-          f"{time.time() - start:.0f} s")
+        print(
+            f"    {name:>14}: top-1 {100 * info['top1']:5.1f}%  top-5 {100 * info['top5']:5.1f}%  "
+            f"(chance {100 * info['chance']:.1f}%)"
+        )
+    print(
+        f"    report: {out / 'report.md'} and report.png; TensorBoard: tensorboard --logdir {out}; "
+        f"{time.time() - start:.0f} s"
+    )
     return 0
 
 

@@ -5,6 +5,7 @@
 Prints top-1/top-5 and images/s; ``--json FILE`` writes {"top1", "top5", "num_samples", ...}; ``--per-class FILE``
 writes one line per class (synset, correct, total, accuracy). Each sample is counted exactly once across ranks.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,7 +24,9 @@ from conv2former.errors import UserError, exit_on_user_error  # noqa: E402
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variant", required=True)
-    parser.add_argument("--weights", required=True, help="model.safetensors, export dir, run dir, DeepSpeed dir or .pth")
+    parser.add_argument(
+        "--weights", required=True, help="model.safetensors, export dir, run dir, DeepSpeed dir or .pth"
+    )
     parser.add_argument("--data", required=True, help="shard root")
     parser.add_argument("--split", default="val")
     parser.add_argument("--resolution", type=int, default=224)
@@ -53,7 +56,10 @@ def main(argv=None) -> int:
     path = args.weights
     if args.ema:
         folder = path if os.path.isdir(path) else os.path.dirname(path)
-        for candidate in (os.path.join(folder, "model_ema.safetensors"), os.path.join(folder, "export", "model_ema.safetensors")):
+        for candidate in (
+            os.path.join(folder, "model_ema.safetensors"),
+            os.path.join(folder, "export", "model_ema.safetensors"),
+        ):
             if os.path.exists(candidate):
                 path = candidate
                 break
@@ -62,9 +68,11 @@ def main(argv=None) -> int:
     weights = read_weights(path)
     classes = read_classes(args.data)
     if weights.classes is not None and weights.classes != classes:
-        raise UserError(f"the weights' {len(weights.classes)} classes (e.g. {', '.join(weights.classes[:2])}) are not "
-                        f"the data's {len(classes)} (e.g. {', '.join(classes[:2])}): evaluate on the data it was "
-                        "trained for, or fine-tune first")
+        raise UserError(
+            f"the weights' {len(weights.classes)} classes (e.g. {', '.join(weights.classes[:2])}) are not "
+            f"the data's {len(classes)} (e.g. {', '.join(classes[:2])}): evaluate on the data it was "
+            "trained for, or fine-tune first"
+        )
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     gpu = torch.cuda.is_available()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if gpu else torch.device("cpu")
@@ -79,20 +87,36 @@ def main(argv=None) -> int:
     model.load_state_dict(weights.state_dict, strict=True)
     model = model.to(device).eval()
     high = args.resolution > 256
-    cfg = DataConfig(root=args.data, backend=args.backend, image_size=args.resolution, batch_size=args.batch,
-                     workers=args.workers, crop_pct=args.crop_pct or (1.0 if high else 0.875),
-                     crop_mode=args.crop_mode or ("squash" if high else "center"))
+    cfg = DataConfig(
+        root=args.data,
+        backend=args.backend,
+        image_size=args.resolution,
+        batch_size=args.batch,
+        workers=args.workers,
+        crop_pct=args.crop_pct or (1.0 if high else 0.875),
+        crop_mode=args.crop_mode or ("squash" if high else "center"),
+    )
     loader = build_loader(cfg, args.split, rank, world, device, train=False)
     start = time.perf_counter()
     evaluation = Evaluator(len(classes), device).run(model, loader, autocast_dtype=torch.bfloat16 if gpu else None)
     seconds = time.perf_counter() - start
     n = evaluation.num_samples
-    result = {"top1": evaluation.top1, "top5": evaluation.top5, "num_samples": n,
-              "images_per_s": round(n / seconds, 1), "weights": path, "resolution": args.resolution,
-              "crop_pct": cfg.crop_pct, "crop_mode": cfg.crop_mode, "ranks": world}
+    result = {
+        "top1": evaluation.top1,
+        "top5": evaluation.top5,
+        "num_samples": n,
+        "images_per_s": round(n / seconds, 1),
+        "weights": path,
+        "resolution": args.resolution,
+        "crop_pct": cfg.crop_pct,
+        "crop_mode": cfg.crop_mode,
+        "ranks": world,
+    }
     if rank == 0:
-        get_logger(rank).info(f"top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  on {n} images "
-              f"({result['images_per_s']} img/s, {world} rank(s))")
+        get_logger(rank).info(
+            f"top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  on {n} images "
+            f"({result['images_per_s']} img/s, {world} rank(s))"
+        )
         if args.json_path:
             with open(args.json_path, "w") as f:
                 json.dump(result, f, indent=1)

@@ -12,6 +12,7 @@ stopped or preempted. A run whose checkpoints are gone but whose export/ holds c
 model with onnxruntime on real eval images of the run's data (``--data`` to point elsewhere) and comparing it with
 PyTorch: the largest absolute difference of the logits is printed and recorded. Needs the ``onnx`` extra.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,8 +57,13 @@ def export_from_checkpoint(run_dir: str) -> str:
     weights = read_weights(tag_dir)
     states = [f for f in sorted(os.listdir(tag_dir)) if f.endswith("model_states.pt")]
     client = torch.load(os.path.join(tag_dir, states[0]), map_location="cpu", weights_only=True)
-    out = write_export(run_dir, weights.state_dict, client.get("classes") or weights.classes or [],
-                       client.get("config") or {}, client.get("ema"))
+    out = write_export(
+        run_dir,
+        weights.state_dict,
+        client.get("classes") or weights.classes or [],
+        client.get("config") or {},
+        client.get("ema"),
+    )
     print(f"exported {tags[-1]} to {out}")
     return out
 
@@ -73,9 +79,17 @@ def eval_images(export_dir: str, data_root: str | None, split: str, count: int):
     with open(os.path.join(export_dir, "config.yaml")) as f:
         data = yaml.safe_load(f)["data"]
     root = data_root or data["root"]
-    cfg = DataConfig(root=root, backend="torch", image_size=data["image_size"], batch_size=count, workers=0,
-                     crop_pct=data["crop_pct"], crop_mode=data["crop_mode"], mean=tuple(data["mean"]),
-                     std=tuple(data["std"]))
+    cfg = DataConfig(
+        root=root,
+        backend="torch",
+        image_size=data["image_size"],
+        batch_size=count,
+        workers=0,
+        crop_pct=data["crop_pct"],
+        crop_mode=data["crop_mode"],
+        mean=tuple(data["mean"]),
+        std=tuple(data["std"]),
+    )
     try:
         images, labels = next(iter(build_loader(cfg, split, 0, 1, torch.device("cpu"), train=False)))
     except UserError as err:
@@ -92,12 +106,16 @@ def export_onnx_checked(export_dir: str, args: argparse.Namespace) -> dict:
     result["split"] = args.split
     with open(os.path.join(export_dir, "onnx.json"), "w") as f:
         json.dump(result, f, indent=1)
-    print(f"{result['file']}: opset {result['opset']}, dynamic batch; onnxruntime vs PyTorch on {result['images']} "
-          f"{args.split} images at {result['input_size'][-1]} px: max abs diff {result['max_abs_diff']:.2e} "
-          f"(logits up to {result['max_abs_logit']:.2f}), top-1 agreement {100 * result['top1_agreement']:.0f}%")
+    print(
+        f"{result['file']}: opset {result['opset']}, dynamic batch; onnxruntime vs PyTorch on {result['images']} "
+        f"{args.split} images at {result['input_size'][-1]} px: max abs diff {result['max_abs_diff']:.2e} "
+        f"(logits up to {result['max_abs_logit']:.2f}), top-1 agreement {100 * result['top1_agreement']:.0f}%"
+    )
     if result["max_abs_diff"] > ONNX_TOLERANCE * max(1.0, result["max_abs_logit"]):
-        raise UserError(f"the ONNX model disagrees with PyTorch (max abs diff {result['max_abs_diff']:.3g}): "
-                        f"do not use {os.path.join(export_dir, 'model.onnx')}; report it with onnx.json attached")
+        raise UserError(
+            f"the ONNX model disagrees with PyTorch (max abs diff {result['max_abs_diff']:.3g}): "
+            f"do not use {os.path.join(export_dir, 'model.onnx')}; report it with onnx.json attached"
+        )
     return result
 
 

@@ -6,6 +6,7 @@ The same engine and flags as pretraining, plus --pretrained (a run dir, an expor
 checkpoint dir or an official .pth), --resolution, --recipe {224,384} and --head {synset,reinit}. ``--max-steps 0``
 writes the transferred model to OUTPUT/export/ without training.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,11 +27,17 @@ CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_train_arguments(parser)
-    parser.add_argument("--pretrained", required=True, help="run dir, model.safetensors, DeepSpeed checkpoint dir or .pth")
+    parser.add_argument(
+        "--pretrained", required=True, help="run dir, model.safetensors, DeepSpeed checkpoint dir or .pth"
+    )
     parser.add_argument("--resolution", type=int, default=224, help="training and evaluation image size")
     parser.add_argument("--recipe", choices=["224", "384"], help="eval crop recipe (default: 384 above 256 px)")
-    parser.add_argument("--head", choices=["synset", "reinit"], default="synset",
-                        help="map the pretrained head rows by synset (default) or start a fresh head")
+    parser.add_argument(
+        "--head",
+        choices=["synset", "reinit"],
+        default="synset",
+        help="map the pretrained head rows by synset (default) or start a fresh head",
+    )
     args = parser.parse_args(argv)
     recipe = args.recipe or ("384" if args.resolution > 256 else "224")
     defaults = [os.path.join(CONFIGS, "finetune_224.yaml")]
@@ -53,8 +60,11 @@ def main(argv=None) -> int:
 
     from conv2former.data.shard_format import read_classes
 
-    data_classes = read_classes(cfg.data.root) if os.path.exists(os.path.join(cfg.data.root, "classes.txt")) \
-        or "://" in cfg.data.root else None
+    data_classes = (
+        read_classes(cfg.data.root)
+        if os.path.exists(os.path.join(cfg.data.root, "classes.txt")) or "://" in cfg.data.root
+        else None
+    )
     if data_classes is not None:  # the same transfer and checks on a weightless model: mistakes fail in one line now
         with torch.device("meta"):
             probe = timm.create_model(cfg.model.variant, num_classes=len(data_classes))

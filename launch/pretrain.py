@@ -3,6 +3,7 @@
 
 Also runs under ``torchrun`` and ``srun`` (rank variables from the launcher). See docs/TRAINING.md.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -32,8 +32,13 @@ def demo_root(tmp_path_factory) -> Path:
     session under pytest's temporary directory, never inside the checkout."""
     out = tmp_path_factory.mktemp("demo-data")
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    subprocess.run([sys.executable, str(REPO / "data_prep" / "shard.py"), "demo", "--out", str(out), "--quiet"],
-                   check=True, env=env, cwd=REPO, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, str(REPO / "data_prep" / "shard.py"), "demo", "--out", str(out), "--quiet"],
+        check=True,
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+    )
     return out
 
 

@@ -1,4 +1,5 @@
 """Generate small fake ImageNet-22k and ImageNet-1k trees in the real layouts, bad files included."""
+
 from __future__ import annotations
 
 import io

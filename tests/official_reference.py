@@ -4,6 +4,7 @@ It spells every operation out the way the official release computes it (channels
 explicit mean/variance, the Hadamard product, head before pooling), with the same parameter names, so that a
 state_dict can be loaded into both this and ``conv2former.model`` and the outputs compared.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -71,14 +72,23 @@ class RefConv2Former(nn.Module):
     def __init__(self, dims: Sequence[int], depths: Sequence[int], k: int, num_classes: int = 1000) -> None:
         super().__init__()
         half = dims[0] // 2
-        self.downsample_layers = nn.ModuleList([nn.Sequential(
-            nn.Conv2d(3, half, 3, stride=2, padding=1, bias=False), nn.GELU(), nn.BatchNorm2d(half),
-            nn.Conv2d(half, half, 3, padding=1, bias=False), nn.GELU(), nn.BatchNorm2d(half),
-            nn.Conv2d(half, dims[0], 2, stride=2, bias=False),
-        )])
+        self.downsample_layers = nn.ModuleList(
+            [
+                nn.Sequential(
+                    nn.Conv2d(3, half, 3, stride=2, padding=1, bias=False),
+                    nn.GELU(),
+                    nn.BatchNorm2d(half),
+                    nn.Conv2d(half, half, 3, padding=1, bias=False),
+                    nn.GELU(),
+                    nn.BatchNorm2d(half),
+                    nn.Conv2d(half, dims[0], 2, stride=2, bias=False),
+                )
+            ]
+        )
         for i in range(3):
-            self.downsample_layers.append(nn.Sequential(
-                ChannelsFirstLayerNorm(dims[i]), nn.Conv2d(dims[i], dims[i + 1], 2, stride=2)))
+            self.downsample_layers.append(
+                nn.Sequential(ChannelsFirstLayerNorm(dims[i]), nn.Conv2d(dims[i], dims[i + 1], 2, stride=2))
+            )
         self.stages = nn.ModuleList(nn.Sequential(*[RefBlock(d, k) for _ in range(n)]) for d, n in zip(dims, depths))
         self.head = nn.Sequential(nn.Conv2d(dims[-1], 1280, 1), nn.GELU(), ChannelsFirstLayerNorm(1280))
         self.pred = nn.Linear(1280, num_classes)

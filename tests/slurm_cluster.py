@@ -3,6 +3,7 @@
 Needs Debian's slurmctld, slurmd, slurm-client and munge (``.ci/run`` installs them; ``ensure_installed`` tries
 apt-get when they are missing) and root (the daemons run as root with SlurmUser=root).
 """
+
 from __future__ import annotations
 
 import os
@@ -24,8 +25,12 @@ def ensure_installed() -> Optional[str]:
         return "Slurm is not installed and cannot be (needs root and apt-get)"
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True)
-    proc = subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES], env=env,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         return f"apt-get install {' '.join(PACKAGES)} failed: {proc.stderr.strip()[-300:]}"
     return None
@@ -84,9 +89,19 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
         os.chmod(munge, 0o755)
         key = munge / "munge.key"
         subprocess.run(["mungekey", "--create", f"--keyfile={key}"], check=True, capture_output=True)
-        subprocess.run(["munged", f"--key-file={key}", f"--socket={munge}/munge.socket.2",
-                        f"--pid-file={munge}/munged.pid", f"--log-file={munge}/munged.log",
-                        f"--seed-file={munge}/munged.seed", "--force"], check=True, capture_output=True)
+        subprocess.run(
+            [
+                "munged",
+                f"--key-file={key}",
+                f"--socket={munge}/munge.socket.2",
+                f"--pid-file={munge}/munged.pid",
+                f"--log-file={munge}/munged.log",
+                f"--seed-file={munge}/munged.seed",
+                "--force",
+            ],
+            check=True,
+            capture_output=True,
+        )
         subprocess.run(["slurmctld", "-c", "-f", str(self.conf)], check=True, env=self.env, capture_output=True)
         subprocess.run(["slurmd", "-f", str(self.conf), "-N", self.node], check=True, env=self.env, capture_output=True)
         deadline = time.time() + 60
@@ -99,8 +114,11 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
 
     def stop(self) -> None:
         subprocess.run(["scontrol", "shutdown"], env=self.env, capture_output=True)
-        for pid_file in [self.root / "slurmctld.pid", self.root / f"slurmd-{self.node}.pid",
-                         self.root / "munge" / "munged.pid"]:
+        for pid_file in [
+            self.root / "slurmctld.pid",
+            self.root / f"slurmd-{self.node}.pid",
+            self.root / "munge" / "munged.pid",
+        ]:
             deadline = time.time() + 15
             while pid_file.exists() and time.time() < deadline:
                 try:
@@ -113,8 +131,9 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
                 time.sleep(0.3)
 
     def job(self, job_id: str) -> Dict[str, str]:
-        out = subprocess.run(["scontrol", "show", "job", "-o", job_id], env=self.env, capture_output=True,
-                             text=True).stdout
+        out = subprocess.run(
+            ["scontrol", "show", "job", "-o", job_id], env=self.env, capture_output=True, text=True
+        ).stdout
         fields = {}
         for token in out.split():
             if "=" in token:
@@ -122,8 +141,12 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
                 fields[k] = v
         return fields
 
-    def wait(self, job_id: str, timeout: float = 600, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT",
-                                                              "NODE_FAIL", "OUT_OF_MEMORY")) -> Dict[str, str]:
+    def wait(
+        self,
+        job_id: str,
+        timeout: float = 600,
+        states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"),
+    ) -> Dict[str, str]:
         deadline = time.time() + timeout
         while time.time() < deadline:
             info = self.job(job_id)

@@ -1,5 +1,6 @@
 """A fresh virtual environment that looks like a stock PyTorch image: it sees torch (with everything torch needs),
 torchvision, numpy and pillow, linked file by file from the environment running the tests, and nothing else."""
+
 from __future__ import annotations
 
 import importlib.metadata as metadata
@@ -55,7 +56,11 @@ def make_stock_env(root: Path) -> Path:
         link_distribution(name, host)
     subprocess.run([sys.executable, "-m", "venv", str(root / "venv")], check=True)
     python = root / "venv" / "bin" / "python"
-    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          check=True, capture_output=True, text=True).stdout.strip()
+    site = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     Path(site, "stock_pytorch_image.pth").write_text(f"{host}\n")
     return python

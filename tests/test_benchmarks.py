@@ -1,4 +1,5 @@
 """The benchmark tooling: real runs at tiny sizes (speed itself is measured by `make bench`, never asserted here)."""
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,10 @@ def run(*args: str, check: bool = True, env: dict = ENV) -> subprocess.Completed
 
 def test_record_inserts_rows_into_the_scripts_own_table(tmp_path):
     doc = tmp_path / "PERFORMANCE.md"
-    doc.write_text("# Performance\n\n## A (`benchmarks/a.py`)\n\ntext\n\n| x | command |\n|---|---|\n| 1 | `old` |\n\n"
-                   "after A\n\n## B (`benchmarks/b.py`)\n\n| y | command |\n|---|---|\n")
+    doc.write_text(
+        "# Performance\n\n## A (`benchmarks/a.py`)\n\ntext\n\n| x | command |\n|---|---|\n| 1 | `old` |\n\n"
+        "after A\n\n## B (`benchmarks/b.py`)\n\n| y | command |\n|---|---|\n"
+    )
     results.record("a.py", ["| 2 |"], path=doc)
     results.record("b.py", ["| 3 |", "| 4 |"], path=doc)
     lines = doc.read_text().splitlines()
@@ -41,15 +44,43 @@ def test_record_inserts_rows_into_the_scripts_own_table(tmp_path):
 
 
 def test_model_speed_json_feeds_the_suite_report(tmp_path):
-    done = run(sys.executable, "benchmarks/model_speed.py", "--variant", "conv2former_demo", "--baseline",
-               "convnext_atto", "--resolution", "64", "--batch", "4", "--warmup", "1", "--iters", "1",
-               "--rounds", "1", "--memory-format", "nchw", "--json")
+    done = run(
+        sys.executable,
+        "benchmarks/model_speed.py",
+        "--variant",
+        "conv2former_demo",
+        "--baseline",
+        "convnext_atto",
+        "--resolution",
+        "64",
+        "--batch",
+        "4",
+        "--warmup",
+        "1",
+        "--iters",
+        "1",
+        "--rounds",
+        "1",
+        "--memory-format",
+        "nchw",
+        "--json",
+    )
     lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert [r["model"] for r in lines] == ["conv2former_demo", "conv2former_demo, plain depthwise"]
     assert all(r["images_per_s"] > 0 and r["ratio"] > 0 and r["mfu"] is None for r in lines)  # no MFU on CPU
     # a train_speed-shaped line at 224 makes the projection: 90 x 14.2M images at 100 img/s per GPU on 8 GPUs
-    lines.append(dict(stage=1, variant="l", image_size=224, ranks=2, images_per_s=200.0, data_wait=0.01,
-                      memory_mb=1000.0, mfu=0.41))
+    lines.append(
+        dict(
+            stage=1,
+            variant="l",
+            image_size=224,
+            ranks=2,
+            images_per_s=200.0,
+            data_wait=0.01,
+            memory_mb=1000.0,
+            mfu=0.41,
+        )
+    )
     path = tmp_path / "results.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in lines))
     report = run(sys.executable, "benchmarks/suite_report.py", str(path), "--output", str(tmp_path / "r.md")).stdout
@@ -100,8 +131,21 @@ def test_gpu_checklist_lists_the_issue_steps_in_order_and_refuses_to_run_without
 
 
 def test_profile_step_names_the_depthwise_kernels():
-    done = run(sys.executable, "benchmarks/profile_step.py", "--variant", "conv2former_demo", "--resolution", "64",
-               "--batch", "2", "--warmup", "1", "--top", "40", "--plain-depthwise")
+    done = run(
+        sys.executable,
+        "benchmarks/profile_step.py",
+        "--variant",
+        "conv2former_demo",
+        "--resolution",
+        "64",
+        "--batch",
+        "2",
+        "--warmup",
+        "1",
+        "--top",
+        "40",
+        "--plain-depthwise",
+    )
     assert "ms of self CPU time in one step" in done.stdout
     assert "aten::convolution_backward depthwise 7x7 on 16x16x16" in done.stdout
 
@@ -113,7 +157,16 @@ def _cuda() -> bool:
 
 
 def test_loader_breakdown_measures_every_stage_of_the_dali_cpu_graph(tmp_path):
-    done = run(sys.executable, "benchmarks/loader_breakdown.py", "--seconds", "0.2", "--batch", "8", "--images", "200",
-               env=dict(ENV, C2F_BENCH_DIR=str(tmp_path / "bench")))
+    done = run(
+        sys.executable,
+        "benchmarks/loader_breakdown.py",
+        "--seconds",
+        "0.2",
+        "--batch",
+        "8",
+        "--images",
+        "200",
+        env=dict(ENV, C2F_BENCH_DIR=str(tmp_path / "bench")),
+    )
     rates = [line for line in done.stdout.splitlines() if "images/s" in line]
     assert len(rates) == 8 and "RandAugment n=2 m=9 (full graph)" in done.stdout

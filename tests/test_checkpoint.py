@@ -1,5 +1,6 @@
 """The checkpoint manager on a real (tiny) DeepSpeed engine, one gloo rank, in seconds: tags, the `complete` marker,
 `latest`, keep_last, and the fallback past an incomplete or unreadable newest checkpoint."""
+
 from __future__ import annotations
 
 import json
@@ -44,8 +45,9 @@ def worker(mode: str, ckpt_dir: Path) -> dict:
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    proc = subprocess.run([sys.executable, "-c", WORKER, mode, str(ckpt_dir)], env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", WORKER, mode, str(ckpt_dir)], env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     return json.loads(lines[-1]) if lines else {}

@@ -1,5 +1,6 @@
 """The configuration and the schedule, in seconds: precedence (stage YAML < variant recipe < --config < flags < --set)
 for both launchers, the documented fields, the schedule derived from them."""
+
 from __future__ import annotations
 
 import argparse
@@ -26,7 +27,9 @@ def finetune_cfg(*argv: str, resolution: int = 224) -> TrainConfig:
     defaults = [str(FINETUNE_CONFIGS / "finetune_224.yaml")]
     if resolution > 256:
         defaults.append(str(FINETUNE_CONFIGS / "finetune_384.yaml"))
-    return resolve_config(args, defaults, str(FINETUNE_CONFIGS / "variants"), ("", "_384") if resolution > 256 else ("",))
+    return resolve_config(
+        args, defaults, str(FINETUNE_CONFIGS / "variants"), ("", "_384") if resolution > 256 else ("",)
+    )
 
 
 def pretrain_cfg(*argv: str) -> TrainConfig:
@@ -61,15 +64,31 @@ def test_precedence_stage_then_variant_then_config_then_flags_then_set(tmp_path)
     # flags beat --config; --set beats flags
     cfg = finetune_cfg("--variant", "l", "--config", config, "--epochs", "9")
     assert cfg.schedule.epochs == 9
-    cfg = finetune_cfg("--variant", "l", "--config", config, "--epochs", "9", "--set", "schedule.epochs=11",
-                       "--set", "model.drop_path_rate=0.4")
+    cfg = finetune_cfg(
+        "--variant",
+        "l",
+        "--config",
+        config,
+        "--epochs",
+        "9",
+        "--set",
+        "schedule.epochs=11",
+        "--set",
+        "model.drop_path_rate=0.4",
+    )
     assert cfg.schedule.epochs == 11 and cfg.model.drop_path_rate == 0.4
     # a later --config beats an earlier one
     later = yaml_file(tmp_path, "d.yaml", "model:\n  drop_path_rate: 0.25\n")
     assert finetune_cfg("--variant", "l", "--config", config, "--config", later).model.drop_path_rate == 0.25
     # the same order for pretraining
-    cfg = pretrain_cfg("--variant", "demo", "--config", yaml_file(tmp_path, "p.yaml", "data:\n  image_size: 40\n"),
-                       "--image-size", "48")
+    cfg = pretrain_cfg(
+        "--variant",
+        "demo",
+        "--config",
+        yaml_file(tmp_path, "p.yaml", "data:\n  image_size: 40\n"),
+        "--image-size",
+        "48",
+    )
     assert cfg.data.image_size == 48 and cfg.data.batch_size == 16  # the demo recipe's micro-batch survives
 
 
@@ -111,11 +130,14 @@ def test_help_config_lists_the_resolved_fields(capsys):
     assert "model.grad_checkpointing = true  # per-block activation checkpointing (memory for compute)" in lines
 
 
-@pytest.mark.parametrize("world,micro,global_batch,loader_steps,accum,steps_per_epoch", [
-    (2, 16, 64, 31, 2, 15),       # the demo: 2 ranks x 16 x 2 micro-steps; an epoch's odd micro-batch is dropped
-    (128, 32, 4096, 1100, 1, 1100),
-    (8, 32, 4096, 8000, 16, 500),
-])
+@pytest.mark.parametrize(
+    "world,micro,global_batch,loader_steps,accum,steps_per_epoch",
+    [
+        (2, 16, 64, 31, 2, 15),  # the demo: 2 ranks x 16 x 2 micro-steps; an epoch's odd micro-batch is dropped
+        (128, 32, 4096, 1100, 1, 1100),
+        (8, 32, 4096, 8000, 16, 500),
+    ],
+)
 def test_schedule_derivation(world, micro, global_batch, loader_steps, accum, steps_per_epoch):
     cfg = TrainConfig()
     cfg.data.batch_size, cfg.schedule.global_batch, cfg.schedule.epochs = micro, global_batch, 3

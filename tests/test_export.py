@@ -1,4 +1,5 @@
 """The export folder in timm's format (``timm.create_model("local-dir:...")``), torch.export and ONNX."""
+
 from __future__ import annotations
 
 import json
@@ -24,22 +25,31 @@ REPO = Path(__file__).resolve().parents[1]
 EXPORT = str(REPO / "launch" / "export.py")
 
 
-def make_run(run_dir: Path, classes, kernel_size=None, image_size=48, crop_pct=1.0, crop_mode="squash", ema=False,
-             data_root=""):
+def make_run(
+    run_dir: Path, classes, kernel_size=None, image_size=48, crop_pct=1.0, crop_mode="squash", ema=False, data_root=""
+):
     """A run folder whose export/ was written by the engine's own writer, from a freshly initialised demo model."""
     cfg = TrainConfig(stage="finetune", output=str(run_dir))
     cfg.model.variant, cfg.model.kernel_size = "conv2former_demo", kernel_size
-    cfg.data.root, cfg.data.image_size, cfg.data.crop_pct, cfg.data.crop_mode = data_root, image_size, crop_pct, crop_mode
+    cfg.data.root, cfg.data.image_size, cfg.data.crop_pct, cfg.data.crop_mode = (
+        data_root,
+        image_size,
+        crop_pct,
+        crop_mode,
+    )
     torch.manual_seed(0)
-    model = timm.create_model("conv2former_demo", num_classes=len(classes), **({"kernel_size": kernel_size} if kernel_size else {}))
+    model = timm.create_model(
+        "conv2former_demo", num_classes=len(classes), **({"kernel_size": kernel_size} if kernel_size else {})
+    )
     ema_state = {k: v + 1 if v.is_floating_point() else v for k, v in model.state_dict().items()} if ema else None
     return model.eval(), write_export(str(run_dir), model.state_dict(), list(classes), to_dict(cfg), ema_state)
 
 
 def test_export_folder_loads_by_name_in_timm(tmp_path):
     classes = [f"n{i:08d}" for i in range(7)]
-    model, export = make_run(tmp_path / "run", classes, kernel_size=5, image_size=48, crop_pct=1.0, crop_mode="squash",
-                             ema=True)
+    model, export = make_run(
+        tmp_path / "run", classes, kernel_size=5, image_size=48, crop_pct=1.0, crop_mode="squash", ema=True
+    )
     config = json.loads((Path(export) / "config.json").read_text())
     assert config["architecture"] == "conv2former_demo" and config["num_classes"] == 7
     assert config["num_features"] == model.num_features and config["global_pool"] == "avg"
@@ -57,8 +67,13 @@ def test_export_folder_loads_by_name_in_timm(tmp_path):
     assert data_config["crop_mode"] == "squash" and data_config["interpolation"] == "bicubic"
     # the EMA weights sit beside them and load through timm's file override (num_classes in the overlay too, or timm
     # drops the head as "another number of classes than the pretrained config's 1000")
-    ema = timm.create_model("conv2former_demo", num_classes=7, kernel_size=5, pretrained=True, pretrained_cfg_overlay=dict(
-        file=str(Path(export) / "model_ema.safetensors"), num_classes=7))
+    ema = timm.create_model(
+        "conv2former_demo",
+        num_classes=7,
+        kernel_size=5,
+        pretrained=True,
+        pretrained_cfg_overlay=dict(file=str(Path(export) / "model_ema.safetensors"), num_classes=7),
+    )
     assert torch.equal(ema.pred.bias, model.pred.bias + 1)
     # our own readers take timm's spelling of the folder too
     assert read_weights(f"local-dir:{export}").classes == classes
@@ -78,7 +93,10 @@ def test_local_dir_mistakes_are_one_line_errors(tmp_path):
     config = json.loads((Path(export) / "config.json").read_text())
     config["architecture"] = "conv2former_n"
     (other / "config.json").write_text(json.dumps(config))
-    for load in (lambda: timm.create_model(f"local-dir:{other}", pretrained=True), lambda: model_from_export(str(other))):
+    for load in (
+        lambda: timm.create_model(f"local-dir:{other}", pretrained=True),
+        lambda: model_from_export(str(other)),
+    ):
         with pytest.raises(UserError) as err:
             load()
         message = str(err.value)
@@ -113,10 +131,20 @@ def test_onnx_export_is_checked_on_eval_images(demo_in1k, tmp_path):
     pytest.importorskip("onnxruntime", reason="the onnx extra is part of .[dev]")
     import onnxruntime
 
-    model, export = make_run(tmp_path / "run", read_classes(demo_in1k), image_size=48, crop_pct=0.875,
-                             crop_mode="center", data_root=demo_in1k)
-    proc = subprocess.run([sys.executable, EXPORT, str(tmp_path / "run"), "--onnx", "--images", "8"],
-                          capture_output=True, text=True, timeout=600)
+    model, export = make_run(
+        tmp_path / "run",
+        read_classes(demo_in1k),
+        image_size=48,
+        crop_pct=0.875,
+        crop_mode="center",
+        data_root=demo_in1k,
+    )
+    proc = subprocess.run(
+        [sys.executable, EXPORT, str(tmp_path / "run"), "--onnx", "--images", "8"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "onnxruntime vs PyTorch on 8 val images at 48 px: max abs diff" in proc.stdout
     report = json.loads((Path(export) / "onnx.json").read_text())

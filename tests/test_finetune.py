@@ -1,4 +1,5 @@
 """Fine-tuning and evaluation: head transfer by synset, layer decay, the real commands end to end on 2 CPU ranks."""
+
 from __future__ import annotations
 
 import json
@@ -9,6 +10,8 @@ import pytest
 import timm
 import torch
 from safetensors.torch import load_file
+from test_export import timm_top1
+from test_pretrain import BIN, FAST, PORT, REPO, env, run_pretrain
 
 import conv2former  # noqa: F401
 from conv2former.config import TrainConfig
@@ -17,8 +20,6 @@ from conv2former.engine.optim import Schedule, build_optimizer, build_scheduler
 from conv2former.errors import UserError
 from conv2former.weights import check_compatible, read_weights
 from finetune.head_transfer import HEAD_INIT_SCALE, transfer_head
-from test_export import timm_top1
-from test_pretrain import BIN, FAST, PORT, REPO, env, run_pretrain
 
 FINETUNE = str(REPO / "launch" / "finetune.py")
 EVALUATE = str(REPO / "launch" / "evaluate.py")
@@ -26,14 +27,22 @@ EVALUATE = str(REPO / "launch" / "evaluate.py")
 
 def launch(script: str, *args: str, ranks: int = 2) -> subprocess.CompletedProcess:
     PORT[0] += 1
-    proc = subprocess.run([str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(PORT[0]), script,
-                           *args], env=env(), capture_output=True, text=True, errors="replace", timeout=600)
+    proc = subprocess.run(
+        [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(PORT[0]), script, *args],
+        env=env(),
+        capture_output=True,
+        text=True,
+        errors="replace",
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
 
 def summary_of(proc) -> dict:
-    return json.loads([line for line in proc.stdout.splitlines() if line.startswith("summary: ")][-1][len("summary: "):])
+    return json.loads(
+        [line for line in proc.stdout.splitlines() if line.startswith("summary: ")][-1][len("summary: ") :]
+    )
 
 
 def test_head_rows_follow_synsets_and_unknown_classes_stay_fresh():
@@ -45,7 +54,9 @@ def test_head_rows_follow_synsets_and_unknown_classes_stay_fresh():
     fresh = target.pred.weight.detach().clone()
     report = transfer_head(state, src_classes, target_classes, target, "synset")
     assert report.mapped == 2 and report.fresh == ["n04399382"]
-    assert torch.equal(state["pred.weight"][0], source.pred.weight[2]) and torch.equal(state["pred.weight"][2], source.pred.weight[0])
+    assert torch.equal(state["pred.weight"][0], source.pred.weight[2]) and torch.equal(
+        state["pred.weight"][2], source.pred.weight[0]
+    )
     assert torch.equal(state["pred.weight"][1], fresh[1])
     target.load_state_dict(state, strict=True)
     state = {k: v.clone() for k, v in source.state_dict().items()}
@@ -53,7 +64,9 @@ def test_head_rows_follow_synsets_and_unknown_classes_stay_fresh():
     assert report.mode == "reinit" and 0 < state["pred.weight"].abs().max() < 0.1 * HEAD_INIT_SCALE
     assert torch.equal(state["pred.bias"], torch.zeros(3))
     with pytest.raises(UserError, match="share no synset"):
-        transfer_head(dict(source.state_dict()), src_classes, ["n09999999"], timm.create_model("conv2former_demo", num_classes=1))
+        transfer_head(
+            dict(source.state_dict()), src_classes, ["n09999999"], timm.create_model("conv2former_demo", num_classes=1)
+        )
     with pytest.raises(UserError, match="no class list"):
         transfer_head(dict(source.state_dict()), None, target_classes, target)
 
@@ -61,8 +74,10 @@ def test_head_rows_follow_synsets_and_unknown_classes_stay_fresh():
 def test_22k_order_is_assumed_for_official_22k_heads():
     in1k, in22k = canonical_synsets("imagenet1k"), canonical_synsets("imagenet22k")
     assert "n04399382" in in1k and "n04399382" not in in22k
-    source = {"pred.weight": torch.arange(21841, dtype=torch.float32).view(-1, 1).repeat(1, 1280),
-              "pred.bias": torch.arange(21841, dtype=torch.float32)}
+    source = {
+        "pred.weight": torch.arange(21841, dtype=torch.float32).view(-1, 1).repeat(1, 1280),
+        "pred.bias": torch.arange(21841, dtype=torch.float32),
+    }
     target = timm.create_model("conv2former_demo", num_classes=1000)
     report = transfer_head(source, None, list(in1k), target, "synset")
     assert report.mapped == 999 and report.fresh == ["n04399382"]
@@ -88,16 +103,25 @@ def test_layer_decay_lrs_follow_depth_through_the_schedule():
         for group in optimizer.param_groups:
             assert group["lr"] == pytest.approx(top * group["lr_scale"])
         scales = sorted({round(g["lr_scale"], 10) for g in optimizer.param_groups})
-        assert scales == pytest.approx([0.8 ** k for k in range(depth - 1, -1, -1)])
+        assert scales == pytest.approx([0.8**k for k in range(depth - 1, -1, -1)])
     named = {id(p): n for n, p in model.named_parameters()}
-    stem_group = next(g for g in optimizer.param_groups if any(named[id(p)].startswith("downsample_layers.0.") for p in g["params"]))
+    stem_group = next(
+        g for g in optimizer.param_groups if any(named[id(p)].startswith("downsample_layers.0.") for p in g["params"])
+    )
     assert stem_group["lr_scale"] == pytest.approx(0.8 ** (depth - 1))
 
 
 @pytest.mark.slow
 def test_official_format_pth_loads_for_every_variant(tmp_path):
     classes = list(canonical_synsets("imagenet1k"))[:10]
-    for variant in ["conv2former_n", "conv2former_t", "conv2former_s", "conv2former_b", "conv2former_b_22k", "conv2former_l"]:
+    for variant in [
+        "conv2former_n",
+        "conv2former_t",
+        "conv2former_s",
+        "conv2former_b",
+        "conv2former_b_22k",
+        "conv2former_l",
+    ]:
         num = 21841 if variant in ("conv2former_b_22k", "conv2former_l") else 1000
         source = timm.create_model(variant, num_classes=num)
         path = tmp_path / f"{variant}.pth"
@@ -124,20 +148,72 @@ def test_pretrain_finetune_twice_and_evaluate_through_the_commands(demo_shards, 
     run_pretrain(*FAST, "--data", demo_shards, "--output", str(pre), "--epochs", "3", "--image-size", "48")
     ft1, ft2 = tmp_path / "ft64", tmp_path / "ft96"
     # --max-steps 0: the transferred model, for inspection
-    mapped = launch(FINETUNE, "--variant", "demo", "--pretrained", str(pre), "--data", IN1K, "--resolution", "48",
-                    "--output", str(tmp_path / "mapped"), "--max-steps", "0", ranks=1)
+    mapped = launch(
+        FINETUNE,
+        "--variant",
+        "demo",
+        "--pretrained",
+        str(pre),
+        "--data",
+        IN1K,
+        "--resolution",
+        "48",
+        "--output",
+        str(tmp_path / "mapped"),
+        "--max-steps",
+        "0",
+        ranks=1,
+    )
     assert "head: 10 of 10 rows mapped by synset" in mapped.stdout
-    pre_w, pre_classes = load_file(pre / "export" / "model.safetensors"), (pre / "export" / "classes.txt").read_text().split()
-    new_w, new_classes = load_file(tmp_path / "mapped" / "export" / "model.safetensors"), (tmp_path / "mapped" / "export" / "classes.txt").read_text().split()
+    pre_w, pre_classes = (
+        load_file(pre / "export" / "model.safetensors"),
+        (pre / "export" / "classes.txt").read_text().split(),
+    )
+    new_w, new_classes = (
+        load_file(tmp_path / "mapped" / "export" / "model.safetensors"),
+        (tmp_path / "mapped" / "export" / "classes.txt").read_text().split(),
+    )
     for i, synset in enumerate(new_classes):
         assert torch.equal(new_w["pred.weight"][i], pre_w["pred.weight"][pre_classes.index(synset)])
     assert all(torch.equal(new_w[k], pre_w[k]) for k in pre_w if not k.startswith("pred."))
     # fine-tune at a "224" stand-in, then at a "384" stand-in from it
-    first = summary_of(launch(FINETUNE, "--variant", "demo", "--pretrained", str(pre), "--data", IN1K,
-                              "--resolution", "48", "--output", str(ft1), "--epochs", "4"))
+    first = summary_of(
+        launch(
+            FINETUNE,
+            "--variant",
+            "demo",
+            "--pretrained",
+            str(pre),
+            "--data",
+            IN1K,
+            "--resolution",
+            "48",
+            "--output",
+            str(ft1),
+            "--epochs",
+            "4",
+        )
+    )
     assert first["eval"]["top1"] > 0.3  # chance is 0.1
-    second = summary_of(launch(FINETUNE, "--variant", "demo", "--pretrained", str(ft1), "--data", IN1K,
-                               "--resolution", "64", "--recipe", "384", "--output", str(ft2), "--epochs", "2"))
+    second = summary_of(
+        launch(
+            FINETUNE,
+            "--variant",
+            "demo",
+            "--pretrained",
+            str(ft1),
+            "--data",
+            IN1K,
+            "--resolution",
+            "64",
+            "--recipe",
+            "384",
+            "--output",
+            str(ft2),
+            "--epochs",
+            "2",
+        )
+    )
     assert second["eval"]["top1"] > 0.3
     config = (ft2 / "export" / "config.yaml").read_text()
     assert "crop_mode: squash" in config and "crop_pct: 1.0" in config
@@ -145,9 +221,28 @@ def test_pretrain_finetune_twice_and_evaluate_through_the_commands(demo_shards, 
     results = []
     for ranks in (1, 2):
         out = tmp_path / f"eval{ranks}.json"
-        launch(EVALUATE, "--variant", "demo", "--weights", str(ft2 / "export"), "--data", IN1K, "--resolution", "64",
-               "--crop-pct", "1.0", "--crop-mode", "squash", "--batch", "32", "--json", str(out),
-               "--per-class", str(tmp_path / f"pc{ranks}.txt"), ranks=ranks)
+        launch(
+            EVALUATE,
+            "--variant",
+            "demo",
+            "--weights",
+            str(ft2 / "export"),
+            "--data",
+            IN1K,
+            "--resolution",
+            "64",
+            "--crop-pct",
+            "1.0",
+            "--crop-mode",
+            "squash",
+            "--batch",
+            "32",
+            "--json",
+            str(out),
+            "--per-class",
+            str(tmp_path / f"pc{ranks}.txt"),
+            ranks=ranks,
+        )
         results.append(json.loads(out.read_text()))
     assert results[0]["num_samples"] == results[1]["num_samples"] == 300
     assert results[0]["top1"] == results[1]["top1"] == pytest.approx(second["eval"]["top1"], abs=1e-9)
@@ -157,8 +252,26 @@ def test_pretrain_finetune_twice_and_evaluate_through_the_commands(demo_shards, 
     # timm alone reproduces it from the export folder: local-dir:, the transform its config.json resolves, PIL
     # decoding (evaluate.py's torch backend decodes with PIL too; DALI's decoder rounds differently)
     out = tmp_path / "eval_torch.json"
-    launch(EVALUATE, "--variant", "demo", "--weights", f"local-dir:{ft2 / 'export'}", "--data", IN1K, "--resolution",
-           "64", "--crop-pct", "1.0", "--crop-mode", "squash", "--backend", "torch", "--json", str(out), ranks=1)
+    launch(
+        EVALUATE,
+        "--variant",
+        "demo",
+        "--weights",
+        f"local-dir:{ft2 / 'export'}",
+        "--data",
+        IN1K,
+        "--resolution",
+        "64",
+        "--crop-pct",
+        "1.0",
+        "--crop-mode",
+        "squash",
+        "--backend",
+        "torch",
+        "--json",
+        str(out),
+        ranks=1,
+    )
     assert timm_top1(str(ft2 / "export"), IN1K) == json.loads(out.read_text())["top1"]
 
 
@@ -181,21 +294,68 @@ def test_mismatches_are_one_line_errors(demo_in1k, tmp_path, capsys):
         assert e.value.code == 2
         return capsys.readouterr().err.strip().splitlines()[-1]
 
-    assert "are not the data's 10" in error(evaluate_main, "--variant", "demo", "--weights", str(export), "--data", IN1K)
-    assert "pick the matching --variant" in error(finetune_main, "--variant", "n", "--pretrained", str(export), "--data",
-                                                  IN1K, "--output", str(tmp_path / "o"), "--head", "reinit")
-    msg = error(finetune_main, "--variant", "demo", "--pretrained", str(export), "--data", IN1K, "--output",
-                str(tmp_path / "o"), "--max-steps", "0")
+    assert "are not the data's 10" in error(
+        evaluate_main, "--variant", "demo", "--weights", str(export), "--data", IN1K
+    )
+    assert "pick the matching --variant" in error(
+        finetune_main,
+        "--variant",
+        "n",
+        "--pretrained",
+        str(export),
+        "--data",
+        IN1K,
+        "--output",
+        str(tmp_path / "o"),
+        "--head",
+        "reinit",
+    )
+    msg = error(
+        finetune_main,
+        "--variant",
+        "demo",
+        "--pretrained",
+        str(export),
+        "--data",
+        IN1K,
+        "--output",
+        str(tmp_path / "o"),
+        "--max-steps",
+        "0",
+    )
     assert "share no synset" in msg and "--head reinit" in msg
-    assert "weights not found" in error(finetune_main, "--variant", "demo", "--pretrained", str(tmp_path / "nope"),
-                                        "--data", IN1K, "--output", str(tmp_path / "o"))
+    assert "weights not found" in error(
+        finetune_main,
+        "--variant",
+        "demo",
+        "--pretrained",
+        str(tmp_path / "nope"),
+        "--data",
+        IN1K,
+        "--output",
+        str(tmp_path / "o"),
+    )
 
 
 @pytest.mark.slow
 def test_demo_pipeline_small_writes_the_report(tmp_path):
-    proc = subprocess.run([sys.executable, str(REPO / "launch" / "demo.py"), "--size", "small", "--out",
-                           str(tmp_path / "runs"), "--data", str(tmp_path / "data")], env=env(), capture_output=True,
-                          text=True, errors="replace", timeout=1200)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "launch" / "demo.py"),
+            "--size",
+            "small",
+            "--out",
+            str(tmp_path / "runs"),
+            "--data",
+            str(tmp_path / "data"),
+        ],
+        env=env(),
+        capture_output=True,
+        text=True,
+        errors="replace",
+        timeout=1200,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     runs = tmp_path / "runs"
     for name in ("report.md", "report.png", "summary.json", "eval_32.json", "eval_48.json"):
@@ -210,6 +370,21 @@ def test_demo_pipeline_small_writes_the_report(tmp_path):
     assert "launch/pretrain.py" in report and "launch/finetune.py" in report and "tensorboard --logdir" in report
     assert report.count("| finetune_") == 2
     # a rerun reuses the finished runs instead of training again
-    again = subprocess.run([sys.executable, str(REPO / "launch" / "demo.py"), "--size", "small", "--out", str(runs),
-                            "--data", str(tmp_path / "data")], env=env(), capture_output=True, text=True, errors="replace", timeout=600)
+    again = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "launch" / "demo.py"),
+            "--size",
+            "small",
+            "--out",
+            str(runs),
+            "--data",
+            str(tmp_path / "data"),
+        ],
+        env=env(),
+        capture_output=True,
+        text=True,
+        errors="replace",
+        timeout=600,
+    )
     assert again.returncode == 0 and "# reused" in (runs / "report.md").read_text()

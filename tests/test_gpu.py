@@ -5,6 +5,7 @@ EMA on: the demo model and Conv2Former-L, ZeRO 1 and 3, 30 steps, stopped at 15 
 bit for bit where the uninterrupted run ends (as on CPU), with an fp32 export that loads strictly.
 `benchmarks/gpu_checklist.sh` runs this file together with the dali-gpu loader tests and the GPU benchmarks.
 """
+
 from __future__ import annotations
 
 import math
@@ -14,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from test_pretrain import run_pretrain
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
@@ -26,18 +26,45 @@ SETTINGS = {"demo": (64, 64), "l": (224, 32)}
 def gpu_run(*args: str) -> dict:
     """One GPU, DeepSpeed picks its CUDA accelerator (the CPU one is what the test session sets)."""
     environ = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
-    environ.update(PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-                   PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    environ.update(
+        PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        PYTHONPATH=str(Path(__file__).resolve().parent.parent),
+    )
     return run_pretrain(*args, ranks=1, environ=environ)
 
 
 def args_for(variant: str, stage: int, data: str, out: Path) -> list[str]:
     size, batch = SETTINGS[variant]
-    return ["--variant", variant, "--data", data, "--output", str(out), "--zero-stage", str(stage),
-            "--image-size", str(size), "--max-steps", "30", "--save-every", "15",
-            "--set", "ema=true", "--set", f"data.batch_size={batch}", "--set", f"schedule.global_batch={batch}",
-            "--set", "data.backend=dali-gpu", "--set", "data.channels_last=true",
-            "--set", "logging.print_every=5", "--set", "schedule.warmup_epochs=0.1"]
+    return [
+        "--variant",
+        variant,
+        "--data",
+        data,
+        "--output",
+        str(out),
+        "--zero-stage",
+        str(stage),
+        "--image-size",
+        str(size),
+        "--max-steps",
+        "30",
+        "--save-every",
+        "15",
+        "--set",
+        "ema=true",
+        "--set",
+        f"data.batch_size={batch}",
+        "--set",
+        f"schedule.global_batch={batch}",
+        "--set",
+        "data.backend=dali-gpu",
+        "--set",
+        "data.channels_last=true",
+        "--set",
+        "logging.print_every=5",
+        "--set",
+        "schedule.warmup_epochs=0.1",
+    ]
 
 
 def export_tensors(run: Path) -> dict:

@@ -1,4 +1,5 @@
 """The loaders (dali-cpu and torch) on shards made by data_prep: batches, labels, dealing, resume, eval, bad input."""
+
 from __future__ import annotations
 
 import io
@@ -41,8 +42,23 @@ def unique_shards(tmp_path_factory):
             folder.mkdir(parents=True)
             (folder / f"{synset}_{split}.JPEG").write_bytes(render(i % 40, random.Random(f"{split}{i}")))
     out = tmp_path_factory.mktemp("unique_shards")
-    assert shard_main(["imagenet1k", str(src), str(out), "--classes", "present", "--samples-per-shard", "20",
-                       "--workers", "2", "--quiet"]) == 0
+    assert (
+        shard_main(
+            [
+                "imagenet1k",
+                str(src),
+                str(out),
+                "--classes",
+                "present",
+                "--samples-per-shard",
+                "20",
+                "--workers",
+                "2",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -114,8 +130,22 @@ RANK_SCRIPT = textwrap.dedent("""
 def test_two_ranks_in_separate_processes(unique_shards, backend, tmp_path):
     results = {}
     for split in ("train", "val"):
-        procs = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, str(unique_shards), backend, split, str(r), "2",
-                                   str(tmp_path / f"{split}{r}.json")]) for r in range(2)]
+        procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    RANK_SCRIPT,
+                    str(unique_shards),
+                    backend,
+                    split,
+                    str(r),
+                    "2",
+                    str(tmp_path / f"{split}{r}.json"),
+                ]
+            )
+            for r in range(2)
+        ]
         assert all(p.wait() == 0 for p in procs)
         results[split] = [json.loads((tmp_path / f"{split}{r}.json").read_text()) for r in range(2)]
     train = results["train"]
@@ -200,12 +230,15 @@ def test_eval_transform_matches_timm(tmp_path, backend, crop_mode, crop_pct, siz
     (tmp_path / "src" / "train" / "n01440764").mkdir(parents=True)
     (tmp_path / "src" / "train" / "n01440764" / "y.JPEG").write_bytes(buf.getvalue())
     out = tmp_path / "out"
-    assert shard_main(["imagenet1k", str(tmp_path / "src"), str(out), "--classes", "present", "--workers", "1",
-                       "--quiet"]) == 0
+    assert (
+        shard_main(["imagenet1k", str(tmp_path / "src"), str(out), "--classes", "present", "--workers", "1", "--quiet"])
+        == 0
+    )
     cfg = cfg_for(out, backend, image_size=size, batch_size=1, crop_pct=crop_pct, crop_mode=crop_mode)
     ours = next(iter(build_loader(cfg, "val")))[0][0].cpu()
-    reference = create_transform(size, is_training=False, crop_pct=crop_pct, crop_mode=crop_mode,
-                                 interpolation="bicubic")(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+    reference = create_transform(
+        size, is_training=False, crop_pct=crop_pct, crop_mode=crop_mode, interpolation="bicubic"
+    )(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
     diff = (ours - reference).abs()
     if backend == "torch":
         assert torch.equal(ours, reference)

@@ -1,4 +1,5 @@
 """The Conv2Former model: official structure and names, paper sizes, timm interface, ablation knobs."""
+
 from __future__ import annotations
 
 import re
@@ -6,6 +7,7 @@ import re
 import pytest
 import timm
 import torch
+from official_reference import RefConv2Former
 from timm.optim import param_groups_layer_decay
 
 import conv2former  # noqa: F401  (registers the variants with timm)
@@ -13,9 +15,14 @@ from conv2former.complexity import count_gmacs, count_params
 from conv2former.depthwise import DepthwiseConv2d
 from conv2former.model import FUSIONS, PAPER_FIGURES, VARIANTS
 
-from official_reference import RefConv2Former
-
-HIERARCHICAL = ["conv2former_n", "conv2former_t", "conv2former_s", "conv2former_b", "conv2former_b_22k", "conv2former_l"]
+HIERARCHICAL = [
+    "conv2former_n",
+    "conv2former_t",
+    "conv2former_s",
+    "conv2former_b",
+    "conv2former_b_22k",
+    "conv2former_l",
+]
 ISOTROPIC = ["conv2former_is", "conv2former_is_convs", "conv2former_ib", "conv2former_ib_convs"]
 
 
@@ -122,7 +129,9 @@ def test_outputs_match_the_official_formulation(dims, depths, k):
     with torch.no_grad():
         expected = ref(x)
         torch.testing.assert_close(ours(x), expected, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(ours(x.contiguous(memory_format=torch.channels_last)), expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            ours(x.contiguous(memory_format=torch.channels_last)), expected, rtol=1e-4, atol=1e-4
+        )
     assert expected.abs().max() > 1e-2  # the comparison is not between two near-zero outputs
 
 
@@ -227,7 +236,10 @@ def test_features_of_the_four_stages():
     model = timm.create_model("conv2former_demo").eval()
     final, inters = model.forward_intermediates(torch.randn(1, 3, 64, 64))
     assert len(inters) == 4 and torch.equal(final, inters[-1])
-    assert [t.shape[-1] for t in model.forward_intermediates(torch.randn(1, 3, 64, 64), indices=[1, 2], intermediates_only=True)] == [8, 4]
+    assert [
+        t.shape[-1]
+        for t in model.forward_intermediates(torch.randn(1, 3, 64, 64), indices=[1, 2], intermediates_only=True)
+    ] == [8, 4]
 
 
 def test_classifier_interface():
@@ -297,10 +309,13 @@ def test_fast_depthwise_model_trains_like_the_reference_formulation():
     """Whole-model gradients with the fast depthwise backward equal those of plain nn.Conv2d layers."""
     dims, depths = (16, 32, 64, 128), (1, 1, 2, 1)
     fast = randomize(timm.create_model("conv2former_demo", dims=dims, depths=depths, kernel_size=11, num_classes=5))
-    native = timm.create_model("conv2former_demo", dims=dims, depths=depths, kernel_size=11, num_classes=5,
-                               fast_depthwise=False)
+    native = timm.create_model(
+        "conv2former_demo", dims=dims, depths=depths, kernel_size=11, num_classes=5, fast_depthwise=False
+    )
     native.load_state_dict(fast.state_dict(), strict=True)
-    assert type(native.stages[2][0].attn.att[2]) is DepthwiseConv2d and not native.stages[2][0].attn.att[2].fast_backward
+    assert (
+        type(native.stages[2][0].attn.att[2]) is DepthwiseConv2d and not native.stages[2][0].attn.att[2].fast_backward
+    )
     x = torch.randn(4, 3, 96, 96, generator=torch.Generator().manual_seed(2))
     grads = []
     for model in (fast, native):

@@ -4,6 +4,7 @@ Fast tests build small bundles of real wheel files and run the real installer on
 this project for this machine's Python from PyPI, installs it from the parts into a fresh virtual environment
 that looks like a stock PyTorch image (pip --no-index), and runs the dali-cpu loader tests there.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,7 +16,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
 from stock_torch_env import make_stock_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,8 +32,9 @@ def fake_wheel(folder: Path, name: str, version: str, requires=(), filler: int =
     """A real, installable pure-Python wheel with one module and the given Requires-Dist lines."""
     dist = f"{name}-{version}"
     path = folder / f"{dist}-py3-none-any.whl"
-    meta = "".join([f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"]
-                   + [f"Requires-Dist: {r}\n" for r in requires])
+    meta = "".join(
+        [f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"] + [f"Requires-Dist: {r}\n" for r in requires]
+    )
     record = f"{name}/__init__.py,,\n{dist}.dist-info/METADATA,,\n{dist}.dist-info/WHEEL,,\n{dist}.dist-info/RECORD,,\n"
     with zipfile.ZipFile(path, "w") as whl:
         whl.writestr(f"{name}/__init__.py", f"VERSION = {version!r}\nFILLER = {os.urandom(filler).hex()!r}\n")
@@ -50,8 +51,9 @@ def small_bundle(out: Path, part_mib: float = 0, python_version: str = PYVER) ->
     fake_wheel(wheels, "alpha_pkg", "1.0", ["beta-pkg>=2", "torch>=2.0"], filler=300_000)
     fake_wheel(wheels, "beta_pkg", "2.5", filler=300_000)
     fake_wheel(wheels, "gamma_pkg", "0.3", ["alpha-pkg==1.0", "beta-pkg<3"])
-    args = argparse.Namespace(python_version=python_version, platform=["any"], cuda="13", host_torch="2.11.0",
-                              part_mib=part_mib)
+    args = argparse.Namespace(
+        python_version=python_version, platform=["any"], cuda="13", host_torch="2.11.0", part_mib=part_mib
+    )
     return offline_bundle.write_manifest(args, out, wheels, ["gamma-pkg"], ["torch"])
 
 
@@ -131,19 +133,34 @@ def test_target_install_of_a_small_bundle(tmp_path):
     plan = offline_install.plan_install(folder, manifest, offline_install.installed_versions(None))
     offline_install.pip_install(folder, plan.install, tmp_path / "site")
     code = "import alpha_pkg, beta_pkg, gamma_pkg; print(alpha_pkg.VERSION, beta_pkg.VERSION, gamma_pkg.VERSION)"
-    done = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(tmp_path / "site")),
-                          capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env=dict(os.environ, PYTHONPATH=str(tmp_path / "site")),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert done.stdout.split() == ["1.0", "2.5", "0.3"]
 
 
 def test_bundler_marker_walk_leaves_the_torch_stack_to_the_host():
-    items = [{"metadata": {"name": n, "version": "1", "requires_dist": r}} for n, r in [
-        ("app", ["lib>=1", "torch", "winonly; sys_platform == 'win32'", "extra-dep; extra == 'x'"]),
-        ("lib", ["numpy"]), ("numpy", []), ("torch", ["sympy", "numpy"]), ("sympy", ["mpmath"]), ("mpmath", []),
-        ("winonly", []), ("extra-dep", [])]]
+    items = [
+        {"metadata": {"name": n, "version": "1", "requires_dist": r}}
+        for n, r in [
+            ("app", ["lib>=1", "torch", "winonly; sys_platform == 'win32'", "extra-dep; extra == 'x'"]),
+            ("lib", ["numpy"]),
+            ("numpy", []),
+            ("torch", ["sympy", "numpy"]),
+            ("sympy", ["mpmath"]),
+            ("mpmath", []),
+            ("winonly", []),
+            ("extra-dep", []),
+        ]
+    ]
 
-    env = offline_bundle.target_environment(argparse.Namespace(python_version="3.12",
-                                                               platform=["manylinux_2_28_x86_64"]))
+    env = offline_bundle.target_environment(
+        argparse.Namespace(python_version="3.12", platform=["manylinux_2_28_x86_64"])
+    )
     assert env["platform_machine"] == "x86_64" and env["python_version"] == "3.12"
     assert offline_bundle.reachable(items, ["app"], env) == {"app", "lib", "numpy"}
     assert offline_bundle.reachable(items, ["app[x]"], env) == {"app", "lib", "numpy", "extra-dep"}
@@ -155,9 +172,22 @@ def test_bundler_marker_walk_leaves_the_torch_stack_to_the_host():
 def test_bundle_from_parts_into_a_fresh_stock_pytorch_env_runs_the_dali_cpu_loader(tmp_path):
     """PyPI -> bundle in parts -> fresh venv with only torch/torchvision/numpy/pillow -> pip --no-index -> tests."""
     bundle = tmp_path / "bundle"
-    made = subprocess.run([sys.executable, str(REPO / "tools" / "offline_bundle.py"), "--cuda", "12",
-                           "--python-version", PYVER, "--part-mib", "50", "--out", str(bundle)],
-                          capture_output=True, text=True)
+    made = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tools" / "offline_bundle.py"),
+            "--cuda",
+            "12",
+            "--python-version",
+            PYVER,
+            "--part-mib",
+            "50",
+            "--out",
+            str(bundle),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert made.returncode == 0, made.stderr[-3000:]
     manifest = json.loads((bundle / "manifest.json").read_text())
     names = {w["name"].replace("_", "-").lower() for w in manifest["wheels"]}
@@ -172,8 +202,22 @@ def test_bundle_from_parts_into_a_fresh_stock_pytorch_env_runs_the_dali_cpu_load
     assert "import check: torch" in done.stdout and "deepspeed" in done.stdout
 
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH="")
-    tests = subprocess.run([str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_loader.py",
-                            "-k", "dali-cpu and (shapes or resume or two_ranks)"],
-                           cwd=REPO, env=env, capture_output=True, text=True)
+    tests = subprocess.run(
+        [
+            str(python),
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "tests/test_loader.py",
+            "-k",
+            "dali-cpu and (shapes or resume or two_ranks)",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert tests.returncode == 0, tests.stdout[-3000:]
     assert " passed" in tests.stdout and "failed" not in tests.stdout

@@ -1,4 +1,5 @@
 """launch/pretrain.py under the real deepspeed launcher (and torchrun) on 2 CPU ranks, on the demo shards."""
+
 from __future__ import annotations
 
 import json
@@ -24,14 +25,27 @@ from conv2former.weights import load_checkpoint
 REPO = Path(__file__).resolve().parent.parent
 PRETRAIN = str(REPO / "launch" / "pretrain.py")
 BIN = Path(sys.executable).parent
-FAST = ["--variant", "demo", "--image-size", "32", "--set", "schedule.warmup_epochs=0.2", "--set", "logging.print_every=1",
-        "--set", "schedule.eval_every_epochs=1", "--set", "data.eval_batch_size=50"]
+FAST = [
+    "--variant",
+    "demo",
+    "--image-size",
+    "32",
+    "--set",
+    "schedule.warmup_epochs=0.2",
+    "--set",
+    "logging.print_every=1",
+    "--set",
+    "schedule.eval_every_epochs=1",
+    "--set",
+    "data.eval_batch_size=50",
+]
 PORT = [29700]
 
 
 def env() -> dict:
-    return dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PATH=f"{BIN}:{os.environ['PATH']}",
-                PYTHONPATH=str(REPO))
+    return dict(
+        os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PATH=f"{BIN}:{os.environ['PATH']}", PYTHONPATH=str(REPO)
+    )
 
 
 def deepspeed_cmd(*args: str, ranks: int = 2) -> list:
@@ -49,11 +63,13 @@ def run_pretrain(*args: str, launcher: str = "deepspeed", ranks: int = 2, enviro
     proc = subprocess.run(cmd, env=environ or env(), capture_output=True, text=True, errors="replace", timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     line = [line for line in proc.stdout.splitlines() if line.startswith("summary: ")][-1]
-    return json.loads(line[len("summary: "):])
+    return json.loads(line[len("summary: ") :])
 
 
 def read_log(run: Path, kind: str = "train"):
-    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if json.loads(line)["kind"] == kind]
+    return [
+        json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if json.loads(line)["kind"] == kind
+    ]
 
 
 def exports_equal(a: Path, b: Path) -> bool:
@@ -126,8 +142,9 @@ def test_stop_and_relaunch_resumes_exactly(reference_run, demo_shards, tmp_path)
 def test_kill_minus_9_mid_epoch_then_relaunch(reference_run, demo_shards, tmp_path):
     ref, _ = reference_run
     args = [*FAST, "--data", demo_shards, "--output", str(tmp_path), "--epochs", "2", "--save-every", "10"]
-    proc = subprocess.Popen(deepspeed_cmd(*args), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        deepspeed_cmd(*args), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.time() + 300
     ckpts = tmp_path / "checkpoints"
     while time.time() < deadline and not (ckpts / "step000000020" / "complete").exists():
@@ -148,7 +165,9 @@ def test_corrupt_latest_checkpoint_falls_back(reference_run, demo_shards, tmp_pa
     latest = tmp_path / "checkpoints" / "step000000020"
     for f in latest.glob("*model_states.pt"):
         f.write_bytes(b"corrupt")
-    proc = subprocess.run(deepspeed_cmd(*args), env=env(), capture_output=True, text=True, errors="replace", timeout=600)
+    proc = subprocess.run(
+        deepspeed_cmd(*args), env=env(), capture_output=True, text=True, errors="replace", timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "could not be loaded" in proc.stderr and "resumed from step000000010" in proc.stdout
     assert exports_equal(ref, tmp_path)
@@ -157,18 +176,27 @@ def test_corrupt_latest_checkpoint_falls_back(reference_run, demo_shards, tmp_pa
 @pytest.mark.slow
 def test_sigusr1_checkpoints_and_exits_zero(demo_shards, tmp_path):
     args = [*FAST, "--data", demo_shards, "--output", str(tmp_path), "--epochs", "20", "--save-every", "1000"]
-    proc = subprocess.Popen(deepspeed_cmd(*args), env=env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            text=True, errors="replace", start_new_session=True)
+    proc = subprocess.Popen(
+        deepspeed_cmd(*args),
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        errors="replace",
+        start_new_session=True,
+    )
     log = tmp_path / "log.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) > 5):
         time.sleep(0.2)
-    for child in subprocess.run(["pgrep", "-f", "--", f"{PRETRAIN}"], capture_output=True, text=True, errors="replace").stdout.split():
+    for child in subprocess.run(
+        ["pgrep", "-f", "--", f"{PRETRAIN}"], capture_output=True, text=True, errors="replace"
+    ).stdout.split():
         if int(child) != proc.pid:
             os.kill(int(child), signal.SIGUSR1)  # the training ranks, as Slurm's --signal does
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0
-    summary = json.loads([line for line in out.splitlines() if line.startswith("summary: ")][-1][len("summary: "):])
+    summary = json.loads([line for line in out.splitlines() if line.startswith("summary: ")][-1][len("summary: ") :])
     assert summary["status"].startswith("stopped by signal")
     tag = f"step{summary['step']:09d}"
     assert (tmp_path / "checkpoints" / tag / "complete").exists()
@@ -178,8 +206,19 @@ def test_sigusr1_checkpoints_and_exits_zero(demo_shards, tmp_path):
 @pytest.mark.parametrize("stage", [0, 2, 3])
 def test_zero_stages_follow_the_same_loss_trajectory(reference_run, demo_shards, tmp_path, stage):
     ref, _ = reference_run
-    summary = run_pretrain(*FAST, "--data", demo_shards, "--output", str(tmp_path), "--epochs", "2",
-                           "--zero-stage", str(stage), "--max-steps", "15")
+    summary = run_pretrain(
+        *FAST,
+        "--data",
+        demo_shards,
+        "--output",
+        str(tmp_path),
+        "--epochs",
+        "2",
+        "--zero-stage",
+        str(stage),
+        "--max-steps",
+        "15",
+    )
     ref_losses = [r["loss"] for r in read_log(ref)][:15]
     losses = [r["loss"] for r in read_log(tmp_path)]
     assert summary["step"] == 15 and "ema_top1" in summary["eval"]  # EMA works under every stage
@@ -192,8 +231,19 @@ def test_zero_stages_follow_the_same_loss_trajectory(reference_run, demo_shards,
 def test_channels_last_batches_train_like_nchw(reference_run, demo_shards, tmp_path):
     """What GPU runs use by default (channels_last batches, contiguous parameters under DeepSpeed), here on CPU."""
     ref, _ = reference_run
-    summary = run_pretrain(*FAST, "--data", demo_shards, "--output", str(tmp_path), "--epochs", "2",
-                           "--max-steps", "15", "--set", "data.channels_last=true")
+    summary = run_pretrain(
+        *FAST,
+        "--data",
+        demo_shards,
+        "--output",
+        str(tmp_path),
+        "--epochs",
+        "2",
+        "--max-steps",
+        "15",
+        "--set",
+        "data.channels_last=true",
+    )
     ref_losses = [r["loss"] for r in read_log(ref)][:15]
     losses = [r["loss"] for r in read_log(tmp_path)]
     assert summary["step"] == 15 and len(ref_losses) == len(losses) == 15
@@ -206,8 +256,9 @@ def test_channels_last_batches_train_like_nchw(reference_run, demo_shards, tmp_p
 def test_grad_checkpointing_and_compile_through_the_engine(reference_run, demo_shards, tmp_path, option):
     """Activation checkpointing and DeepSpeed's engine.compile() (torch.compile) train like the plain engine."""
     ref, _ = reference_run
-    summary = run_pretrain(*FAST, "--data", demo_shards, "--output", str(tmp_path), "--epochs", "2",
-                           "--max-steps", "10", "--set", option)
+    summary = run_pretrain(
+        *FAST, "--data", demo_shards, "--output", str(tmp_path), "--epochs", "2", "--max-steps", "10", "--set", option
+    )
     ref_losses = [r["loss"] for r in read_log(ref)][:10]
     losses = [r["loss"] for r in read_log(tmp_path)]
     assert summary["step"] == 10 and len(ref_losses) == len(losses) == 10 and summary["export"]
@@ -217,8 +268,18 @@ def test_grad_checkpointing_and_compile_through_the_engine(reference_run, demo_s
 
 @pytest.mark.slow
 def test_torchrun_launch(demo_shards, tmp_path):
-    summary = run_pretrain(*FAST, "--data", demo_shards, "--output", str(tmp_path), "--epochs", "1", "--max-steps", "5",
-                           launcher="torchrun")
+    summary = run_pretrain(
+        *FAST,
+        "--data",
+        demo_shards,
+        "--output",
+        str(tmp_path),
+        "--epochs",
+        "1",
+        "--max-steps",
+        "5",
+        launcher="torchrun",
+    )
     assert summary["status"] == "finished" and summary["step"] == 5
 
 
@@ -237,13 +298,16 @@ def test_bad_configs_are_one_line_errors(capsys, demo_shards, tmp_path):
     out = ["--output", str(tmp_path)]
     assert "unknown variant 'xl'" in one_line_error(capsys, "--variant", "xl", "--data", demo_shards, *out)
     assert "unknown config key 'optim.lr'" in one_line_error(
-        capsys, "--variant", "demo", "--data", demo_shards, "--set", "optim.lr=1", *out)
+        capsys, "--variant", "demo", "--data", demo_shards, "--set", "optim.lr=1", *out
+    )
     assert "no data given" in one_line_error(capsys, "--variant", "demo", *out)
     assert "data root not found" in one_line_error(capsys, "--variant", "demo", "--data", str(tmp_path / "x"), *out)
-    assert "not divisible" in one_line_error(capsys, "--variant", "demo", "--data", demo_shards, "--global-batch", "100",
-                                             *out, "--dry-run")
-    assert "expected int" in one_line_error(capsys, "--variant", "demo", "--data", demo_shards,
-                                            "--set", "schedule.epochs=lots", *out)
+    assert "not divisible" in one_line_error(
+        capsys, "--variant", "demo", "--data", demo_shards, "--global-batch", "100", *out, "--dry-run"
+    )
+    assert "expected int" in one_line_error(
+        capsys, "--variant", "demo", "--data", demo_shards, "--set", "schedule.epochs=lots", *out
+    )
 
 
 def test_dry_run_prints_the_schedule(capsys, demo_shards, tmp_path):
@@ -251,7 +315,7 @@ def test_dry_run_prints_the_schedule(capsys, demo_shards, tmp_path):
 
     assert main(["--variant", "demo", "--data", demo_shards, "--output", str(tmp_path), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    result = json.loads(out[out.index("{"):])
+    result = json.loads(out[out.index("{") :])
     schedule = result["schedule"]
     # 2000 train samples, micro-batch 16 on 1 rank: 125 batches; global 64 -> 4 per step, 31 steps per epoch
     assert schedule["grad_accum"] == 4 and schedule["steps_per_epoch"] == 31 and schedule["total_steps"] == 310
@@ -266,8 +330,13 @@ def test_export_script_rebuilds_the_export(reference_run, tmp_path):
     ref, _ = reference_run
     copy = tmp_path / "run"
     shutil.copytree(ref / "checkpoints", copy / "checkpoints")
-    proc = subprocess.run([sys.executable, str(REPO / "launch" / "export.py"), str(copy)], env=env(),
-                          capture_output=True, text=True, errors="replace")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "export.py"), str(copy)],
+        env=env(),
+        capture_output=True,
+        text=True,
+        errors="replace",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert exports_equal(ref, copy)
     for name in ("model_ema.safetensors", "classes.txt", "config.yaml"):
@@ -279,11 +348,29 @@ def test_resume_on_one_rank_from_a_two_rank_checkpoint(demo_shards, tmp_path):
     args = [*FAST, "--data", demo_shards, "--output", str(tmp_path), "--epochs", "2", "--save-every", "10"]
     two = run_pretrain(*args, "--max-steps", "20")
     PORT[0] += 1
-    proc = subprocess.run([str(BIN / "deepspeed"), "--num_gpus", "1", "--master_port", str(PORT[0]), PRETRAIN, *args,
-                           "--max-steps", "30"], env=env(), capture_output=True, text=True, errors="replace", timeout=600)
+    proc = subprocess.run(
+        [
+            str(BIN / "deepspeed"),
+            "--num_gpus",
+            "1",
+            "--master_port",
+            str(PORT[0]),
+            PRETRAIN,
+            *args,
+            "--max-steps",
+            "30",
+        ],
+        env=env(),
+        capture_output=True,
+        text=True,
+        errors="replace",
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "saved by 2 ranks: resuming on 1 through step000000020_universal" in proc.stdout
     assert "resumed from step000000020_universal: epoch 0, step 20" in proc.stdout
-    one = json.loads([line for line in proc.stdout.splitlines() if line.startswith("summary: ")][-1][len("summary: "):])
+    one = json.loads(
+        [line for line in proc.stdout.splitlines() if line.startswith("summary: ")][-1][len("summary: ") :]
+    )
     assert one["step"] == 30 and math.isfinite(one["loss"])
     assert one["eval"]["top1"] >= two["eval"]["top1"] - 0.05  # the weights came across, not a fresh model

@@ -1,23 +1,24 @@
 """data_prep/shard.py on fake ImageNet trees: formats, labels, bad input, determinism, crash-resume, object stores."""
+
 from __future__ import annotations
 
 import collections
 import filecmp
 import io
 import json
-import shutil
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tarfile
 import time
 
+import fake_imagenet as fake
 import fsspec
 import pytest
 from PIL import Image
 
-import fake_imagenet as fake
 from conv2former.data import shard_format as fmt
 from data_prep.shard import main as shard_main
 from data_prep.verify import verify
@@ -59,8 +60,21 @@ def tree_22k(tmp_path_factory):
 def shards_22k(tree_22k, tmp_path_factory):
     src, _ = tree_22k
     out = tmp_path_factory.mktemp("in22k_out")
-    assert run("imagenet22k", str(src), str(out), "--val-per-class", "3", "--samples-per-shard", "10",
-               "--workers", "2", "--quiet") == 0
+    assert (
+        run(
+            "imagenet22k",
+            str(src),
+            str(out),
+            "--val-per-class",
+            "3",
+            "--samples-per-shard",
+            "10",
+            "--workers",
+            "2",
+            "--quiet",
+        )
+        == 0
+    )
     return out
 
 
@@ -89,7 +103,9 @@ def test_22k_round_trip(tree_22k, shards_22k):
     skipped = [json.loads(line) for line in (shards_22k / "skipped.jsonl").read_text().splitlines()]
     for kind, reason in fake.BAD_22K.items():
         recorded = [s["reason"] for s in skipped if s["source"].endswith(f"_{kind}.JPEG")]
-        assert recorded == ([] if reason == "reencoded" else [recorded[0]]) and (not recorded or recorded[0].startswith(reason)), kind
+        assert recorded == ([] if reason == "reencoded" else [recorded[0]]) and (
+            not recorded or recorded[0].startswith(reason)
+        ), kind
     assert any("n99999999" in s["source"] and "not in the class list" in s["reason"] for s in skipped)
     assert any("damaged tar" in s["reason"] and fake.SYNSETS_22K[3] in s["source"] for s in skipped)
 
@@ -157,8 +173,21 @@ def test_other_22k_layouts_give_the_same_samples(tmp_path, layout):
         src = tmp_path / "folders"
         fake.make_22k_folders(str(src))
     for name, source in (("ref", tars), ("other", src)):
-        assert run("imagenet22k", str(source), str(tmp_path / name), "--val-per-class", "2",
-                   "--samples-per-shard", "16", "--workers", "1", "--quiet") == 0
+        assert (
+            run(
+                "imagenet22k",
+                str(source),
+                str(tmp_path / name),
+                "--val-per-class",
+                "2",
+                "--samples-per-shard",
+                "16",
+                "--workers",
+                "1",
+                "--quiet",
+            )
+            == 0
+        )
     plan = json.loads((tmp_path / "other" / "_plan.json").read_text())
     assert plan["source"]["layout"] == layout
     for split in ("train", "val"):
@@ -170,8 +199,19 @@ def test_other_22k_layouts_give_the_same_samples(tmp_path, layout):
 @pytest.mark.parametrize("val_format", ["folder", "csv", "devkit"])
 def test_1k_val_label_formats(tmp_path, val_format):
     truth = fake.make_1k(str(tmp_path / "src"), val_format)
-    assert run("imagenet1k", str(tmp_path / "src"), str(tmp_path / "out"), "--samples-per-shard", "7",
-               "--workers", "1", "--quiet") == 0
+    assert (
+        run(
+            "imagenet1k",
+            str(tmp_path / "src"),
+            str(tmp_path / "out"),
+            "--samples-per-shard",
+            "7",
+            "--workers",
+            "1",
+            "--quiet",
+        )
+        == 0
+    )
     canonical = fmt.canonical_synsets("imagenet1k")
     info, val = read_split(str(tmp_path / "out"), "val")
     _, train = read_split(str(tmp_path / "out"), "train")
@@ -184,8 +224,21 @@ def test_1k_val_label_formats(tmp_path, val_format):
 
 def test_demo_classes_present_gives_a_compact_label_space(tmp_path):
     fake.make_1k(str(tmp_path / "src"), "folder")
-    assert run("imagenet1k", str(tmp_path / "src"), str(tmp_path / "out"), "--classes", "present",
-               "--samples-per-shard", "50", "--workers", "1", "--quiet") == 0
+    assert (
+        run(
+            "imagenet1k",
+            str(tmp_path / "src"),
+            str(tmp_path / "out"),
+            "--classes",
+            "present",
+            "--samples-per-shard",
+            "50",
+            "--workers",
+            "1",
+            "--quiet",
+        )
+        == 0
+    )
     assert (tmp_path / "out" / "classes.txt").read_text().split() == fake.SYNSETS_1K
     info, train = read_split(str(tmp_path / "out"), "train")
     assert info["num_classes"] == 3 and {label for _, label, _, _ in train} == {0, 1, 2}
@@ -194,8 +247,21 @@ def test_demo_classes_present_gives_a_compact_label_space(tmp_path):
 def test_deterministic_bytes(tree_22k, tmp_path):
     src, _ = tree_22k
     for name, workers in (("a", "1"), ("b", "2")):
-        assert run("imagenet22k", str(src), str(tmp_path / name), "--val-per-class", "3",
-                   "--samples-per-shard", "10", "--workers", workers, "--quiet") == 0
+        assert (
+            run(
+                "imagenet22k",
+                str(src),
+                str(tmp_path / name),
+                "--val-per-class",
+                "3",
+                "--samples-per-shard",
+                "10",
+                "--workers",
+                workers,
+                "--quiet",
+            )
+            == 0
+        )
     compare_trees(tmp_path / "a", tmp_path / "b")
 
 
@@ -216,8 +282,12 @@ def test_kill_minus_9_then_resume_equals_uninterrupted(tmp_path):
     assert run(args[0], args[1], str(tmp_path / "whole"), *args[2:]) == 0
     killed = tmp_path / "killed"
     env = dict(os.environ, PYTHONPATH=REPO)
-    proc = subprocess.Popen([sys.executable, SHARD_PY, args[0], args[1], str(killed), *args[2:]], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, SHARD_PY, args[0], args[1], str(killed), *args[2:]],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     progress = killed / "_progress"
     deadline = time.time() + 120
     while time.time() < deadline and (not progress.exists() or len(os.listdir(progress)) < 5):
@@ -234,8 +304,21 @@ def test_kill_minus_9_then_resume_equals_uninterrupted(tmp_path):
 
 def test_memory_url_round_trip(tree_22k):
     src, _ = tree_22k
-    assert run("imagenet22k", str(src), "memory://shards/in22k", "--val-per-class", "3", "--samples-per-shard", "10",
-               "--workers", "2", "--quiet") == 0
+    assert (
+        run(
+            "imagenet22k",
+            str(src),
+            "memory://shards/in22k",
+            "--val-per-class",
+            "3",
+            "--samples-per-shard",
+            "10",
+            "--workers",
+            "2",
+            "--quiet",
+        )
+        == 0
+    )
     info, train = read_split("memory://shards/in22k", "train")
     assert len(train) == info["splits"]["train"]["num_samples"] > 0
     assert verify("memory://shards/in22k", use_dali=True, quiet=True) == []
@@ -249,17 +332,48 @@ def test_s3_round_trip_through_a_local_moto_server(tree_22k, tmp_path, monkeypat
     try:
         host, port = server.get_host_and_port()
         endpoint = f"http://{host}:{port}"
-        for var, value in dict(AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", AWS_DEFAULT_REGION="us-east-1",
-                               AWS_ENDPOINT_URL_S3=endpoint, FSSPEC_S3_ENDPOINT_URL=endpoint).items():
+        for var, value in dict(
+            AWS_ACCESS_KEY_ID="test",
+            AWS_SECRET_ACCESS_KEY="test",
+            AWS_DEFAULT_REGION="us-east-1",
+            AWS_ENDPOINT_URL_S3=endpoint,
+            FSSPEC_S3_ENDPOINT_URL=endpoint,
+        ).items():
             monkeypatch.setenv(var, value)  # undone after the test, whatever happens
         fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True)
         fs.mkdir("bucket")
         src, _ = tree_22k
-        assert run("imagenet22k", str(src), "s3://bucket/in22k", "--val-per-class", "3", "--samples-per-shard", "10",
-                   "--workers", "2", "--quiet") == 0
+        assert (
+            run(
+                "imagenet22k",
+                str(src),
+                "s3://bucket/in22k",
+                "--val-per-class",
+                "3",
+                "--samples-per-shard",
+                "10",
+                "--workers",
+                "2",
+                "--quiet",
+            )
+            == 0
+        )
         _, remote = read_split("s3://bucket/in22k", "train")
-        assert run("imagenet22k", str(src), str(tmp_path / "local"), "--val-per-class", "3",
-                   "--samples-per-shard", "10", "--workers", "1", "--quiet") == 0
+        assert (
+            run(
+                "imagenet22k",
+                str(src),
+                str(tmp_path / "local"),
+                "--val-per-class",
+                "3",
+                "--samples-per-shard",
+                "10",
+                "--workers",
+                "1",
+                "--quiet",
+            )
+            == 0
+        )
         _, local = read_split(str(tmp_path / "local"), "train")
         assert remote == local
         assert verify("s3://bucket/in22k/val", use_dali=True, quiet=True) == []
@@ -283,7 +397,9 @@ def test_bad_input_gives_one_line_errors(tmp_path, capsys, tree_22k):
     assert "empty" in one_line_error(capsys, "imagenet22k", str(tmp_path / "empty"), str(tmp_path / "o"))
     assert "empty" in one_line_error(capsys, "imagenet1k", str(tmp_path / "empty"), str(tmp_path / "o"))
     (tmp_path / "archive.zip").write_bytes(b"PK")
-    assert "not a .tar archive" in one_line_error(capsys, "imagenet22k", str(tmp_path / "archive.zip"), str(tmp_path / "o"))
+    assert "not a .tar archive" in one_line_error(
+        capsys, "imagenet22k", str(tmp_path / "archive.zip"), str(tmp_path / "o")
+    )
     (tmp_path / "afile").write_text("x")
     assert "cannot write to output" in one_line_error(capsys, "imagenet22k", str(src), str(tmp_path / "afile" / "o"))
     flat = tmp_path / "flat1k"

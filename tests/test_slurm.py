@@ -1,4 +1,5 @@
 """The Slurm templates on a real single-node Slurm cluster (munge + slurmctld + slurmd started by the fixture)."""
+
 from __future__ import annotations
 
 import json
@@ -9,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from slurm_cluster import SlurmCluster, ensure_installed
 
 REPO = Path(__file__).resolve().parent.parent
@@ -35,20 +35,35 @@ def cluster(tmp_path_factory):
 
 
 def sbatch(cluster: SlurmCluster, *args: str) -> str:
-    proc = subprocess.run(["sbatch", "--parsable", *args], env=cluster.env, cwd=REPO, capture_output=True, text=True, errors="replace")
+    proc = subprocess.run(
+        ["sbatch", "--parsable", *args], env=cluster.env, cwd=REPO, capture_output=True, text=True, errors="replace"
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip().split(";")[0]
 
 
 def test_pretrain_sbatch_two_tasks(cluster, demo_root, tmp_path):
     out = tmp_path / "run"
-    job = sbatch(cluster, "--ntasks=2", f"--output={tmp_path}/slurm-%j.out", str(SLURM / "pretrain.sbatch"), *SMALL,
-                 "--data", str(demo_root / "in22k"), "--output", str(out), "--max-steps", "12", "--save-every", "6")
+    job = sbatch(
+        cluster,
+        "--ntasks=2",
+        f"--output={tmp_path}/slurm-%j.out",
+        str(SLURM / "pretrain.sbatch"),
+        *SMALL,
+        "--data",
+        str(demo_root / "in22k"),
+        "--output",
+        str(out),
+        "--max-steps",
+        "12",
+        "--save-every",
+        "6",
+    )
     info = cluster.wait(job)
     log = (tmp_path / f"slurm-{job}.out").read_text(errors="replace")  # tasks interleave bytes
     assert info["JobState"] == "COMPLETED", log[-3000:]
     assert "2 task(s)" in log
-    summary = json.loads([line for line in log.splitlines() if line.startswith("summary: ")][-1][len("summary: "):])
+    summary = json.loads([line for line in log.splitlines() if line.startswith("summary: ")][-1][len("summary: ") :])
     assert summary["step"] == 12
     assert (out / "checkpoints" / "step000000012" / "complete").exists()
     assert json.loads((out / "checkpoints" / "step000000012" / "complete").read_text())["world_size"] == 2
@@ -57,11 +72,25 @@ def test_pretrain_sbatch_two_tasks(cluster, demo_root, tmp_path):
 
 
 def test_submit_pipeline_runs_every_stage_in_order(cluster, demo_root, tmp_path):
-    env = dict(cluster.env, DATA_22K=str(demo_root / "in22k"), DATA_1K=str(demo_root / "in1k"), RUN_DIR=str(tmp_path),
-               VARIANT="demo", RES_LOW="32", RES_HIGH="48", PRETRAIN_SBATCH="--ntasks=2", FINETUNE_SBATCH="--ntasks=2",
-               EVAL_SBATCH="--ntasks=2", PRETRAIN_ARGS="--image-size 32 --max-steps 10",
-               FT224_ARGS="--max-steps 6", FT384_ARGS="--max-steps 6", EVAL_ARGS="--batch 50")
-    proc = subprocess.run([str(REPO / "launch" / "submit_pipeline.sh")], env=env, capture_output=True, text=True, errors="replace")
+    env = dict(
+        cluster.env,
+        DATA_22K=str(demo_root / "in22k"),
+        DATA_1K=str(demo_root / "in1k"),
+        RUN_DIR=str(tmp_path),
+        VARIANT="demo",
+        RES_LOW="32",
+        RES_HIGH="48",
+        PRETRAIN_SBATCH="--ntasks=2",
+        FINETUNE_SBATCH="--ntasks=2",
+        EVAL_SBATCH="--ntasks=2",
+        PRETRAIN_ARGS="--image-size 32 --max-steps 10",
+        FT224_ARGS="--max-steps 6",
+        FT384_ARGS="--max-steps 6",
+        EVAL_ARGS="--batch 50",
+    )
+    proc = subprocess.run(
+        [str(REPO / "launch" / "submit_pipeline.sh")], env=env, capture_output=True, text=True, errors="replace"
+    )
     assert proc.returncode == 0, proc.stderr
     jobs = dict(line.split() for line in proc.stdout.strip().splitlines())
     assert list(jobs) == ["pretrain", "finetune_32", "finetune_48", "evaluate"]
@@ -82,17 +111,29 @@ def test_submit_pipeline_runs_every_stage_in_order(cluster, demo_root, tmp_path)
 
 def test_a_failed_stage_stops_the_chain(cluster, demo_root, tmp_path):
     """The first stage fails (an impossible schedule); the fine-tuning and evaluation jobs must never start."""
-    env = dict(cluster.env, DATA_22K=str(demo_root / "in22k"), DATA_1K=str(demo_root / "in1k"), RUN_DIR=str(tmp_path),
-               VARIANT="demo", PRETRAIN_SBATCH="--ntasks=1", FINETUNE_SBATCH="--ntasks=1", EVAL_SBATCH="--ntasks=1",
-               PRETRAIN_ARGS="--set schedule.epochs=0")
-    proc = subprocess.run([str(REPO / "launch" / "submit_pipeline.sh")], env=env, capture_output=True, text=True, errors="replace")
+    env = dict(
+        cluster.env,
+        DATA_22K=str(demo_root / "in22k"),
+        DATA_1K=str(demo_root / "in1k"),
+        RUN_DIR=str(tmp_path),
+        VARIANT="demo",
+        PRETRAIN_SBATCH="--ntasks=1",
+        FINETUNE_SBATCH="--ntasks=1",
+        EVAL_SBATCH="--ntasks=1",
+        PRETRAIN_ARGS="--set schedule.epochs=0",
+    )
+    proc = subprocess.run(
+        [str(REPO / "launch" / "submit_pipeline.sh")], env=env, capture_output=True, text=True, errors="replace"
+    )
     assert proc.returncode == 0, proc.stderr
     jobs = dict(line.split() for line in proc.stdout.strip().splitlines())
     try:
         first = cluster.wait(jobs["pretrain"], timeout=300)
         assert first["JobState"] == "FAILED"
         deadline = time.time() + 60  # give the controller time to evaluate the dependency
-        while time.time() < deadline and "DependencyNeverSatisfied" not in cluster.job(jobs["finetune_224"]).get("Reason", ""):
+        while time.time() < deadline and "DependencyNeverSatisfied" not in cluster.job(jobs["finetune_224"]).get(
+            "Reason", ""
+        ):
             time.sleep(1)
         for stage in ("finetune_224", "finetune_384", "evaluate"):
             info = cluster.job(jobs[stage])
@@ -105,8 +146,21 @@ def test_a_failed_stage_stops_the_chain(cluster, demo_root, tmp_path):
 
 def test_usr1_checkpoints_requeues_and_resumes(cluster, demo_root, tmp_path):
     out = tmp_path / "run"
-    job = sbatch(cluster, "--ntasks=2", f"--output={tmp_path}/slurm-%j.out", str(SLURM / "pretrain.sbatch"), *SMALL,
-                 "--data", str(demo_root / "in22k"), "--output", str(out), "--max-steps", "60", "--save-every", "1000")
+    job = sbatch(
+        cluster,
+        "--ntasks=2",
+        f"--output={tmp_path}/slurm-%j.out",
+        str(SLURM / "pretrain.sbatch"),
+        *SMALL,
+        "--data",
+        str(demo_root / "in22k"),
+        "--output",
+        str(out),
+        "--max-steps",
+        "60",
+        "--save-every",
+        "1000",
+    )
     log_path = out / "log.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and not (log_path.exists() and len(log_path.read_text().splitlines()) >= 8):
@@ -118,21 +172,42 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster, demo_root, tmp_path):
     info = cluster.wait(job, timeout=600)
     log = (tmp_path / f"slurm-{job}.out").read_text(errors="replace")  # tasks interleave bytes
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-3000:]
-    summaries = [json.loads(line[len("summary: "):]) for line in log.splitlines() if line.startswith("summary: ")]
+    summaries = [json.loads(line[len("summary: ") :]) for line in log.splitlines() if line.startswith("summary: ")]
     assert summaries[0]["status"].startswith("stopped by signal") and summaries[-1]["step"] == 60
     stopped_at = summaries[0]["step"]
     assert 0 < stopped_at < 60
     assert f"resumed from step{stopped_at:09d}: epoch" in log  # the requeued job continued from that checkpoint
-    steps = [json.loads(line)["step"] for line in log_path.read_text().splitlines() if json.loads(line)["kind"] == "train"]
+    steps = [
+        json.loads(line)["step"] for line in log_path.read_text().splitlines() if json.loads(line)["kind"] == "train"
+    ]
     assert steps == sorted(steps) and steps[-1] == 60  # the step count continues, never restarts
 
 
 def test_deepspeed_launcher_mode_one_task_per_node(cluster, demo_root, tmp_path):
     out = tmp_path / "run"
     env = dict(cluster.env, C2F_LAUNCHER="deepspeed", GPUS_PER_NODE="2")
-    proc = subprocess.run(["sbatch", "--parsable", "--ntasks=1", "--cpus-per-task=2", f"--output={tmp_path}/slurm-%j.out",
-                           str(SLURM / "pretrain.sbatch"), *SMALL, "--data", str(demo_root / "in22k"), "--output",
-                           str(out), "--max-steps", "6"], env=env, cwd=REPO, capture_output=True, text=True, errors="replace")
+    proc = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            "--ntasks=1",
+            "--cpus-per-task=2",
+            f"--output={tmp_path}/slurm-%j.out",
+            str(SLURM / "pretrain.sbatch"),
+            *SMALL,
+            "--data",
+            str(demo_root / "in22k"),
+            "--output",
+            str(out),
+            "--max-steps",
+            "6",
+        ],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        errors="replace",
+    )
     assert proc.returncode == 0, proc.stderr
     job = proc.stdout.strip()
     info = cluster.wait(job)

@@ -6,6 +6,7 @@ global_pool='' at creation, pre_logits), cfg names, TorchScript, features_only, 
 tracing forward and backward (torchvision's feature extractor and timm's FX feature path), FX + TorchScript.
 The fast CPU depthwise backward and grad checkpointing stay in traced graphs.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -117,8 +118,10 @@ def test_fx_feature_extraction_forward_backward_and_script(name, grad_checkpoint
     extractor.train()
     model.train()
     traced_grads = torch.autograd.grad(extractor(x)["out"].square().mean(), list(extractor.parameters()))
-    eager_grads = torch.autograd.grad(model.forward_features(x).square().mean(),
-                                      [dict(model.named_parameters())[n] for n, _ in extractor.named_parameters()])
+    eager_grads = torch.autograd.grad(
+        model.forward_features(x).square().mean(),
+        [dict(model.named_parameters())[n] for n, _ in extractor.named_parameters()],
+    )
     for a, b in zip(traced_grads, eager_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
@@ -138,8 +141,14 @@ def test_timm_fx_feature_path(name):
             torch.testing.assert_close(a, b)
 
 
-EVAL_224 = {"input_size": (3, 224, 224), "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406),
-            "std": (0.229, 0.224, 0.225), "crop_pct": 0.875, "crop_mode": "center"}  # finetune_224.yaml's eval
+EVAL_224 = {
+    "input_size": (3, 224, 224),
+    "interpolation": "bicubic",
+    "mean": (0.485, 0.456, 0.406),
+    "std": (0.229, 0.224, 0.225),
+    "crop_pct": 0.875,
+    "crop_mode": "center",
+}  # finetune_224.yaml's eval
 
 
 @pytest.mark.parametrize("name", sorted(conv2former.model.VARIANTS))
@@ -148,8 +157,20 @@ def test_pretrained_cfg_is_complete_and_gives_the_recipes_eval_transform(name):
     from timm.models import get_pretrained_cfg
 
     cfg = get_pretrained_cfg(name).to_dict()
-    for key in ("input_size", "crop_pct", "crop_mode", "interpolation", "mean", "std", "num_classes", "first_conv",
-                "classifier", "license", "paper_ids", "pool_size"):
+    for key in (
+        "input_size",
+        "crop_pct",
+        "crop_mode",
+        "interpolation",
+        "mean",
+        "std",
+        "num_classes",
+        "first_conv",
+        "classifier",
+        "license",
+        "paper_ids",
+        "pool_size",
+    ):
         assert cfg.get(key) not in (None, ""), key
     assert resolve_data_config({}, pretrained_cfg=cfg) == EVAL_224
     assert infer_imagenet_subset(cfg) == "imagenet-1k"

@@ -1,4 +1,5 @@
 """Reading weights from every accepted source, safely, with one-line errors for user mistakes."""
+
 from __future__ import annotations
 
 import os
@@ -114,9 +115,7 @@ def test_user_mistakes_are_one_line_errors(tmp_path, demo_model):
     torch.save(demo_model.state_dict(), path)
     with pytest.raises(UserError) as e:
         load_checkpoint(timm.create_model("conv2former_demo", num_classes=1000), str(path))
-    assert one_line(e).endswith(
-        "has 10 classes, model has 1000: pass num_classes=10 or use finetune's head transfer"
-    )
+    assert one_line(e).endswith("has 10 classes, model has 1000: pass num_classes=10 or use finetune's head transfer")
 
     with pytest.raises(UserError) as e:
         load_checkpoint(timm.create_model("conv2former_n", num_classes=10), str(path))
@@ -161,8 +160,12 @@ DEEPSPEED_SAVE = textwrap.dedent("""
 def test_deepspeed_checkpoint_dirs(tmp_path, stage):
     out = tmp_path / "checkpoints"
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    subprocess.run([sys.executable, "-c", DEEPSPEED_SAVE, str(stage), str(out), str(29600 + stage)],
-                   check=True, env=env, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-c", DEEPSPEED_SAVE, str(stage), str(out), str(29600 + stage)],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
     expected = torch.load(out / "expected.pt", weights_only=True)
     tag_dirs = [p for p in out.iterdir() if p.name.startswith("global_step")]
     for path in (out, tmp_path, tag_dirs[0]):  # the checkpoints dir, the run dir, one tag

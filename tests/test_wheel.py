@@ -1,4 +1,5 @@
 """The wheel (`pip install .`, and the one the offline bundle carries) is the library alone, and it works alone."""
+
 from __future__ import annotations
 
 import os
@@ -36,8 +37,11 @@ def build_wheel(dest: Path) -> Path:
     """pip builds in the tree: setuptools' build/ would carry stale files into the wheel, so it goes first and after."""
     shutil.rmtree(REPO / "build", ignore_errors=True)
     try:
-        subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dest), str(REPO)],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dest), str(REPO)],
+            check=True,
+            capture_output=True,
+        )
     finally:
         shutil.rmtree(REPO / "build", ignore_errors=True)
     return next(dest.glob("conv2former_pretrain-*.whl"))
@@ -48,10 +52,18 @@ def test_wheel_holds_only_the_library_and_imports_without_the_checkout(tmp_path)
     tops = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
     assert tops == {"conv2former", f"{wheel.name.split('-')[0]}-{wheel.name.split('-')[1]}.dist-info"}, tops
     site = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target", str(site),
-                    str(wheel)], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target", str(site), str(wheel)],
+        check=True,
+        capture_output=True,
+    )
     code = f"import os\nREPO = {str(REPO)!r}\nSITE = {str(site)!r}\n" + CHECK
-    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=str(site)))
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(site)),
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "(1, 3)"

@@ -17,6 +17,7 @@ What it does, on a machine that reaches PyPI:
    ``--part-mib N``, joins the wheels into one tar cut into parts of at most N MiB.
 ``launch/install_offline.sh`` installs it. The format is in docs/OFFLINE_INSTALL.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,8 +73,11 @@ def pip_cmd(*args: str) -> list[str]:
 def platforms(glibc: str, arch: str) -> list[str]:
     """Every manylinux tag a host with this glibc accepts, most specific first (pip matches tags exactly)."""
     minor = int(glibc.split(".")[1])
-    return ([f"manylinux_2_{n}_{arch}" for n in range(minor, 16, -1)]
-            + [f"manylinux2014_{arch}", f"manylinux_2_5_{arch}", f"manylinux1_{arch}"])
+    return [f"manylinux_2_{n}_{arch}" for n in range(minor, 16, -1)] + [
+        f"manylinux2014_{arch}",
+        f"manylinux_2_5_{arch}",
+        f"manylinux1_{arch}",
+    ]
 
 
 def target_flags(args) -> list[str]:
@@ -88,8 +92,11 @@ def build_local_wheels(dest: Path, deepspeed_version: str) -> None:
     shutil.rmtree(REPO / "build", ignore_errors=True)  # stale files there would end up in the wheel
     run(pip_cmd("wheel", "--no-deps", "-q", "-w", str(dest), str(REPO)), "building this project's wheel")
     env = dict(os.environ, DS_BUILD_OPS="0")
-    run(pip_cmd("wheel", "--no-deps", "-q", "-w", str(dest), f"deepspeed=={deepspeed_version}"),
-        f"building the deepspeed {deepspeed_version} wheel", env=env)
+    run(
+        pip_cmd("wheel", "--no-deps", "-q", "-w", str(dest), f"deepspeed=={deepspeed_version}"),
+        f"building the deepspeed {deepspeed_version} wheel",
+        env=env,
+    )
     shutil.rmtree(REPO / "build", ignore_errors=True)  # setuptools' leftovers from the project wheel
 
 
@@ -109,9 +116,23 @@ def resolve(args, roots_: list[str], local: Path, work: Path, pinned: dict[str, 
     constraints = work / "constraints.txt"
     constraints.write_text("".join(f"{n}=={v}\n" for n, v in pinned.items() if n not in skip))
     report = work / "report.json"
-    cmd = pip_cmd("install", "--dry-run", "--ignore-installed", "-q", "--report", str(report),
-                  "--target", str(work / "unused"), "--find-links", str(local), "-c", str(constraints),
-                  *target_flags(args), *roots_, f"torch=={args.host_torch}")
+    cmd = pip_cmd(
+        "install",
+        "--dry-run",
+        "--ignore-installed",
+        "-q",
+        "--report",
+        str(report),
+        "--target",
+        str(work / "unused"),
+        "--find-links",
+        str(local),
+        "-c",
+        str(constraints),
+        *target_flags(args),
+        *roots_,
+        f"torch=={args.host_torch}",
+    )
     run(cmd, f"resolving the dependencies for Python {args.python_version} on {args.platform[0]}")
     return json.loads(report.read_text())["install"]
 
@@ -119,9 +140,16 @@ def resolve(args, roots_: list[str], local: Path, work: Path, pinned: dict[str, 
 def target_environment(args) -> dict[str, str]:
     env = default_environment()
     machine = re.sub(r"^(manylinux|musllinux)[_0-9]*_", "", args.platform[0])
-    env.update(python_version=args.python_version, python_full_version=f"{args.python_version}.0",
-               implementation_name="cpython", platform_python_implementation="CPython",
-               sys_platform="linux", platform_system="Linux", os_name="posix", platform_machine=machine)
+    env.update(
+        python_version=args.python_version,
+        python_full_version=f"{args.python_version}.0",
+        implementation_name="cpython",
+        platform_python_implementation="CPython",
+        sys_platform="linux",
+        platform_system="Linux",
+        os_name="posix",
+        platform_machine=machine,
+    )
     return env
 
 
@@ -150,8 +178,10 @@ def reachable(items: list[dict], roots_: list[str], env: dict[str, str]) -> set[
 def download(args, items: list[dict], dest: Path) -> None:
     specs = [f"{i['metadata']['name']}=={i['metadata']['version']}" for i in items]
     if specs:
-        run(pip_cmd("download", "--no-deps", "-q", "-d", str(dest), *target_flags(args), *specs),
-            "downloading the wheels")
+        run(
+            pip_cmd("download", "--no-deps", "-q", "-d", str(dest), *target_flags(args), *specs),
+            "downloading the wheels",
+        )
 
 
 def write_parts(wheels: list[Path], out: Path, part_bytes: int) -> list[dict]:
@@ -205,34 +235,58 @@ def wheel_name_version(path: Path) -> tuple[str, str]:
 
 def write_manifest(args, out: Path, wheels_dir: Path, roots_: list[str], host: list[str]) -> dict:
     files = sorted(wheels_dir.glob("*.whl"))
-    wheels = [{"file": p.name, "name": wheel_name_version(p)[0], "version": wheel_name_version(p)[1],
-               "sha256": sha256_file(p), "size": p.stat().st_size} for p in files]
+    wheels = [
+        {
+            "file": p.name,
+            "name": wheel_name_version(p)[0],
+            "version": wheel_name_version(p)[1],
+            "sha256": sha256_file(p),
+            "size": p.stat().st_size,
+        }
+        for p in files
+    ]
     parts = None
     if args.part_mib:
         parts = write_parts(files, out, int(args.part_mib * 2**20))
         shutil.rmtree(wheels_dir)
     manifest = {
-        "format": FORMAT, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "python_version": args.python_version, "platforms": args.platform, "cuda": args.cuda,
-        "host_torch": args.host_torch, "roots": roots_, "always_install": [PROJECT],
-        "host_provided": host, "wheels": wheels, "parts": parts,
+        "format": FORMAT,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "python_version": args.python_version,
+        "platforms": args.platform,
+        "cuda": args.cuda,
+        "host_torch": args.host_torch,
+        "roots": roots_,
+        "always_install": [PROJECT],
+        "host_provided": host,
+        "wheels": wheels,
+        "parts": parts,
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--cuda", choices=["12", "13"], default="13", help="DALI build: nvidia-dali-cuda120/130")
     parser.add_argument("--python-version", default="3.12", help="the GPU host's Python, e.g. 3.12")
-    parser.add_argument("--glibc", default="2.28",
-                        help="the oldest glibc among the GPU hosts (ldd --version); picks the manylinux tags")
+    parser.add_argument(
+        "--glibc", default="2.28", help="the oldest glibc among the GPU hosts (ldd --version); picks the manylinux tags"
+    )
     parser.add_argument("--arch", choices=["x86_64", "aarch64"], default="x86_64", help="the GPU hosts' CPU")
-    parser.add_argument("--platform", action="append", default=None,
-                        help="exact wheel platform tag(s) instead of --glibc/--arch, most specific first")
-    parser.add_argument("--host-torch", default="2.11.0",
-                        help="the torch version the host image has; resolution checks every package against it")
+    parser.add_argument(
+        "--platform",
+        action="append",
+        default=None,
+        help="exact wheel platform tag(s) instead of --glibc/--arch, most specific first",
+    )
+    parser.add_argument(
+        "--host-torch",
+        default="2.11.0",
+        help="the torch version the host image has; resolution checks every package against it",
+    )
     parser.add_argument("--extras", default="s3", help="project extras to include, comma-separated ('' for none)")
     parser.add_argument("--no-tests", action="store_true", help="leave out pytest (needed to run tests/ there)")
     parser.add_argument("--part-mib", type=float, default=0, help="cut the bundle into parts of at most N MiB")
@@ -258,8 +312,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     size = sum(w["size"] for w in manifest["wheels"]) / 2**20
     parts = f" in {len(manifest['parts'])} parts" if manifest["parts"] else ""
-    print(f"{len(manifest['wheels'])} wheels, {size:.0f} MiB{parts}, for Python {args.python_version} "
-          f"({args.platform[0]}), DALI for CUDA {args.cuda}, in {args.out}")
+    print(
+        f"{len(manifest['wheels'])} wheels, {size:.0f} MiB{parts}, for Python {args.python_version} "
+        f"({args.platform[0]}), DALI for CUDA {args.cuda}, in {args.out}"
+    )
     print("left to the host's PyTorch: " + ", ".join(manifest["host_provided"]))
     print(f"install there with: launch/install_offline.sh {args.out}")
     return 0

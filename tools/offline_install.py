@@ -13,6 +13,7 @@ another Python, or a host without PyTorch is one line on stderr and exit status 
 Standard library only (plus the ``packaging`` that every pip carries): it runs on a bare PyTorch image.
 The bundle format is written down in docs/OFFLINE_INSTALL.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,8 +69,10 @@ def read_manifest(bundle: Path) -> dict:
     except (OSError, ValueError) as err:
         raise BundleError(f"{path} is not readable JSON ({err}): copy the bundle again")
     if manifest.get("format") != FORMAT:
-        raise BundleError(f"{path} has bundle format {manifest.get('format')!r}; this installer reads format "
-                          f"{FORMAT}: use the installer from the checkout that made the bundle")
+        raise BundleError(
+            f"{path} has bundle format {manifest.get('format')!r}; this installer reads format "
+            f"{FORMAT}: use the installer from the checkout that made the bundle"
+        )
     return manifest
 
 
@@ -96,11 +99,15 @@ def check_parts(bundle: Path, parts: list[dict]) -> list[Path]:
     for part in parts:
         path = bundle / part["file"]
         if not path.is_file():
-            raise BundleError(f"part {part['file']} is missing from {bundle} ({part['size']} bytes, "
-                              f"{len(parts)} parts in all): copy it there and run again")
+            raise BundleError(
+                f"part {part['file']} is missing from {bundle} ({part['size']} bytes, "
+                f"{len(parts)} parts in all): copy it there and run again"
+            )
         if path.stat().st_size != part["size"] or sha256_file(path) != part["sha256"]:
-            raise BundleError(f"part {part['file']} in {bundle} is corrupt (sha256 or size differs from "
-                              f"{MANIFEST}): copy it again and run again")
+            raise BundleError(
+                f"part {part['file']} in {bundle} is corrupt (sha256 or size differs from "
+                f"{MANIFEST}): copy it again and run again"
+            )
         paths.append(path)
     return paths
 
@@ -113,8 +120,10 @@ def join_parts(bundle: Path, parts: list[dict], dest: Path) -> None:
         for member in tar:
             name = os.path.basename(member.name)
             if not member.isfile() or name != member.name or not name.endswith(".whl"):
-                raise BundleError(f"unexpected member {member.name!r} in the joined parts: not a bundle "
-                                  "made by tools/offline_bundle.py")
+                raise BundleError(
+                    f"unexpected member {member.name!r} in the joined parts: not a bundle "
+                    "made by tools/offline_bundle.py"
+                )
             with tar.extractfile(member) as src, open(dest / name, "wb") as out:
                 shutil.copyfileobj(src, out, 1 << 20)
 
@@ -137,9 +146,11 @@ def wheel_folder(bundle: Path, manifest: dict) -> Path:
 def check_python(manifest: dict) -> None:
     here = f"{sys.version_info[0]}.{sys.version_info[1]}"
     if manifest["python_version"] != here:
-        raise BundleError(f"this bundle is for Python {manifest['python_version']} and {sys.executable} is "
-                          f"Python {here}: make one with 'make offline-bundle PYVER={here}' (or run the installer "
-                          f"with that Python: PYTHON=python{manifest['python_version']})")
+        raise BundleError(
+            f"this bundle is for Python {manifest['python_version']} and {sys.executable} is "
+            f"Python {here}: make one with 'make offline-bundle PYVER={here}' (or run the installer "
+            f"with that Python: PYTHON=python{manifest['python_version']})"
+        )
 
 
 def installed_versions(target: Path | None) -> dict[str, Version]:
@@ -193,12 +204,16 @@ def collect_specifiers(folder: Path, manifest: dict) -> dict[str, list[Requireme
 def check_host_torch(have: dict[str, Version], wanted: dict[str, list[Requirement]]) -> None:
     torch = have.get("torch")
     if torch is None:
-        raise BundleError("no torch in this Python environment: the bundle leaves PyTorch to the host; "
-                          "install the PyTorch build for your CUDA first (or run with the image's python)")
+        raise BundleError(
+            "no torch in this Python environment: the bundle leaves PyTorch to the host; "
+            "install the PyTorch build for your CUDA first (or run with the image's python)"
+        )
     for req in wanted.get("torch", []):
         if not req.specifier.contains(torch, prereleases=True):
-            raise BundleError(f"this host has torch {torch} and the bundle needs torch{req.specifier} "
-                              f"({req}): use a PyTorch image inside that range")
+            raise BundleError(
+                f"this host has torch {torch} and the bundle needs torch{req.specifier} "
+                f"({req}): use a PyTorch image inside that range"
+            )
 
 
 def plan_install(folder: Path, manifest: dict, have: dict[str, Version]) -> Plan:
@@ -209,8 +224,9 @@ def plan_install(folder: Path, manifest: dict, have: dict[str, Version]) -> Plan
         name = canonicalize_name(wheel["name"])
         present = have.get(name)
         bundled = Version(wheel["version"])
-        fits = present is not None and all(r.specifier.contains(present, prereleases=True)
-                                           for r in wanted.get(name, []))
+        fits = present is not None and all(
+            r.specifier.contains(present, prereleases=True) for r in wanted.get(name, [])
+        )
         if present is not None and (present == bundled or fits) and name not in manifest.get("always_install", []):
             plan.kept.append((wheel, present))
         else:
@@ -221,8 +237,19 @@ def plan_install(folder: Path, manifest: dict, have: dict[str, Version]) -> Plan
 
 
 def pip_install(folder: Path, wheels: list[dict], target: Path | None) -> None:
-    cmd = [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--no-cache-dir",
-           "--disable-pip-version-check", "--no-warn-script-location", "--upgrade", "-q"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--no-index",
+        "--no-deps",
+        "--no-cache-dir",
+        "--disable-pip-version-check",
+        "--no-warn-script-location",
+        "--upgrade",
+        "-q",
+    ]
     if target:
         cmd += ["--target", str(target)]
     cmd += [str(folder / w["file"]) for w in wheels]
@@ -234,12 +261,16 @@ def smoke_test(target: Path | None) -> str:
     env = dict(os.environ)
     if target:
         env["PYTHONPATH"] = os.pathsep.join([str(target)] + [p for p in [env.get("PYTHONPATH")] if p])
-    code = ("import importlib, importlib.metadata as m\n"
-            f"for mod in {SMOKE_IMPORTS!r}: importlib.import_module(mod)\n"
-            "print(', '.join(f'{d} {m.version(d)}' for d in ('torch', 'deepspeed', 'webdataset', "
-            "[x.metadata['Name'] for x in m.distributions() if x.metadata['Name'].startswith('nvidia-dali')][0], "
-            "'timm', 'conv2former-pretrain')))\n")
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=os.sep)  # not a checkout
+    code = (
+        "import importlib, importlib.metadata as m\n"
+        f"for mod in {SMOKE_IMPORTS!r}: importlib.import_module(mod)\n"
+        "print(', '.join(f'{d} {m.version(d)}' for d in ('torch', 'deepspeed', 'webdataset', "
+        "[x.metadata['Name'] for x in m.distributions() if x.metadata['Name'].startswith('nvidia-dali')][0], "
+        "'timm', 'conv2former-pretrain')))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=os.sep
+    )  # not a checkout
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise BundleError(f"installed, but importing the project failed: {last}")
@@ -251,8 +282,10 @@ def describe(plan: Plan, manifest: dict) -> str:
     kept = ", ".join(f"{w['name']} {v}" for w, v in plan.kept) or "nothing"
     lines = [f"install {len(plan.install)} wheels ({size:.0f} MiB); keep from this environment: {kept}"]
     if plan.replaced:
-        lines.append("replace (the bundle needs another version): " +
-                     ", ".join(f"{w['name']} {v} -> {w['version']}" for w, v in plan.replaced))
+        lines.append(
+            "replace (the bundle needs another version): "
+            + ", ".join(f"{w['name']} {v} -> {w['version']}" for w, v in plan.replaced)
+        )
     lines.append("left to the host's PyTorch: " + ", ".join(manifest["host_provided"]))
     return "\n".join(lines)
 

@@ -1,14 +1,15 @@
 """DeepSpeed checkpoints with our client state, complete-on-all-ranks markers, fallback, retention (the export
 folder is written by conv2former.export)."""
+
 from __future__ import annotations
 
 import json
 import os
 import random
-import subprocess
-import sys
 import re
 import shutil
+import subprocess
+import sys
 import warnings
 from typing import Any, Dict, List, Optional
 
@@ -92,9 +93,19 @@ def universal_tag(ckpt_dir: str, tag: str, rank: int) -> str:
     """Convert ``tag`` to DeepSpeed's universal format once (rank 0; others wait), for a different world size."""
     out = f"{tag}_universal"
     if rank == 0 and not os.path.exists(os.path.join(ckpt_dir, out, COMPLETE)):
-        subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                        os.path.join(ckpt_dir, tag), "--output_folder", os.path.join(ckpt_dir, out)],
-                       check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "deepspeed.checkpoint.ds_to_universal",
+                "--input_folder",
+                os.path.join(ckpt_dir, tag),
+                "--output_folder",
+                os.path.join(ckpt_dir, out),
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         with open(os.path.join(ckpt_dir, out, COMPLETE), "w") as f:
             f.write("{}")
     if dist.is_initialized():
@@ -122,8 +133,10 @@ def resume(engine, ckpt_dir: str) -> Optional[Dict[str, Any]]:
             path, client_state = engine.load_checkpoint(ckpt_dir, tag=tag)
         except Exception as err:  # a corrupted file: DeepSpeed/torch raise many types
             if engine.global_rank == 0:
-                warnings.warn(f"checkpoint {tag_dir} could not be loaded ({type(err).__name__}: "
-                              f"{str(err).splitlines()[0][:120]}): trying an older one")
+                warnings.warn(
+                    f"checkpoint {tag_dir} could not be loaded ({type(err).__name__}: "
+                    f"{str(err).splitlines()[0][:120]}): trying an older one"
+                )
             continue
         if path is None:
             continue
@@ -153,8 +166,10 @@ class CheckpointManager:
             return None
         self.universal = universal_tag(self.dir, self.newest["tag"], self.rank)
         ds_config["checkpoint"] = {"load_universal": True}
-        return (f"checkpoint {self.newest['tag']} was saved by {saved_by} ranks: resuming on {self.world_size} "
-                f"through {self.universal}")
+        return (
+            f"checkpoint {self.newest['tag']} was saved by {saved_by} ranks: resuming on {self.world_size} "
+            f"through {self.universal}"
+        )
 
     def load(self, engine) -> Optional[Dict[str, Any]]:
         """The client state of the checkpoint loaded into ``engine``, or None for a fresh run."""

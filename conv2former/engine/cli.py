@@ -1,4 +1,5 @@
 """The command line shared by the training entry points: flags -> a resolved ``TrainConfig``."""
+
 from __future__ import annotations
 
 import argparse
@@ -18,8 +19,10 @@ def variant_name(name: str) -> str:
     import conv2former  # noqa: F401  (registers the variants)
 
     if full not in timm.list_models("conv2former_*"):
-        raise UserError(f"unknown variant {name!r}: choose one of {', '.join(SHORT_VARIANTS)} "
-                        "(or a full name such as conv2former_l)")
+        raise UserError(
+            f"unknown variant {name!r}: choose one of {', '.join(SHORT_VARIANTS)} "
+            "(or a full name such as conv2former_l)"
+        )
     return full
 
 
@@ -28,10 +31,18 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", help="shard root holding train/ and val/ (local path or fsspec URL)")
     parser.add_argument("--output", help="run directory: checkpoints/, export/, tb/, log.jsonl")
     parser.add_argument("--config", action="append", default=[], help="YAML file of overrides (repeatable)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override any config field, e.g. --set optim.base_lr=2e-3 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config field, e.g. --set optim.base_lr=2e-3 (repeatable)",
+    )
     parser.add_argument("--epochs", type=int)
-    parser.add_argument("--max-steps", type=int, help="stop after this optimizer step; the schedule still follows --epochs")
+    parser.add_argument(
+        "--max-steps", type=int, help="stop after this optimizer step; the schedule still follows --epochs"
+    )
     parser.add_argument("--global-batch", type=int)
     parser.add_argument("--micro-batch", type=int, help="per rank")
     parser.add_argument("--image-size", type=int)
@@ -41,9 +52,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save-every", type=int, help="checkpoint every N optimizer steps (and at each epoch end)")
     parser.add_argument("--workers", type=int, help="loader threads/workers per rank")
     parser.add_argument("--dry-run", action="store_true", help="print the derived schedule and exit")
-    parser.add_argument("--help-config", action="store_true",
-                        help="print every config field as this command line resolves it (key = value  # meaning), exit")
-    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    parser.add_argument(
+        "--help-config",
+        action="store_true",
+        help="print every config field as this command line resolves it (key = value  # meaning), exit",
+    )
+    parser.add_argument(
+        "--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS
+    )  # set by the deepspeed launcher
 
 
 def _merge(args: argparse.Namespace, files: Sequence[str]) -> TrainConfig:
@@ -82,12 +98,16 @@ def variant_recipe_paths(folder: Optional[str], variant: str, suffixes: Sequence
     """The per-variant recipe files that exist: ``folder/<short name><suffix>.yaml`` (e.g. variants/l_384.yaml)."""
     if folder is None:
         return []
-    short = variant[len("conv2former_"):] if variant.startswith("conv2former_") else variant
+    short = variant[len("conv2former_") :] if variant.startswith("conv2former_") else variant
     return stage_config_paths(folder, [f"{short}{suffix}.yaml" for suffix in suffixes])
 
 
-def resolve_config(args: argparse.Namespace, stage_defaults: Sequence[str], variant_folder: Optional[str] = None,
-                   variant_suffixes: Sequence[str] = ("",)) -> TrainConfig:
+def resolve_config(
+    args: argparse.Namespace,
+    stage_defaults: Sequence[str],
+    variant_folder: Optional[str] = None,
+    variant_suffixes: Sequence[str] = ("",),
+) -> TrainConfig:
     """The documented precedence: stage YAML (then its per-variant files) < --config files < flags < --set.
 
     The variant is whatever the whole chain ends with; its recipe files (``variant_folder``) join the stage
@@ -99,8 +119,10 @@ def resolve_config(args: argparse.Namespace, stage_defaults: Sequence[str], vari
         print(describe_config(cfg))
         raise SystemExit(0)
     if cfg.model.variant != variant:
-        raise UserError(f"the variant's recipe file sets model.variant={cfg.model.variant}, not {variant}: fix "
-                        f"{variant_recipe_paths(variant_folder, variant, variant_suffixes)}")
+        raise UserError(
+            f"the variant's recipe file sets model.variant={cfg.model.variant}, not {variant}: fix "
+            f"{variant_recipe_paths(variant_folder, variant, variant_suffixes)}"
+        )
     if not cfg.data.root:
         raise UserError("no data given: pass --data DIR_OR_URL (a shard root made by data_prep/shard.py)")
     if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):

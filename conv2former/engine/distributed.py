@@ -1,4 +1,5 @@
 """Where this process sits: rank variables from the launcher (or a one-rank default), free ports, cross-rank sync."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """``--dry-run``: the derived schedule and the projected wall time, from one optimizer step timed on this device."""
+
 from __future__ import annotations
 
 import time
@@ -55,8 +56,12 @@ def dry_run_report(cfg: TrainConfig) -> Dict[str, Any]:
     schedule = derive_schedule(cfg, world_size, len(build_loader(cfg.data, "train", rank, world_size, device)))
     classes = read_classes(cfg.data.root)
     step_s = measure_step_time(cfg, len(classes), device, schedule)
-    return {"schedule": schedule.as_dict(), "classes": len(classes), "measured_step_seconds": round(step_s, 4),
-            "projected_hours": round(step_s * schedule.total_steps / 3600, 2),
-            "projection": f"{schedule.total_steps} steps x {step_s:.3f} s (forward+backward+AdamW of one "
-                          f"optimizer step on this device, {schedule.grad_accum} micro-batches of "
-                          f"{schedule.micro_batch}, synthetic data; communication not included)"}
+    return {
+        "schedule": schedule.as_dict(),
+        "classes": len(classes),
+        "measured_step_seconds": round(step_s, 4),
+        "projected_hours": round(step_s * schedule.total_steps / 3600, 2),
+        "projection": f"{schedule.total_steps} steps x {step_s:.3f} s (forward+backward+AdamW of one "
+        f"optimizer step on this device, {schedule.grad_accum} micro-batches of "
+        f"{schedule.micro_batch}, synthetic data; communication not included)",
+    }

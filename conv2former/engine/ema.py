@@ -1,4 +1,5 @@
 """The EMA of the weights (timm's ModelEmaV3), kept in fp32 and on every ZeRO stage."""
+
 from __future__ import annotations
 
 from typing import Any, Callable, Dict
@@ -14,8 +15,15 @@ class WeightEma:
     mantissa) an update of (1 - 0.9999) x (w - ema) rounds away and the EMA would silently stay at its first value.
     """
 
-    def __init__(self, engine, make_model: Callable[[], torch.nn.Module], decay: float, warmup: bool,
-                 device: torch.device, zero3: bool) -> None:
+    def __init__(
+        self,
+        engine,
+        make_model: Callable[[], torch.nn.Module],
+        decay: float,
+        warmup: bool,
+        device: torch.device,
+        zero3: bool,
+    ) -> None:
         import deepspeed
         from timm.utils import ModelEmaV3
 

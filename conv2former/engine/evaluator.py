@@ -1,5 +1,6 @@
 """Top-1/top-5 over a split, every sample counted exactly once across ranks: the trainer's evaluation and
 ``launch/evaluate.py`` are this one code path."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -27,12 +28,19 @@ class Evaluator:
         self.num_classes, self.device = num_classes, device
 
     @torch.no_grad()
-    def run(self, model: torch.nn.Module, loader: Iterable[Tuple[torch.Tensor, torch.Tensor]],
-            input_dtype: torch.dtype = torch.float32, autocast_dtype: Optional[torch.dtype] = None) -> EvalResult:
+    def run(
+        self,
+        model: torch.nn.Module,
+        loader: Iterable[Tuple[torch.Tensor, torch.Tensor]],
+        input_dtype: torch.dtype = torch.float32,
+        autocast_dtype: Optional[torch.dtype] = None,
+    ) -> EvalResult:
         was_training = model.training
         model.eval()
         counts = torch.zeros(self.num_classes, 3, dtype=torch.float64, device=self.device)
-        with torch.autocast(self.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+        with torch.autocast(
+            self.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None
+        ):
             for images, labels in loader:
                 logits = model(images.to(device=self.device, dtype=input_dtype)).float()
                 labels = labels.to(self.device)

@@ -1,5 +1,6 @@
 """What a run tells its user: a rank-aware ``logging`` logger, TensorBoard scalars, ``log.jsonl``, the progress bar,
 and the timing window behind images/s, step time and data time."""
+
 from __future__ import annotations
 
 import json
@@ -43,7 +44,7 @@ def get_logger(rank: Optional[int] = None) -> logging.Logger:
 def memory_mb(device: torch.device) -> float:
     """Peak memory of this rank: allocated on the GPU, or the process's peak RSS on CPU."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+        return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -59,8 +60,15 @@ class Metrics:
 
             self.tb = SummaryWriter(os.path.join(output, "tb"))
             self.jsonl = open(os.path.join(output, "log.jsonl"), "a")
-        self.bar = tqdm(total=total_steps, initial=initial_step, disable=rank != 0, unit="step", dynamic_ncols=True,
-                        desc=desc, file=sys.stderr)
+        self.bar = tqdm(
+            total=total_steps,
+            initial=initial_step,
+            disable=rank != 0,
+            unit="step",
+            dynamic_ncols=True,
+            desc=desc,
+            file=sys.stderr,
+        )
         self.restart_window()
 
     # the timing window

@@ -1,4 +1,5 @@
 """The schedule derived from the config and the world size, the optimizer's parameter groups, the per-step lr."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,12 +22,12 @@ class Schedule:
     micro_batch: int
     global_batch: int
     grad_accum: int
-    micro_steps_per_epoch: int   # loader batches per rank per epoch (a multiple of grad_accum)
-    steps_per_epoch: int         # optimizer steps per epoch
-    total_steps: int             # the schedule's length (epochs x steps_per_epoch)
+    micro_steps_per_epoch: int  # loader batches per rank per epoch (a multiple of grad_accum)
+    steps_per_epoch: int  # optimizer steps per epoch
+    total_steps: int  # the schedule's length (epochs x steps_per_epoch)
     warmup_steps: int
-    lr: float                    # peak lr = base_lr x global_batch / 1024
-    stop_step: int               # where this run stops (max_steps, or total_steps)
+    lr: float  # peak lr = base_lr x global_batch / 1024
+    stop_step: int  # where this run stops (max_steps, or total_steps)
 
     def as_dict(self) -> Dict[str, float]:
         return dict(self.__dict__)
@@ -36,19 +37,31 @@ def derive_schedule(cfg: TrainConfig, world_size: int, loader_steps: int) -> Sch
     micro = cfg.data.batch_size
     per_step = micro * world_size
     if cfg.schedule.global_batch % per_step:
-        raise UserError(f"global batch {cfg.schedule.global_batch} is not divisible by {world_size} ranks x micro-batch "
-                        f"{micro} = {per_step}: change --global-batch or --micro-batch")
+        raise UserError(
+            f"global batch {cfg.schedule.global_batch} is not divisible by {world_size} ranks x micro-batch "
+            f"{micro} = {per_step}: change --global-batch or --micro-batch"
+        )
     accum = cfg.schedule.global_batch // per_step
     steps_per_epoch = loader_steps // accum
     if steps_per_epoch == 0:
-        raise UserError(f"one optimizer step needs {accum} micro-batches per rank but an epoch holds {loader_steps}: "
-                        "lower --global-batch")
+        raise UserError(
+            f"one optimizer step needs {accum} micro-batches per rank but an epoch holds {loader_steps}: "
+            "lower --global-batch"
+        )
     total = cfg.schedule.epochs * steps_per_epoch
     stop = min(total, max(0, cfg.schedule.max_steps)) if cfg.schedule.max_steps is not None else total
-    return Schedule(world_size=world_size, micro_batch=micro, global_batch=cfg.schedule.global_batch, grad_accum=accum,
-                    micro_steps_per_epoch=steps_per_epoch * accum, steps_per_epoch=steps_per_epoch, total_steps=total,
-                    warmup_steps=int(round(cfg.schedule.warmup_epochs * steps_per_epoch)),
-                    lr=cfg.optim.base_lr * cfg.schedule.global_batch / 1024, stop_step=stop)
+    return Schedule(
+        world_size=world_size,
+        micro_batch=micro,
+        global_batch=cfg.schedule.global_batch,
+        grad_accum=accum,
+        micro_steps_per_epoch=steps_per_epoch * accum,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total,
+        warmup_steps=int(round(cfg.schedule.warmup_epochs * steps_per_epoch)),
+        lr=cfg.optim.base_lr * cfg.schedule.global_batch / 1024,
+        stop_step=stop,
+    )
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> List[Dict]:
@@ -59,14 +72,23 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> List[Dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(param_groups(model, cfg), lr=lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-                             weight_decay=cfg.optim.weight_decay)
+    return torch.optim.AdamW(
+        param_groups(model, cfg),
+        lr=lr,
+        betas=tuple(cfg.optim.betas),
+        eps=cfg.optim.eps,
+        weight_decay=cfg.optim.weight_decay,
+    )
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, schedule: Schedule) -> CosineLRScheduler:
     """Linear warmup from ~0 then cosine to min_lr, stepped per optimizer step (``step_update``)."""
     return CosineLRScheduler(
-        optimizer, t_initial=max(1, schedule.total_steps - schedule.warmup_steps), lr_min=cfg.schedule.min_lr,
-        warmup_t=schedule.warmup_steps, warmup_lr_init=schedule.lr * 1e-3 if schedule.warmup_steps else 0.0,
-        warmup_prefix=True, t_in_epochs=False,
+        optimizer,
+        t_initial=max(1, schedule.total_steps - schedule.warmup_steps),
+        lr_min=cfg.schedule.min_lr,
+        warmup_t=schedule.warmup_steps,
+        warmup_lr_init=schedule.lr * 1e-3 if schedule.warmup_steps else 0.0,
+        warmup_prefix=True,
+        t_in_epochs=False,
     )

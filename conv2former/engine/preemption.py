@@ -1,4 +1,5 @@
 """SIGTERM / SIGUSR1 (Slurm preemption): finish the step, checkpoint, exit 0."""
+
 from __future__ import annotations
 
 import signal

@@ -7,6 +7,7 @@ checkpoints (``checkpoint.CheckpointManager``: every ``save_every`` steps and at
 newest complete one), preemption (``preemption``: SIGTERM/SIGUSR1 checkpoint first) and metrics (``metrics``:
 TensorBoard, log.jsonl, the bar, the logger). ``fit()`` is the recipe: train epochs, evaluate, checkpoint, export.
 """
+
 from __future__ import annotations
 
 import json
@@ -47,7 +48,7 @@ def deepspeed_config(cfg: TrainConfig, schedule: Schedule, gpu: bool) -> Dict[st
         "bf16": {"enabled": bool(gpu and cfg.deepspeed.bf16)},
         "gradient_clipping": float(cfg.optim.clip_grad),  # explicit: DeepSpeed >= 0.19.3 clips at 1.0 otherwise
         "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10 ** 9,
+        "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
 
@@ -67,8 +68,9 @@ class Trainer:
 
         deepspeed.init_distributed(dist_backend="nccl" if self.gpu else "gloo", verbose=False)
         os.makedirs(cfg.output, exist_ok=True)
-        self.checkpoints = ckpt.CheckpointManager(os.path.join(cfg.output, "checkpoints"), cfg.checkpoint.keep_last,
-                                                  self.rank, self.world_size)
+        self.checkpoints = ckpt.CheckpointManager(
+            os.path.join(cfg.output, "checkpoints"), cfg.checkpoint.keep_last, self.rank, self.world_size
+        )
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.model = self._make_model()
         if cfg.model.grad_checkpointing:
@@ -117,8 +119,13 @@ class Trainer:
             self.engine.compile()
         self.scheduler = build_scheduler(self.optimizer, cfg, self.schedule)
         self.dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float32
-        self.ema = WeightEma(self.engine, self._make_model, cfg.ema_decay, cfg.ema_warmup, self.device,
-                             cfg.deepspeed.zero_stage == 3) if cfg.ema else None
+        self.ema = (
+            WeightEma(
+                self.engine, self._make_model, cfg.ema_decay, cfg.ema_warmup, self.device, cfg.deepspeed.zero_stage == 3
+            )
+            if cfg.ema
+            else None
+        )
         self.augment = BatchAugment(cfg.data.augment, len(self.classes), self.device)
         self.criterion = SoftTargetCrossEntropy()
         self.evaluator = Evaluator(len(self.classes), self.device)
@@ -138,12 +145,19 @@ class Trainer:
     # -- state ------------------------------------------------------------------------------------------------------
     def client_state(self) -> Dict[str, Any]:
         """What a checkpoint holds beside DeepSpeed's own model/optimizer state."""
-        return {"epoch": self.epoch, "step": self.step, "scheduler": self.scheduler.state_dict(),
-                "ema": self.ema.state_dict() if self.ema is not None else None,
-                "data": ckpt.gather(self.train_loader.state_dict()), "rng": ckpt.gather(ckpt.rng_state()),
-                "config": self.config_dict, "classes": self.classes, "schedule": self.schedule.as_dict(),
-                # what DeepSpeed's ds_to_universal needs to convert this checkpoint for another world size
-                "universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}
+        return {
+            "epoch": self.epoch,
+            "step": self.step,
+            "scheduler": self.scheduler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "data": ckpt.gather(self.train_loader.state_dict()),
+            "rng": ckpt.gather(ckpt.rng_state()),
+            "config": self.config_dict,
+            "classes": self.classes,
+            "schedule": self.schedule.as_dict(),
+            # what DeepSpeed's ds_to_universal needs to convert this checkpoint for another world size
+            "universal_checkpoint_info": {"universal_checkpoint_version": 0.2},
+        }
 
     def _resume(self) -> None:
         state = self.checkpoints.load(self.engine)
@@ -202,9 +216,16 @@ class Trainer:
                 self.last_eval = self.evaluate()
             export_dir = self.export()
         self.metrics.close()
-        summary = {"status": status, "epoch": self.epoch, "step": self.step, "loss": self.last_loss,
-                   "eval": self.last_eval, "seconds": round(time.time() - start, 1), "export": export_dir,
-                   "output": self.cfg.output}
+        summary = {
+            "status": status,
+            "epoch": self.epoch,
+            "step": self.step,
+            "loss": self.last_loss,
+            "eval": self.last_eval,
+            "seconds": round(time.time() - start, 1),
+            "export": export_dir,
+            "output": self.cfg.output,
+        }
         self.log.info("summary: " + json.dumps(summary))
         return summary
 
@@ -264,10 +285,15 @@ class Trainer:
         window = self.metrics.window()
         self.last_loss = self.step_loss.item()
         grad_norm = self.engine.get_global_grad_norm()
-        values = {"loss": self.last_loss, "lr": max(g["lr"] for g in self.optimizer.param_groups),
-                  "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                  "images_per_s": self.schedule.global_batch / window["step_time"], **window,
-                  "memory_mb": memory_mb(self.device), "epoch": self.epoch}
+        values = {
+            "loss": self.last_loss,
+            "lr": max(g["lr"] for g in self.optimizer.param_groups),
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "images_per_s": self.schedule.global_batch / window["step_time"],
+            **window,
+            "memory_mb": memory_mb(self.device),
+            "epoch": self.epoch,
+        }
         self.metrics.scalars(self.step, values)
         self.metrics.show(loss=f"{self.last_loss:.3f}", img_s=f"{values['images_per_s']:.0f}", epoch=str(self.epoch))
         self.metrics.restart_window()
@@ -296,8 +322,13 @@ class Trainer:
             from conv2former.weights import read_weights
 
             weights = read_weights(self.checkpoints.dir)
-            export_dir = write_export(self.cfg.output, weights.state_dict, self.classes, self.config_dict,
-                                      self.ema.state_dict() if self.ema is not None else None)
+            export_dir = write_export(
+                self.cfg.output,
+                weights.state_dict,
+                self.classes,
+                self.config_dict,
+                self.ema.state_dict() if self.ema is not None else None,
+            )
         dist.barrier()
         return export_dir
 
