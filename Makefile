@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
-PYTEST := DS_ACCELERATOR=cpu OMP_NUM_THREADS=2 $(PY) -m pytest
+PYTEST := DS_ACCELERATOR=cpu OMP_NUM_THREADS=2 PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest
 # 2 CPU ranks with DeepSpeed (one OpenMP thread each: 2 ranks x 2 threads on 2 cores is 4x slower)
 DEEPSPEED := DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/deepspeed --num_gpus 2
 
