@@ -51,52 +51,62 @@ def _class_look(class_index: int) -> Tuple[str, Tuple[int, int, int]]:
 
 def render(class_index: int, rng: random.Random) -> bytes:
     """One JPEG of a class: its shape and colour, randomly placed, scaled, rotated, on noise."""
+    return render_with_mask(class_index, rng)[0]
+
+
+def render_with_mask(class_index: int, rng: random.Random) -> Tuple[bytes, np.ndarray]:
+    """``render`` and the shape's own pixels: (JPEG bytes, boolean (h, w) mask of the drawn shape). The mask is
+    drawn with the same geometry and takes nothing from ``rng``, so the bytes equal ``render``'s."""
     w, h = rng.randint(72, 120), rng.randint(72, 120)
     np_rng = np.random.default_rng(rng.getrandbits(32))
     background = np_rng.integers(40, 200, size=(h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)
     img = Image.fromarray(background).resize((w, h), Image.BILINEAR)
-    draw = ImageDraw.Draw(img)
+    mask = Image.new("L", (w, h), 0)
     shape, colour = _class_look(class_index)
     colour = tuple(max(0, min(255, c + rng.randint(-25, 25))) for c in colour)
     size = rng.uniform(0.3, 0.6) * min(w, h)
     cx, cy = rng.uniform(size / 2, w - size / 2), rng.uniform(size / 2, h - size / 2)
     r = size / 2
-    if shape == "disc":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
-    elif shape == "ring":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=colour, width=max(3, int(r / 3)))
-    else:
+    for canvas, fill in ((ImageDraw.Draw(img), colour), (ImageDraw.Draw(mask), 255)):
+        if shape == "disc":
+            canvas.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        elif shape == "ring":
+            canvas.ellipse([cx - r, cy - r, cx + r, cy + r], outline=fill, width=max(3, int(r / 3)))
+    if shape not in ("disc", "ring"):
         theta = rng.uniform(0, 2 * math.pi)
-        if shape == "square":
-            corners = [(r, r), (-r, r), (-r, -r), (r, -r)]
-        elif shape == "triangle":
-            corners = [(r * math.cos(a), r * math.sin(a)) for a in (0, 2 * math.pi / 3, 4 * math.pi / 3)]
-        else:  # cross
-            t = r / 3
-            corners = [
-                (t, r),
-                (-t, r),
-                (-t, t),
-                (-r, t),
-                (-r, -t),
-                (-t, -t),
-                (-t, -r),
-                (t, -r),
-                (t, -t),
-                (r, -t),
-                (r, t),
-                (t, t),
-            ]
+        corners = _corners(shape, r)
         rot = [
             (cx + x * math.cos(theta) - y * math.sin(theta), cy + x * math.sin(theta) + y * math.cos(theta))
             for x, y in corners
         ]
-        draw.polygon(rot, fill=colour)
+        ImageDraw.Draw(img).polygon(rot, fill=colour)
+        ImageDraw.Draw(mask).polygon(rot, fill=255)
     img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.0, 1.0)))
     noisy = np.asarray(img, dtype=np.int16) + np_rng.integers(-12, 13, size=(h, w, 3))
     out = io.BytesIO()
     Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).save(out, format="JPEG", quality=90)
-    return out.getvalue()
+    return out.getvalue(), np.asarray(mask) > 0
+
+
+def _corners(shape: str, r: float) -> List[Tuple[float, float]]:
+    if shape == "square":
+        return [(r, r), (-r, r), (-r, -r), (r, -r)]
+    if shape == "triangle":
+        return [(r * math.cos(a), r * math.sin(a)) for a in (0, 2 * math.pi / 3, 4 * math.pi / 3)]
+    t = r / 3  # cross
+    return [(t, r), (-t, r), (-t, t), (-r, t), (-r, -t), (-t, -t), (-t, -r), (t, -r), (t, -t), (r, -t), (r, t), (t, t)]
+
+
+def held_out_images(count: int, seed: int = 1234) -> List[Tuple[str, bytes, np.ndarray]]:
+    """``count`` fresh "1k" images that are in no split (another seed): (synset, JPEG bytes, shape mask)."""
+    synsets_22k, synsets_1k = demo_synsets()
+    rng = random.Random(f"{seed}:held-out")
+    out = []
+    for i in range(count):
+        synset = synsets_1k[i % len(synsets_1k)]
+        data, mask = render_with_mask(synsets_22k.index(synset), rng)
+        out.append((synset, data, mask))
+    return out
 
 
 def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:

@@ -358,7 +358,8 @@ def test_demo_pipeline_small_writes_the_report(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     runs = tmp_path / "runs"
-    for name in ("report.md", "report.png", "summary.json", "eval_32.json", "eval_48.json"):
+    names = ("report.md", "report.png", "summary.json", "eval_32.json", "eval_48.json", "gradcam.png", "gradcam.json")
+    for name in (*names, "erf_init/erf.json", "erf_init/erf.png", "erf_pretrained/erf.json"):
         assert (runs / name).exists(), name
     summary = json.loads((runs / "summary.json").read_text())["stages"]
     assert list(summary) == ["pretrain", "finetune_32", "finetune_48"]
@@ -369,6 +370,15 @@ def test_demo_pipeline_small_writes_the_report(tmp_path):
     report = (runs / "report.md").read_text()
     assert "launch/pretrain.py" in report and "launch/finetune.py" in report and "tensorboard --logdir" in report
     assert report.count("| finetune_") == 2
+    # the paper's analyses: ERF at initialisation and after pretraining; Grad-CAM on held-out images whose shape
+    # masks are known: more heat per pixel on the drawn shape than on the background on most images
+    assert "## Effective receptive fields" in report and "## Grad-CAM" in report and "What to see" in report
+    erf = json.loads((runs / "erf_pretrained" / "erf.json").read_text())["models"]["conv2former_demo"]
+    sides = [erf["stages"][s]["side_mean"] for s in ("1", "2", "3", "4")]
+    assert sides == sorted(sides) and erf["weights"] and erf["images"] == 8
+    cam = json.loads((runs / "gradcam.json").read_text())
+    assert cam["layer"] == "stages.3" and len(cam["images"]) == 8
+    assert sum(r["heat_ratio"] > 1 for r in cam["images"]) >= 6, cam["images"]
     # a rerun reuses the finished runs instead of training again
     again = subprocess.run(
         [
