@@ -81,7 +81,14 @@ def make_report(out: Path, stages: Dict[str, Dict], commands: List[str], cam: Di
     import matplotlib.pyplot as plt
 
     runs = {name: read_log(out / name) for name in stages}
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    fig, axes = plt.subplots(3, 2, figsize=(12, 13), gridspec_kw={"height_ratios": [1, 1, 1.3]})
+    for ax, picture, title in (
+        (axes[2, 0], out / "erf_pretrained" / "erf.png", "effective receptive fields after pretraining"),
+        (axes[2, 1], out / "gradcam.png", "Grad-CAM of the last fine-tune, held-out images"),
+    ):
+        ax.imshow(plt.imread(str(picture)))
+        ax.set_title(title)
+        ax.axis("off")
     for name, rows in runs.items():
         train = [r for r in rows if r["kind"] == "train"]
         evals = [r for r in rows if r["kind"] == "eval"]
@@ -92,7 +99,7 @@ def make_report(out: Path, stages: Dict[str, Dict], commands: List[str], cam: Di
         axes[1, 0].plot([r["step"] for r in train], [r["lr"] for r in train], label=name)
         axes[1, 1].plot([r["step"] for r in train], [r["images_per_s"] for r in train], label=name)
     for ax, title in zip(
-        axes.flat,
+        axes[:2].flat,
         ["training loss", "held-out top-1", "learning rate (per group max)", "throughput (images/s, all ranks)"],
     ):
         ax.set_title(title)
