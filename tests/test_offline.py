@@ -202,6 +202,7 @@ def test_bundle_from_parts_into_a_fresh_stock_pytorch_env_runs_the_dali_cpu_load
     assert "import check: torch" in done.stdout and "deepspeed" in done.stdout
 
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH="")
+    env.pop("PYTEST_ADDOPTS", None)  # the outer session's options (e.g. its --basetemp, which the inner one would wipe)
     tests = subprocess.run(
         [
             str(python),
@@ -210,6 +211,8 @@ def test_bundle_from_parts_into_a_fresh_stock_pytorch_env_runs_the_dali_cpu_load
             "-q",
             "-p",
             "no:cacheprovider",
+            "--basetemp",
+            str(tmp_path / "inner-pytest"),
             "tests/test_loader.py",
             "-k",
             "dali-cpu and (shapes or resume or two_ranks)",
