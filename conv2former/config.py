@@ -96,6 +96,11 @@ class CheckpointConfig:
 
 
 @dataclass
+class GuardConfig:
+    max_bad_steps: int = 1  # consecutive steps with a non-finite loss or grad norm before the run stops (exit 3)
+
+
+@dataclass
 class LoggingConfig:
     print_every: int = 20  # steps between recorded training scalars
 
@@ -115,6 +120,7 @@ class TrainConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
 
 
 def to_dict(cfg: Any) -> Dict[str, Any]:

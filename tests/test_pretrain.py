@@ -374,3 +374,44 @@ def test_resume_on_one_rank_from_a_two_rank_checkpoint(demo_shards, tmp_path):
     )
     assert one["step"] == 30 and math.isfinite(one["loss"])
     assert one["eval"]["top1"] >= two["eval"]["top1"] - 0.05  # the weights came across, not a fresh model
+
+
+@pytest.mark.slow
+def test_a_diverging_run_stops_without_saving_non_finite_weights(demo_shards, tmp_path):
+    """The reported case: lr 1e4 makes the loss NaN within a few steps. The run must stop with exit code 3 and one
+    line, record the bad steps, write no checkpoint from non-finite weights and no export."""
+    args = [
+        *FAST,
+        "--data",
+        demo_shards,
+        "--output",
+        str(tmp_path),
+        "--epochs",
+        "2",
+        "--max-steps",
+        "40",
+        "--save-every",
+        "2",
+        "--set",
+        "optim.base_lr=1e4",
+    ]
+    proc = subprocess.run(
+        deepspeed_cmd(*args), env=env(), capture_output=True, text=True, errors="replace", timeout=600
+    )
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "error: training diverged at step" in line]
+    assert len(errors) == 1 and "last good checkpoint is" in errors[0] and "optim.base_lr" in errors[0], errors
+    summary = json.loads([line for line in proc.stdout.splitlines() if line.startswith("summary: ")][-1][9:])
+    assert summary["status"].startswith("diverged at step") and summary["bad_steps"] and summary["export"] is None
+    bad = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r for r in bad if r["kind"] == "bad_step"], "log.jsonl records the bad steps"
+    assert summary["step"] < 40 and not (tmp_path / "export").exists()
+    from conv2former.weights import read_weights
+
+    ckpts = tmp_path / "checkpoints"
+    for tag in sorted(p for p in ckpts.iterdir() if (p / "complete").exists()):
+        weights = read_weights(str(tag)).state_dict
+        assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point()), tag.name
+    if summary["bad_steps"] and any((p / "complete").exists() for p in ckpts.iterdir()):
+        newest = (ckpts / "latest").read_text()
+        assert newest in errors[0]

@@ -29,6 +29,7 @@ from conv2former.engine import checkpoint as ckpt
 from conv2former.engine.distributed import single_process_env, sync_batchnorm_stats, world_from_env
 from conv2former.engine.ema import WeightEma
 from conv2former.engine.evaluator import Evaluator
+from conv2former.engine.guard import DivergenceGuard, weights_finite
 from conv2former.engine.metrics import Metrics, get_logger, memory_mb
 from conv2former.engine.optim import Schedule, build_optimizer, build_scheduler, derive_schedule
 from conv2former.engine.preemption import Preemption
@@ -37,6 +38,7 @@ from conv2former.export import write_export
 
 InitWeights = Callable[[torch.nn.Module, List[str]], None]
 STOPPED = "stopped by signal (checkpoint saved)"
+DIVERGED = "diverged"
 
 
 def deepspeed_config(cfg: TrainConfig, schedule: Schedule, gpu: bool) -> Dict[str, Any]:
@@ -138,6 +140,7 @@ class Trainer:
         self.epoch, self.step = 0, 0
         self._resume()
         self.preemption = Preemption()
+        self.guard = DivergenceGuard(cfg.guard.max_bad_steps, self.device)
         self.config_dict = to_dict(cfg)
         self.log.info("config:\n" + json.dumps(self.config_dict, indent=1))
         self.log.info("schedule: " + json.dumps(self.schedule.as_dict()))
@@ -180,10 +183,15 @@ class Trainer:
         if self.ema is not None:
             sync_batchnorm_stats(self.ema.module)
 
-    def save(self) -> None:
+    def save(self) -> bool:
+        """Checkpoint now, unless the weights are not finite (then nothing is written and the newest checkpoint on
+        disk stays the last good one): returns whether it saved."""
         self._sync_models()
+        if not weights_finite(self.engine.module):
+            return False
         self.checkpoints.save(self.engine, self.step, self.client_state())
         self.saved_at = self.step
+        return True
 
     # -- the recipe -------------------------------------------------------------------------------------------------
     def fit(self) -> Dict[str, Any]:
@@ -204,20 +212,25 @@ class Trainer:
                 self.train_loader.set_epoch(self.epoch)
                 if self.epoch % self.cfg.schedule.eval_every_epochs == 0 or self.epoch == self.cfg.schedule.epochs:
                     self.last_eval = self.evaluate()
-                self.save()
+                if not self.save():
+                    status = DIVERGED
+                    break
         self.metrics.bar.close()
         if self.step_loss is not None:
             self.last_loss = self.step_loss.item()
         export_dir = None
+        if status == "finished" and self.saved_at != self.step and not self.save():
+            status = DIVERGED
         if status == "finished":
-            if self.saved_at != self.step:
-                self.save()
             if not self.last_eval:
                 self.last_eval = self.evaluate()
             export_dir = self.export()
         self.metrics.close()
+        if status == DIVERGED:
+            status = self._report_divergence()
         summary = {
             "status": status,
+            "bad_steps": self.guard.bad_steps,
             "epoch": self.epoch,
             "step": self.step,
             "loss": self.last_loss,
@@ -272,14 +285,38 @@ class Trainer:
         self.metrics.step_done()
         if self.step % self.cfg.logging.print_every == 0 or self.step == 1:
             self._record_training()
+        bad = self.guard.observe(self.step, step_loss, self.engine.get_global_grad_norm())
+        if bad is not None:
+            self.metrics.scalars(bad["step"], {"loss": bad["loss"], "grad_norm": bad["grad_norm"]}, kind="bad_step")
+            if self.guard.tripped:
+                return DIVERGED
         if self.preemption.poll(self.device):
-            self.save()
-            return STOPPED
+            return STOPPED if self.save() else DIVERGED
         if self.cfg.checkpoint.save_every and self.step % self.cfg.checkpoint.save_every == 0:
             self.preemption.wait()
-            self.save()
+            if not self.save():
+                return DIVERGED
             self.metrics.restart_window()  # time training only
         return "finished"
+
+    def _report_divergence(self) -> str:
+        """The one line a diverged run ends with (rank 0), and the summary's status."""
+        self.guard.flush()
+        seen = self.guard.bad_steps[-1] if self.guard.bad_steps else None
+        what = (
+            f"step {seen['step']}: loss {seen['loss']:.4g}, grad norm {seen['grad_norm']:.4g}"
+            if seen
+            else f"step {self.step}: the weights are not finite"
+        )
+        newest = ckpt.newest_complete(self.checkpoints.dir)
+        good = os.path.join(self.checkpoints.dir, newest["tag"]) if newest else "none (no checkpoint was written)"
+        if self.rank == 0:
+            self.log.error(
+                f"error: training diverged at {what}; nothing was saved from non-finite weights, the last "
+                f"good checkpoint is {good}; try a lower optim.base_lr, more schedule.warmup_epochs or "
+                "gradient clipping (--set optim.clip_grad=1.0)"
+            )
+        return f"{DIVERGED} at {what}"
 
     def _record_training(self) -> None:
         window = self.metrics.window()

@@ -1,0 +1,81 @@
+"""Divergence: a non-finite loss or gradient norm, detected on every rank without a per-step host sync.
+
+Each optimizer step's flag (loss or gradient norm not finite) is all-reduced asynchronously and read one step later,
+when the next step's work is already queued (the pattern of ``preemption.Preemption``), so every rank sees the same
+bad steps at the same time. By then the bad step's update may already be applied (DeepSpeed skips it only where it
+detects the overflow itself, as ZeRO 1/2 do for an infinite gradient norm), so after ``guard.max_bad_steps``
+consecutive bad steps (default 1) the run stops. Checkpoints are never written from non-finite weights
+(``weights_finite``), so the newest checkpoint on disk stays the last good one and ``keep_last`` never removes it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+
+class DivergenceGuard:
+    def __init__(self, max_bad_steps: int, device: torch.device) -> None:
+        self.max_bad_steps = max(1, int(max_bad_steps))
+        self.device = device
+        self.bad_steps: List[Dict[str, Any]] = []  # every bad step seen: step, loss, grad_norm
+        self.consecutive = 0
+        self._pending: Optional[Dict[str, Any]] = None  # the previous step: its flag, work handle, values
+
+    def observe(self, step: int, loss: torch.Tensor, grad_norm: Any) -> Optional[Dict[str, Any]]:
+        """Start step ``step``'s check; return the previous step's record when it was bad (read one step late)."""
+        bad_record = self._read_previous()
+        norm = (
+            grad_norm
+            if isinstance(grad_norm, torch.Tensor)
+            else torch.tensor(float("nan") if grad_norm is None else float(grad_norm), device=self.device)
+        )
+        finite_norm = (
+            torch.isfinite(norm) if grad_norm is not None else torch.ones((), dtype=torch.bool, device=self.device)
+        )
+        flag = (~(torch.isfinite(loss) & finite_norm)).float().reshape(1)
+        work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True) if dist.is_initialized() else None
+        self._pending = {"step": step, "flag": flag, "work": work, "loss": loss, "grad_norm": norm}
+        return bad_record
+
+    def flush(self) -> Optional[Dict[str, Any]]:
+        """Read the last outstanding check (at the end of an epoch or before a checkpoint)."""
+        return self._read_previous()
+
+    def _read_previous(self) -> Optional[Dict[str, Any]]:
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        if pending["work"] is not None:
+            pending["work"].wait()
+        if not pending["flag"].item():
+            self.consecutive = 0
+            return None
+        self.consecutive += 1
+        record = {
+            "step": pending["step"],
+            "loss": float(pending["loss"].item()),
+            "grad_norm": float(pending["grad_norm"].item()),
+        }
+        self.bad_steps.append(record)
+        return record
+
+    @property
+    def tripped(self) -> bool:
+        return self.consecutive >= self.max_bad_steps
+
+
+def weights_finite(module: torch.nn.Module) -> bool:
+    """Whether every rank's parameters are finite (ZeRO-3: each rank checks its own partition)."""
+    finite = torch.ones(1)
+    tensors = [getattr(p, "ds_tensor", p) for p in module.parameters()]
+    for tensor in tensors:
+        if tensor.numel() and not bool(torch.isfinite(tensor).all()):
+            finite.zero_()
+            break
+    finite = finite.to(tensors[0].device if tensors else "cpu")
+    if dist.is_initialized():
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
