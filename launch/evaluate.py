@@ -20,6 +20,20 @@ if __package__ in (None, ""):
 from conv2former.errors import UserError, exit_on_user_error  # noqa: E402
 
 
+def default_crop(weights: str, resolution: int):
+    """The eval crop when none is given: the one the weights' own stage evaluated with (timm's config.json in an
+    export folder) when it was at this resolution; otherwise 0.875 center up to 256 px and squash (1.0) above."""
+    folder = weights[len("local-dir:") :] if weights.startswith("local-dir:") else weights
+    folder = folder if os.path.isdir(folder) else os.path.dirname(folder)
+    for candidate in (os.path.join(folder, "config.json"), os.path.join(folder, "export", "config.json")):
+        if os.path.isfile(candidate):
+            with open(candidate) as f:
+                cfg = json.load(f).get("pretrained_cfg", {})
+            if list(cfg.get("input_size", []))[-1:] == [resolution] and "crop_pct" in cfg and "crop_mode" in cfg:
+                return float(cfg["crop_pct"]), cfg["crop_mode"]
+    return (1.0, "squash") if resolution > 256 else (0.875, "center")
+
+
 @exit_on_user_error
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -30,8 +44,14 @@ def main(argv=None) -> int:
     parser.add_argument("--data", required=True, help="shard root")
     parser.add_argument("--split", default="val")
     parser.add_argument("--resolution", type=int, default=224)
-    parser.add_argument("--crop-pct", type=float, help="default 0.875 at <=256 px, 1.0 above")
-    parser.add_argument("--crop-mode", choices=["center", "squash"], help="default center at <=256 px, squash above")
+    parser.add_argument(
+        "--crop-pct", type=float, help="default: the export's own (config.json), else 0.875 at <=256 px, 1.0 above"
+    )
+    parser.add_argument(
+        "--crop-mode",
+        choices=["center", "squash"],
+        help="default: the export's own, else center at <=256 px, squash above",
+    )
     parser.add_argument("--ema", action="store_true", help="use model_ema.safetensors beside the weights")
     parser.add_argument("--batch", type=int, default=64, help="per rank")
     parser.add_argument("--backend", default="auto", choices=["auto", "dali-gpu", "dali-cpu", "torch"])
@@ -86,15 +106,15 @@ def main(argv=None) -> int:
     check_compatible(model, weights.state_dict, path)
     model.load_state_dict(weights.state_dict, strict=True)
     model = model.to(device).eval()
-    high = args.resolution > 256
+    crop_pct, crop_mode = default_crop(path, args.resolution)
     cfg = DataConfig(
         root=args.data,
         backend=args.backend,
         image_size=args.resolution,
         batch_size=args.batch,
         workers=args.workers,
-        crop_pct=args.crop_pct or (1.0 if high else 0.875),
-        crop_mode=args.crop_mode or ("squash" if high else "center"),
+        crop_pct=args.crop_pct or crop_pct,
+        crop_mode=args.crop_mode or crop_mode,
     )
     loader = build_loader(cfg, args.split, rank, world, device, train=False)
     start = time.perf_counter()

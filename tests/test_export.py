@@ -18,7 +18,6 @@ from conv2former.config import TrainConfig, to_dict
 from conv2former.data.shard_format import read_classes, read_info
 from conv2former.errors import UserError
 from conv2former.export import model_from_export, write_export
-from conv2former.model import VARIANTS
 from conv2former.weights import read_weights
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,9 +116,11 @@ def test_torch_export_keeps_the_batch_dynamic():
         assert torch.allclose(program.module()(x), model(x), atol=1e-5)
 
 
+# Every code path of the registry: hierarchical with 7x7 (n) and 11x11 (t) kernels, isotropic with the patch and the
+# convolutional stem; the other variants differ from these only in widths and depths.
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_torch_export_of_every_variant(variant):
+@pytest.mark.parametrize("variant", ["conv2former_n", "conv2former_t", "conv2former_is", "conv2former_is_convs"])
+def test_torch_export_of_every_architecture_path(variant):
     model = timm.create_model(variant, num_classes=10).eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -185,3 +186,14 @@ def timm_top1(export_dir: str, root: str, split: str = "val") -> float:
             correct += (model(images).argmax(1) == torch.as_tensor(labels)).sum().item()
             total += len(labels)
     return correct / total
+
+
+def test_evaluate_defaults_to_the_crop_the_export_was_evaluated_with(tmp_path):
+    from launch.evaluate import default_crop
+
+    _, export = make_run(tmp_path / "run", ["n00000001"], image_size=48, crop_pct=1.0, crop_mode="squash")
+    assert default_crop(export, 48) == (1.0, "squash")  # the stage's own eval transform (config.json)
+    assert default_crop(f"local-dir:{export}", 48) == (1.0, "squash")
+    assert default_crop(str(tmp_path / "run"), 48) == (1.0, "squash")  # a run folder finds its export
+    assert default_crop(export, 64) == (0.875, "center")  # another resolution: the rule by size
+    assert default_crop(str(tmp_path / "none.pth"), 384) == (1.0, "squash")
