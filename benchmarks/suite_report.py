@@ -5,7 +5,7 @@
 Reads the JSON lines written by loader_speed.py, model_speed.py and train_speed.py (``--json``) and prints:
 the data path (images/s per backend and the ratio to ImageFolder), the model next to its baseline (images/s, ratio,
 MFU, memory), the end-to-end runs (images/s, data wait, MFU per ZeRO stage), and the projected wall time of
-90 epochs of ImageNet-22k (docs/DESIGN.md: ~14.2M images) on 8/64/256 GPUs. The projection takes the best measured
+90 epochs of ImageNet-22k (docs/design.md: ~14.2M images) on 8/64/256 GPUs. The projection takes the best measured
 end-to-end images/s per GPU (else the model-only rate, said so) and assumes linear scaling: it is the lower bound
 on wall time, before inter-node gradient traffic; measure a multi-node run with launch/slurm to correct it.
 """

@@ -2,7 +2,7 @@
 
 Paper: "Conv2Former: A Simple Transformer-Style ConvNet for Visual Recognition" (Hou et al.).
 
-The structure and the state_dict names follow the official release exactly (see docs/DESIGN.md, "The model"),
+The structure and the state_dict names follow the official release exactly (see docs/design.md, "The model"),
 so the released checkpoints load with ``load_state_dict(strict=True)``:
 
     downsample_layers.0          stem: conv3x3/2 (no bias) GELU BN, conv3x3 (no bias) GELU BN, conv2x2/2 (no bias)

@@ -213,7 +213,7 @@ def gradcam_held_out(export: Path, out: Path, resolution: int, count: int = 8) -
         overlays(images, result.maps, norm.mean, norm.std),
         captions,
         str(out / "gradcam.png"),
-        f"Grad-CAM at {result.layer}, {resolution} px, 8 held-out images (predicted class)",
+        f"Grad-CAM at {result.layer}, {resolution} px, {count} held-out images (predicted class)",
     )
     report = {"layer": result.layer, "resolution": resolution, "weights": str(export), "images": rows}
     (out / "gradcam.json").write_text(json.dumps(report, indent=1) + "\n")

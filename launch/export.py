@@ -69,32 +69,28 @@ def export_from_checkpoint(run_dir: str) -> str:
 
 
 def eval_images(export_dir: str, data_root: str | None, split: str, count: int):
-    """The first ``count`` images of the split, through the stage's own eval transform (torch backend)."""
+    """The first ``count`` images of the split, through the stage's own eval transform."""
     import torch
     import yaml
 
     from conv2former.config import DataConfig
-    from conv2former.data.loader import build_loader
+    from conv2former.data.loader import first_eval_images
 
     with open(os.path.join(export_dir, "config.yaml")) as f:
         data = yaml.safe_load(f)["data"]
-    root = data_root or data["root"]
     cfg = DataConfig(
-        root=root,
-        backend="torch",
+        root=data_root or data["root"],
         image_size=data["image_size"],
         batch_size=count,
-        workers=0,
         crop_pct=data["crop_pct"],
         crop_mode=data["crop_mode"],
         mean=tuple(data["mean"]),
         std=tuple(data["std"]),
     )
     try:
-        images, labels = next(iter(build_loader(cfg, split, 0, 1, torch.device("cpu"), train=False)))
+        return torch.cat([images for images, _ in first_eval_images(cfg, split, count)])
     except UserError as err:
         raise UserError(f"{err} (the ONNX check reads eval images of the run's data: pass --data ROOT)") from None
-    return images[labels >= 0].contiguous(memory_format=torch.contiguous_format)
 
 
 def export_onnx_checked(export_dir: str, args: argparse.Namespace) -> dict:

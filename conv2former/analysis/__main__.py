@@ -21,31 +21,12 @@ from conv2former.errors import UserError, exit_on_user_error
 
 
 def eval_images(root: str, split: str, count: int, resolution: int, batch: int, crop_pct=1.0, crop_mode="squash"):
-    """(images, labels) batches of the first ``count`` images of the split through the eval transform (default:
-    squashed to resolution x resolution), normalised."""
-    import torch
-
+    """(images, labels) batches of the split's first ``count`` images, by default squashed to resolution²."""
     from conv2former.config import DataConfig
-    from conv2former.data.loader import build_loader
+    from conv2former.data.loader import first_eval_images
 
-    cfg = DataConfig(
-        root=root,
-        backend="torch",
-        image_size=resolution,
-        batch_size=batch,
-        workers=0,
-        crop_pct=crop_pct,
-        crop_mode=crop_mode,
-    )
-    taken = 0
-    for images, labels in build_loader(cfg, split, 0, 1, torch.device("cpu"), train=False):
-        keep = labels >= 0
-        images, labels = images[keep][: count - taken], labels[keep][: count - taken]
-        taken += len(images)
-        if len(images):
-            yield images, labels
-        if taken >= count:
-            return
+    cfg = DataConfig(root=root, image_size=resolution, batch_size=batch, crop_pct=crop_pct, crop_mode=crop_mode)
+    return first_eval_images(cfg, split, count)
 
 
 def erf_command(args: argparse.Namespace) -> int:

@@ -2,7 +2,8 @@
 (``conv2former.data.base.ShardLoader`` describes what every loader does)."""
 from __future__ import annotations
 
-from typing import Optional
+import dataclasses
+from typing import Iterator, Optional, Tuple
 
 import torch
 
@@ -51,3 +52,18 @@ def build_loader(cfg: DataConfig, split: str, rank: int = 0, world_size: int = 1
     from conv2former.data.dali_loader import DaliLoader
 
     return DaliLoader(cfg, shards, train, rank, world_size, device, gpu=backend == "dali-gpu")
+
+
+def first_eval_images(cfg: DataConfig, split: str, count: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    """(images, labels) batches of the first ``count`` samples of ``split`` through the eval transform of ``cfg``,
+    on one CPU process with the torch backend (padding dropped): what the analyses and the ONNX check look at."""
+    cfg = dataclasses.replace(cfg, backend="torch", workers=0)
+    taken = 0
+    for images, labels in build_loader(cfg, split, 0, 1, torch.device("cpu"), train=False):
+        keep = labels >= 0
+        images, labels = images[keep][: count - taken], labels[keep][: count - taken]
+        taken += len(images)
+        if len(images):
+            yield images.contiguous(memory_format=torch.contiguous_format), labels
+        if taken >= count:
+            return

@@ -1,4 +1,4 @@
-"""The shard format: the contract between ``data_prep/shard.py`` and every loader (docs/DESIGN.md, "Shard format").
+"""The shard format: the contract between ``data_prep/shard.py`` and every loader (docs/design.md, "Shard format").
 
     OUT/_info.json                 timm's wds format: {"name", "num_classes", "splits": {split: {"name",
                                    "num_samples", "filenames", "shard_lengths"}}} (+ our "seed", "source", ...)
