@@ -50,6 +50,7 @@ class DataConfig:
     std: Tuple[float, float, float] = IMAGENET_DEFAULT_STD  # normalisation std (RGB, 0-1 scale)
     channels_last: Optional[bool] = None  # batches in channels_last memory format; None: on GPU only
     cache_dir: Optional[str] = None  # local cache for remote shards (DALI reads local files)
+    skip_bad_shards: bool = False  # a shard unreadable mid-epoch: skip it with a warning (True) or stop (exit 6)
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # training augmentation
 
 
@@ -87,6 +88,7 @@ class DeepSpeedConfig:
     zero_stage: int = 1  # DeepSpeed ZeRO stage 0-3
     bf16: bool = True  # on GPU; CPU runs are fp32
     overlap_comm: bool = True  # reduce gradients during the backward pass (DeepSpeed's default: ZeRO-3 only)
+    timeout_minutes: float = 10.0  # collective timeout: a dead or hung rank ends the run after this (exit 5)
 
 
 @dataclass
@@ -98,6 +100,7 @@ class CheckpointConfig:
 @dataclass
 class GuardConfig:
     max_bad_steps: int = 1  # consecutive steps with a non-finite loss or grad norm before the run stops (exit 3)
+    inject_nan_at: Optional[int] = None  # test aid: rank 0's loss is NaN at this optimizer step (1-based)
 
 
 @dataclass

@@ -32,9 +32,9 @@ def main(argv=None) -> int:
     result = train(cfg, dry_run=args.dry_run)
     if args.dry_run:
         print(json.dumps(result, indent=1))
-    if str(result.get("status", "")).startswith("diverged"):
-        return 3  # the one-line reason was printed by rank 0; the newest checkpoint on disk is the last good one
-    return 0  # finished, dry run, or stopped by a signal after a checkpoint (the requeued job resumes)
+    # 0: finished, dry run, or stopped by a signal after a checkpoint (the requeued job resumes); 3-6: a fault, whose
+    # one line rank 0 printed (docs/TRAINING.md "When things go wrong")
+    return int(result.get("exit_code", 0))
 
 
 if __name__ == "__main__":

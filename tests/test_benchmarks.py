@@ -43,6 +43,7 @@ def test_record_inserts_rows_into_the_scripts_own_table(tmp_path):
         results.record("c.py", ["| 5 |"], path=doc)
 
 
+@pytest.mark.slow  # runs a benchmark script end to end (seconds of measuring)
 def test_model_speed_json_feeds_the_suite_report(tmp_path):
     done = run(
         sys.executable,
@@ -130,6 +131,7 @@ def test_gpu_checklist_lists_the_issue_steps_in_order_and_refuses_to_run_without
         assert done.returncode == 2 and done.stderr.strip().startswith("error: gpu_checklist.sh needs a CUDA GPU")
 
 
+@pytest.mark.slow  # runs a benchmark script end to end (seconds of measuring)
 def test_profile_step_names_the_depthwise_kernels():
     done = run(
         sys.executable,
@@ -156,6 +158,7 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+@pytest.mark.slow  # runs a benchmark script end to end (seconds of measuring)
 def test_loader_breakdown_measures_every_stage_of_the_dali_cpu_graph(tmp_path):
     done = run(
         sys.executable,

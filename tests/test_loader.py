@@ -115,39 +115,31 @@ RANK_SCRIPT = textwrap.dedent("""
     import json, sys, torch
     from conv2former.config import DataConfig
     from conv2former.data.loader import build_loader
-    root, backend, split, rank, world, out = sys.argv[1:7]
+    root, backend, rank, world, out = sys.argv[1:6]
     cfg = DataConfig(root=root, backend=backend, image_size=32, batch_size=16, workers=1, shuffle_buffer=64)
-    loader = build_loader(cfg, split, int(rank), int(world))
-    epochs = []
-    for epoch in range(2):
-        loader.set_epoch(epoch)
-        epochs.append([y.tolist() for _, y in loader])
-    json.dump({"steps": len(loader), "epochs": epochs}, open(out, "w"))
+    result = {}
+    for split in ("train", "val"):
+        loader = build_loader(cfg, split, int(rank), int(world))
+        epochs = []
+        for epoch in range(2):
+            loader.set_epoch(epoch)
+            epochs.append([y.tolist() for _, y in loader])
+        result[split] = {"steps": len(loader), "epochs": epochs}
+    json.dump(result, open(out, "w"))
 """)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_two_ranks_in_separate_processes(unique_shards, backend, tmp_path):
-    results = {}
-    for split in ("train", "val"):
-        procs = [
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-c",
-                    RANK_SCRIPT,
-                    str(unique_shards),
-                    backend,
-                    split,
-                    str(r),
-                    "2",
-                    str(tmp_path / f"{split}{r}.json"),
-                ]
-            )
-            for r in range(2)
-        ]
-        assert all(p.wait() == 0 for p in procs)
-        results[split] = [json.loads((tmp_path / f"{split}{r}.json").read_text()) for r in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", RANK_SCRIPT, str(unique_shards), backend, str(r), "2", str(tmp_path / f"{r}.json")]
+        )
+        for r in range(2)
+    ]
+    assert all(p.wait() == 0 for p in procs)
+    ranks = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
+    results = {split: [ranks[r][split] for r in range(2)] for split in ("train", "val")}
     train = results["train"]
     assert train[0]["steps"] == train[1]["steps"] == (NUM // 2) // 16
     for epoch in range(2):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -19,6 +20,7 @@ import torch
 import conv2former  # noqa: F401
 from conv2former.config import DataConfig
 from conv2former.data.loader import build_loader
+from conv2former.engine import disk
 from conv2former.engine.evaluator import Evaluator
 from conv2former.weights import load_checkpoint
 
@@ -414,3 +416,134 @@ def test_a_diverging_run_stops_without_saving_non_finite_weights(demo_shards, tm
         assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point()), tag.name
     newest = (ckpts / "latest").read_text()  # the newest (finite) checkpoint is the one the error line names
     assert (ckpts / newest / "complete").exists() and newest in errors[0]
+
+
+def rank_pid(launcher_pid: int, rank: int) -> int:
+    """The pid of training rank ``rank`` started by the deepspeed launcher ``launcher_pid``."""
+    import psutil
+
+    for child in psutil.Process(launcher_pid).children(recursive=True):
+        if f"--local_rank={rank}" in child.cmdline():
+            return child.pid
+    raise AssertionError(f"no rank {rank} under {launcher_pid}")
+
+
+def error_lines(text: str) -> list:
+    return [line for line in text.splitlines() if line.startswith("error: ")]
+
+
+@pytest.mark.slow
+def test_injected_nan_stops_at_once_and_keeps_the_last_good_checkpoint(demo_shards, tmp_path):
+    """guard.inject_nan_at (the test aid): rank 0's loss is NaN at step 7; every rank stops (exit 3), checkpoint 5
+    stays the newest, no export."""
+    args = [*FAST, "--data", demo_shards, "--output", str(tmp_path), "--max-steps", "20", "--save-every", "5"]
+    proc = subprocess.run(
+        deepspeed_cmd(*args, "--set", "guard.inject_nan_at=7"),
+        env=env(),
+        capture_output=True,
+        text=True,
+        errors="replace",
+        timeout=600,
+    )
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    [line] = error_lines(proc.stdout + proc.stderr)
+    assert "training diverged at step 7: loss nan" in line and "step000000005" in line
+    tags = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("step"))
+    assert tags == ["step000000005"] and not (tmp_path / "export").exists()
+
+
+def mount_tmpfs(path: Path, size: int) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if done.returncode != 0:
+        reason = f"cannot mount a tmpfs here ({done.stderr.decode(errors='replace').strip()}); needs root"
+        if os.environ.get("CI"):
+            pytest.fail(reason)  # CI runs as root: the test must run there
+        pytest.skip(reason)
+
+
+@pytest.mark.slow
+def test_a_full_disk_ends_with_one_line_and_the_relaunch_resumes_exactly(reference_run, demo_shards, tmp_path):
+    """Checkpoints on a tmpfs with room for two: the third save fails (ENOSPC) on the ranks, the run ends with exit
+    code 4 and one line (path, bytes needed and free, the newest complete checkpoint), no traceback from any rank;
+    with more room the same command resumes from step 20 and ends bit for bit like an uninterrupted run."""
+    ref, _ = reference_run
+    size = disk.tree_bytes(str(ref / "checkpoints" / "step000000060"))
+    out = tmp_path / "out"
+    mount_tmpfs(out, int(2.5 * size))
+    try:
+        args = [*FAST, "--data", demo_shards, "--output", str(out), "--epochs", "2", "--save-every", "10"]
+        proc = subprocess.run(deepspeed_cmd(*args), env=env(), capture_output=True, text=True, errors="replace")
+        text = proc.stdout + proc.stderr
+        assert proc.returncode == 4, text[-3000:]
+        [line] = error_lines(text)
+        assert "the disk is full: saving checkpoint" in line and "step000000030" in line, line
+        assert "is free there" in line and str(out / "checkpoints" / "step000000020") in line
+        assert "Traceback" not in text
+        estimate = re.search(r"checkpoints: about ([\d.]+) MB per checkpoint", proc.stdout)
+        assert 0.7 * size < float(estimate.group(1)) * 1e6 < 1.3 * size, (estimate.group(0), size)
+        assert not (out / "checkpoints" / "step000000030").exists()  # the incomplete one was removed
+        subprocess.run(["mount", "-o", f"remount,size={10 * size}", str(out)], check=True)
+        summary = run_pretrain(*args)
+        assert summary["step"] == 62 and exports_equal(ref, out)
+    finally:
+        subprocess.run(["umount", "-l", str(out)])
+
+
+def start_and_wait_for_checkpoint(tmp_path: Path, demo_shards: str, *extra: str):
+    args = [*FAST, "--data", demo_shards, "--output", str(tmp_path), "--epochs", "2", "--save-every", "5", *extra]
+    proc = subprocess.Popen(
+        deepspeed_cmd(*args),
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        start_new_session=True,
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and not (tmp_path / "checkpoints" / "step000000005" / "complete").exists():
+        time.sleep(0.2)
+    return proc
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["SIGKILL", "SIGSTOP"])
+def test_a_dead_or_hung_rank_ends_the_run_naming_it(demo_shards, tmp_path, fault):
+    """Rank 1 killed (or stopped: hung) mid-run: rank 0 leaves its collective (at once for a dead peer, after the
+    collective timeout for a hung one), names rank 1 in one line and the launcher exits non-zero."""
+    proc = start_and_wait_for_checkpoint(tmp_path, demo_shards, "--set", "deepspeed.timeout_minutes=0.25")
+    victim = rank_pid(proc.pid, 1)
+    start = time.time()
+    os.kill(victim, getattr(signal, fault))
+    try:
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+        subprocess.run(["kill", "-9", str(victim)], capture_output=True)
+    elapsed = time.time() - start
+    assert proc.returncode != 0, out[-3000:]
+    lines = [line for line in error_lines(out) if "rank 1 stopped answering" in line]
+    assert len(lines) == 1 and "at step" in lines[0] and "deepspeed.timeout_minutes" in lines[0], out[-3000:]
+    # the timeout (15 s) + the roll call (5 s) + the launcher's grace for the stopped rank (30 s)
+    assert elapsed < 90, elapsed
+
+
+@pytest.mark.slow
+def test_a_shard_removed_mid_run_stops_it_and_skipping_finishes(demo_shards, tmp_path):
+    """A train shard deleted during epoch 0: the run stops (exit 6) naming it and the data position; relaunched with
+    data.skip_bad_shards=true it resumes, skips it with a warning and finishes: every rank ran the same steps."""
+    data = tmp_path / "data"
+    shutil.copytree(demo_shards, data)
+    out = tmp_path / "out"
+    proc = start_and_wait_for_checkpoint(out, str(data))
+    gone = data / "train" / "train-000005.tar"
+    gone.unlink()
+    text, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 6, text[-3000:]
+    lines = error_lines(text)
+    assert lines and all(str(gone) in line and "cannot be opened" in line for line in lines), lines
+    assert re.search(r"at epoch [01], step \d+ of the train split", lines[0]) and "Traceback" not in text
+    args = [*FAST, "--data", str(data), "--output", str(out), "--epochs", "2", "--save-every", "5"]
+    summary = run_pretrain(*args, "--set", "data.skip_bad_shards=true")
+    assert summary["status"] == "finished" and summary["step"] == 62 and summary["skipped_shards"] == [str(gone)]

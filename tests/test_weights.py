@@ -7,6 +7,7 @@ import pickle
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import timm
@@ -135,37 +136,45 @@ def test_user_mistakes_are_one_line_errors(tmp_path, demo_model):
 
 DEEPSPEED_SAVE = textwrap.dedent("""
     import os, sys, torch, timm, deepspeed, conv2former
-    stage, out, port = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    root, port = sys.argv[1], sys.argv[2]
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-    torch.manual_seed(0)
-    model = timm.create_model("conv2former_demo", num_classes=10)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=opt,
-                                      config={"train_batch_size": 2, "zero_optimization": {"stage": stage}})
-    loss = engine(torch.randn(2, 3, 64, 64)).sum()
-    engine.backward(loss)
-    engine.step()
-    engine.save_checkpoint(out, client_state={"classes": [f"c{i}" for i in range(10)]})
-    if stage == 3:
-        params = [p for p in engine.module.parameters()]
-        with deepspeed.zero.GatheredParameters(params):
+    for stage in (0, 2, 3):  # one process, one engine per stage
+        out = os.path.join(root, f"stage{stage}", "checkpoints")
+        torch.manual_seed(0)
+        model = timm.create_model("conv2former_demo", num_classes=10)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=opt,
+                                          config={"train_batch_size": 2, "zero_optimization": {"stage": stage}})
+        loss = engine(torch.randn(2, 3, 64, 64)).sum()
+        engine.backward(loss)
+        engine.step()
+        engine.save_checkpoint(out, client_state={"classes": [f"c{i}" for i in range(10)]})
+        if stage == 3:
+            params = [p for p in engine.module.parameters()]
+            with deepspeed.zero.GatheredParameters(params):
+                sd = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+        else:
             sd = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
-    else:
-        sd = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
-    torch.save(sd, os.path.join(out, "expected.pt"))
+        torch.save(sd, os.path.join(out, "expected.pt"))
 """)
 
 
-@pytest.mark.parametrize("stage", [0, 2, 3])
-def test_deepspeed_checkpoint_dirs(tmp_path, stage):
-    out = tmp_path / "checkpoints"
+@pytest.fixture(scope="module")
+def deepspeed_checkpoints(tmp_path_factory) -> Path:
+    """Real DeepSpeed checkpoint folders of the demo model at ZeRO 0, 2 and 3 (``stage{N}/checkpoints``)."""
+    root = tmp_path_factory.mktemp("deepspeed")
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    subprocess.run(
-        [sys.executable, "-c", DEEPSPEED_SAVE, str(stage), str(out), str(29600 + stage)],
-        check=True,
-        env=env,
-        capture_output=True,
+    done = subprocess.run(
+        [sys.executable, "-c", DEEPSPEED_SAVE, str(root), "29600"], env=env, capture_output=True, text=True
     )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return root
+
+
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_deepspeed_checkpoint_dirs(deepspeed_checkpoints, stage):
+    tmp_path = deepspeed_checkpoints / f"stage{stage}"
+    out = tmp_path / "checkpoints"
     expected = torch.load(out / "expected.pt", weights_only=True)
     tag_dirs = [p for p in out.iterdir() if p.name.startswith("global_step")]
     for path in (out, tmp_path, tag_dirs[0]):  # the checkpoints dir, the run dir, one tag

@@ -9,6 +9,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 # Import from the scratch folder only: drop the checkout and the editable install's finder from this interpreter.
@@ -47,6 +49,7 @@ def build_wheel(dest: Path) -> Path:
     return next(dest.glob("conv2former_pretrain-*.whl"))
 
 
+@pytest.mark.slow  # builds the wheel and installs it into a fresh environment
 def test_wheel_holds_only_the_library_and_imports_without_the_checkout(tmp_path):
     wheel = build_wheel(tmp_path)
     tops = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}

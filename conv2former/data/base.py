@@ -10,14 +10,23 @@ mark padding with label -1 (see ``conv2former.data.shards`` for the exact dealin
 from __future__ import annotations
 
 import abc
+import logging
 import warnings
-from typing import Any, Dict, Iterator, Tuple
+from typing import Any, Dict, Iterator, List, Tuple
 
 import torch
 
 from conv2former.config import DataConfig
-from conv2former.data.shards import SplitShards, eval_steps, rank_range, train_steps
-from conv2former.errors import UserError
+from conv2former.data.shards import (
+    Shard,
+    SplitShards,
+    epoch_shard_order,
+    eval_steps,
+    rank_range,
+    shard_problem,
+    train_steps,
+)
+from conv2former.errors import DataFault, UserError
 
 
 class ShardLoader(abc.ABC):
@@ -32,6 +41,9 @@ class ShardLoader(abc.ABC):
         self.batch_size = cfg.batch_size if train else (cfg.eval_batch_size or cfg.batch_size)
         self.num_classes = shards.num_classes
         self.epoch, self.step = 0, 0
+        self.skip_bad_shards = bool(cfg.skip_bad_shards) and train  # evaluation never skips: its counts would lie
+        self.skipped_shards: List[str] = []  # shards found unreadable and skipped (this rank), kept across resumes
+        self.skipped_samples = 0  # samples replaced because their shard was unreadable (this rank)
         total = shards.num_samples
         self.steps = (train_steps if train else eval_steps)(total, world_size, self.batch_size)
         if self.steps == 0:
@@ -68,12 +80,54 @@ class ShardLoader(abc.ABC):
 
     def state_dict(self) -> Dict[str, Any]:
         return {"backend": self.backend, "epoch": self.epoch, "step": self.step, "rank": self.rank,
-                "world_size": self.world_size, "seed": self.seed, **self._extra_state()}
+                "world_size": self.world_size, "seed": self.seed, "skipped_shards": list(self.skipped_shards),
+                "skipped_samples": self.skipped_samples, **self._extra_state()}
+
+    # unreadable shards
+    def epoch_shards(self) -> List[Shard]:
+        """The shards of the current epoch in reading order (training: the epoch's permutation), each checked with
+        one stat; an unreadable one stops the run (``DataFault``) or, with ``data.skip_bad_shards``, is left out.
+        Steps per epoch do not change: a rank whose range shrinks reads it again from the start."""
+        order = epoch_shard_order(len(self.shards.shards), self.seed, self.epoch) if self.train \
+            else range(len(self.shards.shards))
+        good = []
+        for i in order:
+            shard = self.shards.shards[i]
+            if shard.tar in self.skipped_shards:
+                continue
+            problem = shard_problem(shard)
+            if problem is None:
+                good.append(shard)
+            else:
+                self.bad_shard(shard.tar, problem)
+        if not good:
+            raise DataFault(f"rank {self.rank}: every shard of {self.shards.root} {self.shards.split} is unreadable")
+        return good
+
+    def bad_shard(self, tar: str, problem: str, samples: int = 0) -> None:
+        """Report shard ``tar`` unreadable: raise ``DataFault`` naming it and the data position, or (skipping) warn
+        once per shard and count it and the ``samples`` replaced."""
+        where = f"epoch {self.epoch}, step {self.step} of the {self.shards.split} split"
+        if not self.skip_bad_shards:
+            raise DataFault(
+                f"rank {self.rank}: shard {tar} {problem} at {where}; restore it (data_prep/shard.py verify names "
+                "damaged shards) and relaunch to resume from the newest checkpoint, or skip unreadable shards with "
+                "--set data.skip_bad_shards=true"
+            )
+        self.skipped_samples += samples
+        if tar not in self.skipped_shards:
+            self.skipped_shards.append(tar)
+            logging.getLogger("conv2former").warning(
+                f"warning: rank {self.rank}: skipping shard {tar}: it {problem} ({where}); "
+                f"{len(self.skipped_shards)} shard(s) skipped so far"
+            )
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         same_dealing = (state.get("world_size"), state.get("seed"), state.get("backend")) == \
             (self.world_size, self.seed, self.backend)
         self.epoch = int(state["epoch"])
+        self.skipped_shards = list(state.get("skipped_shards", []))
+        self.skipped_samples = int(state.get("skipped_samples", 0))
         if not same_dealing:
             warnings.warn(
                 f"data position saved with {state.get('world_size')} ranks, seed {state.get('seed')}, backend "

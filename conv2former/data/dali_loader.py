@@ -23,7 +23,7 @@ from nvidia.dali.plugin.pytorch import feed_ndarray
 from conv2former.config import DataConfig
 from conv2former.data import shard_format as fmt
 from conv2former.data.base import ShardLoader
-from conv2former.data.shards import SplitShards, epoch_shard_order, sample_seed
+from conv2former.data.shards import SplitShards, sample_seed, shard_problem
 
 READER = "reader"
 
@@ -39,6 +39,7 @@ def _reader(paths, index_paths, train: bool, rank: int, world_size: int, buffer:
         dtypes=[types.UINT8, types.INT64], missing_component_behavior="error",
         shard_id=rank, num_shards=world_size, random_shuffle=train, initial_fill=buffer,
         pad_last_batch=not train, stick_to_shard=True, name=READER,
+        dont_use_mmap=True,  # read(): a shard truncated during the epoch is an error we report, not a SIGBUS
     )
 
 
@@ -107,10 +108,9 @@ class DaliLoader(ShardLoader):
         self._checkpoint: Optional[bytes] = None
 
     def _build(self) -> None:
-        order = epoch_shard_order(len(self.shards.shards), self.seed, self.epoch) if self.train \
-            else list(range(len(self.shards.shards)))
-        paths = [self.shards.shards[i].tar for i in order]
-        index_paths = [self.shards.shards[i].index for i in order]
+        shards = self.epoch_shards()
+        paths = [shard.tar for shard in shards]
+        index_paths = [shard.index for shard in shards]
         graph = train_graph if self.train else eval_graph
         cfg, rank, world, gpu = self.cfg, self.rank, self.world_size, self.gpu
 
@@ -137,7 +137,12 @@ class DaliLoader(ShardLoader):
     def _next_batch(self) -> Tuple[torch.Tensor, torch.Tensor]:
         if self._pipe is None:
             self._build()
-        images, labels = self._pipe.run()
+        try:
+            images, labels = self._pipe.run()
+        except RuntimeError as err:  # DALI's reader failed: a shard deleted (at a rebuild) or truncated under it
+            self._blame_shards(err)  # raises, unless skipping the unreadable shards it names
+            self._pipe = None  # skipping: this epoch goes on without them (the rank's range restarts)
+            return self._next_batch()
         stream = torch.cuda.current_stream(self.device) if self.gpu else None
         images = images.as_tensor()
         out = torch.empty(images.shape(), dtype=torch.float32, device=self.device if self.gpu else "cpu")
@@ -146,6 +151,17 @@ class DaliLoader(ShardLoader):
         label_tensor = torch.empty((self.batch_size, 1), dtype=torch.int64, pin_memory=self.gpu)  # async copy below
         feed_ndarray(labels_cpu.as_tensor(), label_tensor)
         return out.to(self.device, non_blocking=True), label_tensor.view(-1).to(self.device, non_blocking=True)
+
+    def _blame_shards(self, err: RuntimeError) -> None:
+        """Name the shards of this epoch that cannot be read now (one stat each) as bad; none: re-raise ``err``."""
+        found = False
+        for shard in self.shards.shards:
+            problem = shard_problem(shard) if shard.tar not in self.skipped_shards else None
+            if problem is not None:
+                self.bad_shard(shard.tar, problem)
+                found = True
+        if not found:
+            raise err
 
     def _extra_state(self) -> Dict[str, Any]:
         if self.train and self.step > 0:

@@ -13,6 +13,7 @@ The rule (both backends follow it):
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -38,6 +39,22 @@ class Shard:
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    @functools.cached_property
+    def end(self) -> int:
+        """The tar's bytes the index needs (the end of its last member's data)."""
+        return max((o + n for s in self.samples for o, n in s.values()), default=0)
+
+
+def shard_problem(shard: Shard) -> Optional[str]:
+    """Why ``shard`` cannot be read now (deleted, or truncated below what its index needs), or None: one stat."""
+    try:
+        size = os.stat(shard.tar).st_size
+    except OSError as err:
+        return f"cannot be opened ({err.strerror})"
+    if size < shard.end:
+        return f"is truncated ({size} bytes; its index needs {shard.end})"
+    return None
 
 
 @dataclass

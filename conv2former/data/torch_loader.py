@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader, Dataset
 from conv2former.config import DataConfig
 from conv2former.data import shard_format as fmt
 from conv2former.data.base import ShardLoader
-from conv2former.data.shards import SplitShards, epoch_shard_order, rank_range, sample_seed
+from conv2former.data.shards import SplitShards, rank_range, sample_seed
+from conv2former.errors import DataFault
 
 SampleRef = Tuple[str, Tuple[int, int], Tuple[int, int]]  # (tar path, jpg (offset, size), cls (offset, size))
 
@@ -50,36 +51,71 @@ def timm_transform(cfg: DataConfig, train: bool):
                             interpolation="bicubic", mean=cfg.mean, std=cfg.std)
 
 
-class _Batches(Dataset):
-    """Item ``b`` = batch ``b`` of the epoch: decoded, transformed and stacked in a worker."""
+def read_sample(ref: SampleRef) -> Tuple[Image.Image, int]:
+    """Decode one sample straight from its tar by offset; a deleted or truncated shard raises OSError."""
+    path, (jpg_off, jpg_len), (cls_off, cls_len) = ref
+    with open(path, "rb") as f:
+        f.seek(cls_off)
+        raw_label = f.read(cls_len)
+        f.seek(jpg_off)
+        data = f.read(jpg_len)
+    if len(data) != jpg_len or len(raw_label) != cls_len:
+        raise OSError(f"short read at offset {jpg_off}: the file ends early")
+    return Image.open(io.BytesIO(data)).convert("RGB"), int(raw_label.decode("ascii"))
 
-    def __init__(self, refs: List[Optional[SampleRef]], batch_size: int, transform, image_size: int, seed: int) -> None:
+
+class _Batches(Dataset):
+    """Item ``b`` = batch ``b`` of the epoch: decoded, transformed and stacked in a worker, with the list of
+    (shard, problem) for samples whose shard was unreadable (the main process reports them). When skipping, such a
+    sample is replaced by the next readable one of the epoch; otherwise the batch ends there."""
+
+    def __init__(self, refs: List[Optional[SampleRef]], batch_size: int, transform, image_size: int, seed: int,
+                 skip: bool) -> None:
         self.refs, self.batch_size, self.transform = refs, batch_size, transform
-        self.image_size, self.seed = image_size, seed
+        self.image_size, self.seed, self.skip = image_size, seed, skip
+        self.bad: Dict[str, str] = {}  # shard -> problem, as this worker found them
 
     def __len__(self) -> int:
         return len(self.refs) // self.batch_size
 
-    def __getitem__(self, b: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, b: int) -> Tuple[torch.Tensor, torch.Tensor, List[Tuple[str, str]]]:
         batch_seed = (self.seed * 1_000_003 + b) & 0xFFFFFFFF  # timm's transforms draw from random, numpy, torch
         random.seed(batch_seed)
         np.random.seed(batch_seed)
         torch.manual_seed(batch_seed)
-        images, labels = [], []
-        for ref in self.refs[b * self.batch_size:(b + 1) * self.batch_size]:
-            if ref is None:  # eval padding
+        images, labels, problems = [], [], []
+        for i in range(b * self.batch_size, (b + 1) * self.batch_size):
+            sample = self._sample(i, problems) if self.refs[i] is not None else None
+            if sample is None:  # eval padding, or an unreadable shard that is not skipped (reported)
                 images.append(torch.zeros(3, self.image_size, self.image_size))
                 labels.append(-1)
                 continue
-            path, (jpg_off, jpg_len), (cls_off, cls_len) = ref
-            with open(path, "rb") as f:
-                f.seek(cls_off)
-                label = int(f.read(cls_len).decode("ascii"))
-                f.seek(jpg_off)
-                data = f.read(jpg_len)
-            images.append(self.transform(Image.open(io.BytesIO(data)).convert("RGB")))
-            labels.append(label)
-        return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
+            images.append(self.transform(sample[0]))
+            labels.append(sample[1])
+        return torch.stack(images), torch.tensor(labels, dtype=torch.int64), problems
+
+    def _sample(self, i: int, problems: List[Tuple[str, str]]) -> Optional[Tuple[Image.Image, int]]:
+        tar = self.refs[i][0]
+        sample = self._read(self.refs[i])
+        if sample is not None:
+            return sample
+        problems.append((tar, self.bad[tar]))
+        if not self.skip:
+            return None
+        for k in range(1, len(self.refs)):  # skipping: the next readable sample of the epoch instead
+            sample = self._read(self.refs[(i + k) % len(self.refs)])
+            if sample is not None:
+                return sample
+        return None
+
+    def _read(self, ref: Optional[SampleRef]) -> Optional[Tuple[Image.Image, int]]:
+        if ref is None or ref[0] in self.bad:
+            return None
+        try:
+            return read_sample(ref)
+        except (OSError, ValueError) as err:  # deleted, truncated, or garbage where the index points
+            self.bad[ref[0]] = f"became unreadable ({type(err).__name__}: {str(err)[:120]})"
+            return None
 
 
 class TorchLoader(ShardLoader):
@@ -93,23 +129,21 @@ class TorchLoader(ShardLoader):
 
     def epoch_refs(self) -> List[Optional[SampleRef]]:
         """This rank's samples of the current epoch in order, cut (train) or padded (eval) to whole batches."""
-        shards = self.shards.shards
-        order = epoch_shard_order(len(shards), self.seed, self.epoch) if self.train else range(len(shards))
         refs: List[Optional[SampleRef]] = []
-        for i in order:
-            shard = shards[i]
+        for shard in self.epoch_shards():
             refs += [(shard.tar, s[fmt.IMAGE_KEY], s[fmt.CLASS_KEY]) for s in shard.samples]
         start, end = rank_range(len(refs), self.rank, self.world_size)
         refs = refs[start:end]
         if self.train:
             rng = random.Random(sample_seed(self.seed, self.epoch, self.rank))
             refs = buffer_shuffle(refs, self.cfg.shuffle_buffer, rng)
-            return refs[: self.steps * self.batch_size]
+            need = self.steps * self.batch_size
+            return (refs * -(-need // len(refs)))[:need]  # shards skipped: the range is read again from its start
         return refs + [None] * (self.steps * self.batch_size - len(refs))
 
     def _loader(self) -> DataLoader:
         dataset = _Batches(self.epoch_refs(), self.batch_size, self.transform, self.cfg.image_size,
-                           sample_seed(self.seed, self.epoch, self.rank))
+                           sample_seed(self.seed, self.epoch, self.rank), self.skip_bad_shards)
         return DataLoader(dataset, batch_size=None, sampler=range(self.step, self.steps),
                           num_workers=self.cfg.workers, pin_memory=self.device.type == "cuda",
                           prefetch_factor=2 if self.cfg.workers else None, persistent_workers=False)
@@ -117,7 +151,11 @@ class TorchLoader(ShardLoader):
     def _next_batch(self) -> Tuple[torch.Tensor, torch.Tensor]:
         if self._iter is None:
             self._iter = iter(self._loader())
-        images, labels = next(self._iter)
+        images, labels, problems = next(self._iter)
+        for tar, problem in problems:
+            self.bad_shard(tar, problem, samples=1)  # raises unless skipping
+        if self.train and bool((labels < 0).any()):
+            raise DataFault(f"rank {self.rank}: no readable sample left in {self.shards.root} {self.shards.split}")
         return images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
     def _reset(self) -> None:

@@ -17,6 +17,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from conv2former.engine import disk
+from conv2former.errors import CheckpointFault
+
 COMPLETE = "complete"  # written into a tag after every rank has saved its part
 
 
@@ -59,24 +62,61 @@ def gather(obj: Any) -> List[Any]:
     return out
 
 
+def _mark_complete(ckpt_dir: str, tag: str, step: int, world_size: int) -> None:
+    with open(os.path.join(ckpt_dir, tag, COMPLETE), "w") as f:
+        json.dump({"step": step, "world_size": world_size}, f)
+    with open(os.path.join(ckpt_dir, "latest.partial"), "w") as f:
+        f.write(tag)
+    os.replace(os.path.join(ckpt_dir, "latest.partial"), os.path.join(ckpt_dir, "latest"))
+
+
+def _retain(ckpt_dir: str, keep_last: int) -> None:
+    complete = [t for t in list_tags(ckpt_dir) if os.path.exists(os.path.join(ckpt_dir, t, COMPLETE))]
+    for old in complete[:-keep_last]:
+        shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
+
+
+def _attempt(action) -> Optional[str]:
+    """Run ``action``; return None, or what went wrong in one line (ENOSPC, EDQUOT, EIO: Python raises OSError,
+    torch.save a RuntimeError from its writer)."""
+    try:
+        action()
+        return None
+    except (OSError, RuntimeError) as err:
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        return f"{type(err).__name__}: {first}"
+
+
 def save(engine, ckpt_dir: str, step: int, client_state: Dict[str, Any], keep_last: int) -> str:
-    """Save on every rank; mark complete after a barrier; keep the newest ``keep_last`` complete tags."""
+    """Save on every rank; mark complete after a barrier; keep the newest ``keep_last`` complete tags. A rank that
+    fails to write raises ``SaveFailed`` on every rank (after the others finished their part: no rank is left
+    waiting in a collective), naming the failing ranks and their errors."""
     tag = tag_for(step)
-    engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False)
-    if dist.is_initialized():
-        dist.barrier()
+    error = _attempt(lambda: engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False))
+    if error is not None and dist.is_initialized():
+        dist.barrier()  # the ranks that wrote their part wait in DeepSpeed's closing barrier
+    _raise_if_failed(tag, gather(error))
+    error = (
+        _attempt(lambda: _mark_complete(ckpt_dir, tag, step, engine.world_size)) if engine.global_rank == 0 else None
+    )
+    _raise_if_failed(tag, gather(error))
     if engine.global_rank == 0:
-        with open(os.path.join(ckpt_dir, tag, COMPLETE), "w") as f:
-            json.dump({"step": step, "world_size": engine.world_size}, f)
-        with open(os.path.join(ckpt_dir, "latest.partial"), "w") as f:
-            f.write(tag)
-        os.replace(os.path.join(ckpt_dir, "latest.partial"), os.path.join(ckpt_dir, "latest"))
-        complete = [t for t in list_tags(ckpt_dir) if os.path.exists(os.path.join(ckpt_dir, t, COMPLETE))]
-        for old in complete[:-keep_last]:
-            shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
+        _retain(ckpt_dir, keep_last)
     if dist.is_initialized():
         dist.barrier()
     return tag
+
+
+class SaveFailed(Exception):
+    def __init__(self, tag: str, errors: Dict[int, str]) -> None:
+        super().__init__(f"{tag}: " + "; ".join(f"rank {r}: {e}" for r, e in errors.items()))
+        self.tag, self.errors = tag, errors
+
+
+def _raise_if_failed(tag: str, errors: List[Optional[str]]) -> None:
+    failed = {rank: err for rank, err in enumerate(errors) if err is not None}
+    if failed:
+        raise SaveFailed(tag, failed)
 
 
 def newest_complete(ckpt_dir: str) -> Optional[Dict[str, Any]]:
@@ -158,6 +198,7 @@ class CheckpointManager:
         self.dir, self.keep_last, self.rank, self.world_size = ckpt_dir, keep_last, rank, world_size
         self.newest = newest_complete(ckpt_dir)
         self.universal: Optional[str] = None
+        self.size_bytes = 0  # one checkpoint: estimated (expect), then measured after each save
 
     def configure(self, ds_config: Dict[str, Any]) -> Optional[str]:
         """Prepare a resume across world sizes; returns a line to show when that happens."""
@@ -177,5 +218,40 @@ class CheckpointManager:
             return resume_universal(engine, self.dir, self.universal)
         return resume(engine, self.dir) if list_tags(self.dir) else None
 
+    def expect(self, size: disk.CheckpointSize) -> List[str]:
+        """Take the estimated size of a checkpoint; return the lines to log (rank 0): the size, and a warning with
+        the numbers when ``keep_last + 1`` checkpoints do not fit in the free space."""
+        self.size_bytes = size.total
+        if self.rank != 0:
+            return []
+        os.makedirs(self.dir, exist_ok=True)
+        existing = sum(disk.tree_bytes(os.path.join(self.dir, t)) for t in list_tags(self.dir))
+        lines = [f"checkpoints: about {size.describe()}, {disk.human(disk.free_bytes(self.dir))} free in {self.dir}"]
+        warning = disk.space_warning(self.dir, size, self.keep_last, existing)
+        return lines + ([f"warning: {warning}"] if warning else [])
+
     def save(self, engine, step: int, client_state: Dict[str, Any]) -> str:
-        return save(engine, self.dir, step, client_state, self.keep_last)
+        """Checkpoint ``step``; a failed write ends the run with a ``CheckpointFault`` on every rank (the message,
+        on rank 0: the path, the error, bytes needed and free, the newest complete checkpoint)."""
+        try:
+            tag = save(engine, self.dir, step, client_state, self.keep_last)
+        except SaveFailed as failure:
+            raise CheckpointFault(self._failure_line(failure) if self.rank == 0 else "") from None
+        if self.rank == 0:
+            self.size_bytes = disk.tree_bytes(os.path.join(self.dir, tag))  # measured: the next save's need
+        return tag
+
+    def _failure_line(self, failure: SaveFailed) -> str:
+        tag_dir = os.path.join(self.dir, failure.tag)
+        shutil.rmtree(tag_dir, ignore_errors=True)  # incomplete: resume would skip it; give its space back
+        free = disk.free_bytes(self.dir)
+        full = "the disk is full: " if free < self.size_bytes else ""
+        newest = newest_complete(self.dir)
+        good = os.path.join(self.dir, newest["tag"]) if newest else "none"
+        ranks = ",".join(str(r) for r in failure.errors)
+        return (
+            f"{full}saving checkpoint {tag_dir} failed on rank {ranks} ({next(iter(failure.errors.values()))}); "
+            f"a checkpoint needs about {disk.human(self.size_bytes)}, {disk.human(free)} is free there; the "
+            f"incomplete checkpoint was removed and the newest complete one is {good}: free space (or lower "
+            "checkpoint.keep_last) and relaunch the same command to resume from it"
+        )

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Tuple
+import time
+from datetime import timedelta
+from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -38,3 +40,74 @@ def sync_batchnorm_stats(model: torch.nn.Module) -> None:
             for buf in (module.running_mean, module.running_var):
                 dist.all_reduce(buf)
                 buf /= dist.get_world_size()
+
+
+# What a failed collective says (gloo raises a plain RuntimeError; NCCL and the store raise torch's DistError types).
+COLLECTIVE_FAILURES = ("Connection closed by peer", "Connection reset by peer", "Timed out waiting", "gloo", "NCCL")
+
+
+def is_collective_failure(err: BaseException) -> bool:
+    """Whether ``err`` is a collective that failed because another rank died or hung (not a bug of this rank)."""
+    if isinstance(err, getattr(dist, "DistError", ())):
+        return True
+    return isinstance(err, RuntimeError) and any(text in str(err) for text in COLLECTIVE_FAILURES)
+
+
+def roll_call(rank: int, world_size: int, wait_s: float = 5.0) -> Optional[List[int]]:
+    """After a failed collective: the ranks that do not answer within ``wait_s`` (each surviving rank answers by
+    writing a key into the rendezvous store at MASTER_ADDR:MASTER_PORT), or None when that store itself is gone
+    (it lives in rank 0's process under the deepspeed launcher)."""
+    prefix = f"c2f/alive/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+    try:
+        store = dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            is_master=False,
+            timeout=timedelta(seconds=wait_s),
+            wait_for_workers=False,
+        )
+        store.set(prefix + str(rank), "1")
+        deadline = time.monotonic() + wait_s
+        while True:
+            missing = [r for r in range(world_size) if not store.check([prefix + str(r)])]
+            if not missing or time.monotonic() > deadline:
+                return missing
+            time.sleep(0.2)
+    except (RuntimeError, KeyError, ValueError):  # store unreachable (DistStoreError is a RuntimeError)
+        return None
+
+
+def lost_ranks_line(rank: int, world_size: int, step: int, err: BaseException, timeout_min: float) -> str:
+    """The one line naming the rank(s) that failed, printed by the lowest surviving rank; '' on the others."""
+    seen = (str(err).strip().splitlines() or [""])[0]
+    seen = seen.split("] ", 1)[-1][:160]  # without gloo's source-file prefix
+    missing = roll_call(rank, world_size)
+    if missing is None:  # the store in rank 0's process is gone: rank 0 died
+        who, printer = "rank 0 (which hosts the rendezvous store) is gone", 1
+    elif missing:
+        who = f"rank {','.join(map(str, missing))} stopped answering (dead, or hung past the collective timeout)"
+        printer = min(r for r in range(world_size) if r not in missing)
+    else:
+        who, printer = "a collective failed although every rank still answers", 0
+    if rank != printer:
+        return ""
+    return (
+        f"{who} at step {step}; rank {rank} saw: {seen}; collective timeout {timeout_min:g} min "
+        "(--set deepspeed.timeout_minutes); relaunch the same command to resume from the newest complete checkpoint"
+    )
+
+
+def set_collective_timeout(minutes: float) -> timedelta:
+    """Make ``minutes`` the timeout of every process group of this process, DeepSpeed's included.
+
+    DeepSpeed passes the timeout of ``init_distributed`` to the world group only; the groups it creates afterwards
+    (ZeRO's data-parallel group) come from ``torch.distributed.new_group(ranks)`` with no timeout, which takes torch's
+    module default (30 min for gloo, 10 for NCCL). So the defaults are set too, before any group exists. On NCCL the
+    enforcement is torch's own watchdog (TORCH_NCCL_ASYNC_ERROR_HANDLING, on by default)."""
+    from torch.distributed import distributed_c10d
+
+    timeout = timedelta(minutes=minutes)
+    distributed_c10d.default_pg_timeout = timeout
+    if hasattr(distributed_c10d, "default_pg_nccl_timeout"):
+        distributed_c10d.default_pg_nccl_timeout = timeout
+    return timeout

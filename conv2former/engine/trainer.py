@@ -26,14 +26,22 @@ from conv2former.data.augment import BatchAugment
 from conv2former.data.loader import build_loader, resolve_backend
 from conv2former.data.shard_format import read_classes
 from conv2former.engine import checkpoint as ckpt
-from conv2former.engine.distributed import single_process_env, sync_batchnorm_stats, world_from_env
+from conv2former.engine.disk import estimate_checkpoint
+from conv2former.engine.distributed import (
+    is_collective_failure,
+    lost_ranks_line,
+    set_collective_timeout,
+    single_process_env,
+    sync_batchnorm_stats,
+    world_from_env,
+)
 from conv2former.engine.ema import WeightEma
 from conv2former.engine.evaluator import Evaluator
 from conv2former.engine.guard import DivergenceGuard, weights_finite
 from conv2former.engine.metrics import Metrics, get_logger, memory_mb
 from conv2former.engine.optim import Schedule, build_optimizer, build_scheduler, derive_schedule
 from conv2former.engine.preemption import Preemption
-from conv2former.errors import UserError
+from conv2former.errors import EXIT_DIVERGED, RankFault, RunFault, UserError
 from conv2former.export import write_export
 
 InitWeights = Callable[[torch.nn.Module, List[str]], None]
@@ -68,7 +76,11 @@ class Trainer:
         torch.manual_seed(cfg.seed + self.rank)
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend="nccl" if self.gpu else "gloo", verbose=False)
+        deepspeed.init_distributed(
+            dist_backend="nccl" if self.gpu else "gloo",
+            verbose=False,
+            timeout=set_collective_timeout(cfg.deepspeed.timeout_minutes),  # a lost rank ends the run (exit 5)
+        )
         os.makedirs(cfg.output, exist_ok=True)
         self.checkpoints = ckpt.CheckpointManager(
             os.path.join(cfg.output, "checkpoints"), cfg.checkpoint.keep_last, self.rank, self.world_size
@@ -128,6 +140,11 @@ class Trainer:
             if cfg.ema
             else None
         )
+        size = estimate_checkpoint(
+            model, cfg.deepspeed.zero_stage, self.dtype == torch.bfloat16, bool(cfg.ema), self.world_size
+        )
+        for line in self.checkpoints.expect(size):
+            self.log.info(line)
         self.augment = BatchAugment(cfg.data.augment, len(self.classes), self.device)
         self.criterion = SoftTargetCrossEntropy()
         self.evaluator = Evaluator(len(self.classes), self.device)
@@ -195,42 +212,34 @@ class Trainer:
 
     # -- the recipe -------------------------------------------------------------------------------------------------
     def fit(self) -> Dict[str, Any]:
-        """Train to ``stop_step`` (or the last epoch), evaluating and checkpointing on the way; export at the end."""
+        """Train to ``stop_step`` (or the last epoch), evaluating and checkpointing on the way; export at the end.
+        A fault (divergence, a failed save, a lost rank, an unreadable shard) ends the run with one line on rank 0
+        and the summary's ``exit_code`` (docs/TRAINING.md "When things go wrong")."""
         if self.export_only:
             return self._export_initial_model()
-        start, status = time.time(), "finished"
+        start = time.time()
         self.metrics = Metrics(self.cfg.output, self.rank, self.schedule.stop_step, self.step, self.cfg.stage)
         self.last_loss, self.last_eval, self.saved_at = float("nan"), {}, self.step
         self.step_loss: Optional[torch.Tensor] = None
-        self.engine.train()
-        while self.step < self.schedule.stop_step and self.epoch < self.cfg.schedule.epochs:
-            status = self.train_epoch()
-            if status != "finished":
-                break
-            if self._epoch_complete():
-                self.epoch += 1
-                self.train_loader.set_epoch(self.epoch)
-                if self.epoch % self.cfg.schedule.eval_every_epochs == 0 or self.epoch == self.cfg.schedule.epochs:
-                    self.last_eval = self.evaluate()
-                if not self.save():
-                    status = DIVERGED
-                    break
-        self.metrics.bar.close()
-        if self.step_loss is not None:
-            self.last_loss = self.step_loss.item()
-        export_dir = None
-        if status == "finished" and self.saved_at != self.step and not self.save():
-            status = DIVERGED
-        if status == "finished":
-            if not self.last_eval:
-                self.last_eval = self.evaluate()
-            export_dir = self.export()
+        exit_code, export_dir = 0, None
+        try:
+            status = self._train()
+            if status == "finished":
+                export_dir = self._finish()
+            if status == DIVERGED:
+                status, exit_code = self._report_divergence(), EXIT_DIVERGED
+        except Exception as err:
+            fault = self._as_fault(err)
+            self.metrics.bar.close()  # the line starts on its own line, not after the bar
+            if str(fault):
+                self.log.error(f"error: {fault}")
+            status, exit_code = fault.status, fault.exit_code
         self.metrics.close()
-        if status == DIVERGED:
-            status = self._report_divergence()
         summary = {
             "status": status,
+            "exit_code": exit_code,
             "bad_steps": self.guard.bad_steps,
+            "skipped_shards": self.train_loader.skipped_shards,  # this rank's (every rank warns for its own)
             "epoch": self.epoch,
             "step": self.step,
             "loss": self.last_loss,
@@ -241,6 +250,46 @@ class Trainer:
         }
         self.log.info("summary: " + json.dumps(summary))
         return summary
+
+    def _as_fault(self, err: Exception) -> RunFault:
+        """``err`` as a run fault with its line (empty on the ranks that do not print it), or ``err`` re-raised."""
+        if isinstance(err, RunFault):
+            return err
+        if is_collective_failure(err):
+            line = lost_ranks_line(self.rank, self.world_size, self.step, err, self.cfg.deepspeed.timeout_minutes)
+            return RankFault(line)
+        raise err
+
+    def _train(self) -> str:
+        """The epochs: train, evaluate at the epoch ends, checkpoint. Returns the status."""
+        self.engine.train()
+        status = self._epochs()
+        self.metrics.bar.close()
+        if self.step_loss is not None:
+            self.last_loss = self.step_loss.item()
+        if status == "finished" and self.saved_at != self.step and not self.save():
+            return DIVERGED
+        return status
+
+    def _epochs(self) -> str:
+        while self.step < self.schedule.stop_step and self.epoch < self.cfg.schedule.epochs:
+            status = self.train_epoch()
+            if status != "finished":
+                return status
+            if self._epoch_complete():
+                self.epoch += 1
+                self.train_loader.set_epoch(self.epoch)
+                if self.epoch % self.cfg.schedule.eval_every_epochs == 0 or self.epoch == self.cfg.schedule.epochs:
+                    self.last_eval = self.evaluate()
+                if not self.save():
+                    return DIVERGED
+        return "finished"
+
+    def _finish(self) -> Optional[str]:
+        """The final evaluation (unless the last epoch end just ran one) and the export."""
+        if not self.last_eval:
+            self.last_eval = self.evaluate()
+        return self.export()
 
     def _epoch_complete(self) -> bool:
         return self.train_loader.step >= self.schedule.micro_steps_per_epoch or self.train_loader.step == 0
@@ -271,6 +320,8 @@ class Trainer:
     def micro_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         images, targets = self.augment(images, labels)
         loss = self.criterion(self.engine(images.to(dtype=self.dtype)).float(), targets)
+        if self.cfg.guard.inject_nan_at == self.step + 1 and self.rank == 0:  # test aid (docs/TRAINING.md)
+            loss = loss * float("nan")
         self.engine.backward(loss)
         self.engine.step()
         return loss.detach()

@@ -1,0 +1,132 @@
+"""Faults of a long run, on real components: shards that become unreadable under the loaders (both backends), the
+checkpoint size estimate and free-space check, and how a lost rank is named. The end-to-end faults (NaN, a full
+disk, a dead or hung rank under the deepspeed launcher) are in tests/test_pretrain.py."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conv2former.config import DataConfig
+from conv2former.data.loader import build_loader
+from conv2former.data.shards import epoch_shard_order
+from conv2former.engine import disk
+from conv2former.engine.distributed import is_collective_failure
+from conv2former.errors import DataFault
+
+BACKENDS = ["torch", "dali-cpu"]
+
+
+@pytest.fixture
+def shards_copy(demo_shards, tmp_path) -> Path:
+    """A private copy of the demo "22k" shards (8 train shards of 250 samples) that a test may damage."""
+    out = tmp_path / "in22k"
+    shutil.copytree(demo_shards, out)
+    return out
+
+
+def loader_for(root: Path, backend: str, skip: bool):
+    cfg = DataConfig(
+        root=str(root), backend=backend, image_size=32, batch_size=50, workers=1, shuffle_buffer=64,
+        skip_bad_shards=skip,
+    )  # fmt: skip
+    return build_loader(cfg, "train")
+
+
+def last_shard_of_epoch(loader, epoch: int) -> str:
+    """The tar read last in ``epoch`` (untouched after the first batches even with read-ahead)."""
+    order = epoch_shard_order(len(loader.shards.shards), loader.seed, epoch)
+    return loader.shards.shards[order[-1]].tar
+
+
+def truncate(path: str) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_shard_truncated_mid_epoch_stops_with_its_name_and_the_position(shards_copy, backend):
+    loader = loader_for(shards_copy, backend, skip=False)
+    batches = iter(loader)
+    next(batches)
+    victim = last_shard_of_epoch(loader, 0)
+    truncate(victim)
+    with pytest.raises(DataFault) as err:
+        for _ in batches:
+            pass
+    message = str(err.value)
+    assert "\n" not in message and victim in message and "epoch 0, step" in message
+    assert "--set data.skip_bad_shards=true" in message and err.value.exit_code == 6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_skipping_keeps_the_step_count_and_counts_the_shards(shards_copy, backend, caplog):
+    loader = loader_for(shards_copy, backend, skip=True)
+    steps = len(loader)
+    batches = iter(loader)
+    next(batches)
+    truncated = last_shard_of_epoch(loader, 0)
+    truncate(truncated)
+    with caplog.at_level(logging.WARNING, logger="conv2former"):
+        labels = [y for _, y in batches]
+    assert len(labels) + 1 == steps and all(bool((y >= 0).all()) for y in labels)  # full batches, real labels
+    assert loader.skipped_shards == [truncated]
+    assert any("skipping shard" in r.message and truncated in r.message for r in caplog.records)
+    deleted = last_shard_of_epoch(loader, 1)
+    if deleted == truncated:
+        deleted = (
+            loader.shards.shards[0].tar if loader.shards.shards[0].tar != truncated else loader.shards.shards[1].tar
+        )
+    os.remove(deleted)
+    loader.set_epoch(1)
+    assert sum(1 for _ in loader) == steps  # every rank keeps its step count: the epoch is exactly as long
+    assert sorted(loader.skipped_shards) == sorted([truncated, deleted])
+    assert loader.state_dict()["skipped_shards"] == loader.skipped_shards
+
+
+def test_a_deleted_shard_stops_the_next_epoch_when_not_skipping(shards_copy):
+    loader = loader_for(shards_copy, "dali-cpu", skip=False)
+    for _ in loader:
+        pass
+    gone = loader.shards.shards[3].tar
+    os.remove(gone)
+    with pytest.raises(DataFault, match=r"cannot be opened .* at epoch 1, step 0 of the train split"):
+        next(iter(loader))
+
+
+def test_evaluation_never_skips(shards_copy):
+    cfg = DataConfig(
+        root=str(shards_copy), backend="torch", image_size=32, batch_size=50, workers=0, skip_bad_shards=True
+    )
+    loader = build_loader(cfg, "val")
+    os.remove(loader.shards.shards[0].tar)
+    with pytest.raises(DataFault, match="of the val split"):
+        next(iter(loader))
+
+
+def test_checkpoint_estimate_and_free_space_warning(tmp_path):
+    model = torch.nn.Linear(1000, 1000)  # 1,001,000 parameters
+    params = 1_001_000
+    fp32 = disk.estimate_checkpoint(model, zero_stage=1, bf16=False, ema=True, world_size=2)
+    assert (fp32.weights, fp32.optimizer, fp32.ema) == (4 * params, 12 * params, 4 * params)
+    assert disk.estimate_checkpoint(model, 0, False, False, 2).total == 12 * params  # torch AdamW: no master copy
+    zero3 = disk.estimate_checkpoint(model, 3, True, True, 4)
+    assert zero3.weights == 0 and zero3.ema == 4 * 4 * params  # partitions only; the EMA in every rank's file
+    assert disk.space_warning(str(tmp_path), fp32, keep_last=2, existing=0) is None
+    huge = disk.CheckpointSize(weights=10**15, optimizer=0, ema=0, world_size=1)
+    warning = disk.space_warning(str(tmp_path / "not" / "yet"), huge, keep_last=2, existing=0)
+    assert "checkpoint.keep_last=2" in warning and "free but needs about" in warning
+    assert disk.human(12_345_678) == "12.3 MB"
+
+
+def test_collective_failures_are_told_from_bugs():
+    closed = RuntimeError("[gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:3492. This is ...")
+    timed_out = RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 5000ms for recv operation")
+    assert is_collective_failure(closed) and is_collective_failure(timed_out)
+    assert not is_collective_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not is_collective_failure(ValueError("Connection closed by peer"))
