@@ -41,7 +41,7 @@ lint: $(STAMP)
 table: $(STAMP)
 	$(PY) -m conv2former.complexity --table
 
-# Benchmarks on this machine (7 min on 2 cores, measured); `make bench RECORD=1` adds the rows to docs/PERFORMANCE.md.
+# Benchmarks on this machine (7 min on 2 cores, measured); `make bench RECORD=1` adds the rows to docs/performance.md.
 # On a GPU machine run benchmarks/gpu_suite.sh instead (DALI mixed decoding, bf16 Conv2Former-L, MFU, ZeRO 1/2/3).
 bench: $(STAMP)
 	OMP_NUM_THREADS=$$(nproc) $(PY) benchmarks/model_speed.py --variant conv2former_t --baseline convnext_tiny $(if $(RECORD),--record)
@@ -52,7 +52,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/loader_speed.py --backend all --mode eval --workers $$(nproc) $(if $(RECORD),--record)
 	$(PY) benchmarks/train_speed.py $(if $(RECORD),--record)
 
-# Wheels for a GPU host without package access (docs/OFFLINE_INSTALL.md); install there with
+# Wheels for a GPU host without package access (docs/offline_install.md); install there with
 # launch/install_offline.sh dist/offline. CUDA=12|13, PYVER (the host's Python), GLIBC (its ldd --version),
 # PART_MIB (cut into parts of at most N MiB).
 CUDA ?= 13

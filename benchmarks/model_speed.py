@@ -7,7 +7,7 @@ CPU: fp32, NCHW and channels_last, plus our model with the plain ``nn.Conv2d`` d
 (``fast_depthwise=False``) so the gain of conv2former/depthwise.py is measured in the same run.
 GPU: bf16 autocast, channels_last, cuDNN benchmark mode; MFU = images/s x 6 x MACs / the GPU's bf16 dense peak.
 ``--grad-checkpointing`` and ``--compile`` apply to both models. All models run in one process, alternating round
-by round, so the ratio is fair. ``--record`` adds the rows to docs/PERFORMANCE.md; ``--json`` prints one line each.
+by round, so the ratio is fair. ``--record`` adds the rows to docs/performance.md; ``--json`` prints one line each.
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def main() -> None:
     )
     parser.add_argument("--flush-denormal", action="store_true", help="flush denormal floats to zero on CPU")
     parser.add_argument("--json", action="store_true", help="print one JSON line per measured model")
-    parser.add_argument("--record", action="store_true", help="add the rows to docs/PERFORMANCE.md")
+    parser.add_argument("--record", action="store_true", help="add the rows to docs/performance.md")
     args = parser.parse_args()
     if args.variant not in timm.list_models("conv2former_*"):
         parser.error(f"unknown variant {args.variant!r}; choose from {', '.join(timm.list_models('conv2former_*'))}")

@@ -47,7 +47,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--trace", type=Path, help="also write a trace viewable in TensorBoard / chrome://tracing")
-    parser.add_argument("--record", action="store_true", help="add the top operators to docs/PERFORMANCE.md")
+    parser.add_argument("--record", action="store_true", help="add the top operators to docs/performance.md")
     args = parser.parse_args()
     if args.variant not in timm.list_models("conv2former_*"):
         parser.error(f"unknown variant {args.variant!r}; choose from {', '.join(timm.list_models('conv2former_*'))}")

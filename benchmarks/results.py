@@ -1,6 +1,6 @@
-"""Shared by the benchmarks: the machine's name, the versions in use, and writing rows into docs/PERFORMANCE.md.
+"""Shared by the benchmarks: the machine's name, the versions in use, and writing rows into docs/performance.md.
 
-Each benchmark owns one table in docs/PERFORMANCE.md, found by the heading that names the script
+Each benchmark owns one table in docs/performance.md, found by the heading that names the script
 (e.g. ``## Model training throughput (`benchmarks/model_speed.py`)``). ``record`` inserts the new rows after the
 last row of that table, each ending with the command that produced it, so the document stays in sections.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterable, List
 
 REPO = Path(__file__).resolve().parent.parent
-PERFORMANCE_MD = REPO / "docs" / "PERFORMANCE.md"
+PERFORMANCE_MD = REPO / "docs" / "performance.md"
 
 PACKAGES = {
     "torch": "torch",

@@ -2,7 +2,7 @@
 
 Same parameters, same names and the same math as ``nn.Conv2d(dim, dim, k, padding=k // 2, groups=dim)``; only
 how the backward pass is computed on CPU differs. PyTorch's CPU kernel for the weight gradient of a large-kernel
-depthwise convolution is 6-16x slower than its forward (see docs/PERFORMANCE.md, "Where the time goes"), and the
+depthwise convolution is 6-16x slower than its forward (see docs/performance.md, "Where the time goes"), and the
 11x11 convolutions made that the single largest cost of a Conv2Former training step. Both gradients are
 themselves depthwise convolutions, which PyTorch computes quickly in the forward direction:
 

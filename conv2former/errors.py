@@ -1,7 +1,7 @@
 """User-facing errors: one clear line that says what was wrong and how to fix it, never a traceback.
 
 ``UserError`` is a mistake the user fixes (exit code 2). ``RunFault`` is a fault of a running job that the user
-answers (exit code 3 and up, one per kind, listed in docs/TRAINING.md "When things go wrong"): the run has already
+answers (exit code 3 and up, one per kind, listed in docs/training.md "When things go wrong"): the run has already
 saved what could be saved and the message says what to do next.
 """
 

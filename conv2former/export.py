@@ -14,7 +14,7 @@
 
 So after ``import conv2former``, ``timm.create_model("local-dir:OUTPUT/export", pretrained=True)`` builds the exact
 model with these weights, ``timm.data.resolve_data_config({}, model=model)`` gives the stage's eval transform, and
-the folder is what ``timm.models.push_to_hf_hub`` uploads (docs/EXPORT.md).
+the folder is what ``timm.models.push_to_hf_hub`` uploads (docs/export.md).
 """
 
 from __future__ import annotations

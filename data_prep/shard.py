@@ -6,7 +6,7 @@
     python data_prep/shard.py imagenet1k  SRC OUT [...]
     python data_prep/shard.py verify OUT[/train]             # exit 0 only if everything checks out
 
-OUT is a local path or any fsspec URL (s3://bucket/prefix, ...). See docs/DATA.md.
+OUT is a local path or any fsspec URL (s3://bucket/prefix, ...). See docs/data.md.
 """
 
 from __future__ import annotations

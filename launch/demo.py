@@ -152,7 +152,7 @@ def make_report(out: Path, stages: Dict[str, Dict], commands: List[str], cam: Di
             "",
             f"Side length (pixels) and area ratio of the centred square holding the high-contribution region, mean "
             f"over thresholds 0.5-0.9, {ERF_PX} px inputs, 8 images (`python -m conv2former.analysis erf`, "
-            "docs/ANALYSIS.md). Maps: [erf_init/erf.png](erf_init/erf.png), "
+            "docs/analysis.md). Maps: [erf_init/erf.png](erf_init/erf.png), "
             "[erf_pretrained/erf.png](erf_pretrained/erf.png).",
             "",
             *erf_rows(out),

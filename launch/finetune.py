@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     if args.dry_run:
         print(json.dumps(result, indent=1))
     # 0: finished, dry run, or stopped by a signal after a checkpoint (the requeued job resumes); 3-6: a fault, whose
-    # one line rank 0 printed (docs/TRAINING.md "When things go wrong")
+    # one line rank 0 printed (docs/training.md "When things go wrong")
     return int(result.get("exit_code", 0))
 
 

@@ -8,7 +8,7 @@
 # Joins the parts (if the bundle was cut with --part-mib), checks every sha256, keeps what the environment
 # already has at a version the bundle accepts (torch, numpy, pillow, ...), installs the rest with
 # `pip --no-index --no-deps`, then imports conv2former, deepspeed, webdataset and nvidia.dali.
-# See docs/OFFLINE_INSTALL.md.
+# See docs/offline_install.md.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 exec "${PYTHON:-python3}" "$here/tools/offline_install.py" "$@"

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """ImageNet-22k pretraining: ``deepspeed launch/pretrain.py --variant l --data SHARDS --output runs/l22k``.
 
-Also runs under ``torchrun`` and ``srun`` (rank variables from the launcher). See docs/TRAINING.md.
+Also runs under ``torchrun`` and ``srun`` (rank variables from the launcher). See docs/training.md.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     if args.dry_run:
         print(json.dumps(result, indent=1))
     # 0: finished, dry run, or stopped by a signal after a checkpoint (the requeued job resumes); 3-6: a fault, whose
-    # one line rank 0 printed (docs/TRAINING.md "When things go wrong")
+    # one line rank 0 printed (docs/training.md "When things go wrong")
     return int(result.get("exit_code", 0))
 
 

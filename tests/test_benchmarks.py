@@ -28,7 +28,7 @@ def run(*args: str, check: bool = True, env: dict = ENV) -> subprocess.Completed
 
 
 def test_record_inserts_rows_into_the_scripts_own_table(tmp_path):
-    doc = tmp_path / "PERFORMANCE.md"
+    doc = tmp_path / "performance.md"
     doc.write_text(
         "# Performance\n\n## A (`benchmarks/a.py`)\n\ntext\n\n| x | command |\n|---|---|\n| 1 | `old` |\n\n"
         "after A\n\n## B (`benchmarks/b.py`)\n\n| y | command |\n|---|---|\n"

@@ -17,7 +17,7 @@ from conv2former.data.loader import build_loader
 from conv2former.data.shards import epoch_shard_order
 from conv2former.engine import disk
 from conv2former.engine.distributed import is_collective_failure
-from conv2former.errors import DataFault
+from conv2former.errors import DataFault, UserError
 
 BACKENDS = ["torch", "dali-cpu"]
 
@@ -87,6 +87,10 @@ def test_skipping_keeps_the_step_count_and_counts_the_shards(shards_copy, backen
     assert sum(1 for _ in loader) == steps  # every rank keeps its step count: the epoch is exactly as long
     assert sorted(loader.skipped_shards) == sorted([truncated, deleted])
     assert loader.state_dict()["skipped_shards"] == loader.skipped_shards
+    # a relaunch opens the split with the tar gone: its index keeps the place, so the schedule does not change
+    assert len(loader_for(shards_copy, backend, skip=True)) == steps
+    with pytest.raises(UserError, match="shard listed in _info.json is missing"):
+        loader_for(shards_copy, backend, skip=False)
 
 
 def test_a_deleted_shard_stops_the_next_epoch_when_not_skipping(shards_copy):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -141,7 +142,9 @@ def test_stop_and_relaunch_resumes_exactly(reference_run, demo_shards, tmp_path)
 
 
 @pytest.mark.slow
-def test_kill_minus_9_mid_epoch_then_relaunch(reference_run, demo_shards, tmp_path):
+def test_kill_minus_9_then_a_corrupt_newest_checkpoint_falls_back(reference_run, demo_shards, tmp_path):
+    """Every rank and the launcher killed mid-epoch after checkpoint 20; checkpoint 20's model files then corrupted:
+    the relaunch warns, resumes from checkpoint 10 and still ends bit for bit like the uninterrupted run."""
     ref, _ = reference_run
     args = [*FAST, "--data", demo_shards, "--output", str(tmp_path), "--epochs", "2", "--save-every", "10"]
     proc = subprocess.Popen(
@@ -154,18 +157,7 @@ def test_kill_minus_9_mid_epoch_then_relaunch(reference_run, demo_shards, tmp_pa
     os.killpg(proc.pid, signal.SIGKILL)  # every rank and the launcher, mid-epoch
     proc.wait()
     assert (ckpts / "step000000020" / "complete").exists() and not (tmp_path / "export").exists()
-    summary = run_pretrain(*args)
-    assert summary["step"] == 62
-    assert exports_equal(ref, tmp_path)
-
-
-@pytest.mark.slow
-def test_corrupt_latest_checkpoint_falls_back(reference_run, demo_shards, tmp_path):
-    ref, _ = reference_run
-    args = [*FAST, "--data", demo_shards, "--output", str(tmp_path), "--epochs", "2", "--save-every", "10"]
-    run_pretrain(*args, "--max-steps", "20")
-    latest = tmp_path / "checkpoints" / "step000000020"
-    for f in latest.glob("*model_states.pt"):
+    for f in (ckpts / "step000000020").glob("*model_states.pt"):
         f.write_bytes(b"corrupt")
     proc = subprocess.run(
         deepspeed_cmd(*args), env=env(), capture_output=True, text=True, errors="replace", timeout=600
@@ -378,46 +370,6 @@ def test_resume_on_one_rank_from_a_two_rank_checkpoint(demo_shards, tmp_path):
     assert one["eval"]["top1"] >= two["eval"]["top1"] - 0.05  # the weights came across, not a fresh model
 
 
-@pytest.mark.slow
-def test_a_diverging_run_stops_without_saving_non_finite_weights(demo_shards, tmp_path):
-    """The reported case: lr 1e4 makes the loss NaN within a few steps. The run must stop with exit code 3 and one
-    line, record the bad steps, write no checkpoint from non-finite weights and no export."""
-    args = [
-        *FAST,
-        "--data",
-        demo_shards,
-        "--output",
-        str(tmp_path),
-        "--epochs",
-        "2",
-        "--max-steps",
-        "40",
-        "--save-every",
-        "2",
-        "--set",
-        "optim.base_lr=1e4",
-    ]
-    proc = subprocess.run(
-        deepspeed_cmd(*args), env=env(), capture_output=True, text=True, errors="replace", timeout=600
-    )
-    assert proc.returncode != 0, proc.stdout[-2000:]
-    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "error: training diverged at step" in line]
-    assert len(errors) == 1 and "last good checkpoint is" in errors[0] and "optim.base_lr" in errors[0], errors
-    summary = json.loads([line for line in proc.stdout.splitlines() if line.startswith("summary: ")][-1][9:])
-    assert summary["status"].startswith("diverged at step") and summary["bad_steps"] and summary["export"] is None
-    bad = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert [r for r in bad if r["kind"] == "bad_step"], "log.jsonl records the bad steps"
-    assert summary["step"] < 40 and not (tmp_path / "export").exists()
-    from conv2former.weights import read_weights
-
-    ckpts = tmp_path / "checkpoints"
-    for tag in sorted(p for p in ckpts.iterdir() if (p / "complete").exists()):
-        weights = read_weights(str(tag)).state_dict
-        assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point()), tag.name
-    newest = (ckpts / "latest").read_text()  # the newest (finite) checkpoint is the one the error line names
-    assert (ckpts / newest / "complete").exists() and newest in errors[0]
-
-
 def rank_pid(launcher_pid: int, rank: int) -> int:
     """The pid of training rank ``rank`` started by the deepspeed launcher ``launcher_pid``."""
     import psutil
@@ -447,9 +399,14 @@ def test_injected_nan_stops_at_once_and_keeps_the_last_good_checkpoint(demo_shar
     )
     assert proc.returncode == 3, proc.stderr[-2000:]
     [line] = error_lines(proc.stdout + proc.stderr)
-    assert "training diverged at step 7: loss nan" in line and "step000000005" in line
+    assert "training diverged at step 7: loss nan" in line and "step000000005" in line and "optim.base_lr" in line
+    summary = json.loads([r for r in proc.stdout.splitlines() if r.startswith("summary: ")][-1][len("summary: ") :])
+    assert summary["status"].startswith("diverged at step 7") and summary["exit_code"] == 3
+    assert [b["step"] for b in summary["bad_steps"]] == [7] and summary["export"] is None
+    assert [r["step"] for r in read_log(tmp_path, "bad_step")] == [7]  # log.jsonl records the bad step
     tags = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("step"))
     assert tags == ["step000000005"] and not (tmp_path / "export").exists()
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step000000005"
 
 
 def mount_tmpfs(path: Path, size: int) -> None:
@@ -511,22 +468,28 @@ def start_and_wait_for_checkpoint(tmp_path: Path, demo_shards: str, *extra: str)
 @pytest.mark.parametrize("fault", ["SIGKILL", "SIGSTOP"])
 def test_a_dead_or_hung_rank_ends_the_run_naming_it(demo_shards, tmp_path, fault):
     """Rank 1 killed (or stopped: hung) mid-run: rank 0 leaves its collective (at once for a dead peer, after the
-    collective timeout for a hung one), names rank 1 in one line and the launcher exits non-zero."""
+    15 s collective timeout for a hung one), names rank 1 in one line and exits non-zero; so does the launcher."""
+    import psutil
+
     proc = start_and_wait_for_checkpoint(tmp_path, demo_shards, "--set", "deepspeed.timeout_minutes=0.25")
-    victim = rank_pid(proc.pid, 1)
+    survivor, victim = psutil.Process(rank_pid(proc.pid, 0)), rank_pid(proc.pid, 1)
     start = time.time()
     os.kill(victim, getattr(signal, fault))
     try:
-        out, _ = proc.communicate(timeout=180)
+        survivor.wait(timeout=120)
+        elapsed = time.time() - start
+        with contextlib.suppress(ProcessLookupError):  # the launcher would, after its 30 s grace for a stopped one
+            os.kill(victim, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=120)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
-        subprocess.run(["kill", "-9", str(victim)], capture_output=True)
-    elapsed = time.time() - start
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode != 0, out[-3000:]
     lines = [line for line in error_lines(out) if "rank 1 stopped answering" in line]
     assert len(lines) == 1 and "at step" in lines[0] and "deepspeed.timeout_minutes" in lines[0], out[-3000:]
-    # the timeout (15 s) + the roll call (5 s) + the launcher's grace for the stopped rank (30 s)
-    assert elapsed < 90, elapsed
+    assert "Traceback" not in out
+    # a dead peer at once, a hung one after the timeout (15 s); then the roll call (5 s)
+    assert elapsed < (20 if fault == "SIGKILL" else 40), elapsed
 
 
 @pytest.mark.slow
@@ -542,8 +505,12 @@ def test_a_shard_removed_mid_run_stops_it_and_skipping_finishes(demo_shards, tmp
     text, _ = proc.communicate(timeout=600)
     assert proc.returncode == 6, text[-3000:]
     lines = error_lines(text)
-    assert lines and all(str(gone) in line and "cannot be opened" in line for line in lines), lines
-    assert re.search(r"at epoch [01], step \d+ of the train split", lines[0]) and "Traceback" not in text
+    assert str(gone) in lines[0] and "cannot be opened" in lines[0] and "Traceback" not in text, lines
+    assert re.search(r"at epoch [01], step \d+ of the train split", lines[0])
+    # a rank whose share did not hold the shard is left waiting in a collective: it names the rank that left, unless
+    # that rank announced its own fault through the store (rank 0's process is the store: then it says so)
+    for line in lines[1:]:
+        assert str(gone) in line or "rank 0 (which hosts the rendezvous store) is gone" in line, line
     args = [*FAST, "--data", str(data), "--output", str(out), "--epochs", "2", "--save-every", "5"]
     summary = run_pretrain(*args, "--set", "data.skip_bad_shards=true")
     assert summary["status"] == "finished" and summary["step"] == 62 and summary["skipped_shards"] == [str(gone)]

@@ -15,7 +15,7 @@ What it does, on a machine that reaches PyPI:
    triton and what only they need: the CUDA libraries, sympy, ...) and downloads those wheels;
 4. writes ``manifest.json`` (name, version, sha256, size of every wheel; the parts with their sha256) and, with
    ``--part-mib N``, joins the wheels into one tar cut into parts of at most N MiB.
-``launch/install_offline.sh`` installs it. The format is in docs/OFFLINE_INSTALL.md.
+``launch/install_offline.sh`` installs it. The format is in docs/offline_install.md.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import the project's runtime packages to prove it worked. A missing or corrupt p
 another Python, or a host without PyTorch is one line on stderr and exit status 2.
 
 Standard library only (plus the ``packaging`` that every pip carries): it runs on a bare PyTorch image.
-The bundle format is written down in docs/OFFLINE_INSTALL.md.
+The bundle format is written down in docs/offline_install.md.
 """
 
 from __future__ import annotations
@@ -291,7 +291,7 @@ def describe(plan: Plan, manifest: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Install an offline bundle (see docs/OFFLINE_INSTALL.md).")
+    parser = argparse.ArgumentParser(description="Install an offline bundle (see docs/offline_install.md).")
     parser.add_argument("bundle", type=Path, help="the folder made by 'make offline-bundle' (dist/offline)")
     parser.add_argument("--target", type=Path, help="install into this folder instead of the environment")
     parser.add_argument("--dry-run", action="store_true", help="check and plan, install nothing")

@@ -1,4 +1,4 @@
 """The paper's analyses for any checkpoint: effective receptive fields (``erf``) and Grad-CAM (``gradcam``).
 
-Run ``python -m conv2former.analysis erf ...`` (see ``__main__`` and docs/ANALYSIS.md).
+Run ``python -m conv2former.analysis erf ...`` (see ``__main__`` and docs/analysis.md).
 """

@@ -1,4 +1,4 @@
-"""``python -m conv2former.analysis {erf,gradcam} ...``: the paper's analyses for any checkpoint (docs/ANALYSIS.md).
+"""``python -m conv2former.analysis {erf,gradcam} ...``: the paper's analyses for any checkpoint (docs/analysis.md).
 
 ``erf``: per-stage effective receptive fields (paper Table 5, Fig. 4; method in ``conv2former/analysis/erf.py``)
 of one or more timm models with feature maps, at initialisation or with ``--weights``, on the first ``--images``

@@ -44,7 +44,7 @@ def build_loader(cfg: DataConfig, split: str, rank: int = 0, world_size: int = 1
     train = split == "train" if train is None else train
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if backend == "dali-gpu" else torch.device("cpu")
-    shards = open_split(cfg.root, split, cfg.cache_dir)
+    shards = open_split(cfg.root, split, cfg.cache_dir, keep_missing=bool(cfg.skip_bad_shards) and train)
     if backend == "torch":
         from conv2former.data.torch_loader import TorchLoader
 

@@ -112,8 +112,11 @@ def _check_member_names(tar_path: str, samples: List[Dict[str, Component]], wher
                                 "re-run shard.py or recreate the index with wds2idx")
 
 
-def open_split(root: str, split: str, cache_dir: Optional[str] = None) -> SplitShards:
-    """Read ``root``'s manifest for ``split``, check every shard against its index, and make them local."""
+def open_split(root: str, split: str, cache_dir: Optional[str] = None, keep_missing: bool = False) -> SplitShards:
+    """Read ``root``'s manifest for ``split``, check every shard against its index, and make them local.
+
+    ``keep_missing`` (training with ``data.skip_bad_shards``): a local shard whose tar is gone but whose index is
+    there is kept, with a warning, so the epoch's length and the schedule stay what they were; the loader skips it."""
     if not root:
         raise UserError("no data root given: pass --data DIR_OR_URL (a shard root made by data_prep/shard.py)")
     fs, path = fsspec.core.url_to_fs(root)
@@ -129,7 +132,9 @@ def open_split(root: str, split: str, cache_dir: Optional[str] = None) -> SplitS
     for filename, length in zip(split_info["filenames"], split_info["shard_lengths"]):
         tar_url = posixpath.join(root.rstrip("/"), filename)
         idx_url = tar_url[: -len(".tar")] + ".idx"
-        if not fs.exists(posixpath.join(path, filename)):
+        tar_missing = not fs.exists(posixpath.join(path, filename))
+        local = isinstance(fs, fsspec.implementations.local.LocalFileSystem)
+        if tar_missing and not (keep_missing and local):
             raise UserError(f"shard listed in {fmt.INFO_FILE} is missing: {tar_url}")
         if not fs.exists(posixpath.join(path, filename[: -len('.tar')] + ".idx")):
             raise UserError(f"index missing beside {tar_url}: re-run shard.py, or create it with wds2idx")
@@ -141,8 +146,13 @@ def open_split(root: str, split: str, cache_dir: Optional[str] = None) -> SplitS
             raise UserError(f"{idx_url}: index has {len(samples)} samples, {fmt.INFO_FILE} says {length}")
         if not samples:
             continue
-        size = os.path.getsize(tar_local)
+        size = 0 if tar_missing else os.path.getsize(tar_local)
         complete = [s for s in samples if max(o + n for o, n in s.values()) <= size]
+        if keep_missing and len(complete) < len(samples):
+            what = "missing" if tar_missing else "truncated"
+            warnings.warn(f"{tar_url} is {what}: keeping its place from its index (data.skip_bad_shards skips it)")
+            shards.append(Shard(tar_local, idx_local, samples))
+            continue
         if len(complete) < len(samples):
             warnings.warn(f"{tar_url} is truncated: using its first {len(complete)} of {len(samples)} samples")
             samples = complete  # a tar is truncated at its tail, so the complete samples are a prefix

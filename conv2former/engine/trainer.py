@@ -28,6 +28,7 @@ from conv2former.data.shard_format import read_classes
 from conv2former.engine import checkpoint as ckpt
 from conv2former.engine.disk import estimate_checkpoint
 from conv2former.engine.distributed import (
+    announce_fault,
     is_collective_failure,
     lost_ranks_line,
     set_collective_timeout,
@@ -214,7 +215,7 @@ class Trainer:
     def fit(self) -> Dict[str, Any]:
         """Train to ``stop_step`` (or the last epoch), evaluating and checkpointing on the way; export at the end.
         A fault (divergence, a failed save, a lost rank, an unreadable shard) ends the run with one line on rank 0
-        and the summary's ``exit_code`` (docs/TRAINING.md "When things go wrong")."""
+        and the summary's ``exit_code`` (docs/training.md "When things go wrong")."""
         if self.export_only:
             return self._export_initial_model()
         start = time.time()
@@ -254,6 +255,8 @@ class Trainer:
     def _as_fault(self, err: Exception) -> RunFault:
         """``err`` as a run fault with its line (empty on the ranks that do not print it), or ``err`` re-raised."""
         if isinstance(err, RunFault):
+            if self.world_size > 1 and not isinstance(err, RankFault):
+                announce_fault(self.rank, err.status)  # the other ranks' roll call then stays quiet
             return err
         if is_collective_failure(err):
             line = lost_ranks_line(self.rank, self.world_size, self.step, err, self.cfg.deepspeed.timeout_minutes)
@@ -320,7 +323,7 @@ class Trainer:
     def micro_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         images, targets = self.augment(images, labels)
         loss = self.criterion(self.engine(images.to(dtype=self.dtype)).float(), targets)
-        if self.cfg.guard.inject_nan_at == self.step + 1 and self.rank == 0:  # test aid (docs/TRAINING.md)
+        if self.cfg.guard.inject_nan_at == self.step + 1 and self.rank == 0:  # test aid (docs/training.md)
             loss = loss * float("nan")
         self.engine.backward(loss)
         self.engine.step()
