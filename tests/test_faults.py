@@ -17,6 +17,7 @@ from conv2former.data.loader import build_loader
 from conv2former.data.shards import epoch_shard_order
 from conv2former.engine import disk
 from conv2former.engine.distributed import is_collective_failure
+from conv2former.engine.guard import DivergenceGuard
 from conv2former.errors import DataFault, UserError
 
 BACKENDS = ["torch", "dali-cpu"]
@@ -134,3 +135,18 @@ def test_collective_failures_are_told_from_bugs():
     assert is_collective_failure(closed) and is_collective_failure(timed_out)
     assert not is_collective_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
     assert not is_collective_failure(ValueError("Connection closed by peer"))
+
+
+def test_divergence_guard_reads_one_step_late_and_names_the_first_bad_step():
+    """Without a process group: each step's flag is read at the next step; two bad steps in a row trip a guard that
+    allows two, and the run it reports starts at the first of them."""
+    guard = DivergenceGuard(max_bad_steps=2, device=torch.device("cpu"))
+    nan, one = torch.tensor(float("nan")), torch.tensor(1.0)
+    assert guard.observe(1, one, 0.5) is None
+    assert guard.observe(2, nan, 0.5) is None  # step 1 read: finite
+    assert guard.observe(3, one, float("inf"))["step"] == 2 and not guard.tripped
+    assert guard.observe(4, one, 0.5)["step"] == 3 and guard.tripped
+    assert [r["step"] for r in guard.last_run()] == [2, 3]
+    assert guard.flush() is None and not guard.tripped  # step 4 was finite: the count starts over
+    assert guard.observe(5, one, None) is None and guard.flush() is None  # no grad norm (ZeRO 3 before a step)
+    assert [r["step"] for r in guard.bad_steps] == [2, 3]

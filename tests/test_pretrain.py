@@ -385,12 +385,13 @@ def error_lines(text: str) -> list:
 
 
 @pytest.mark.slow
-def test_injected_nan_stops_at_once_and_keeps_the_last_good_checkpoint(demo_shards, tmp_path):
-    """guard.inject_nan_at (the test aid): rank 0's loss is NaN at step 7; every rank stops (exit 3), checkpoint 5
-    stays the newest, no export."""
+@pytest.mark.parametrize("bad_step", [7, 10])
+def test_injected_nan_stops_at_once_and_keeps_the_last_good_checkpoint(demo_shards, tmp_path, bad_step):
+    """guard.inject_nan_at (the test aid): rank 0's loss is NaN at step 7 (read one step late) or at step 10, a
+    checkpoint step (read before saving); every rank stops (exit 3), checkpoint 5 stays the newest, no export."""
     args = [*FAST, "--data", demo_shards, "--output", str(tmp_path), "--max-steps", "20", "--save-every", "5"]
     proc = subprocess.run(
-        deepspeed_cmd(*args, "--set", "guard.inject_nan_at=7"),
+        deepspeed_cmd(*args, "--set", f"guard.inject_nan_at={bad_step}"),
         env=env(),
         capture_output=True,
         text=True,
@@ -399,11 +400,12 @@ def test_injected_nan_stops_at_once_and_keeps_the_last_good_checkpoint(demo_shar
     )
     assert proc.returncode == 3, proc.stderr[-2000:]
     [line] = error_lines(proc.stdout + proc.stderr)
-    assert "training diverged at step 7: loss nan" in line and "step000000005" in line and "optim.base_lr" in line
+    assert f"training diverged at step {bad_step}: loss nan" in line, line
+    assert "step000000005" in line and "optim.base_lr" in line, line
     summary = json.loads([r for r in proc.stdout.splitlines() if r.startswith("summary: ")][-1][len("summary: ") :])
-    assert summary["status"].startswith("diverged at step 7") and summary["exit_code"] == 3
-    assert [b["step"] for b in summary["bad_steps"]] == [7] and summary["export"] is None
-    assert [r["step"] for r in read_log(tmp_path, "bad_step")] == [7]  # log.jsonl records the bad step
+    assert summary["status"].startswith(f"diverged at step {bad_step}") and summary["exit_code"] == 3
+    assert [b["step"] for b in summary["bad_steps"]] == [bad_step] and summary["export"] is None
+    assert [r["step"] for r in read_log(tmp_path, "bad_step")] == [bad_step]  # log.jsonl records the bad step
     tags = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("step"))
     assert tags == ["step000000005"] and not (tmp_path / "export").exists()
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step000000005"

@@ -62,6 +62,15 @@ class DivergenceGuard:
         self.bad_steps.append(record)
         return record
 
+    def last_run(self) -> List[Dict[str, Any]]:
+        """The newest run of consecutive bad steps (its first one is where the run diverged)."""
+        run = self.bad_steps[-1:]
+        for record in reversed(self.bad_steps[:-1]):
+            if record["step"] != run[0]["step"] - 1:
+                break
+            run.insert(0, record)
+        return run
+
     @property
     def tripped(self) -> bool:
         return self.consecutive >= self.max_bad_steps

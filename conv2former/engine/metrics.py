@@ -96,6 +96,11 @@ class Metrics:
         self.jsonl.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
         self.jsonl.flush()
 
+    def warn(self, message: str) -> None:
+        """A warning on rank 0 on a line of its own above the bar (every rank sees the same thing here)."""
+        if self.rank == 0:
+            self.bar.write(message, file=sys.stderr)
+
     def show(self, **postfix: str) -> None:
         self.bar.set_postfix(**postfix)
 

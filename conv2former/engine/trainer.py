@@ -270,7 +270,7 @@ class Trainer:
         self.metrics.bar.close()
         if self.step_loss is not None:
             self.last_loss = self.step_loss.item()
-        if status == "finished" and self.saved_at != self.step and not self.save():
+        if status == "finished" and self.saved_at != self.step and self._checkpoint_if_good():
             return DIVERGED
         return status
 
@@ -284,7 +284,7 @@ class Trainer:
                 self.train_loader.set_epoch(self.epoch)
                 if self.epoch % self.cfg.schedule.eval_every_epochs == 0 or self.epoch == self.cfg.schedule.epochs:
                     self.last_eval = self.evaluate()
-                if not self.save():
+                if self._checkpoint_if_good():
                     return DIVERGED
         return "finished"
 
@@ -339,29 +339,45 @@ class Trainer:
         self.metrics.step_done()
         if self.step % self.cfg.logging.print_every == 0 or self.step == 1:
             self._record_training()
-        bad = self.guard.observe(self.step, step_loss, self.engine.get_global_grad_norm())
-        if bad is not None:
-            self.metrics.scalars(bad["step"], {"loss": bad["loss"], "grad_norm": bad["grad_norm"]}, kind="bad_step")
-            if self.guard.tripped:
-                return DIVERGED
+        if self._bad_step_trips(self.guard.observe(self.step, step_loss, self.engine.get_global_grad_norm())):
+            return DIVERGED
         if self.preemption.poll(self.device):
-            return STOPPED if self.save() else DIVERGED
+            return self._checkpoint_if_good() or STOPPED
         if self.cfg.checkpoint.save_every and self.step % self.cfg.checkpoint.save_every == 0:
             self.preemption.wait()
-            if not self.save():
+            if self._checkpoint_if_good():
                 return DIVERGED
             self.metrics.restart_window()  # time training only
         return "finished"
 
+    def _bad_step_trips(self, bad: Optional[Dict[str, Any]]) -> bool:
+        """Record a bad step (log.jsonl, TensorBoard); whether the guard's limit of consecutive bad steps is hit."""
+        if bad is None:
+            return False
+        self.metrics.scalars(bad["step"], {"loss": bad["loss"], "grad_norm": bad["grad_norm"]}, kind="bad_step")
+        return self.guard.tripped
+
+    def _checkpoint_if_good(self) -> Optional[str]:
+        """Checkpoint unless this very step was bad (its flag is read now, one sync per checkpoint) or the weights are
+        not finite; DIVERGED when the run must stop, else None."""
+        bad = self.guard.flush()
+        if self._bad_step_trips(bad):
+            return DIVERGED
+        if bad is not None:
+            self.metrics.warn(f"warning: step {self.step} was not finite: its checkpoint is skipped")
+            return None
+        return None if self.save() else DIVERGED
+
     def _report_divergence(self) -> str:
         """The one line a diverged run ends with (rank 0), and the summary's status."""
-        self.guard.flush()
-        seen = self.guard.bad_steps[-1] if self.guard.bad_steps else None
-        what = (
-            f"step {seen['step']}: loss {seen['loss']:.4g}, grad norm {seen['grad_norm']:.4g}"
-            if seen
-            else f"step {self.step}: the weights are not finite"
-        )
+        self._bad_step_trips(self.guard.flush())  # the last step's flag, recorded like the others
+        run = self.guard.last_run()
+        what = f"step {self.step}: the weights are not finite"
+        if run:
+            seen = run[0]
+            what = f"step {seen['step']}: loss {seen['loss']:.4g}, grad norm {seen['grad_norm']:.4g}"
+            if len(run) > 1:
+                what += f" (bad steps {seen['step']}-{run[-1]['step']})"
         newest = ckpt.newest_complete(self.checkpoints.dir)
         good = os.path.join(self.checkpoints.dir, newest["tag"]) if newest else "none (no checkpoint was written)"
         if self.rank == 0:
