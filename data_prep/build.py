@@ -80,6 +80,12 @@ def _check_writable(fs: fsspec.AbstractFileSystem, out_path: str, out: str) -> N
         raise UserError(f"cannot write to output {out}: {err}") from None
 
 
+def check_output(out: str) -> None:
+    """One clear line now, before any image is read, when ``out`` cannot be written."""
+    fs, out_path = fsspec.core.url_to_fs(str(out))
+    _check_writable(fs, out_path.rstrip("/"), out)
+
+
 def _clear_output(fs: fsspec.AbstractFileSystem, out_path: str) -> None:
     for name in ("train", "val", PROGRESS_DIR, "_spill", fmt.INFO_FILE, fmt.CLASSES_FILE, fmt.SKIPPED_FILE, PLAN_FILE):
         target = posixpath.join(out_path, name)

@@ -22,9 +22,10 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from conv2former.data.shard_format import canonical_synsets  # noqa: E402
 from conv2former.errors import UserError, exit_on_user_error  # noqa: E402
-from data_prep.build import BuildOptions, build_shards, format_summary  # noqa: E402
+from data_prep.build import BuildOptions, build_shards, check_output, format_summary  # noqa: E402
+from data_prep.holdout import image_checker, split_holdout  # noqa: E402
 from data_prep.sources import LAYOUTS_22K, Listing, list_1k, list_22k  # noqa: E402
-from data_prep.writer import WriteOptions, split_holdout  # noqa: E402
+from data_prep.writer import WriteOptions  # noqa: E402
 
 DEMO_DIR = os.path.join("data", "demo")
 
@@ -93,7 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     p22 = sub.add_parser("imagenet22k", help="ImageNet-22k (fall11_whole / winter21_whole) with a held-out val split")
     _add_common(p22)
     p22.add_argument("--layout", choices=LAYOUTS_22K, help="source layout (default: detected)")
-    p22.add_argument("--val-per-class", type=int, default=50, help="images held out per class for val (default 50)")
+    p22.add_argument(
+        "--val-per-class",
+        type=int,
+        default=50,
+        help="valid images held out per class for val, exactly (default 50; see docs/data.md)",
+    )
     p1 = sub.add_parser("imagenet1k", help="ImageNet-1k train/ and val/ (folder, Kaggle csv or devkit labels)")
     _add_common(p1)
     verify = sub.add_parser("verify", help="read back every shard, index and image; exit 1 on any problem")
@@ -120,8 +126,10 @@ def run_imagenet22k(args: argparse.Namespace) -> dict:
     layout, listing = list_22k(args.src, args.layout)
     if not listing.items:
         raise UserError(f"no images found in {args.src} (layout {layout})")
-    train, val = split_holdout(listing.items, args.val_per_class, args.seed)
-    splits = {"train": Listing(train, listing.skipped), "val": Listing(val, [])}
+    check_output(args.out)  # before the held-out candidates are read
+    check = image_checker(_write_options(args), args.workers, args.quiet)
+    train, val, rejected = split_holdout(listing.items, args.val_per_class, args.seed, check)
+    splits = {"train": Listing(train, listing.skipped + rejected), "val": Listing(val, [])}
     source = {
         "dataset": "imagenet22k",
         "src": os.path.abspath(args.src) if "://" not in args.src else args.src,
@@ -139,6 +147,10 @@ def run_imagenet1k(args: argparse.Namespace) -> dict:
     return _build(args, "imagenet1k", args.name or "imagenet-1k", splits, source)
 
 
+def _write_options(args: argparse.Namespace) -> WriteOptions:
+    return WriteOptions(max_side=args.max_side, min_side=args.min_side, check=args.check)
+
+
 def _build(args: argparse.Namespace, dataset: str, name: str, splits: dict, source: dict) -> dict:
     classes = resolve_classes(args.classes, dataset, splits)
     options = BuildOptions(
@@ -149,7 +161,7 @@ def _build(args: argparse.Namespace, dataset: str, name: str, splits: dict, sour
         overwrite=args.overwrite,
         resume=args.resume,
         quiet=args.quiet,
-        write=WriteOptions(max_side=args.max_side, min_side=args.min_side, check=args.check),
+        write=_write_options(args),
     )
     summary = build_shards(args.out, name, classes, splits, source, options)
     print(format_summary(summary))

@@ -74,21 +74,6 @@ def shuffle_items(items: Sequence[SourceItem], seed: int, salt: str) -> List[Sou
     return out
 
 
-def split_holdout(items: Sequence[SourceItem], per_class: int, seed: int) -> Tuple[List[SourceItem], List[SourceItem]]:
-    """Hold out ``per_class`` images of every synset (at most all but one), chosen by seed."""
-    by_synset: Dict[str, List[SourceItem]] = {}
-    for item in items:
-        by_synset.setdefault(item.synset, []).append(item)
-    train, val = [], []
-    for synset in sorted(by_synset):
-        members = shuffle_items(by_synset[synset], seed, f"holdout:{synset}")
-        n_val = min(per_class, len(members) - 1)
-        val += members[:n_val]
-        train += members[n_val:]
-    key = lambda it: (it.synset, it.key)  # noqa: E731
-    return sorted(train, key=key), sorted(val, key=key)
-
-
 def cut_into_shards(
     items: Sequence[SourceItem], samples_per_shard: Optional[int], shard_bytes: Optional[int]
 ) -> List[List[SourceItem]]:

@@ -56,7 +56,7 @@ def class_images(synset: str, n: int = PER_CLASS) -> Dict[str, bytes]:
     return {f"{synset}_{i + 1}.JPEG": render(i % 40, rng) for i in range(n)}
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size, info.mtime = len(data), 0
     tar.addfile(info, io.BytesIO(data))
@@ -71,14 +71,14 @@ def make_22k_synset_tars(root: str, with_bad: bool = True) -> Dict[str, List[str
         images = class_images(synset)
         with tarfile.open(os.path.join(root, f"{synset}.tar"), "w") as tar:
             for name, data in images.items():
-                _add(tar, name, data)
+                add_member(tar, name, data)
             if with_bad and n == 0:
                 for kind in BAD_22K:
-                    _add(tar, f"{synset}_{kind}.JPEG", bad_file(kind))
+                    add_member(tar, f"{synset}_{kind}.JPEG", bad_file(kind))
         good[synset] = list(images)
     if with_bad:
         with tarfile.open(os.path.join(root, "n99999999.tar"), "w") as tar:  # a synset not in the class list
-            _add(tar, "n99999999_1.JPEG", jpeg(9))
+            add_member(tar, "n99999999_1.JPEG", jpeg(9))
     return good
 
 

@@ -87,9 +87,8 @@ def test_22k_round_trip(tree_22k, shards_22k):
     for key, label, meta, _ in train + val:
         assert canonical[label] == meta["synset"] and key.startswith(meta["synset"]) and "." not in key
     per_class_val = collections.Counter(meta["synset"] for _, _, meta, _ in val)
-    # 3 listed files per class are held out; the bad ones among them are then skipped
-    assert per_class_val[fake.SYNSETS_22K[1]] == per_class_val[fake.SYNSETS_22K[2]] == 3
-    assert all(n <= 3 for n in per_class_val.values())
+    # exactly 3 valid images per class are held out, also in synset 0, which holds every kind of bad file
+    assert per_class_val == {synset: 3 for synset in fake.SYNSETS_22K[:4]}
     assert not {k for k, *_ in train} & {k for k, *_ in val}  # the held-out split is disjoint from train
     counts = collections.Counter(meta["synset"] for _, _, meta, _ in train + val)
     # synset 0: 12 good + cmyk/png/gray re-encoded; synset 3: the tar was cut inside member 5 (5 kept)
@@ -441,3 +440,63 @@ def test_verify_reports_damage(shards_22k, tmp_path, capsys):
     assert run("verify", str(copy), "--quiet") == 1
     out = capsys.readouterr().out
     assert "train/train-000001.tar" in out and "train/train-000002.tar: index does not match the tar" in out
+
+
+@pytest.mark.parametrize("layout", ["synset-tars", "outer-targz"])
+def test_val_per_class_is_exact_when_bad_files_are_drawn(tmp_path, layout):
+    """Classes where most files are bad: the held-out split still gets exactly N valid images per class (all valid
+    but one when a class has at most N), the bad candidates go to neither split and are recorded, and training keeps
+    the rest. Through offsets (synset tars) and through one streaming pass (a .tar.gz)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    bad_kinds = ["not_image", "empty", "truncated", "tiny", "not_image", "empty"]
+    layout_of = {fake.SYNSETS_22K[0]: 4, fake.SYNSETS_22K[1]: 2, fake.SYNSETS_22K[2]: 9}  # good images per class
+    for synset, n_good in layout_of.items():
+        with tarfile.open(src / f"{synset}.tar", "w") as tar:
+            for name, data in fake.class_images(synset, n_good).items():
+                fake.add_member(tar, name, data)
+            for i, kind in enumerate(bad_kinds):
+                fake.add_member(tar, f"{synset}_bad{i}.JPEG", fake.bad_file(kind))
+    source = str(src)
+    if layout == "outer-targz":
+        source = str(tmp_path / "winter21_whole.tar.gz")
+        fake.make_outer_tar(str(src), source)
+    out = tmp_path / "out"
+    common = ["--samples-per-shard", "5", "--classes", "present", "--workers", "2", "--quiet"]
+    assert run("imagenet22k", source, str(out), "--val-per-class", "3", *common) == 0
+    _, train = read_split(str(out), "train")
+    _, val = read_split(str(out), "val")
+    held = collections.Counter(meta["synset"] for _, _, meta, _ in val)
+    kept = collections.Counter(meta["synset"] for _, _, meta, _ in train)
+    assert held == {fake.SYNSETS_22K[0]: 3, fake.SYNSETS_22K[1]: 1, fake.SYNSETS_22K[2]: 3}
+    assert kept == {fake.SYNSETS_22K[0]: 1, fake.SYNSETS_22K[1]: 1, fake.SYNSETS_22K[2]: 6}
+    assert all("_bad" not in meta["source"] for _, _, meta, _ in train + val)
+    skipped = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
+    assert sorted(s["source"].rsplit("/", 1)[-1].rsplit(":", 1)[-1] for s in skipped) == sorted(
+        f"{synset}_bad{i}.JPEG" for synset in layout_of for i in range(len(bad_kinds))
+    )
+    assert sum("a held-out candidate" in s["reason"] for s in skipped) >= 6  # drawn, checked, replaced
+
+
+def test_split_holdout_without_bad_files_takes_the_first_n_of_the_seeded_order():
+    from data_prep.holdout import split_holdout
+    from data_prep.sources import SourceItem
+    from data_prep.writer import shuffle_items
+
+    items = [
+        SourceItem(f"n{c:08d}_{i}", f"n{c:08d}", "x.tar", i, 1, f"n{c:08d}_{i}") for c in range(3) for i in range(7)
+    ]
+    calls = []
+
+    def all_valid(batch):
+        calls.append(len(batch))
+        return {item.name: None for item in batch}
+
+    train, held, skipped = split_holdout(items, 4, seed=5, check=all_valid)
+    for c in range(3):
+        members = [it for it in items if it.synset == f"n{c:08d}"]
+        first = sorted(shuffle_items(members, 5, f"holdout:n{c:08d}")[:4], key=lambda it: it.key)
+        assert [it for it in held if it.synset == f"n{c:08d}"] == first
+    assert calls == [15] and not skipped  # one round: N + 1 candidates per class
+    assert sorted(train + held, key=lambda it: it.key) == sorted(items, key=lambda it: it.key)
+    assert split_holdout(items, 0, seed=5, check=all_valid)[1] == [] and calls == [15]
