@@ -12,9 +12,9 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import fsspec
 from tqdm import tqdm
@@ -47,6 +47,7 @@ class BuildOptions:
     resume: bool = True
     write: WriteOptions = WriteOptions()
     quiet: bool = False
+    plan_only: bool = False  # stop after the plan (``--plan-only``)
 
 
 def _digest(splits: Dict[str, List[List[SourceItem]]]) -> str:
@@ -132,13 +133,68 @@ def build_shards(
     source_description: Dict[str, object],
     options: BuildOptions,
 ) -> Dict[str, object]:
-    """Write ``splits`` ({"train": Listing, "val": Listing}) to ``out`` and return the run summary."""
+    """Write ``splits`` ({"train": Listing, "val": Listing}) to ``out`` and return the run summary (with
+    ``options.plan_only``: plan, write ``_plan.json``, find the shards a resume keeps, and stop there)."""
     start = time.time()
     fs, out_path = fsspec.core.url_to_fs(str(out))
     out_path = out_path.rstrip("/")
-    _check_writable(fs, out_path, out)
+    if not options.plan_only:
+        _check_writable(fs, out_path, out)
     label_of = {synset: i for i, synset in enumerate(classes)}
+    planned, listing_skips = _plan_splits(splits, label_of, options)
+    plan = {
+        "name": name,
+        "source": source_description,
+        "seed": options.seed,
+        "samples_per_shard": options.samples_per_shard,
+        "shard_bytes": None if options.samples_per_shard else options.shard_bytes,
+        "write": asdict(options.write),
+        "num_classes": len(classes),
+        "shards": {split: len(shards) for split, shards in planned.items()},
+        "digest": _digest(planned),
+    }
+    if options.plan_only:  # nothing is written or removed; a resume's kept shards are counted when the plan matches
+        previous = _previous_plan(fs, out_path)
+        kept = previous is not None and (previous == plan or _same_items(previous, plan))
+        results, tasks = _pending_tasks(fs, out_path, str(out).rstrip("/"), planned, label_of, options, kept)
+        return _plan_summary(out, planned, results, tasks, listing_skips, time.time() - start)
+    _settle_previous_plan(fs, out_path, out, plan, options)
+    fs.makedirs(out_path, exist_ok=True)
+    with fs.open(posixpath.join(out_path, PLAN_FILE), "w") as f:
+        json.dump(plan, f, indent=1, sort_keys=True)
+    with fs.open(posixpath.join(out_path, fmt.CLASSES_FILE), "w") as f:
+        f.write("".join(f"{synset}\n" for synset in classes))
+    for split in planned:  # temporary files of a killed run (never under a shard's final name)
+        for stale in fs.glob(posixpath.join(out_path, split, ".*.partial")):
+            fs.rm(stale)
+    results, tasks = _pending_tasks(fs, out_path, str(out).rstrip("/"), planned, label_of, options, options.resume)
+    total_images = sum(len(shard) for shards in planned.values() for shard in shards)
+    _write_tasks(fs, out_path, name, tasks, results, listing_skips, total_images, options)
+    all_results = [results[key] for key in sorted(results)]
+    info = _write_manifest(fs, out_path, name, classes, source_description, planned, results, options.seed)
+    with fs.open(posixpath.join(out_path, fmt.SKIPPED_FILE), "w") as f:
+        for skip in listing_skips + [s for r in all_results for s in r.skipped]:
+            f.write(json.dumps(skip, sort_keys=True) + "\n")
+    seconds = time.time() - start
+    return {
+        "output": str(out),
+        "images_in": total_images + len(listing_skips),
+        "written": sum(r.num_samples for r in all_results),
+        "reencoded": sum(r.reencoded for r in all_results),
+        "skipped": dict(summarize_skips(all_results, listing_skips)),
+        "bytes": sum(r.num_bytes for r in all_results),
+        "shards": {split: len(shards) for split, shards in planned.items()},
+        "shards_reused": len(results) - len(tasks),
+        "samples": {split: info["splits"][split]["num_samples"] for split in planned},
+        "seconds": round(seconds, 2),
+        "images_per_second": round(sum(len(t.items) for t in tasks) / seconds, 1) if seconds > 0 else None,
+    }
 
+
+def _plan_splits(
+    splits: Dict[str, Listing], label_of: Dict[str, int], options: BuildOptions
+) -> Tuple[Dict[str, List[List[SourceItem]]], List[Dict[str, str]]]:
+    """Each split's items in the label space, shuffled by seed and cut into shards; and the listing's skips."""
     listing_skips: List[Dict[str, str]] = []
     planned: Dict[str, List[List[SourceItem]]] = {}
     for split, listing in splits.items():
@@ -151,22 +207,14 @@ def build_shards(
                 listing_skips.append({"source": item.name, "reason": f"synset {item.synset} not in the class list"})
         shuffled = shuffle_items(kept, options.seed, split)
         planned[split] = cut_into_shards(shuffled, options.samples_per_shard, options.shard_bytes) if shuffled else []
+    return planned, listing_skips
 
-    plan = {
-        "name": name,
-        "source": source_description,
-        "seed": options.seed,
-        "samples_per_shard": options.samples_per_shard,
-        "shard_bytes": None if options.samples_per_shard else options.shard_bytes,
-        "write": asdict(options.write),
-        "num_classes": len(classes),
-        "shards": {split: len(shards) for split, shards in planned.items()},
-        "digest": _digest(planned),
-    }
-    plan_path = posixpath.join(out_path, PLAN_FILE)
-    if fs.exists(plan_path):
-        with fs.open(plan_path, "r") as f:
-            previous = json.load(f)
+
+def _settle_previous_plan(fs, out_path: str, out: str, plan: Dict[str, object], options: BuildOptions) -> None:
+    """Keep the output for a resume of the same plan, clear it for a fresh run, refuse to mix another plan's shards
+    with this one's unless ``--overwrite``."""
+    previous = _previous_plan(fs, out_path)
+    if previous is not None:
         if previous != plan and _same_items(previous, plan):
             # the same images under another path (a moved checkout or mount): the shards stay valid
             if not options.quiet:
@@ -189,32 +237,41 @@ def build_shards(
         if not options.overwrite:
             raise UserError(f"{out} already holds shards not written by this plan; pass --overwrite to replace them")
         _clear_output(fs, out_path)
-    fs.makedirs(out_path, exist_ok=True)
-    with fs.open(plan_path, "w") as f:
-        json.dump(plan, f, indent=1, sort_keys=True)
-    with fs.open(posixpath.join(out_path, fmt.CLASSES_FILE), "w") as f:
-        f.write("".join(f"{synset}\n" for synset in classes))
 
-    for split in planned:  # temporary files of a killed run (never under a shard's final name)
-        for stale in fs.glob(posixpath.join(out_path, split, ".*.partial")):
-            fs.rm(stale)
 
+def _previous_plan(fs, out_path: str) -> Optional[Dict[str, object]]:
+    """The plan stored in ``out_path`` (None when there is none)."""
+    plan_path = posixpath.join(out_path, PLAN_FILE)
+    if not fs.exists(plan_path):
+        return None
+    with fs.open(plan_path, "r") as f:
+        return json.load(f)
+
+
+def _pending_tasks(fs, out_path: str, out_url: str, planned, label_of: Dict[str, int], options, resume: bool):
+    """(the complete shards a resume keeps, the tasks of the others). A shard counts as complete when its commit
+    record, tar size and index agree (``read_progress``: three small reads, run in threads for object stores)."""
+    keys = [(split, index) for split, shards in planned.items() for index in range(len(shards))]
     results: Dict[tuple, ShardResult] = {}
-    tasks: List[ShardTask] = []
-    for split, shards in planned.items():
-        for index, shard in enumerate(shards):
-            done = read_progress(fs, out_path, split, index) if options.resume else None
-            if done is not None:
-                results[(split, index)] = done
-            else:
-                items = [(item, label_of[item.synset]) for item in shard]
-                tasks.append(ShardTask(str(out).rstrip("/"), split, index, items, options.write))
+    if resume and keys:
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            done = pool.map(lambda key: read_progress(fs, out_path, *key), keys)
+            results = {key: record for key, record in zip(keys, done) if record is not None}
+    tasks = [
+        ShardTask(
+            out_url, split, index, [(item, label_of[item.synset]) for item in planned[split][index]], options.write
+        )
+        for split, index in keys
+        if (split, index) not in results
+    ]
+    return results, tasks
 
-    total_images = sum(len(shard) for shards in planned.values() for shard in shards)
-    reused = sum(r.images_in for r in results.values())
+
+def _write_tasks(fs, out_path, name, tasks, results, listing_skips, total_images, options: BuildOptions) -> None:
+    """Write the pending shards (in ``options.workers`` processes) under a progress bar; fills ``results``."""
     bar = tqdm(
         total=total_images,
-        initial=reused,
+        initial=sum(r.images_in for r in results.values()),
         unit="img",
         desc=f"shards {name}",
         disable=options.quiet,
@@ -231,27 +288,27 @@ def build_shards(
         bar.set_postfix(skipped=skipped_count)
 
     spill_dir = _spill_streamed(tasks, fs, out_path, options.quiet)
-
     protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
     # memory:// lives inside one process: workers could not hand their shards back.
-    in_process = options.workers <= 1 or "memory" in protocols
-    if in_process:
+    if options.workers <= 1 or "memory" in protocols:
         for task in tasks:
             collect(write_shard(task))
     else:
         ctx = multiprocessing.get_context("fork")
         with ProcessPoolExecutor(max_workers=options.workers, mp_context=ctx) as pool:
-            futures = [pool.submit(write_shard, task) for task in tasks]
-            for future in as_completed(futures):
+            for future in as_completed([pool.submit(write_shard, task) for task in tasks]):
                 collect(future.result())
     bar.close()
     if spill_dir is not None:
         shutil.rmtree(spill_dir, ignore_errors=True)
 
+
+def _write_manifest(fs, out_path, name, classes, source_description, planned, results, seed) -> Dict[str, object]:
+    """``_info.json``: the format, and per split its shards and their lengths."""
     info = {
         "name": name,
         "num_classes": len(classes),
-        "seed": options.seed,
+        "seed": seed,
         "source": source_description,
         "format": {
             "image": fmt.IMAGE_KEY,
@@ -262,7 +319,6 @@ def build_shards(
         },
         "splits": {},
     }
-    all_results = [results[key] for key in sorted(results)]
     for split, shards in planned.items():
         split_results = [results[(split, i)] for i in range(len(shards))]
         info["splits"][split] = {
@@ -271,31 +327,29 @@ def build_shards(
             "filenames": [f"{split}/{fmt.shard_name(split, i)}" for i in range(len(shards))],
             "shard_lengths": [r.num_samples for r in split_results],
         }
-    with fs.open(posixpath.join(out_path, fmt.SKIPPED_FILE), "w") as f:
-        for skip in listing_skips + [s for r in all_results for s in r.skipped]:
-            f.write(json.dumps(skip, sort_keys=True) + "\n")
     with fs.open(posixpath.join(out_path, fmt.INFO_FILE), "w") as f:
         json.dump(info, f, indent=1)
+    return info
 
-    seconds = time.time() - start
-    written = sum(r.num_samples for r in all_results)
-    summary = {
+
+def _plan_summary(out, planned, results, tasks, listing_skips, seconds: float) -> Dict[str, object]:
+    """What ``--plan-only`` reports: the shards and samples per split, their source bytes, what a run would write."""
+    return {
         "output": str(out),
-        "images_in": total_images + len(listing_skips),
-        "written": written,
-        "reencoded": sum(r.reencoded for r in all_results),
-        "skipped": dict(summarize_skips(all_results, listing_skips)),
-        "bytes": sum(r.num_bytes for r in all_results),
+        "plan_only": True,
         "shards": {split: len(shards) for split, shards in planned.items()},
-        "shards_reused": len(results) - len(tasks),
-        "samples": {split: info["splits"][split]["num_samples"] for split in planned},
+        "samples": {split: sum(len(shard) for shard in shards) for split, shards in planned.items()},
+        "source_bytes": {split: sum(i.size for shard in shards for i in shard) for split, shards in planned.items()},
+        "shards_complete": len(results),
+        "shards_to_write": len(tasks),
+        "listing_skipped": len(listing_skips),
         "seconds": round(seconds, 2),
-        "images_per_second": round(sum(len(t.items) for t in tasks) / seconds, 1) if seconds > 0 else None,
     }
-    return summary
 
 
 def format_summary(summary: Dict[str, object]) -> str:
+    if summary.get("plan_only"):
+        return _format_plan(summary)
     skipped: Dict[str, int] = summary["skipped"]  # type: ignore[assignment]
     lines = [
         f"wrote {summary['output']}: {summary['written']} images in "
@@ -306,3 +360,18 @@ def format_summary(summary: Dict[str, object]) -> str:
         f"{summary['shards_reused']} complete shards reused",
     ]
     return "\n".join(lines)
+
+
+def _format_plan(summary: Dict[str, object]) -> str:
+    splits = ", ".join(
+        f"{split} {n:,} images in {summary['shards'][split]:,} shards ({summary['source_bytes'][split] / 1e9:.2f} GB)"
+        for split, n in summary["samples"].items()
+    )
+    return "\n".join(
+        [
+            f"plan for {summary['output']}: {splits}",
+            f"  {summary['shards_complete']:,} complete shards a resume keeps, {summary['shards_to_write']:,} to write;"
+            f" {summary['listing_skipped']:,} inputs skipped while listing; planned in {summary['seconds']} s",
+            "  nothing was written (--plan-only)",
+        ]
+    )

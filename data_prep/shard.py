@@ -78,6 +78,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         action="store_false",
         help="rewrite every shard instead of keeping the complete ones",
     )
+    p.add_argument(
+        "--plan-only",
+        action="store_true",
+        help="list, draw the held-out split and plan the shards, print the plan, and write nothing",
+    )
     p.add_argument("--name", help="dataset name in _info.json (default: imagenet-22k / imagenet-1k)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -123,10 +128,11 @@ def resolve_classes(spec: str, dataset: str, splits: dict) -> List[str]:
 
 
 def run_imagenet22k(args: argparse.Namespace) -> dict:
-    layout, listing = list_22k(args.src, args.layout)
+    layout, listing = list_22k(args.src, args.layout, args.workers)
     if not listing.items:
         raise UserError(f"no images found in {args.src} (layout {layout})")
-    check_output(args.out)  # before the held-out candidates are read
+    if not args.plan_only:
+        check_output(args.out)  # before the held-out candidates are read
     check = image_checker(_write_options(args), args.workers, args.quiet)
     train, val, rejected = split_holdout(listing.items, args.val_per_class, args.seed, check)
     splits = {"train": Listing(train, listing.skipped + rejected), "val": Listing(val, [])}
@@ -162,6 +168,7 @@ def _build(args: argparse.Namespace, dataset: str, name: str, splits: dict, sour
         resume=args.resume,
         quiet=args.quiet,
         write=_write_options(args),
+        plan_only=args.plan_only,
     )
     summary = build_shards(args.out, name, classes, splits, source, options)
     print(format_summary(summary))

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import csv
 import io
+import multiprocessing
 import posixpath
 import re
 import tarfile
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import fsspec
 
@@ -35,7 +37,7 @@ LAYOUTS_22K = ("synset-tars", "outer-tar", "outer-targz", "synset-folders")
 STREAMED = -2  # SourceItem.offset of a member inside a compressed archive: readable only by streaming it
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SourceItem:
     """One input image: its sample key, synset, and where its bytes are (a file, or a range inside a tar)."""
 
@@ -163,8 +165,19 @@ def detect_22k_layout(src: str) -> str:
     raise UserError(f"{src} holds neither nXXXXXXXX.tar files nor nXXXXXXXX/ folders (an ImageNet-22k release)")
 
 
-def list_22k(src: str, layout: Optional[str] = None) -> Tuple[str, Listing]:
-    """List an ImageNet-22k source; returns (layout, listing). Items are sorted by (synset, key)."""
+def _list_each(fn: Callable[..., Listing], jobs: List[tuple], workers: int) -> List[Listing]:
+    """``fn(*job)`` for every job, in order, in ``workers`` processes (reading tar headers is Python work: threads
+    would share one core)."""
+    if workers <= 1 or len(jobs) < 2:
+        return [fn(*job) for job in jobs]
+    ctx = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        return list(pool.map(fn, *zip(*jobs), chunksize=max(1, len(jobs) // (workers * 8))))
+
+
+def list_22k(src: str, layout: Optional[str] = None, workers: int = 1) -> Tuple[str, Listing]:
+    """List an ImageNet-22k source; returns (layout, listing). Items are sorted by (synset, key). Per-synset tars and
+    folders are listed in ``workers`` processes."""
     layout = layout or detect_22k_layout(src)
     if layout not in LAYOUTS_22K:
         raise UserError(f"unknown ImageNet-22k layout {layout!r}: choose one of {', '.join(LAYOUTS_22K)}")
@@ -172,13 +185,15 @@ def list_22k(src: str, layout: Optional[str] = None) -> Tuple[str, Listing]:
     items: List[SourceItem] = []
     skipped: List[Dict[str, str]] = []
     if layout == "synset-tars":
+        jobs = []
         for tar_path in sorted(fs.glob(posixpath.join(path, "*.tar"))):
             synset = posixpath.basename(tar_path)[:-4]
             shown = posixpath.basename(tar_path)
             if not SYNSET_RE.match(synset):
                 skipped.append({"source": shown, "reason": "not a per-synset tar (name is not nXXXXXXXX.tar)"})
                 continue
-            listing = _items_from_tar(fs, tar_path, synset, shown)
+            jobs.append((fs, tar_path, synset, shown))
+        for listing in _list_each(_items_from_tar, jobs, workers):
             items += listing.items
             skipped += listing.skipped
     elif layout == "outer-tar":
@@ -222,11 +237,12 @@ def list_22k(src: str, layout: Optional[str] = None) -> Tuple[str, Listing]:
                 {"source": base, "reason": f"damaged archive, later members lost ({type(err).__name__}: {err})"}
             )
     else:
+        jobs = []
         for folder in sorted(fs.ls(path, detail=False)):
             synset = posixpath.basename(folder)
-            if not (SYNSET_RE.match(synset) and fs.isdir(folder)):
-                continue
-            listing = _list_folder(fs, folder, synset, prefix=synset)
+            if SYNSET_RE.match(synset) and fs.isdir(folder):
+                jobs.append((fs, folder, synset, synset))
+        for listing in _list_each(_list_folder, jobs, workers):
             items += listing.items
             skipped += listing.skipped
     items.sort(key=lambda it: (it.synset, it.key))

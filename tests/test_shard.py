@@ -500,3 +500,20 @@ def test_split_holdout_without_bad_files_takes_the_first_n_of_the_seeded_order()
     assert calls == [15] and not skipped  # one round: N + 1 candidates per class
     assert sorted(train + held, key=lambda it: it.key) == sorted(items, key=lambda it: it.key)
     assert split_holdout(items, 0, seed=5, check=all_valid)[1] == [] and calls == [15]
+
+
+def test_plan_only_reports_the_plan_and_writes_nothing(tree_22k, shards_22k, tmp_path, capsys):
+    src, _ = tree_22k
+    args = ["--val-per-class", "3", "--samples-per-shard", "10", "--workers", "2", "--quiet", "--plan-only"]
+    before = {p: p.stat().st_mtime_ns for p in shards_22k.rglob("*")}
+    capsys.readouterr()
+    assert run("imagenet22k", str(src), str(shards_22k), *args) == 0
+    out = capsys.readouterr().out
+    info = json.loads((shards_22k / "_info.json").read_text())
+    shards = len(info["splits"]["train"]["filenames"]) + len(info["splits"]["val"]["filenames"])
+    assert f"{shards:,} complete shards a resume keeps, 0 to write" in out and "nothing was written" in out, out
+    assert {p: p.stat().st_mtime_ns for p in shards_22k.rglob("*")} == before
+    fresh = tmp_path / "fresh"
+    assert run("imagenet22k", str(src), str(fresh), *args) == 0
+    assert f"0 complete shards a resume keeps, {shards:,} to write" in capsys.readouterr().out
+    assert not fresh.exists()
