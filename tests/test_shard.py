@@ -277,8 +277,9 @@ def compare_trees(a, b):
 def test_kill_minus_9_then_resume_equals_uninterrupted(tmp_path):
     src = tmp_path / "src"
     fake.make_22k_synset_tars(str(src), with_bad=False)
-    args = ["imagenet22k", str(src), "--val-per-class", "2", "--samples-per-shard", "2", "--workers", "1", "--quiet"]
+    args = ["imagenet22k", str(src), "--val-per-class", "2", "--samples-per-shard", "1", "--workers", "1", "--quiet"]
     assert run(args[0], args[1], str(tmp_path / "whole"), *args[2:]) == 0
+    total = len(os.listdir(tmp_path / "whole" / "_progress"))  # one record per shard (48: a wide window to land in)
     killed = tmp_path / "killed"
     env = dict(os.environ, PYTHONPATH=REPO)
     proc = subprocess.Popen(
@@ -294,7 +295,7 @@ def test_kill_minus_9_then_resume_equals_uninterrupted(tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     done_before = len(os.listdir(progress))
-    assert 5 <= done_before < 24, "the kill must land mid-run"
+    assert 5 <= done_before < total, "the kill must land mid-run"
     assert not (killed / "_info.json").exists()
     assert run(args[0], args[1], str(killed), *args[2:]) == 0
     compare_trees(tmp_path / "whole", killed)
