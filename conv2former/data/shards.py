@@ -13,7 +13,6 @@ The rule (both backends follow it):
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import math
 import os
@@ -33,17 +32,22 @@ Component = Tuple[int, int]  # (offset, size) of one member's data in the tar
 
 @dataclass
 class Shard:
-    tar: str                     # local path DALI and the torch backend read
-    index: str                   # local path of the (possibly tail-trimmed) DALI index
-    samples: List[Dict[str, Component]]
+    """One shard as opening the split found it: its local tar and DALI index, how many samples the index lists, and
+    how many bytes of the tar they need. The members' offsets stay in the index file until a reader asks
+    (``samples()``): at 1,400 shards x 10,000 samples, holding every offset would cost each rank gigabytes."""
+
+    tar: str  # local path DALI and the torch backend read
+    index: str  # local path of the (possibly tail-trimmed) DALI index
+    num_samples: int
+    end: int  # the tar's bytes the index needs (the end of its last member's data)
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return self.num_samples
 
-    @functools.cached_property
-    def end(self) -> int:
-        """The tar's bytes the index needs (the end of its last member's data)."""
-        return max((o + n for s in self.samples for o, n in s.values()), default=0)
+    def samples(self) -> List[Dict[str, Component]]:
+        """Every sample's members as {ext: (offset, size)}, read from the index now."""
+        with open(self.index) as f:
+            return _parse_index(f.read(), self.index)
 
 
 def shard_problem(shard: Shard) -> Optional[str]:
@@ -71,17 +75,45 @@ class SplitShards:
 
 def _parse_index(text: str, where: str) -> List[Dict[str, Component]]:
     lines = text.splitlines()
-    try:
-        count = fmt.index_sample_count(lines[0] if lines else "")
-    except ValueError:
-        raise UserError(f"{where}: not a DALI index (expected a '{fmt.INDEX_VERSION} N' first line)") from None
-    samples = []
-    for line in lines[1 : count + 1]:
-        parts = line.split()
-        samples.append({parts[i]: (int(parts[i + 1]), int(parts[i + 2])) for i in range(0, len(parts), 4)})
+    count = _index_count(lines[0] if lines else "", where)
+    samples = [_parse_sample(line) for line in lines[1 : count + 1]]
     if len(samples) != count:
         raise UserError(f"{where}: index announces {count} samples but lists {len(samples)}")
     return samples
+
+
+def _index_count(header: str, where: str) -> int:
+    try:
+        return fmt.index_sample_count(header)
+    except ValueError:
+        raise UserError(f"{where}: not a DALI index (expected a '{fmt.INDEX_VERSION} N' first line)") from None
+
+
+def _parse_sample(line: str) -> Dict[str, Component]:
+    parts = line.split()
+    return {parts[i]: (int(parts[i + 1]), int(parts[i + 2])) for i in range(0, len(parts), 4)}
+
+
+def _sample_end(sample: Dict[str, Component]) -> int:
+    return max(o + n for o, n in sample.values())
+
+
+def _index_ends(path: str, where: str) -> Tuple[int, Optional[Dict[str, Component]], Optional[Dict[str, Component]]]:
+    """(sample count, first sample, last sample) of a DALI index, reading its head and tail only."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 16).decode("utf-8", "replace").split("\n", 2)
+        count = _index_count(head[0], where)
+        if count == 0:
+            return 0, None, None
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - (1 << 16)))
+        tail = [line for line in f.read().decode("utf-8", "replace").split("\n") if line.strip()]
+    if len(head) < 2 or not head[1].strip() or not tail:
+        raise UserError(f"{where}: index announces {count} samples but lists none")
+    try:
+        return count, _parse_sample(head[1]), _parse_sample(tail[-1])
+    except (ValueError, IndexError):
+        raise UserError(f"{where}: not a DALI index (a sample line does not parse)") from None
 
 
 def _local_copy(url: str, cache_dir: Optional[str]) -> str:
@@ -98,10 +130,10 @@ def _local_copy(url: str, cache_dir: Optional[str]) -> str:
     return local
 
 
-def _check_member_names(tar_path: str, samples: List[Dict[str, Component]], where: str) -> None:
+def _check_member_names(tar_path: str, samples: Tuple[Dict[str, Component], ...], where: str) -> None:
     """The tar header before the first and last sample's first member must name that member."""
     with open(tar_path, "rb") as f:
-        for sample in (samples[0], samples[-1]):
+        for sample in samples:
             ext, (offset, _) = next(iter(sample.items()))
             if offset < 512:
                 raise UserError(f"{where}: index does not match its tar (offset {offset}); re-run shard.py")
@@ -128,42 +160,53 @@ def open_split(root: str, split: str, cache_dir: Optional[str] = None, keep_miss
     split_info = info["splits"][split]
     if not split_info["filenames"]:
         raise UserError(f"{root}: split {split!r} has no shards")
+    local = isinstance(fs, fsspec.implementations.local.LocalFileSystem)
     shards = []
     for filename, length in zip(split_info["filenames"], split_info["shard_lengths"]):
         tar_url = posixpath.join(root.rstrip("/"), filename)
         idx_url = tar_url[: -len(".tar")] + ".idx"
         tar_missing = not fs.exists(posixpath.join(path, filename))
-        local = isinstance(fs, fsspec.implementations.local.LocalFileSystem)
         if tar_missing and not (keep_missing and local):
             raise UserError(f"shard listed in {fmt.INFO_FILE} is missing: {tar_url}")
-        if not fs.exists(posixpath.join(path, filename[: -len('.tar')] + ".idx")):
+        if not fs.exists(posixpath.join(path, filename[: -len(".tar")] + ".idx")):
             raise UserError(f"index missing beside {tar_url}: re-run shard.py, or create it with wds2idx")
         tar_local = _local_copy(tar_url, cache_dir)
         idx_local = _local_copy(idx_url, cache_dir)
-        with open(idx_local) as f:
-            samples = _parse_index(f.read(), idx_url)
-        if len(samples) != length:
-            raise UserError(f"{idx_url}: index has {len(samples)} samples, {fmt.INFO_FILE} says {length}")
-        if not samples:
-            continue
-        size = 0 if tar_missing else os.path.getsize(tar_local)
-        complete = [s for s in samples if max(o + n for o, n in s.values()) <= size]
-        if keep_missing and len(complete) < len(samples):
-            what = "missing" if tar_missing else "truncated"
-            warnings.warn(f"{tar_url} is {what}: keeping its place from its index (data.skip_bad_shards skips it)")
-            shards.append(Shard(tar_local, idx_local, samples))
-            continue
-        if len(complete) < len(samples):
-            warnings.warn(f"{tar_url} is truncated: using its first {len(complete)} of {len(samples)} samples")
-            samples = complete  # a tar is truncated at its tail, so the complete samples are a prefix
-            if not samples:
-                continue
-            idx_local = _trimmed_index(idx_local, samples, cache_dir)
-        _check_member_names(tar_local, samples, tar_url)
-        shards.append(Shard(tar_local, idx_local, samples))
+        shard = _open_shard(tar_local, idx_local, length, tar_missing, keep_missing, tar_url, idx_url, cache_dir)
+        if shard is not None:
+            shards.append(shard)
     if not shards:
         raise UserError(f"{root}: split {split!r} holds no readable samples")
     return SplitShards(root, split, int(info["num_classes"]), shards)
+
+
+def _open_shard(tar_local: str, idx_local: str, length: int, tar_missing: bool, keep_missing: bool, tar_url: str,
+                idx_url: str, cache_dir: Optional[str]) -> Optional[Shard]:
+    """A shard checked against its index (head and tail of it, one stat, two tar headers), or None when it holds
+    no readable sample. A truncated tar keeps its complete samples (a prefix) through a trimmed index; with
+    ``keep_missing`` a missing or truncated one keeps its place whole, for the loader to skip."""
+    count, first, last = _index_ends(idx_local, idx_url)
+    if count != length:
+        raise UserError(f"{idx_url}: index has {count} samples, {fmt.INFO_FILE} says {length}")
+    if count == 0:
+        return None
+    end = _sample_end(last)
+    size = 0 if tar_missing else os.path.getsize(tar_local)
+    if size < end and keep_missing:
+        what = "missing" if tar_missing else "truncated"
+        warnings.warn(f"{tar_url} is {what}: keeping its place from its index (data.skip_bad_shards skips it)")
+        return Shard(tar_local, idx_local, count, end)
+    if size < end:
+        with open(idx_local) as f:
+            samples = _parse_index(f.read(), idx_url)
+        complete = [s for s in samples if _sample_end(s) <= size]
+        warnings.warn(f"{tar_url} is truncated: using its first {len(complete)} of {len(samples)} samples")
+        if not complete:  # a tar is truncated at its tail, so the complete samples are a prefix
+            return None
+        idx_local = _trimmed_index(idx_local, complete, cache_dir)
+        count, first, last, end = len(complete), complete[0], complete[-1], _sample_end(complete[-1])
+    _check_member_names(tar_local, (first, last), tar_url)
+    return Shard(tar_local, idx_local, count, end)
 
 
 def _trimmed_index(idx_local: str, samples: List[Dict[str, Component]], cache_dir: Optional[str]) -> str:

@@ -129,11 +129,15 @@ class TorchLoader(ShardLoader):
 
     def epoch_refs(self) -> List[Optional[SampleRef]]:
         """This rank's samples of the current epoch in order, cut (train) or padded (eval) to whole batches."""
+        shards = self.epoch_shards()
+        start, end = rank_range(sum(len(shard) for shard in shards), self.rank, self.world_size)
         refs: List[Optional[SampleRef]] = []
-        for shard in self.epoch_shards():
-            refs += [(shard.tar, s[fmt.IMAGE_KEY], s[fmt.CLASS_KEY]) for s in shard.samples]
-        start, end = rank_range(len(refs), self.rank, self.world_size)
-        refs = refs[start:end]
+        first = 0  # the epoch position of the shard's first sample: only the shards in this rank's range are read
+        for shard in shards:
+            if first < end and first + len(shard) > start:
+                samples = shard.samples()[max(0, start - first) : end - first]
+                refs += [(shard.tar, s[fmt.IMAGE_KEY], s[fmt.CLASS_KEY]) for s in samples]
+            first += len(shard)
         if self.train:
             rng = random.Random(sample_seed(self.seed, self.epoch, self.rank))
             refs = buffer_shuffle(refs, self.cfg.shuffle_buffer, rng)
