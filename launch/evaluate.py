@@ -101,6 +101,9 @@ def main(argv=None) -> int:
     if world > 1:
         import deepspeed
 
+        from conv2former.engine.distributed import pin_gloo_interface
+
+        pin_gloo_interface("nccl" if gpu else "gloo")
         deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo", verbose=False)
     model = timm.create_model(variant, num_classes=len(classes))
     check_compatible(model, weights.state_dict, path)

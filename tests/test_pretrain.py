@@ -516,3 +516,86 @@ def test_a_shard_removed_mid_run_stops_it_and_skipping_finishes(demo_shards, tmp
     args = [*FAST, "--data", str(data), "--output", str(out), "--epochs", "2", "--save-every", "5"]
     summary = run_pretrain(*args, "--set", "data.skip_bad_shards=true")
     assert summary["status"] == "finished" and summary["step"] == 62 and summary["skipped_shards"] == [str(gone)]
+
+
+@pytest.fixture
+def two_nodes():
+    """Two network namespaces joined by a veth pair, each with its own address: two "nodes" on this machine.
+    Yields [(namespace, address), ...]; node 0's address is the rendezvous address."""
+    tag = f"c2f{os.getpid() % 100000}"
+    nodes = [(f"{tag}n{i}", f"10.213.{os.getpid() % 250}.{i + 1}") for i in range(2)]
+    veths = [f"{tag}v{i}" for i in range(2)]
+    commands = [
+        ["ip", "netns", "add", nodes[0][0]],
+        ["ip", "netns", "add", nodes[1][0]],
+        ["ip", "link", "add", veths[0], "type", "veth", "peer", "name", veths[1]],
+    ]
+    for (ns, address), veth in zip(nodes, veths):
+        commands += [
+            ["ip", "link", "set", veth, "netns", ns],
+            ["ip", "-n", ns, "addr", "add", f"{address}/24", "dev", veth],
+            ["ip", "-n", ns, "link", "set", veth, "up"],
+            ["ip", "-n", ns, "link", "set", "lo", "up"],
+        ]
+    try:
+        for command in commands:
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                reason = f"cannot make network namespaces here ({' '.join(command)}: {done.stderr.strip()}); needs root"
+                if os.environ.get("CI"):
+                    pytest.fail(reason)  # CI runs as root: the test must run there
+                pytest.skip(reason)
+        yield nodes
+    finally:
+        for ns, _ in nodes:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def start_nodes(nodes, hostfile: Path, port: int, *args: str) -> list:
+    """One deepspeed launcher per node (1 CPU rank each), started the way launch/slurm/common.sh starts them."""
+    procs = []
+    for node_rank, (ns, _) in enumerate(nodes):
+        command = ["ip", "netns", "exec", ns, str(BIN / "deepspeed"), "--hostfile", str(hostfile), "--no_ssh"]
+        command += ["--num_nodes", "2", "--node_rank", str(node_rank), "--num_gpus", "1"]
+        command += ["--master_addr", nodes[0][1], "--master_port", str(port), PRETRAIN, *args]
+        procs.append(
+            subprocess.Popen(
+                command,
+                env=env(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                errors="replace",
+                start_new_session=True,
+            )
+        )
+    return procs
+
+
+@pytest.mark.slow
+def test_two_nodes_train_and_resume_exactly_after_both_are_killed(two_nodes, reference_run, demo_shards, tmp_path):
+    """Two "nodes" (network namespaces with their own addresses), one rank each, gloo across the veth pair and the
+    rendezvous at node 0's address, one output path for both: killed after checkpoint 20, relaunched, the run ends
+    bit for bit like the one-node two-rank reference (the same ranks, data and seed)."""
+    ref, _ = reference_run
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    out = tmp_path / "out"
+    args = [*FAST, "--data", demo_shards, "--output", str(out), "--epochs", "2", "--save-every", "10"]
+    PORT[0] += 1
+    procs = start_nodes(two_nodes, hostfile, PORT[0], *args)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (out / "checkpoints" / "step000000020" / "complete").exists():
+        assert all(p.poll() is None for p in procs), procs[0].communicate()[0][-3000:]
+        time.sleep(0.2)
+    for proc in procs:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    PORT[0] += 1
+    procs = start_nodes(two_nodes, hostfile, PORT[0], *args)
+    outputs = [proc.communicate(timeout=600)[0] for proc in procs]
+    for proc, text in zip(procs, outputs):
+        assert proc.returncode == 0, text[-3000:]
+    assert '"world_size": 2' in outputs[0] and "resumed from step0000000" in outputs[0], outputs[0][-3000:]
+    summary = json.loads([r for r in outputs[0].splitlines() if r.startswith("summary: ")][-1][len("summary: ") :])
+    assert summary["step"] == 62 and exports_equal(ref, out)

@@ -26,6 +26,35 @@ def single_process_env() -> None:
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
 
 
+def route_interface(address: str) -> Optional[str]:
+    """The name of this host's network interface whose address the kernel would send from to reach ``address``."""
+    import psutil
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((socket.gethostbyname(address), 9))  # UDP connect: a route lookup, no packet is sent
+            local = probe.getsockname()[0]
+    except OSError:
+        return None
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.family == socket.AF_INET and a.address == local for a in addresses):
+            return name
+    return None
+
+
+def pin_gloo_interface(backend: str) -> Optional[str]:
+    """gloo binds each rank to the address its host name resolves to, which on many machines (containers, network
+    namespaces, hosts whose name maps to 127.0.1.1) is not one the other nodes can reach, and the job then hangs in
+    its first collective. Unless GLOO_SOCKET_IFNAME is set, use the interface that routes to MASTER_ADDR: the one
+    the rendezvous already reaches. Returns the interface chosen, or None when nothing was changed."""
+    if backend != "gloo" or os.environ.get("GLOO_SOCKET_IFNAME") or int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        return None
+    name = route_interface(os.environ.get("MASTER_ADDR", "127.0.0.1"))
+    if name:
+        os.environ["GLOO_SOCKET_IFNAME"] = name
+    return name
+
+
 def world_from_env() -> Tuple[int, int, int]:
     """(rank, world size, local rank) as the launcher (deepspeed, torchrun, srun wrapper) set them."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))

@@ -31,6 +31,7 @@ from conv2former.engine.distributed import (
     announce_fault,
     is_collective_failure,
     lost_ranks_line,
+    pin_gloo_interface,
     set_collective_timeout,
     single_process_env,
     sync_batchnorm_stats,
@@ -77,6 +78,7 @@ class Trainer:
         torch.manual_seed(cfg.seed + self.rank)
         import deepspeed
 
+        pin_gloo_interface("nccl" if self.gpu else "gloo")  # across nodes: the interface that reaches MASTER_ADDR
         deepspeed.init_distributed(
             dist_backend="nccl" if self.gpu else "gloo",
             verbose=False,

@@ -33,9 +33,15 @@ c2f_run() {
     trap 'echo "[c2f] USR1: asking the tasks to checkpoint, then requeueing"; requeue=1; kill -USR1 "$step_pid" 2>/dev/null || true' USR1
     if [[ "${C2F_LAUNCHER:-srun}" == deepspeed ]]; then
         local gpus=${SLURM_GPUS_ON_NODE:-${GPUS_PER_NODE:-1}}
+        # deepspeed learns the nodes from a hostfile even without ssh (without one it refuses --num_nodes > 1): each
+        # node writes the allocation's to its own /tmp (one file per job and node, rewritten on a requeue)
+        export C2F_HOSTS
+        C2F_HOSTS=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/\$/ slots=$gpus/")
         srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c \
-            'exec "$(dirname "$C2F_PYTHON")/deepspeed" --no_ssh --num_nodes "$SLURM_NNODES" --node_rank "$SLURM_NODEID" \
-                 --num_gpus "$0" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" "$@"' "$gpus" "$script" "$@" &
+            'hostfile=/tmp/c2f-hostfile-$SLURM_JOB_ID-$SLURM_NODEID && printf "%s\n" "$C2F_HOSTS" > "$hostfile" &&
+             exec "$(dirname "$C2F_PYTHON")/deepspeed" --hostfile "$hostfile" --no_ssh --num_nodes "$SLURM_NNODES" \
+                 --node_rank "$SLURM_NODEID" --num_gpus "$0" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
+                 "$@"' "$gpus" "$script" "$@" &
     else
         srun --kill-on-bad-exit=1 bash -c \
             'export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID; exec "$C2F_PYTHON" "$@"' \
