@@ -183,6 +183,7 @@ class Trainer:
         }
 
     def _resume(self) -> None:
+        start = time.perf_counter()
         state = self.checkpoints.load(self.engine)
         if state is not None:
             self.epoch, self.step = int(state["epoch"]), int(state["step"])
@@ -194,7 +195,10 @@ class Trainer:
             self.train_loader.load_state_dict(data_states[self.rank] if same_world else data_states[0])
             if len(state["rng"]) == self.world_size:
                 ckpt.set_rng_state(state["rng"][self.rank])
-            self.log.info(f"resumed from {state['tag']}: epoch {self.epoch}, step {self.step}")
+            seconds = time.perf_counter() - start
+            self.log.info(
+                f"resumed from {state['tag']}: epoch {self.epoch}, step {self.step} (loaded in {seconds:.1f} s)"
+            )
         self.scheduler.step_update(self.step)
 
     def _sync_models(self) -> None:
@@ -209,7 +213,10 @@ class Trainer:
         self._sync_models()
         if not weights_finite(self.engine.module):
             return False
+        start = time.perf_counter()
         self.checkpoints.save(self.engine, self.step, self.client_state())
+        took = {"seconds": time.perf_counter() - start, "bytes": float(self.checkpoints.size_bytes)}
+        self.metrics.scalars(self.step, took, kind="checkpoint")  # how long a save blocks training, and its size
         self.saved_at = self.step
         return True
 
