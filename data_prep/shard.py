@@ -110,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     verify = sub.add_parser("verify", help="read back every shard, index and image; exit 1 on any problem")
     verify.add_argument("url", help="a shard root or one of its split folders (OUT or OUT/train)")
     verify.add_argument("--no-dali", dest="dali", action="store_false", help="decode with PIL only")
+    verify.add_argument(
+        "--quick",
+        action="store_true",
+        help="check the manifest, indexes and tar sizes and headers only (a few small reads per shard; no decoding)",
+    )
+    verify.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="shards checked in parallel")
     verify.add_argument("--quiet", action="store_true")
     return parser
 
@@ -205,13 +211,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     elif args.command == "verify":
         from data_prep.verify import verify
 
-        problems = verify(args.url, use_dali=args.dali, quiet=args.quiet)
+        problems = verify(args.url, use_dali=args.dali, quiet=args.quiet, quick=args.quick, workers=args.workers)
         for problem in problems:
             print(f"problem: {problem}")
         if problems:
             print(f"verify {args.url}: {len(problems)} problem(s)", file=sys.stderr)
             return 1
-        print(f"verify {args.url}: every shard, index and image checks out")
+        what = "shard and index (sizes and headers; --quick)" if args.quick else "shard, index and image"
+        print(f"verify {args.url}: every {what} checks out")
     return 0
 
 

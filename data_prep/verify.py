@@ -1,14 +1,17 @@
-"""``shard.py verify URL``: read every shard and index back and decode every image (PIL, and DALI when installed)."""
+"""``shard.py verify URL``: read every shard and index back and decode every image (PIL, and DALI when installed);
+``--quick`` checks the manifest, indexes and tar sizes and headers only (a few small reads per shard)."""
 
 from __future__ import annotations
 
 import io
 import json
+import multiprocessing
 import os
 import posixpath
 import tarfile
 import tempfile
-from typing import Dict, List, Optional, Tuple
+from concurrent.futures import ProcessPoolExecutor
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import fsspec
 from PIL import Image
@@ -124,8 +127,10 @@ def _dali_available() -> bool:
     return True
 
 
-def verify(url: str, use_dali: bool = True, quiet: bool = False) -> List[str]:
-    """Return the list of problems (empty when every shard, index and image checks out)."""
+def verify(url: str, use_dali: bool = True, quiet: bool = False, quick: bool = False, workers: int = 1) -> List[str]:
+    """Return the list of problems (empty when every shard, index and image checks out). ``quick``: check only what
+    the manifest, the indexes and the tars' sizes and member headers say (a few small reads per shard), not the
+    images. Shards are checked in ``workers`` processes."""
     fs, root, only_split = _resolve(url)
     if only_split == "":
         return [f"{url}: no {fmt.INFO_FILE} here or in the parent folder (not a shard root or split folder)"]
@@ -144,21 +149,68 @@ def verify(url: str, use_dali: bool = True, quiet: bool = False) -> List[str]:
     splits = [only_split] if only_split else list(info["splits"])
     if only_split and only_split not in info["splits"]:
         return [f"{url}: split {only_split!r} is not in {fmt.INFO_FILE} (has {', '.join(info['splits'])})"]
-    dali = use_dali and _dali_available()
+    dali = use_dali and not quick and _dali_available()
     for split in splits:
         split_info = info["splits"][split]
         filenames, lengths = split_info["filenames"], split_info["shard_lengths"]
         if sum(lengths) != split_info["num_samples"]:
             problems.append(f"{split}: shard lengths sum to {sum(lengths)}, num_samples is {split_info['num_samples']}")
-        for filename, expected in tqdm(
-            list(zip(filenames, lengths)), desc=f"verify {split}", unit="shard", disable=quiet
-        ):
-            count, labels = _check_shard(fs, root, filename, num_classes, problems)
-            if count != expected:
-                problems.append(f"{filename}: {count} samples, {fmt.INFO_FILE} says {expected}")
-            if dali and count and count == len(labels):
-                problems += _dali_check(fs, root, filename, labels)
+        jobs = [
+            (fs, root, filename, expected, num_classes, dali, quick) for filename, expected in zip(filenames, lengths)
+        ]
+        with tqdm(total=len(jobs), desc=f"verify {split}", unit="shard", disable=quiet) as bar:
+            for shard_problems in _map_shards(jobs, workers):
+                problems += shard_problems
+                bar.update(1)
     return problems
+
+
+def _map_shards(jobs: List[tuple], workers: int) -> Iterator[List[str]]:
+    """``_verify_shard(*job)`` for every job, in order, in ``workers`` processes."""
+    if workers <= 1 or len(jobs) < 2:
+        yield from (_verify_shard(*job) for job in jobs)
+        return
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        yield from pool.map(_verify_shard, *zip(*jobs))
+
+
+def _verify_shard(fs, root: str, filename: str, expected: int, num_classes: int, dali: bool, quick: bool) -> List[str]:
+    problems: List[str] = []
+    if quick:
+        count = _quick_check(fs, root, filename, problems)
+    else:
+        count, labels = _check_shard(fs, root, filename, num_classes, problems)
+        if dali and count and count == len(labels):
+            problems += _dali_check(fs, root, filename, labels)
+    if count is not None and count != expected:
+        problems.append(f"{filename}: {count} samples, {fmt.INFO_FILE} says {expected}")
+    return problems
+
+
+def _quick_check(fs, root: str, filename: str, problems: List[str]) -> Optional[int]:
+    """The index's sample count, after checking (without reading images) that the tar and its index exist, that the
+    tar holds every byte the index points to, and that the first and last samples' headers name their members."""
+    from conv2former.data.shards import check_member_names, index_ends, sample_end
+    from conv2former.errors import UserError
+
+    tar_path = posixpath.join(root, filename)
+    idx_path = tar_path[: -len(".tar")] + ".idx"
+    for path, what in ((tar_path, "missing"), (idx_path, f"index {posixpath.basename(idx_path)} missing")):
+        if not fs.exists(path):
+            problems.append(f"{filename}: {what}")
+            return None
+    try:
+        count, first, last = index_ends(idx_path, filename, opener=fs.open)
+        if count:
+            size = fs.size(tar_path)
+            if size < sample_end(last):
+                problems.append(f"{filename}: truncated ({size} bytes; its index needs {sample_end(last)})")
+                return count
+            check_member_names(tar_path, (first, last), filename, opener=fs.open)
+    except UserError as err:
+        problems.append(str(err))
+        return None
+    return count
 
 
 def _dali_check(fs, root: str, filename: str, labels: List[int]) -> List[str]:

@@ -438,9 +438,16 @@ def test_verify_reports_damage(shards_22k, tmp_path, capsys):
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2])
     (copy / "train" / "train-000002.idx").write_text("v1.2 1\njpg 0 1 x.jpg\n")
-    assert run("verify", str(copy), "--quiet") == 1
+    assert run("verify", str(copy), "--quiet", "--workers", "2") == 1
     out = capsys.readouterr().out
     assert "train/train-000001.tar" in out and "train/train-000002.tar: index does not match the tar" in out
+    # --quick finds both from sizes and headers alone, and passes the intact shards
+    assert run("verify", str(copy), "--quiet", "--quick") == 1
+    out = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("problem: train/train-000001.tar: truncated") for line in out), out
+    assert any("train/train-000002.tar: index does not match its tar" in line for line in out) and len(out) == 2, out
+    assert run("verify", str(shards_22k), "--quiet", "--quick", "--workers", "2") == 0
+    assert "every shard and index (sizes and headers; --quick) checks out" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("layout", ["synset-tars", "outer-targz"])

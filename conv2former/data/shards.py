@@ -94,13 +94,16 @@ def _parse_sample(line: str) -> Dict[str, Component]:
     return {parts[i]: (int(parts[i + 1]), int(parts[i + 2])) for i in range(0, len(parts), 4)}
 
 
-def _sample_end(sample: Dict[str, Component]) -> int:
+def sample_end(sample: Dict[str, Component]) -> int:
     return max(o + n for o, n in sample.values())
 
 
-def _index_ends(path: str, where: str) -> Tuple[int, Optional[Dict[str, Component]], Optional[Dict[str, Component]]]:
-    """(sample count, first sample, last sample) of a DALI index, reading its head and tail only."""
-    with open(path, "rb") as f:
+def index_ends(
+    path: str, where: str, opener=open
+) -> Tuple[int, Optional[Dict[str, Component]], Optional[Dict[str, Component]]]:
+    """(sample count, first sample, last sample) of a DALI index, reading its head and tail only (``opener``: the
+    builtin ``open`` or an fsspec filesystem's)."""
+    with opener(path, "rb") as f:
         head = f.read(1 << 16).decode("utf-8", "replace").split("\n", 2)
         count = _index_count(head[0], where)
         if count == 0:
@@ -130,9 +133,9 @@ def _local_copy(url: str, cache_dir: Optional[str]) -> str:
     return local
 
 
-def _check_member_names(tar_path: str, samples: Tuple[Dict[str, Component], ...], where: str) -> None:
-    """The tar header before the first and last sample's first member must name that member."""
-    with open(tar_path, "rb") as f:
+def check_member_names(tar_path: str, samples: Tuple[Dict[str, Component], ...], where: str, opener=open) -> None:
+    """The tar header before each given sample's first member must name that member."""
+    with opener(tar_path, "rb") as f:
         for sample in samples:
             ext, (offset, _) = next(iter(sample.items()))
             if offset < 512:
@@ -185,12 +188,12 @@ def _open_shard(tar_local: str, idx_local: str, length: int, tar_missing: bool, 
     """A shard checked against its index (head and tail of it, one stat, two tar headers), or None when it holds
     no readable sample. A truncated tar keeps its complete samples (a prefix) through a trimmed index; with
     ``keep_missing`` a missing or truncated one keeps its place whole, for the loader to skip."""
-    count, first, last = _index_ends(idx_local, idx_url)
+    count, first, last = index_ends(idx_local, idx_url)
     if count != length:
         raise UserError(f"{idx_url}: index has {count} samples, {fmt.INFO_FILE} says {length}")
     if count == 0:
         return None
-    end = _sample_end(last)
+    end = sample_end(last)
     size = 0 if tar_missing else os.path.getsize(tar_local)
     if size < end and keep_missing:
         what = "missing" if tar_missing else "truncated"
@@ -199,13 +202,13 @@ def _open_shard(tar_local: str, idx_local: str, length: int, tar_missing: bool, 
     if size < end:
         with open(idx_local) as f:
             samples = _parse_index(f.read(), idx_url)
-        complete = [s for s in samples if _sample_end(s) <= size]
+        complete = [s for s in samples if sample_end(s) <= size]
         warnings.warn(f"{tar_url} is truncated: using its first {len(complete)} of {len(samples)} samples")
         if not complete:  # a tar is truncated at its tail, so the complete samples are a prefix
             return None
         idx_local = _trimmed_index(idx_local, complete, cache_dir)
-        count, first, last, end = len(complete), complete[0], complete[-1], _sample_end(complete[-1])
-    _check_member_names(tar_local, (first, last), tar_url)
+        count, first, last, end = len(complete), complete[0], complete[-1], sample_end(complete[-1])
+    check_member_names(tar_local, (first, last), tar_url)
     return Shard(tar_local, idx_local, count, end)
 
 
