@@ -99,7 +99,8 @@ def child(root: str, backend: str, world: int, cache: str) -> Dict[str, float]:
     row = {"open_s": time.perf_counter() - start, "open_mb": rss_mb() - base}
     start = time.perf_counter()
     if backend == "torch":
-        row["rank_samples"] = len(loader.epoch_refs())
+        refs = loader.epoch_refs()  # held, as the epoch's dataset holds it
+        row["rank_samples"] = len(refs)
     else:
         loader._build()  # the reader pipeline of this rank's epoch, as the first batch builds it
     row["start_s"] = time.perf_counter() - start

@@ -104,6 +104,18 @@ class ShardLoader(abc.ABC):
             raise DataFault(f"rank {self.rank}: every shard of {self.shards.root} {self.shards.split} is unreadable")
         return good
 
+    def rank_slices(self, shards: List[Shard]) -> List[Tuple[Shard, int, int]]:
+        """This rank's part of the epoch's sample sequence (the shards in reading order, concatenated): the shards
+        it overlaps, each with the [first, stop) range of its samples that belong to this rank. Only these are read:
+        at 1,400 shards a rank of 8 opens ~175 indexes instead of every one."""
+        start, end = rank_range(sum(len(shard) for shard in shards), self.rank, self.world_size)
+        slices, first = [], 0  # first: the epoch position of the shard's first sample
+        for shard in shards:
+            if first < end and first + len(shard) > start:
+                slices.append((shard, max(0, start - first), min(len(shard), end - first)))
+            first += len(shard)
+        return slices
+
     def bad_shard(self, tar: str, problem: str, samples: int = 0) -> None:
         """Report shard ``tar`` unreadable: raise ``DataFault`` naming it and the data position, or (skipping) warn
         once per shard and count it and the ``samples`` replaced."""

@@ -49,6 +49,25 @@ class Shard:
         with open(self.index) as f:
             return _parse_index(f.read(), self.index)
 
+    def members(self, exts: Tuple[str, ...], first: int, stop: int) -> List[Tuple[Component, ...]]:
+        """For samples [first, stop): the (offset, size) of each of ``exts``, in that order. The fast path of what
+        a reader needs (each index line is split once; a line whose members are in another order is parsed whole)."""
+        with open(self.index) as f:
+            lines = f.read().split("\n")[1 + first : 1 + stop]
+        if len(lines) != stop - first:
+            raise UserError(f"{self.index}: index lists fewer samples than {stop}")
+        parts = lines[0].split() if lines else []
+        at = [parts.index(ext) if ext in parts else -1 for ext in exts]
+        out = []
+        for line in lines:
+            parts = line.split()
+            if all(i >= 0 and i + 2 < len(parts) and parts[i] == ext for i, ext in zip(at, exts)):
+                out.append(tuple((int(parts[i + 1]), int(parts[i + 2])) for i in at))
+            else:
+                sample = _parse_sample(line)
+                out.append(tuple(sample[ext] for ext in exts))
+        return out
+
 
 def shard_problem(shard: Shard) -> Optional[str]:
     """Why ``shard`` cannot be read now (deleted, or truncated below what its index needs), or None: one stat."""
@@ -210,6 +229,18 @@ def _open_shard(tar_local: str, idx_local: str, length: int, tar_missing: bool, 
         count, first, last, end = len(complete), complete[0], complete[-1], sample_end(complete[-1])
     check_member_names(tar_local, (first, last), tar_url)
     return Shard(tar_local, idx_local, count, end)
+
+
+def slice_index(shard: Shard, first: int, stop: int, folder: str) -> str:
+    """A DALI index of samples [first, stop) of ``shard`` (the shard's own index when that is all of it), written
+    into ``folder``: the offsets stay absolute, so DALI reads just those samples from the same tar."""
+    if first == 0 and stop == len(shard):
+        return shard.index
+    rows = [[(ext, o, n, "x." + ext) for ext, (o, n) in s.items()] for s in shard.samples()[first:stop]]
+    out = os.path.join(folder, f"{hashlib.sha1(shard.index.encode()).hexdigest()[:16]}-{first}-{stop}.idx")
+    with open(out, "w") as f:
+        f.write(fmt.format_index(rows))
+    return out
 
 
 def _trimmed_index(idx_local: str, samples: List[Dict[str, Component]], cache_dir: Optional[str]) -> str:

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from conv2former.config import DataConfig
 from conv2former.data import shard_format as fmt
 from conv2former.data.base import ShardLoader
-from conv2former.data.shards import SplitShards, rank_range, sample_seed
+from conv2former.data.shards import SplitShards, sample_seed
 from conv2former.errors import DataFault
 
 SampleRef = Tuple[str, Tuple[int, int], Tuple[int, int]]  # (tar path, jpg (offset, size), cls (offset, size))
@@ -129,15 +129,9 @@ class TorchLoader(ShardLoader):
 
     def epoch_refs(self) -> List[Optional[SampleRef]]:
         """This rank's samples of the current epoch in order, cut (train) or padded (eval) to whole batches."""
-        shards = self.epoch_shards()
-        start, end = rank_range(sum(len(shard) for shard in shards), self.rank, self.world_size)
         refs: List[Optional[SampleRef]] = []
-        first = 0  # the epoch position of the shard's first sample: only the shards in this rank's range are read
-        for shard in shards:
-            if first < end and first + len(shard) > start:
-                samples = shard.samples()[max(0, start - first) : end - first]
-                refs += [(shard.tar, s[fmt.IMAGE_KEY], s[fmt.CLASS_KEY]) for s in samples]
-            first += len(shard)
+        for shard, first, stop in self.rank_slices(self.epoch_shards()):
+            refs += [(shard.tar, jpg, cls) for jpg, cls in shard.members((fmt.IMAGE_KEY, fmt.CLASS_KEY), first, stop)]
         if self.train:
             rng = random.Random(sample_seed(self.seed, self.epoch, self.rank))
             refs = buffer_shuffle(refs, self.cfg.shuffle_buffer, rng)
