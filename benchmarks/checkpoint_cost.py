@@ -67,6 +67,8 @@ def pretrain(data: str, out: Path, variant: str, stage: int, steps: int) -> str:
         str(steps),
         "--save-every",
         "1",
+        "--global-batch",
+        "4",
         "--set",
         f"deepspeed.zero_stage={stage}",
         "--set",

@@ -27,7 +27,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from results import machine, record, versions  # noqa: E402  (benchmarks/results.py)
+from results import machine, machine_info, record, versions  # noqa: E402  (benchmarks/results.py)
 
 BENCH_DIR = Path(os.environ.get("C2F_BENCH_DIR", REPO / "data" / "bench"))  # generated benchmark data
 
@@ -153,6 +153,7 @@ def main() -> None:
                 json.dumps(
                     {
                         "backend": backend,
+                        "machine": machine_info(),
                         "mode": args.mode,
                         **{k: round(v, 3) for k, v in r.items()},
                         "image_size": args.image_size,

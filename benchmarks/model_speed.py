@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import timm
 import torch
-from results import machine, record, versions
+from results import machine, machine_info, record, versions
 
 import conv2former  # noqa: F401  (registers the variants)
 from conv2former.complexity import count_gmacs
@@ -180,6 +180,7 @@ def main() -> None:
                     json.dumps(
                         dict(
                             model=label,
+                            machine=machine_info(torch.get_num_threads() if device.type == "cpu" else None),
                             baseline=args.baseline,
                             setting=setting,
                             resolution=args.resolution,

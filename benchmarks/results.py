@@ -13,7 +13,7 @@ import shlex
 import sys
 from importlib import metadata
 from pathlib import Path
-from typing import Iterable, List
+from typing import Any, Dict, Iterable, List
 
 REPO = Path(__file__).resolve().parent.parent
 PERFORMANCE_MD = REPO / "docs" / "performance.md"
@@ -28,15 +28,49 @@ PACKAGES = {
 }
 
 
-def machine(threads: int | None = None) -> str:
-    """The GPU's name, or the CPU architecture with its core (or thread) count."""
+def machine_info(threads: int | None = None) -> Dict[str, Any]:
+    """What a benchmark row must say about where it ran: the GPU, or the processor (model, family/model numbers as
+    the kernel reports them, cores, the widest vector ISA it has: AVX2 / AVX-512 / AMX), the CPU capability torch
+    dispatches to, and the thread count. A CPU result holds for its processor only (docs/performance.md)."""
     import torch
 
+    info: Dict[str, Any] = {"arch": platform.machine(), "cores": os.cpu_count()}
     if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    if threads is not None:
-        return f"{platform.machine()} CPU, {threads} threads"
-    return f"{platform.machine()} CPU, {os.cpu_count()} cores"
+        info["gpu"] = torch.cuda.get_device_name()
+    fields: Dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    flags = set(fields.get("flags", "").split())
+    isa = "AMX" if "amx_tile" in flags else "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "SSE"
+    if isa in ("AMX", "AVX-512") and "avx512_bf16" in flags:
+        isa += " + BF16"
+    info.update(
+        cpu=fields.get("model name", platform.processor() or "unknown CPU"),
+        cpu_family=fields.get("cpu family"),
+        cpu_model=fields.get("model"),
+        isa=isa,
+        torch_cpu_capability=torch.backends.cpu.get_cpu_capability(),
+        threads=threads if threads is not None else torch.get_num_threads(),
+    )
+    return info
+
+
+def machine(threads: int | None = None) -> str:
+    """The machine column of a row: the GPU's name, or e.g. 'AMD EPYC (family 26 model 2), 2 cores, AVX-512 + BF16,
+    torch AVX512, 2 threads'."""
+    info = machine_info(threads)
+    if "gpu" in info:
+        return info["gpu"]
+    numbers = f" (family {info['cpu_family']} model {info['cpu_model']})" if info["cpu_family"] else ""
+    return (
+        f"{info['cpu']}{numbers}, {info['cores']} cores, {info['isa']}, torch {info['torch_cpu_capability']}, "
+        f"{info['threads']} threads"
+    )
 
 
 def versions(*names: str) -> str:

@@ -25,7 +25,7 @@ from statistics import median
 
 import torch
 import yaml
-from results import REPO, machine, record, versions
+from results import REPO, machine, machine_info, record, versions
 
 
 def run_stage(stage: int, args: argparse.Namespace, env: dict) -> dict:
@@ -131,7 +131,16 @@ def main() -> None:
         )
         if args.json:
             print(
-                json.dumps(dict(stage=stage, variant=args.variant, image_size=args.image_size, ranks=args.ranks, **r))
+                json.dumps(
+                    dict(
+                        stage=stage,
+                        variant=args.variant,
+                        image_size=args.image_size,
+                        ranks=args.ranks,
+                        machine=machine_info(),
+                        **r,
+                    )
+                )
             )
     base = results.get(0)
     if args.record:

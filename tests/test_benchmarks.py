@@ -27,6 +27,15 @@ def run(*args: str, check: bool = True, env: dict = ENV) -> subprocess.Completed
     return done
 
 
+def test_every_row_names_the_processor_its_isa_torch_dispatch_and_threads():
+    info = results.machine_info(threads=3)
+    assert info["cores"] == os.cpu_count() and info["threads"] == 3
+    assert info["isa"].split()[0] in ("SSE", "AVX2", "AVX-512", "AMX") and info["torch_cpu_capability"]
+    row = results.machine(threads=3)
+    assert f"{os.cpu_count()} cores" in row and info["isa"] in row and "3 threads" in row
+    assert f"torch {info['torch_cpu_capability']}" in row
+
+
 def test_record_inserts_rows_into_the_scripts_own_table(tmp_path):
     doc = tmp_path / "performance.md"
     doc.write_text(
@@ -69,6 +78,7 @@ def test_model_speed_json_feeds_the_suite_report(tmp_path):
     lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert [r["model"] for r in lines] == ["conv2former_demo", "conv2former_demo, plain depthwise"]
     assert all(r["images_per_s"] > 0 and r["ratio"] > 0 and r["mfu"] is None for r in lines)  # no MFU on CPU
+    assert all(r["machine"]["isa"] and r["machine"]["threads"] >= 1 for r in lines)  # where the number holds
     # a train_speed-shaped line at 224 makes the projection: 90 x 14.2M images at 100 img/s per GPU on 8 GPUs
     lines.append(
         dict(
