@@ -40,9 +40,11 @@ def peak_rss_mb() -> float:
 
 
 def generated_listing(samples: int):
-    """SourceItems as list_22k makes them for the synset-tars layout, with realistic class sizes and file sizes."""
+    """The listing list_22k makes for the synset-tars layout (an ItemTable filled one synset tar at a time), with
+    realistic class sizes and file sizes."""
     import numpy as np
 
+    from data_prep.items import ItemTable
     from data_prep.sources import Listing, SourceItem
 
     rng = np.random.default_rng(0)
@@ -51,16 +53,17 @@ def generated_listing(samples: int):
     counts = np.floor(weights / weights.sum() * samples).astype(int)
     counts[: samples - counts.sum()] += 1
     sizes = rng.lognormal(np.log(100_000), 0.5, samples).astype(int) + 1000
-    items, n = [], 0
+    table, n = ItemTable(), 0
     for c in range(classes):
         synset = f"n{10_000_000 + c * 137:08d}"
-        path, offset = f"/data/fall11_whole/{synset}.tar", 512
+        path, offset, items = f"/data/fall11_whole/{synset}.tar", 512, []
         for i in range(counts[c]):
             size = int(sizes[n])
             items.append(SourceItem(f"{synset}_{i}", synset, path, offset, size, f"{synset}.tar:{synset}_{i}.JPEG"))
             offset += 512 + -(-size // 512) * 512
             n += 1
-    return [f"n{10_000_000 + c * 137:08d}" for c in range(classes)], Listing(items, [])
+        table.add(items, synset, path, f"{synset}.tar:")
+    return [f"n{10_000_000 + c * 137:08d}" for c in range(classes)], Listing(table.ordered(), [])
 
 
 def fake_commits(out: Path, plan_summary: Dict[str, object]) -> None:
@@ -107,11 +110,9 @@ def child(samples: int) -> Dict[str, float]:
         plan_json = {"digest": build._digest(planned)}
         (out / build.PLAN_FILE).write_text(json.dumps(plan_json))
         start = time.perf_counter()
-        kept, tasks = build._pending_tasks(
-            build.fsspec.filesystem("file"), str(out), str(out), planned, {}, options, True
-        )
+        kept, pending = build._pending_shards(build.fsspec.filesystem("file"), str(out), planned, True)
         row["resume_check_s"] = time.perf_counter() - start
-        assert len(kept) == row["shards"] and not tasks, (len(kept), len(tasks))
+        assert len(kept) == row["shards"] and not pending, (len(kept), len(pending))
     row["rss_peak_mb"], row["rss_imports_mb"] = peak_rss_mb(), base
     return row
 

@@ -7,12 +7,14 @@ import json
 import multiprocessing
 import os
 import posixpath
+import random
 import shutil
 import sys
 import tempfile
 import time
+from array import array
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, as_completed, wait
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -21,6 +23,7 @@ from tqdm import tqdm
 
 from conv2former.data import shard_format as fmt
 from conv2former.errors import UserError
+from data_prep.items import synset_reader, view
 from data_prep.sources import STREAMED, Listing, SourceItem, stream_targz_images
 from data_prep.writer import (
     PROGRESS_DIR,
@@ -29,7 +32,6 @@ from data_prep.writer import (
     WriteOptions,
     cut_into_shards,
     read_progress,
-    shuffle_items,
     summarize_skips,
     write_shard,
 )
@@ -50,7 +52,7 @@ class BuildOptions:
     plan_only: bool = False  # stop after the plan (``--plan-only``)
 
 
-def _digest(splits: Dict[str, List[List[SourceItem]]]) -> str:
+def _digest(splits: Dict[str, List[Sequence[SourceItem]]]) -> str:
     h = hashlib.sha256()
     for split in sorted(splits):
         for i, shard in enumerate(splits[split]):
@@ -156,8 +158,8 @@ def build_shards(
     if options.plan_only:  # nothing is written or removed; a resume's kept shards are counted when the plan matches
         previous = _previous_plan(fs, out_path)
         kept = previous is not None and (previous == plan or _same_items(previous, plan))
-        results, tasks = _pending_tasks(fs, out_path, str(out).rstrip("/"), planned, label_of, options, kept)
-        return _plan_summary(out, planned, results, tasks, listing_skips, time.time() - start)
+        results, pending = _pending_shards(fs, out_path, planned, kept)
+        return _plan_summary(out, planned, results, pending, listing_skips, time.time() - start)
     _settle_previous_plan(fs, out_path, out, plan, options)
     fs.makedirs(out_path, exist_ok=True)
     with fs.open(posixpath.join(out_path, PLAN_FILE), "w") as f:
@@ -167,9 +169,15 @@ def build_shards(
     for split in planned:  # temporary files of a killed run (never under a shard's final name)
         for stale in fs.glob(posixpath.join(out_path, split, ".*.partial")):
             fs.rm(stale)
-    results, tasks = _pending_tasks(fs, out_path, str(out).rstrip("/"), planned, label_of, options, options.resume)
+    results, pending = _pending_shards(fs, out_path, planned, options.resume)
     total_images = sum(len(shard) for shards in planned.values() for shard in shards)
-    _write_tasks(fs, out_path, name, tasks, results, listing_skips, total_images, options)
+
+    def task(key: Tuple[str, int]) -> ShardTask:  # made when it is handed to a writer, not all at once
+        split, index = key
+        items = [(item, label_of[item.synset]) for item in planned[split][index]]
+        return ShardTask(str(out).rstrip("/"), split, index, items, options.write)
+
+    _write_tasks(fs, out_path, name, pending, task, results, listing_skips, total_images, options)
     all_results = [results[key] for key in sorted(results)]
     info = _write_manifest(fs, out_path, name, classes, source_description, planned, results, options.seed)
     with fs.open(posixpath.join(out_path, fmt.SKIPPED_FILE), "w") as f:
@@ -184,29 +192,33 @@ def build_shards(
         "skipped": dict(summarize_skips(all_results, listing_skips)),
         "bytes": sum(r.num_bytes for r in all_results),
         "shards": {split: len(shards) for split, shards in planned.items()},
-        "shards_reused": len(results) - len(tasks),
+        "shards_reused": len(results) - len(pending),
         "samples": {split: info["splits"][split]["num_samples"] for split in planned},
         "seconds": round(seconds, 2),
-        "images_per_second": round(sum(len(t.items) for t in tasks) / seconds, 1) if seconds > 0 else None,
+        "images_per_second": round(sum(len(planned[s][i]) for s, i in pending) / seconds, 1) if seconds > 0 else None,
     }
 
 
 def _plan_splits(
     splits: Dict[str, Listing], label_of: Dict[str, int], options: BuildOptions
-) -> Tuple[Dict[str, List[List[SourceItem]]], List[Dict[str, str]]]:
-    """Each split's items in the label space, shuffled by seed and cut into shards; and the listing's skips."""
+) -> Tuple[Dict[str, List[Sequence[SourceItem]]], List[Dict[str, str]]]:
+    """Each split's items in the label space, shuffled by seed and cut into shards (views of the listing: row
+    numbers, data_prep/items.py); and the listing's skips."""
     listing_skips: List[Dict[str, str]] = []
-    planned: Dict[str, List[List[SourceItem]]] = {}
+    planned: Dict[str, List[Sequence[SourceItem]]] = {}
     for split, listing in splits.items():
         listing_skips += listing.skipped
-        kept = []
-        for item in listing.items:
-            if item.synset in label_of:
-                kept.append(item)
+        items, synset_at = listing.items, synset_reader(listing.items)
+        kept = array("i")
+        for i in range(len(items)):
+            if synset_at(i) in label_of:
+                kept.append(i)
             else:
-                listing_skips.append({"source": item.name, "reason": f"synset {item.synset} not in the class list"})
-        shuffled = shuffle_items(kept, options.seed, split)
-        planned[split] = cut_into_shards(shuffled, options.samples_per_shard, options.shard_bytes) if shuffled else []
+                reason = f"synset {synset_at(i)} not in the class list"
+                listing_skips.append({"source": items[i].name, "reason": reason})
+        random.Random(f"{options.seed}:{split}").shuffle(kept)  # as shuffle_items: same length, same seed
+        shuffled = view(items, kept)
+        planned[split] = cut_into_shards(shuffled, options.samples_per_shard, options.shard_bytes) if kept else []
     return planned, listing_skips
 
 
@@ -248,27 +260,23 @@ def _previous_plan(fs, out_path: str) -> Optional[Dict[str, object]]:
         return json.load(f)
 
 
-def _pending_tasks(fs, out_path: str, out_url: str, planned, label_of: Dict[str, int], options, resume: bool):
-    """(the complete shards a resume keeps, the tasks of the others). A shard counts as complete when its commit
-    record, tar size and index agree (``read_progress``: three small reads, run in threads for object stores)."""
+def _pending_shards(fs, out_path: str, planned, resume: bool) -> Tuple[Dict[tuple, ShardResult], List[tuple]]:
+    """(the complete shards a resume keeps, the (split, index) of the others). A shard counts as complete when its
+    commit record, tar size and index agree (``read_progress``: three small reads, run in threads for object stores)."""
     keys = [(split, index) for split, shards in planned.items() for index in range(len(shards))]
     results: Dict[tuple, ShardResult] = {}
     if resume and keys:
         with ThreadPoolExecutor(max_workers=16) as pool:
             done = pool.map(lambda key: read_progress(fs, out_path, *key), keys)
             results = {key: record for key, record in zip(keys, done) if record is not None}
-    tasks = [
-        ShardTask(
-            out_url, split, index, [(item, label_of[item.synset]) for item in planned[split][index]], options.write
-        )
-        for split, index in keys
-        if (split, index) not in results
-    ]
-    return results, tasks
+    return results, [key for key in keys if key not in results]
 
 
-def _write_tasks(fs, out_path, name, tasks, results, listing_skips, total_images, options: BuildOptions) -> None:
-    """Write the pending shards (in ``options.workers`` processes) under a progress bar; fills ``results``."""
+def _write_tasks(
+    fs, out_path, name, pending, task, results, listing_skips, total_images, options: BuildOptions
+) -> None:
+    """Write the pending shards (``task(key)`` makes each one's task; ``options.workers`` processes, at most two
+    tasks each in flight) under a progress bar; fills ``results``."""
     bar = tqdm(
         total=total_images,
         initial=sum(r.images_in for r in results.values()),
@@ -287,16 +295,28 @@ def _write_tasks(fs, out_path, name, tasks, results, listing_skips, total_images
         bar.update(result.images_in)
         bar.set_postfix(skipped=skipped_count)
 
-    spill_dir = _spill_streamed(tasks, fs, out_path, options.quiet)
+    tasks = (task(key) for key in pending)
+    spill_dir = None
+    first = task(pending[0]) if pending else None
+    if first is not None and first.items and first.items[0][0].offset == STREAMED:
+        tasks = [task(key) for key in pending]  # a .tar.gz: one streaming pass fills every shard's spill file
+        spill_dir = _spill_streamed(tasks, fs, out_path, options.quiet)
     protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
     # memory:// lives inside one process: workers could not hand their shards back.
     if options.workers <= 1 or "memory" in protocols:
-        for task in tasks:
-            collect(write_shard(task))
+        for one in tasks:
+            collect(write_shard(one))
     else:
         ctx = multiprocessing.get_context("fork")
         with ProcessPoolExecutor(max_workers=options.workers, mp_context=ctx) as pool:
-            for future in as_completed([pool.submit(write_shard, task) for task in tasks]):
+            running = set()
+            for one in tasks:
+                running.add(pool.submit(write_shard, one))
+                if len(running) >= 2 * options.workers:
+                    done, running = wait(running, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        collect(future.result())
+            for future in as_completed(running):
                 collect(future.result())
     bar.close()
     if spill_dir is not None:
@@ -332,7 +352,7 @@ def _write_manifest(fs, out_path, name, classes, source_description, planned, re
     return info
 
 
-def _plan_summary(out, planned, results, tasks, listing_skips, seconds: float) -> Dict[str, object]:
+def _plan_summary(out, planned, results, pending, listing_skips, seconds: float) -> Dict[str, object]:
     """What ``--plan-only`` reports: the shards and samples per split, their source bytes, what a run would write."""
     return {
         "output": str(out),
@@ -341,7 +361,7 @@ def _plan_summary(out, planned, results, tasks, listing_skips, seconds: float) -
         "samples": {split: sum(len(shard) for shard in shards) for split, shards in planned.items()},
         "source_bytes": {split: sum(i.size for shard in shards for i in shard) for split, shards in planned.items()},
         "shards_complete": len(results),
-        "shards_to_write": len(tasks),
+        "shards_to_write": len(pending),
         "listing_skipped": len(listing_skips),
         "seconds": round(seconds, 2),
     }

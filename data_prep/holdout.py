@@ -16,7 +16,9 @@ first N of the seeded order. Cost: N + 1 image reads and checks per class (about
 from __future__ import annotations
 
 import multiprocessing
+import random
 import sys
+from array import array
 from concurrent.futures import ProcessPoolExecutor
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -24,8 +26,9 @@ import fsspec
 from tqdm import tqdm
 
 from data_prep.images import SkipImage, clean_image
+from data_prep.items import synset_reader, view
 from data_prep.sources import STREAMED, SourceItem, stream_targz_images
-from data_prep.writer import WriteOptions, shuffle_items
+from data_prep.writer import WriteOptions
 
 Verdicts = Dict[str, Optional[str]]  # source name -> why the image would be skipped, or None when it is valid
 CheckFn = Callable[[List[SourceItem]], Verdicts]
@@ -33,39 +36,40 @@ CheckFn = Callable[[List[SourceItem]], Verdicts]
 
 def split_holdout(
     items: Sequence[SourceItem], per_class: int, seed: int, check: CheckFn
-) -> Tuple[List[SourceItem], List[SourceItem], List[Dict[str, str]]]:
-    """(train, held out, skipped candidates): the first ``per_class`` valid images of each class in its seeded order
-    are held out (at most all valid but one); bad candidates go to neither split."""
-    by_synset: Dict[str, List[SourceItem]] = {}
-    for item in items:
-        by_synset.setdefault(item.synset, []).append(item)
-    order = {synset: shuffle_items(members, seed, f"holdout:{synset}") for synset, members in by_synset.items()}
-    checked = {synset: 0 for synset in order}  # how many candidates of the order were checked
-    valid: Dict[str, List[SourceItem]] = {synset: [] for synset in order}
-    bad: List[Tuple[SourceItem, str]] = []
-    short = sorted(order) if per_class > 0 else []
+) -> Tuple[Sequence[SourceItem], Sequence[SourceItem], List[Dict[str, str]]]:
+    """(train, held out, skipped candidates) for ``items`` sorted by (synset, key) (as list_22k gives them): the first
+    ``per_class`` valid images of each class in its seeded order are held out (at most all valid but one); bad
+    candidates go to neither split. The splits are views of ``items`` (row numbers, not copies: data_prep/items.py)."""
+    synset_at = synset_reader(items)
+    rows_of: Dict[str, array] = {}
+    for i in range(len(items)):
+        rows_of.setdefault(synset_at(i), array("i")).append(i)
+    for synset, rows in rows_of.items():  # the order shuffle_items gave the class's items (same length, same seed)
+        random.Random(f"{seed}:holdout:{synset}").shuffle(rows)
+    checked = {synset: 0 for synset in rows_of}  # how many candidates of the order were checked
+    valid: Dict[str, List[int]] = {synset: [] for synset in rows_of}
+    bad: List[Tuple[int, str]] = []
+    short = sorted(rows_of) if per_class > 0 else []
     while short:
-        batch = []
+        batch: List[int] = []
         for synset in short:
             want = per_class + 1 - len(valid[synset])
-            batch += order[synset][checked[synset] : checked[synset] + want]
+            batch += rows_of[synset][checked[synset] : checked[synset] + want]
             checked[synset] += want
-        verdicts = check(batch)
-        for item in batch:
+        verdicts = check([items[i] for i in batch])
+        for i in batch:
+            item = items[i]
             reason = verdicts[item.name]
             if reason is None:
-                valid[item.synset].append(item)
+                valid[item.synset].append(i)
             else:
-                bad.append((item, reason))
-        short = [s for s in short if len(valid[s]) <= per_class and checked[s] < len(order[s])]
-    held: List[SourceItem] = []
-    for synset in sorted(order):
-        held += valid[synset][: max(0, min(per_class, len(valid[synset]) - 1))]
-    excluded = {item.name for item in held} | {item.name for item, _ in bad}
-    train = [item for item in items if item.name not in excluded]
-    key = lambda it: (it.synset, it.key)  # noqa: E731
-    skipped = [{"source": item.name, "reason": f"{reason} (a held-out candidate)"} for item, reason in bad]
-    return sorted(train, key=key), sorted(held, key=key), skipped
+                bad.append((i, reason))
+        short = [s for s in short if len(valid[s]) <= per_class and checked[s] < len(rows_of[s])]
+    held = sorted(i for synset in rows_of for i in valid[synset][: max(0, min(per_class, len(valid[synset]) - 1))])
+    excluded = set(held) | {i for i, _ in bad}
+    skipped = [{"source": items[i].name, "reason": f"{reason} (a held-out candidate)"} for i, reason in bad]
+    train = view(items, (i for i in range(len(items)) if i not in excluded))
+    return train, view(items, held), skipped
 
 
 _FS: Dict[str, fsspec.AbstractFileSystem] = {}  # per worker process: one filesystem per source path

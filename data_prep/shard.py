@@ -24,6 +24,7 @@ from conv2former.data.shard_format import canonical_synsets  # noqa: E402
 from conv2former.errors import UserError, exit_on_user_error  # noqa: E402
 from data_prep.build import BuildOptions, build_shards, check_output, format_summary  # noqa: E402
 from data_prep.holdout import image_checker, split_holdout  # noqa: E402
+from data_prep.items import synset_reader  # noqa: E402
 from data_prep.sources import LAYOUTS_22K, Listing, list_1k, list_22k  # noqa: E402
 from data_prep.writer import WriteOptions  # noqa: E402
 
@@ -125,7 +126,10 @@ def resolve_classes(spec: str, dataset: str, splits: dict) -> List[str]:
     if spec == "full":
         return canonical
     if spec == "present":
-        present = {item.synset for listing in splits.values() for item in listing.items}
+        present = set()
+        for listing in splits.values():
+            synset_at = synset_reader(listing.items)
+            present.update(synset_at(i) for i in range(len(listing.items)))
         return [s for s in canonical if s in present]
     if not os.path.exists(spec):
         raise UserError(f"--classes: {spec!r} is neither 'full', 'present' nor an existing file of synsets")

@@ -25,13 +25,14 @@ import re
 import tarfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import fsspec
 
 from conv2former.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+_IMAGE_EXTENSION_SET = frozenset(IMAGE_EXTENSIONS)
 SYNSET_RE = re.compile(r"^n\d{8}$")
 LAYOUTS_22K = ("synset-tars", "outer-tar", "outer-targz", "synset-folders")
 STREAMED = -2  # SourceItem.offset of a member inside a compressed archive: readable only by streaming it
@@ -60,17 +61,16 @@ class SourceItem:
 
 @dataclass
 class Listing:
-    items: List[SourceItem]
+    items: Sequence[SourceItem]  # a list, or (ImageNet-22k) an ItemTable view: data_prep/items.py
     skipped: List[Dict[str, str]]  # {"source", "reason"} for inputs rejected while listing
 
 
 def sample_key(filename: str) -> str:
     """The webdataset key of a source file: its base name without extension, dots replaced (keys hold no dots)."""
     stem = posixpath.basename(filename)
-    for ext in IMAGE_EXTENSIONS:
-        if stem.lower().endswith(ext):
-            stem = stem[: -len(ext)]
-            break
+    base, dot, ext = stem.rpartition(".")
+    if dot and f".{ext.lower()}" in _IMAGE_EXTENSION_SET:
+        stem = base
     return stem.replace(".", "_")
 
 
@@ -165,14 +165,15 @@ def detect_22k_layout(src: str) -> str:
     raise UserError(f"{src} holds neither nXXXXXXXX.tar files nor nXXXXXXXX/ folders (an ImageNet-22k release)")
 
 
-def _list_each(fn: Callable[..., Listing], jobs: List[tuple], workers: int) -> List[Listing]:
-    """``fn(*job)`` for every job, in order, in ``workers`` processes (reading tar headers is Python work: threads
-    would share one core)."""
+def _list_each(fn: Callable[..., Listing], jobs: List[tuple], workers: int) -> Iterator[Listing]:
+    """``fn(*job)`` for every job, yielded in order as they come, in ``workers`` processes (reading tar headers is
+    Python work: threads would share one core)."""
     if workers <= 1 or len(jobs) < 2:
-        return [fn(*job) for job in jobs]
+        yield from (fn(*job) for job in jobs)
+        return
     ctx = multiprocessing.get_context("fork")
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        return list(pool.map(fn, *zip(*jobs), chunksize=max(1, len(jobs) // (workers * 8))))
+        yield from pool.map(fn, *zip(*jobs), chunksize=max(1, min(64, len(jobs) // (workers * 8))))
 
 
 def list_22k(src: str, layout: Optional[str] = None, workers: int = 1) -> Tuple[str, Listing]:
@@ -181,8 +182,10 @@ def list_22k(src: str, layout: Optional[str] = None, workers: int = 1) -> Tuple[
     layout = layout or detect_22k_layout(src)
     if layout not in LAYOUTS_22K:
         raise UserError(f"unknown ImageNet-22k layout {layout!r}: choose one of {', '.join(LAYOUTS_22K)}")
+    from data_prep.items import ItemTable  # (items.py builds on this module's SourceItem)
+
     fs, path = _open_fs(src)
-    items: List[SourceItem] = []
+    table = ItemTable()  # 14.2M images: columns, not one object each (data_prep/items.py)
     skipped: List[Dict[str, str]] = []
     if layout == "synset-tars":
         jobs = []
@@ -193,8 +196,8 @@ def list_22k(src: str, layout: Optional[str] = None, workers: int = 1) -> Tuple[
                 skipped.append({"source": shown, "reason": "not a per-synset tar (name is not nXXXXXXXX.tar)"})
                 continue
             jobs.append((fs, tar_path, synset, shown))
-        for listing in _list_each(_items_from_tar, jobs, workers):
-            items += listing.items
+        for (_, tar_path, synset, shown), listing in zip(jobs, _list_each(_items_from_tar, jobs, workers)):
+            table.add(listing.items, synset, tar_path, f"{shown}:")
             skipped += listing.skipped
     elif layout == "outer-tar":
         with fs.open(path, "rb") as outer:
@@ -209,44 +212,45 @@ def list_22k(src: str, layout: Optional[str] = None, workers: int = 1) -> Tuple[
                     skipped.append({"source": name, "reason": "not a per-synset tar (name is not nXXXXXXXX.tar)"})
                     continue
                 window = io.BufferedReader(_RangeFile(outer, offset, size))
-                listing = _items_from_tar(fs, path, synset, f"{posixpath.basename(path)}:{name}", window, offset)
-                items += listing.items
+                shown = f"{posixpath.basename(path)}:{name}"
+                listing = _items_from_tar(fs, path, synset, shown, window, offset)
+                table.add(listing.items, synset, path, f"{shown}:")
                 skipped += listing.skipped
     elif layout == "outer-targz":
-        base = posixpath.basename(path)
-        try:
-            for name, synset, inner in _stream_inner_tars(fs, path, skipped):
-                try:
-                    for member in inner:
-                        if not member.isfile():
-                            continue
-                        source = f"{base}:{name}:{member.name}"
-                        if not _is_image_name(member.name):
-                            skipped.append({"source": source, "reason": "not an image file name"})
-                            continue
-                        items.append(SourceItem(sample_key(member.name), synset, path, STREAMED, member.size, source))
-                except (tarfile.TarError, EOFError, OSError) as err:
-                    skipped.append(
-                        {
-                            "source": f"{base}:{name}",
-                            "reason": f"damaged tar, later members lost ({type(err).__name__}: {err})",
-                        }
-                    )
-        except (tarfile.TarError, EOFError, OSError) as err:
-            skipped.append(
-                {"source": base, "reason": f"damaged archive, later members lost ({type(err).__name__}: {err})"}
-            )
+        _list_targz(fs, path, table, skipped)
     else:
         jobs = []
         for folder in sorted(fs.ls(path, detail=False)):
             synset = posixpath.basename(folder)
             if SYNSET_RE.match(synset) and fs.isdir(folder):
                 jobs.append((fs, folder, synset, synset))
-        for listing in _list_each(_list_folder, jobs, workers):
-            items += listing.items
+        for (_, folder, synset, _), listing in zip(jobs, _list_each(_list_folder, jobs, workers)):
+            table.add(listing.items, synset, folder, f"{synset}/", files=True)
             skipped += listing.skipped
-    items.sort(key=lambda it: (it.synset, it.key))
-    return layout, Listing(items, skipped)
+    return layout, Listing(table.ordered(), skipped)
+
+
+def _list_targz(fs, path: str, table, skipped: List[Dict[str, str]]) -> None:
+    """The images of a gzip-compressed outer tar, in one streaming pass (their bytes are read later by streaming)."""
+    base = posixpath.basename(path)
+    try:
+        for name, synset, inner in _stream_inner_tars(fs, path, skipped):
+            items: List[SourceItem] = []
+            try:
+                for member in inner:
+                    if not member.isfile():
+                        continue
+                    source = f"{base}:{name}:{member.name}"
+                    if not _is_image_name(member.name):
+                        skipped.append({"source": source, "reason": "not an image file name"})
+                        continue
+                    items.append(SourceItem(sample_key(member.name), synset, path, STREAMED, member.size, source))
+            except (tarfile.TarError, EOFError, OSError) as err:
+                reason = f"damaged tar, later members lost ({type(err).__name__}: {err})"
+                skipped.append({"source": f"{base}:{name}", "reason": reason})
+            table.add(items, synset, path, f"{base}:{name}:")
+    except (tarfile.TarError, EOFError, OSError) as err:
+        skipped.append({"source": base, "reason": f"damaged archive, later members lost ({type(err).__name__}: {err})"})
 
 
 def _stream_inner_tars(fs, path: str, skipped: List[Dict[str, str]]):

@@ -76,18 +76,21 @@ def shuffle_items(items: Sequence[SourceItem], seed: int, salt: str) -> List[Sou
 
 def cut_into_shards(
     items: Sequence[SourceItem], samples_per_shard: Optional[int], shard_bytes: Optional[int]
-) -> List[List[SourceItem]]:
+) -> List[Sequence[SourceItem]]:
+    """Consecutive slices of ``items`` (views when ``items`` is a view): ``samples_per_shard`` each, or as many as
+    fit in ``shard_bytes`` of source bytes (at least one)."""
     if samples_per_shard:
-        return [list(items[i : i + samples_per_shard]) for i in range(0, len(items), samples_per_shard)]
-    shards, current, size = [], [], 0
-    for item in items:
-        if current and size + item.size > shard_bytes:
-            shards.append(current)
-            current, size = [], 0
-        current.append(item)
-        size += item.size
-    if current:
-        shards.append(current)
+        return [items[i : i + samples_per_shard] for i in range(0, len(items), samples_per_shard)]
+    size_at = getattr(items, "size_at", None) or (lambda i: items[i].size)
+    shards, start, size = [], 0, 0
+    for i in range(len(items)):
+        item_size = size_at(i)
+        if i > start and size + item_size > shard_bytes:
+            shards.append(items[start:i])
+            start, size = i, 0
+        size += item_size
+    if start < len(items):
+        shards.append(items[start:])
     return shards
 
 

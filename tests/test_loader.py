@@ -199,6 +199,22 @@ def test_resume_mid_epoch_yields_the_remaining_batches(unique_shards, backend):
     assert resumed.epoch == 3 and resumed.step == 0
 
 
+def test_a_dali_position_from_a_reader_laid_out_otherwise_restarts_the_epoch(unique_shards):
+    """A DALI position saved before each rank's reader held only its own samples is not replayed into the new
+    reader (it would point at other samples): the epoch restarts, with a warning."""
+    loader = build_loader(cfg_for(unique_shards, "dali-cpu"), "train", rank=0, world_size=2)
+    for i, _ in enumerate(loader):
+        if i == 1:
+            break
+    state = loader.state_dict()
+    assert state["dali_reader"] == "rank-slices" and state["step"] == 2
+    del state["dali_reader"]
+    resumed = build_loader(cfg_for(unique_shards, "dali-cpu"), "train", rank=0, world_size=2)
+    with pytest.warns(UserWarning, match="laid out differently"):
+        resumed.load_state_dict(state)
+    assert resumed.step == 0 and len([y for _, y in resumed]) == len(resumed)
+
+
 def _saved(obj) -> bytes:
     buf = io.BytesIO()
     torch.save(obj, buf)

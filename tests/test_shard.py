@@ -506,8 +506,8 @@ def test_split_holdout_without_bad_files_takes_the_first_n_of_the_seeded_order()
         first = sorted(shuffle_items(members, 5, f"holdout:n{c:08d}")[:4], key=lambda it: it.key)
         assert [it for it in held if it.synset == f"n{c:08d}"] == first
     assert calls == [15] and not skipped  # one round: N + 1 candidates per class
-    assert sorted(train + held, key=lambda it: it.key) == sorted(items, key=lambda it: it.key)
-    assert split_holdout(items, 0, seed=5, check=all_valid)[1] == [] and calls == [15]
+    assert sorted([*train, *held], key=lambda it: it.key) == sorted(items, key=lambda it: it.key)
+    assert len(split_holdout(items, 0, seed=5, check=all_valid)[1]) == 0 and calls == [15]
 
 
 def test_plan_only_reports_the_plan_and_writes_nothing(tree_22k, shards_22k, tmp_path, capsys):
@@ -525,3 +525,28 @@ def test_plan_only_reports_the_plan_and_writes_nothing(tree_22k, shards_22k, tmp
     assert run("imagenet22k", str(src), str(fresh), *args) == 0
     assert f"0 complete shards a resume keeps, {shards:,} to write" in capsys.readouterr().out
     assert not fresh.exists()
+
+
+def test_item_table_gives_back_every_item_in_synset_and_key_order():
+    """The compact listing (data_prep/items.py): tar members, folder files and an item of neither shape come back
+    equal to what was added, sorted by (synset, key), also when one synset arrives in two containers."""
+    from data_prep.items import ItemTable, view
+    from data_prep.sources import SourceItem
+
+    def tar_items(synset, tar, keys):
+        return [SourceItem(k, synset, tar, 512 * i, 100 + i, f"{tar}:{k}.JPEG") for i, k in enumerate(keys)]
+
+    b1 = tar_items("n2", "/d/b1.tar", ["n2_3", "n2_1"])
+    b2 = tar_items("n2", "/d/b2.tar", ["n2_2"])
+    files = [SourceItem(f"n1_{i}", "n1", f"/f/n1/x/n1_{i}.jpg", -1, 7, f"n1/x/n1_{i}.jpg") for i in (2, 1)]
+    odd = SourceItem("odd", "n1", "/elsewhere.bin", 5, 9, "a name of its own")
+    table = ItemTable()
+    table.add(b1, "n2", "/d/b1.tar", "/d/b1.tar:")
+    table.add(b2, "n2", "/d/b2.tar", "/d/b2.tar:")
+    table.add(files + [odd], "n1", "/f/n1", "n1/", files=True)
+    ordered = table.ordered()
+    assert list(ordered) == sorted(b1 + b2 + files + [odd], key=lambda it: (it.synset, it.key))
+    assert [ordered.synset_at(i) for i in range(len(ordered))] == [it.synset for it in ordered]
+    assert [ordered.size_at(i) for i in range(len(ordered))] == [it.size for it in ordered]
+    part = view(ordered, [4, 0])
+    assert list(part) == [ordered[4], ordered[0]] and list(part[1:]) == [ordered[0]]

@@ -30,6 +30,7 @@ from conv2former.data.base import ShardLoader
 from conv2former.data.shards import SplitShards, sample_seed, shard_problem, slice_index
 
 READER = "reader"
+READER_LAYOUT = "rank-slices"  # each rank's reader holds its own samples (a DALI position is only valid in the same)
 
 # Decoder memory settings from NVIDIA's ImageNet examples: enough to decode full-size ImageNet JPEGs without
 # reallocating, and the share of images sent to the hardware JPEG decoder (A100/H100).
@@ -183,9 +184,9 @@ class DaliLoader(ShardLoader):
     def _extra_state(self) -> Dict[str, Any]:
         if self.train and self.step > 0:
             if self._pipe is not None:
-                return {"dali_checkpoint": self._pipe.checkpoint()}
+                return {"dali_checkpoint": self._pipe.checkpoint(), "dali_reader": READER_LAYOUT}
             if self._checkpoint is not None:  # restored but not yet rebuilt: hand the position on unchanged
-                return {"dali_checkpoint": self._checkpoint}
+                return {"dali_checkpoint": self._checkpoint, "dali_reader": READER_LAYOUT}
         return {}
 
     def _restore(self, state: Dict[str, Any]) -> None:
@@ -194,6 +195,11 @@ class DaliLoader(ShardLoader):
         if self.step == 0:
             return
         if self.train:
+            if state.get("dali_reader") != READER_LAYOUT:  # a position in a reader set up another way
+                warnings.warn(f"the DALI position was saved by a reader laid out differently: epoch {self.epoch} "
+                              "restarts from its start")
+                self.step = 0
+                return
             self._checkpoint = state.get("dali_checkpoint")  # same backend, checked by load_state_dict
             return
         # eval has no randomness: rebuild and fast-forward by reading
