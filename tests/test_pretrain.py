@@ -56,6 +56,13 @@ def deepspeed_cmd(*args: str, ranks: int = 2) -> list:
     return [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(PORT[0]), PRETRAIN, *args]
 
 
+def start(command: list, stderr=subprocess.STDOUT) -> subprocess.Popen:
+    """``command`` started in a session of its own (a test can signal the launcher and every rank), output piped."""
+    return subprocess.Popen(
+        command, env=env(), stdout=subprocess.PIPE, stderr=stderr, text=True, errors="replace", start_new_session=True
+    )
+
+
 def run_pretrain(*args: str, launcher: str = "deepspeed", ranks: int = 2, environ: dict | None = None) -> dict:
     """Run launch/pretrain.py (2 CPU ranks unless told) and return its summary line."""
     if launcher == "deepspeed":
@@ -170,15 +177,7 @@ def test_kill_minus_9_then_a_corrupt_newest_checkpoint_falls_back(reference_run,
 @pytest.mark.slow
 def test_sigusr1_checkpoints_and_exits_zero(demo_shards, tmp_path):
     args = [*FAST, "--data", demo_shards, "--output", str(tmp_path), "--epochs", "20", "--save-every", "1000"]
-    proc = subprocess.Popen(
-        deepspeed_cmd(*args),
-        env=env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        errors="replace",
-        start_new_session=True,
-    )
+    proc = start(deepspeed_cmd(*args), stderr=subprocess.DEVNULL)
     log = tmp_path / "log.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) > 5):
@@ -451,15 +450,7 @@ def test_a_full_disk_ends_with_one_line_and_the_relaunch_resumes_exactly(referen
 
 def start_and_wait_for_checkpoint(tmp_path: Path, demo_shards: str, *extra: str):
     args = [*FAST, "--data", demo_shards, "--output", str(tmp_path), "--epochs", "2", "--save-every", "5", *extra]
-    proc = subprocess.Popen(
-        deepspeed_cmd(*args),
-        env=env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        errors="replace",
-        start_new_session=True,
-    )
+    proc = start(deepspeed_cmd(*args))
     deadline = time.time() + 300
     while time.time() < deadline and not (tmp_path / "checkpoints" / "step000000005" / "complete").exists():
         time.sleep(0.2)
@@ -558,17 +549,7 @@ def start_nodes(nodes, hostfile: Path, port: int, *args: str) -> list:
         command = ["ip", "netns", "exec", ns, str(BIN / "deepspeed"), "--hostfile", str(hostfile), "--no_ssh"]
         command += ["--num_nodes", "2", "--node_rank", str(node_rank), "--num_gpus", "1"]
         command += ["--master_addr", nodes[0][1], "--master_port", str(port), PRETRAIN, *args]
-        procs.append(
-            subprocess.Popen(
-                command,
-                env=env(),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                errors="replace",
-                start_new_session=True,
-            )
-        )
+        procs.append(start(command))
     return procs
 
 
