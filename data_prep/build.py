@@ -183,7 +183,13 @@ def build_shards(
     with fs.open(posixpath.join(out_path, fmt.SKIPPED_FILE), "w") as f:
         for skip in listing_skips + [s for r in all_results for s in r.skipped]:
             f.write(json.dumps(skip, sort_keys=True) + "\n")
-    seconds = time.time() - start
+    return _run_summary(out, planned, info, results, pending, listing_skips, time.time() - start)
+
+
+def _run_summary(out, planned, info, results, pending, listing_skips, seconds: float) -> Dict[str, object]:
+    """What a run reports: images in, written, re-encoded, skipped (by reason), bytes, shards, speed."""
+    all_results = [results[key] for key in sorted(results)]
+    total_images = sum(len(shard) for shards in planned.values() for shard in shards)
     return {
         "output": str(out),
         "images_in": total_images + len(listing_skips),
