@@ -7,7 +7,6 @@ import json
 import multiprocessing
 import os
 import posixpath
-import random
 import shutil
 import sys
 import tempfile
@@ -32,6 +31,7 @@ from data_prep.writer import (
     WriteOptions,
     cut_into_shards,
     read_progress,
+    seeded_shuffle,
     summarize_skips,
     write_shard,
 )
@@ -222,7 +222,7 @@ def _plan_splits(
             else:
                 reason = f"synset {synset_at(i)} not in the class list"
                 listing_skips.append({"source": items[i].name, "reason": reason})
-        random.Random(f"{options.seed}:{split}").shuffle(kept)  # as shuffle_items: same length, same seed
+        seeded_shuffle(kept, options.seed, split)
         shuffled = view(items, kept)
         planned[split] = cut_into_shards(shuffled, options.samples_per_shard, options.shard_bytes) if kept else []
     return planned, listing_skips

@@ -16,7 +16,6 @@ first N of the seeded order. Cost: N + 1 image reads and checks per class (about
 from __future__ import annotations
 
 import multiprocessing
-import random
 import sys
 from array import array
 from concurrent.futures import ProcessPoolExecutor
@@ -28,7 +27,7 @@ from tqdm import tqdm
 from data_prep.images import SkipImage, clean_image
 from data_prep.items import synset_reader, view
 from data_prep.sources import STREAMED, SourceItem, stream_targz_images
-from data_prep.writer import WriteOptions
+from data_prep.writer import WriteOptions, seeded_shuffle
 
 Verdicts = Dict[str, Optional[str]]  # source name -> why the image would be skipped, or None when it is valid
 CheckFn = Callable[[List[SourceItem]], Verdicts]
@@ -44,8 +43,8 @@ def split_holdout(
     rows_of: Dict[str, array] = {}
     for i in range(len(items)):
         rows_of.setdefault(synset_at(i), array("i")).append(i)
-    for synset, rows in rows_of.items():  # the order shuffle_items gave the class's items (same length, same seed)
-        random.Random(f"{seed}:holdout:{synset}").shuffle(rows)
+    for synset, rows in rows_of.items():
+        seeded_shuffle(rows, seed, f"holdout:{synset}")
     checked = {synset: 0 for synset in rows_of}  # how many candidates of the order were checked
     valid: Dict[str, List[int]] = {synset: [] for synset in rows_of}
     bad: List[Tuple[int, str]] = []

@@ -68,10 +68,11 @@ class ShardResult:
         )
 
 
-def shuffle_items(items: Sequence[SourceItem], seed: int, salt: str) -> List[SourceItem]:
-    out = list(items)
-    random.Random(f"{seed}:{salt}").shuffle(out)
-    return out
+def seeded_shuffle(rows, seed: int, salt: str):
+    """Shuffle ``rows`` (a list, or an array of row numbers) in place by (seed, salt) and return it: the one seeded
+    order of the plan (the split's global shuffle, salt = split) and of the held-out draw (salt = holdout:synset)."""
+    random.Random(f"{seed}:{salt}").shuffle(rows)
+    return rows
 
 
 def cut_into_shards(

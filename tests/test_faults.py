@@ -150,3 +150,20 @@ def test_divergence_guard_reads_one_step_late_and_names_the_first_bad_step():
     assert guard.flush() is None and not guard.tripped  # step 4 was finite: the count starts over
     assert guard.observe(5, one, None) is None and guard.flush() is None  # no grad norm (ZeRO 3 before a step)
     assert [r["step"] for r in guard.bad_steps] == [2, 3]
+
+
+def test_gloo_is_pinned_to_the_interface_that_reaches_the_rendezvous(monkeypatch):
+    """Across nodes gloo must bind where MASTER_ADDR is reached (here the loopback), never where the host name
+    resolves; an explicit GLOO_SOCKET_IFNAME, NCCL, or a single rank leave the environment alone."""
+    from conv2former.engine.distributed import pin_gloo_interface, route_interface
+
+    assert route_interface("127.0.0.1") == "lo"
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert pin_gloo_interface("gloo") is None and "GLOO_SOCKET_IFNAME" not in os.environ
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert pin_gloo_interface("nccl") is None and "GLOO_SOCKET_IFNAME" not in os.environ
+    assert pin_gloo_interface("gloo") == "lo" and os.environ["GLOO_SOCKET_IFNAME"] == "lo"
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth7")
+    assert pin_gloo_interface("gloo") is None and os.environ["GLOO_SOCKET_IFNAME"] == "eth7"

@@ -294,6 +294,14 @@ def test_damaged_shards(unique_shards, tmp_path):
     with pytest.raises(UserError, match="index does not match its tar"):
         build_loader(cfg_for(copy, "torch"), "train")
     shutil.copy(unique_shards / "train" / "train-000001.idx", idx)
+    # an index that lost a line in the middle (opening reads only its ends): one clear line when it is read
+    lines = idx.read_text().splitlines()
+    idx.write_text("\n".join(lines[:3] + lines[4:]) + "\n")
+    for backend in BACKENDS:
+        loader = build_loader(cfg_for(copy, backend, shuffle_buffer=1), "train")
+        with pytest.raises(UserError, match="train-000001.idx: index announces 20 samples but lists 19"):
+            next(iter(loader))
+    shutil.copy(unique_shards / "train" / "train-000001.idx", idx)
     # a truncated shard: its complete samples are used, with a warning, and the job runs
     tar = copy / "train" / "train-000004.tar"
     data = tar.read_bytes()

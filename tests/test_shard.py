@@ -489,7 +489,7 @@ def test_val_per_class_is_exact_when_bad_files_are_drawn(tmp_path, layout):
 def test_split_holdout_without_bad_files_takes_the_first_n_of_the_seeded_order():
     from data_prep.holdout import split_holdout
     from data_prep.sources import SourceItem
-    from data_prep.writer import shuffle_items
+    from data_prep.writer import seeded_shuffle
 
     items = [
         SourceItem(f"n{c:08d}_{i}", f"n{c:08d}", "x.tar", i, 1, f"n{c:08d}_{i}") for c in range(3) for i in range(7)
@@ -503,7 +503,7 @@ def test_split_holdout_without_bad_files_takes_the_first_n_of_the_seeded_order()
     train, held, skipped = split_holdout(items, 4, seed=5, check=all_valid)
     for c in range(3):
         members = [it for it in items if it.synset == f"n{c:08d}"]
-        first = sorted(shuffle_items(members, 5, f"holdout:n{c:08d}")[:4], key=lambda it: it.key)
+        first = sorted(seeded_shuffle(list(members), 5, f"holdout:n{c:08d}")[:4], key=lambda it: it.key)
         assert [it for it in held if it.synset == f"n{c:08d}"] == first
     assert calls == [15] and not skipped  # one round: N + 1 candidates per class
     assert sorted([*train, *held], key=lambda it: it.key) == sorted(items, key=lambda it: it.key)

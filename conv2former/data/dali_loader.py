@@ -145,6 +145,9 @@ class DaliLoader(ShardLoader):
         for stale in os.listdir(self._slice_dir):
             os.remove(os.path.join(self._slice_dir, stale))
         slices = self.rank_slices(self.epoch_shards())
+        for shard, first, stop in slices:
+            if first == 0 and stop == len(shard):
+                shard.check_listed()  # a whole shard goes to DALI with its own index
         paths = [shard.tar for shard, _, _ in slices]
         return paths, [slice_index(shard, first, stop, self._slice_dir) for shard, first, stop in slices]
 

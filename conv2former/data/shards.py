@@ -53,9 +53,10 @@ class Shard:
         """For samples [first, stop): the (offset, size) of each of ``exts``, in that order. The fast path of what
         a reader needs (each index line is split once; a line whose members are in another order is parsed whole)."""
         with open(self.index) as f:
-            lines = f.read().split("\n")[1 + first : 1 + stop]
-        if len(lines) != stop - first:
-            raise UserError(f"{self.index}: index lists fewer samples than {stop}")
+            lines = [line for line in f.read().split("\n")[1:] if line.strip()]
+        if len(lines) < self.num_samples:
+            raise UserError(f"{self.index}: index announces {self.num_samples} samples but lists {len(lines)}; re-run shard.py")
+        lines = lines[first:stop]
         parts = lines[0].split() if lines else []
         at = [parts.index(ext) if ext in parts else -1 for ext in exts]
         out = []
@@ -65,8 +66,18 @@ class Shard:
                 out.append(tuple((int(parts[i + 1]), int(parts[i + 2])) for i in at))
             else:
                 sample = _parse_sample(line)
+                if any(ext not in sample for ext in exts):
+                    raise UserError(f"{self.index}: a sample lacks one of {', '.join(exts)}; re-run shard.py")
                 out.append(tuple(sample[ext] for ext in exts))
         return out
+
+    def check_listed(self) -> None:
+        """One clear line when the index lists fewer samples than its first line announces (opening the split reads
+        only its first and last lines; DALI would otherwise fail inside its reader)."""
+        with open(self.index, "rb") as f:
+            listed = sum(1 for line in f.read().split(b"\n")[1:] if line.strip())
+        if listed < self.num_samples:
+            raise UserError(f"{self.index}: index announces {self.num_samples} samples but lists {listed}; re-run shard.py")
 
 
 def shard_problem(shard: Shard) -> Optional[str]:

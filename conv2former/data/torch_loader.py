@@ -7,6 +7,7 @@ run reproduces the remaining batches bit for bit whatever the number of workers.
 """
 from __future__ import annotations
 
+import gc
 import io
 import random
 from typing import Any, Dict, List, Optional, Tuple
@@ -140,6 +141,10 @@ class TorchLoader(ShardLoader):
         return refs + [None] * (self.steps * self.batch_size - len(refs))
 
     def _loader(self) -> DataLoader:
+        if self.cfg.workers:
+            # the workers are forked: collect unreachable DALI pipelines (reference cycles) here first, or a
+            # collection inside a worker runs their shutdown there, where their threads do not exist, and hangs
+            gc.collect()
         dataset = _Batches(self.epoch_refs(), self.batch_size, self.transform, self.cfg.image_size,
                            sample_seed(self.seed, self.epoch, self.rank), self.skip_bad_shards)
         return DataLoader(dataset, batch_size=None, sampler=range(self.step, self.steps),
