@@ -158,7 +158,8 @@ def test_gloo_is_pinned_to_the_interface_that_reaches_the_rendezvous(monkeypatch
     from conv2former.engine.distributed import pin_gloo_interface, route_interface
 
     assert route_interface("127.0.0.1") == "lo"
-    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "unset")  # recorded, so the teardown removes what the test sets
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert pin_gloo_interface("gloo") is None and "GLOO_SOCKET_IFNAME" not in os.environ
