@@ -36,6 +36,25 @@ def describe(event) -> str:
     return event.key
 
 
+def kind(event) -> str:
+    """The family an operator belongs to, for the per-kind totals: pointwise (1x1) convolutions and matrix products,
+    depthwise and dense k x k convolutions, normalization, activation, optimizer, everything else."""
+    name, text = event.key, describe(event)
+    if "conv" in name:
+        if " depthwise " in text:
+            return "depthwise conv (k x k, incl. their gradients)"
+        return "1x1 conv / matmul" if " conv 1x1 " in text else "dense conv (stem, downsampling)"
+    if any(op in name for op in ("addmm", "aten::mm", "bmm", "matmul", "linear")):
+        return "1x1 conv / matmul"
+    if "norm" in name:
+        return "normalization"
+    if "gelu" in name:
+        return "activation (GELU)"
+    if "foreach" in name or "adam" in name.lower() or "lerp" in name or "addcdiv" in name:
+        return "optimizer"
+    return "elementwise, copies, other"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--variant", default="conv2former_l")
@@ -45,17 +64,21 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=8)
     parser.add_argument("--plain-depthwise", action="store_true", help="fast_depthwise=False (plain nn.Conv2d)")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--channels-last", action="store_true", help="channels_last on CPU too (always on GPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--trace", type=Path, help="also write a trace viewable in TensorBoard / chrome://tracing")
     parser.add_argument("--record", action="store_true", help="add the top operators to docs/performance.md")
     args = parser.parse_args()
-    if args.variant not in timm.list_models("conv2former_*"):
-        parser.error(f"unknown variant {args.variant!r}; choose from {', '.join(timm.list_models('conv2former_*'))}")
+    if args.variant not in timm.list_models():
+        parser.error(f"unknown model {args.variant!r}: a Conv2Former variant ({', '.join(timm.list_models('conv2former_*'))}) "
+                     "or any timm model, e.g. convnext_tiny")
+    if args.plain_depthwise and not args.variant.startswith("conv2former"):
+        parser.error("--plain-depthwise applies to Conv2Former variants only")
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     if gpu:
         torch.backends.cudnn.benchmark = True
-    fmt = torch.channels_last if gpu else torch.contiguous_format
+    fmt = torch.channels_last if gpu or args.channels_last else torch.contiguous_format
     kwargs = {"fast_depthwise": False} if args.plain_depthwise else {}
     model = timm.create_model(args.variant, **kwargs).to(device).train().to(memory_format=fmt)
     if args.compile:
@@ -79,7 +102,7 @@ def main() -> None:
     total = sum(getattr(e, key) for e in events)
     top = sorted(events, key=lambda e: getattr(e, key), reverse=True)[: args.top]
     setting = ", ".join(
-        ["bf16, channels_last" if gpu else "fp32, NCHW"]
+        ["bf16, channels_last" if gpu else ("fp32, channels_last" if args.channels_last else "fp32, NCHW")]
         + (["plain depthwise"] if args.plain_depthwise else [])
         + (["compiled"] if args.compile else [])
     )
@@ -96,6 +119,17 @@ def main() -> None:
             f"| {datetime.date.today()} | {machine(torch.get_num_threads() if not gpu else None)} | "
             f"{args.variant} {args.resolution}px batch {args.batch} | {setting} | {total / 1e3:.0f} | {rank} | "
             f"`{name}` | {event.count} | {ms:.1f} | {ms * 1e3 / total:.1%} | {versions('torch')} |"
+        )
+    kinds: dict = {}
+    for event in events:
+        kinds[kind(event)] = kinds.get(kind(event), 0.0) + getattr(event, key) / 1e3
+    print("by kind:")
+    for name, ms in sorted(kinds.items(), key=lambda item: -item[1]):
+        print(f"     {name:<64} {ms:>9.1f} ms {ms * 1e3 / total:>6.1%}")
+        rows.append(
+            f"| {datetime.date.today()} | {machine(torch.get_num_threads() if not gpu else None)} | "
+            f"{args.variant} {args.resolution}px batch {args.batch} | {setting} | {total / 1e3:.0f} | all | "
+            f"{name} | — | {ms:.1f} | {ms * 1e3 / total:.1%} | {versions('torch')} |"
         )
     if args.record:
         record("profile_step.py", rows)

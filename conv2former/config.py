@@ -61,6 +61,8 @@ class ModelConfig:
     kernel_size: Optional[int] = None  # modulation kernel; None: the variant's own (11, or 7 for n and b_22k)
     grad_checkpointing: bool = False  # per-block activation checkpointing (memory for compute)
     compile: bool = False  # torch.compile the DeepSpeed engine
+    depthwise: str = "measure"  # measure | fixed | off: how depthwise convolutions choose their CPU formulation
+    depthwise_cache: Optional[str] = None  # JSON file keeping measured choices between runs (per processor)
 
 
 @dataclass

@@ -91,12 +91,12 @@ class BatchNorm2dFP32(nn.BatchNorm2d):
 class MLP(nn.Module):
     """Channel MLP with a 3x3 depthwise positional branch: fc2(h + GELU(pos(h))), h = GELU(fc1(LN(x)))."""
 
-    def __init__(self, dim: int, mlp_ratio: int = 4) -> None:
+    def __init__(self, dim: int, mlp_ratio: int = 4, fast_depthwise: bool = True) -> None:
         super().__init__()
         hidden = dim * mlp_ratio
         self.norm = LayerNorm2d(dim, eps=1e-6)
         self.fc1 = nn.Conv2d(dim, hidden, 1)
-        self.pos = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
+        self.pos = DepthwiseConv2d(hidden, 3, fast_backward=fast_depthwise)
         self.fc2 = nn.Conv2d(hidden, dim, 1)
         self.act = nn.GELU()
 
@@ -143,7 +143,7 @@ class Block(nn.Module):
     ) -> None:
         super().__init__()
         self.attn = ConvMod(dim, kernel_size, fusion, fast_depthwise)
-        self.mlp = MLP(dim, mlp_ratio)
+        self.mlp = MLP(dim, mlp_ratio, fast_depthwise)
         self.layer_scale_1 = nn.Parameter(layer_scale_init_value * torch.ones(dim))
         self.layer_scale_2 = nn.Parameter(layer_scale_init_value * torch.ones(dim))
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
@@ -227,8 +227,9 @@ class _ClassifierMixin:
 class Conv2Former(_ClassifierMixin, nn.Module):
     """Hierarchical Conv2Former (variants N/T/S/B/L of the paper).
 
-    ``fast_depthwise`` (default True) computes the k x k depthwise convolution's CPU backward as two forward
-    convolutions (conv2former/depthwise.py; same parameters, same math); False is the plain ``nn.Conv2d``.
+    ``fast_depthwise`` (default True) computes the depthwise convolutions (the k x k modulation and the MLP's 3x3)
+    the way conv2former/depthwise.py chose for this processor and shape (same parameters, same math); False is the
+    plain ``nn.Conv2d`` everywhere.
     """
 
     def __init__(

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from timm.loss import SoftTargetCrossEntropy
 
 import conv2former  # noqa: F401  (registers the variants)
+from conv2former import depthwise
 from conv2former.config import TrainConfig, to_dict
 from conv2former.data.augment import BatchAugment
 from conv2former.data.loader import build_loader, resolve_backend
@@ -110,6 +111,11 @@ class Trainer:
         self.cfg.data.backend = resolve_backend(self.cfg.data.backend)
         if self.cfg.data.seed is None:
             self.cfg.data.seed = self.cfg.seed  # documented default: the data follow the run's seed
+        try:
+            self.depthwise = depthwise.configure(self.cfg.model.depthwise, self.cfg.model.depthwise_cache)
+        except ValueError as err:
+            raise UserError(f"model.depthwise: {err}") from None
+        self.depthwise_reported = 0  # how many of its measurements the log has shown
 
     def _make_model(self) -> torch.nn.Module:
         kwargs: Dict[str, Any] = dict(num_classes=len(self.classes), drop_path_rate=self.cfg.model.drop_path_rate)
@@ -175,6 +181,7 @@ class Trainer:
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "data": ckpt.gather(self.train_loader.state_dict()),
             "rng": ckpt.gather(ckpt.rng_state()),
+            "depthwise": ckpt.gather(self.depthwise.state_dict()),  # each rank's formulations, reused on resume
             "config": self.config_dict,
             "classes": self.classes,
             "schedule": self.schedule.as_dict(),
@@ -195,11 +202,28 @@ class Trainer:
             self.train_loader.load_state_dict(data_states[self.rank] if same_world else data_states[0])
             if len(state["rng"]) == self.world_size:
                 ckpt.set_rng_state(state["rng"][self.rank])
+            self._reuse_depthwise(state.get("depthwise"))
             seconds = time.perf_counter() - start
             self.log.info(
                 f"resumed from {state['tag']}: epoch {self.epoch}, step {self.step} (loaded in {seconds:.1f} s)"
             )
         self.scheduler.step_update(self.step)
+
+    def _reuse_depthwise(self, tables: Optional[List[Dict[str, List[str]]]]) -> None:
+        """The depthwise formulations the interrupted run used (so the resumed one computes the same bits)."""
+        if not tables:
+            return
+        table = tables[self.rank] if len(tables) == self.world_size else tables[0]
+        self.depthwise.load_state_dict(table)
+        if table:
+            self.log.info(f"depthwise: reusing the {len(table)} formulations recorded in the checkpoint")
+
+    def _report_depthwise(self) -> None:
+        """Log (rank 0) the formulations measured since the last report: shape, choice, each candidate's time."""
+        new = self.depthwise.measured[self.depthwise_reported :]
+        self.depthwise_reported += len(new)
+        for key in new:
+            self.log.info("depthwise measured " + self.depthwise.describe(key))
 
     def _sync_models(self) -> None:
         """Every rank holds the same model and the same EMA (BatchNorm statistics are per rank between syncs)."""
@@ -250,6 +274,12 @@ class Trainer:
             "exit_code": exit_code,
             "bad_steps": self.guard.bad_steps,
             "skipped_shards": self.train_loader.skipped_shards,  # this rank's (every rank warns for its own)
+            "depthwise": {
+                "mode": self.depthwise.mode,
+                "formulations": len(self.depthwise.choices),
+                "measured": len(self.depthwise.measured),
+                "measure_seconds": round(self.depthwise.measure_seconds, 2),
+            },
             "epoch": self.epoch,
             "step": self.step,
             "loss": self.last_loss,
@@ -348,6 +378,7 @@ class Trainer:
         self.metrics.step_done()
         if self.step % self.cfg.logging.print_every == 0 or self.step == 1:
             self._record_training()
+            self._report_depthwise()
         if self._bad_step_trips(self.guard.observe(self.step, step_loss, self.engine.get_global_grad_norm())):
             return DIVERGED
         if self.preemption.poll(self.device):
