@@ -70,8 +70,10 @@ def main() -> None:
     parser.add_argument("--record", action="store_true", help="add the top operators to docs/performance.md")
     args = parser.parse_args()
     if args.variant not in timm.list_models():
-        parser.error(f"unknown model {args.variant!r}: a Conv2Former variant ({', '.join(timm.list_models('conv2former_*'))}) "
-                     "or any timm model, e.g. convnext_tiny")
+        parser.error(
+            f"unknown model {args.variant!r}: a Conv2Former variant ({', '.join(timm.list_models('conv2former_*'))}) "
+            "or any timm model, e.g. convnext_tiny"
+        )
     if args.plain_depthwise and not args.variant.startswith("conv2former"):
         parser.error("--plain-depthwise applies to Conv2Former variants only")
     device = torch.device(args.device)

@@ -30,6 +30,7 @@ them on resume, so a resumed run computes exactly what the interrupted one did. 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import platform
@@ -190,8 +191,15 @@ class DepthwiseTuner:
             if given and given not in MODES:
                 raise ValueError(f"unknown depthwise mode {given!r}: choose one of {', '.join(MODES)}")
         mode = os.environ.get(ENV_MODE) or mode
+        if cache_path is not None:
+            try:  # a cache that cannot be written is found now, not in the middle of the first training step
+                os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
+                open(cache_path + ".lock", "a").close()
+            except OSError as err:
+                raise ValueError(
+                    f"cannot write the depthwise cache {cache_path} ({err.strerror}): give a writable local path"
+                ) from None
         self.mode, self.cache_path = mode, cache_path
-        self._disk: Optional[Dict[str, List[str]]] = None
 
     def formulation(self, x: torch.Tensor, weight: torch.Tensor) -> Formulation:
         if (
@@ -208,12 +216,31 @@ class DepthwiseTuner:
         key = shape_key(x, weight)
         choice = self.choices.get(key)
         if choice is None:
-            choice = self._from_disk(key)
-            if choice is None and _tracing_or_intercepted():
+            choice = self._choose(key, x, weight)
+            if choice is None:
                 return PLAIN  # never time inside torch.compile's tracing or under a FlopCounter-like mode
-            choice = choice or self._measure(key, x, weight)
             self.choices[key] = choice
         return choice
+
+    def _choose(self, key: str, x: torch.Tensor, weight: torch.Tensor) -> Optional[Formulation]:
+        """The disk cache's choice, else a measured one (None where measuring is not possible now). With a disk
+        cache, processes measure one at a time under a file lock, so the ranks of a node time the candidates
+        without disturbing each other and then share one choice."""
+        if self.cache_path is None:
+            return None if _tracing_or_intercepted() else self._measure(key, x, weight)
+        with open(self.cache_path + ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                recorded = self._read_disk().get(machine_fingerprint(), {}).get(key)
+                if recorded is not None:
+                    return _valid(recorded)
+                if _tracing_or_intercepted():
+                    return None
+                choice = self._measure(key, x, weight)
+                self._to_disk(key, choice)
+                return choice
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def _measure(self, key: str, x: torch.Tensor, weight: torch.Tensor) -> Formulation:
         start = time.perf_counter()
@@ -234,7 +261,6 @@ class DepthwiseTuner:
         self.measured.append(key)
         self.measure_seconds += time.perf_counter() - start
         choice = tuple(_fastest(times[part], reference) for part, reference in zip(times, PLAIN))
-        self._to_disk(key, choice)  # type: ignore[arg-type]
         return choice  # type: ignore[return-value]
 
     # -- the optional disk cache ---------------------------------------------------------------------------------
@@ -246,21 +272,10 @@ class DepthwiseTuner:
         except (OSError, ValueError):
             return {}
 
-    def _from_disk(self, key: str) -> Optional[Formulation]:
-        if self.cache_path is None:
-            return None
-        if self._disk is None:
-            self._disk = self._read_disk().get(machine_fingerprint(), {})
-        choice = self._disk.get(key)
-        return _valid(choice) if choice is not None else None
-
     def _to_disk(self, key: str, choice: Formulation) -> None:
-        if self.cache_path is None:
-            return
-        data = self._read_disk()  # read again: another process may have added entries
+        data = self._read_disk()
         data.setdefault(machine_fingerprint(), {})[key] = list(choice)
-        folder = os.path.dirname(os.path.abspath(self.cache_path))
-        os.makedirs(folder, exist_ok=True)
+        folder = os.path.dirname(os.path.abspath(self.cache_path))  # type: ignore[arg-type]
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".depthwise-", suffix=".json")
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=1, sort_keys=True)
@@ -279,9 +294,11 @@ class DepthwiseTuner:
         line = f"{key}: forward {forward}, grad_input {grad_input}, grad_weight {grad_weight}"
         times = self.timings.get(key)
         if times:
-            line += " (" + "; ".join(
-                ", ".join(f"{n} {ms:.2f} ms" for n, ms in part.items()) for part in times.values()
-            ) + ")"
+            line += (
+                " ("
+                + "; ".join(", ".join(f"{n} {ms:.2f} ms" for n, ms in part.items()) for part in times.values())
+                + ")"
+            )
         return line
 
 

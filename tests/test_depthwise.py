@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import os
 
 import pytest
 import torch
@@ -80,7 +81,9 @@ def test_measured_choice_is_made_once_and_reused_without_touching_the_random_str
     key = dw.shape_key(x, weight)
     assert tuner.measured == [key] and key == "cpu float32 contiguous 2x16x20x20 k11"
     assert set(tuner.timings[key]) == {"forward", "grad_input", "grad_weight"}
-    assert set(tuner.timings[key]["forward"]) == set(FORWARD) and set(tuner.timings[key]["grad_weight"]) == set(GRAD_WEIGHT)
+    assert set(tuner.timings[key]["forward"]) == set(FORWARD) and set(tuner.timings[key]["grad_weight"]) == set(
+        GRAD_WEIGHT
+    )
     for _ in range(3):
         assert tuner.formulation(x, weight) == choice
     assert tuner.measured == [key]  # reused, not measured again
@@ -139,6 +142,12 @@ def test_fixed_and_off_modes_never_measure(monkeypatch):
         DepthwiseTuner("fastest")
 
 
+def test_an_unwritable_cache_is_refused_at_once(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="cannot write the depthwise cache .*: give a writable local path"):
+        DepthwiseTuner("measure", cache_path=str(tmp_path / "file" / "depthwise.json"))
+
+
 def test_autocast_other_devices_and_flop_counting_use_pytorchs_own():
     tuner = DepthwiseTuner("measure")
     x, weight = torch.randn(2, 8, 12, 12), torch.randn(8, 1, 11, 11)
@@ -168,3 +177,26 @@ def test_a_model_measures_each_shape_once_and_trains_like_plain_layers(global_tu
     assert global_tuner.measured == measured
     for (name, p), q in zip(model.named_parameters(), plain.parameters()):
         torch.testing.assert_close(p.grad / 2, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_processes_sharing_a_cache_measure_one_at_a_time_and_agree(tmp_path):
+    """Two processes (the ranks of a node) with one cache: one measures, the other takes its choice."""
+    import subprocess
+    import sys
+
+    cache = tmp_path / "depthwise.json"
+    script = (
+        "import json, torch; from conv2former import depthwise as dw; "
+        f"t = dw.DepthwiseTuner('measure', cache_path={str(cache)!r}); "
+        "c = t.formulation(torch.randn(4, 32, 28, 28, requires_grad=True), torch.randn(32, 1, 11, 11)); "
+        "print(json.dumps([list(c), len(t.measured)]))"
+    )
+    env = dict(os.environ, C2F_DEPTHWISE="", OMP_NUM_THREADS="1")
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env) for _ in range(2)
+    ]
+    results = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
+    assert results[0][0] == results[1][0]
+    assert sorted(n for _, n in results) == [0, 1]  # exactly one of them measured
+    (entries,) = json.loads(cache.read_text()).values()  # one machine, one shape
+    assert list(entries.values()) == [results[0][0]]

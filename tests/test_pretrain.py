@@ -580,3 +580,36 @@ def test_two_nodes_train_and_resume_exactly_after_both_are_killed(two_nodes, ref
     assert '"world_size": 2' in outputs[0] and "resumed from step0000000" in outputs[0], outputs[0][-3000:]
     summary = json.loads([r for r in outputs[0].splitlines() if r.startswith("summary: ")][-1][len("summary: ") :])
     assert summary["step"] == 62 and exports_equal(ref, out)
+
+
+@pytest.mark.slow
+def test_measured_depthwise_choices_are_recorded_and_reused_on_resume(demo_shards, tmp_path):
+    """model.depthwise=measure (the default; the test session otherwise forces "fixed"): the ranks share one disk
+    cache, the checkpoint records each rank's choices, a relaunch reuses them without measuring, and a fresh run
+    given the same cache ends bit for bit where the interrupted-and-resumed one does."""
+    environ = dict(env(), C2F_DEPTHWISE="")
+    cache = tmp_path / "depthwise.json"
+    args = [*FAST, "--data", demo_shards, "--epochs", "1", "--save-every", "10"]
+    with_cache = ["--set", f"model.depthwise_cache={cache}"]
+    first = run_pretrain(*args, *with_cache, "--output", str(tmp_path / "a"), "--max-steps", "12", environ=environ)
+    assert first["depthwise"]["mode"] == "measure"
+    entries = json.loads(cache.read_text())
+    (shapes,) = entries.values()
+    assert {key.rsplit(" ", 1)[1] for key in shapes} == {"k3", "k7"}  # the demo's 7x7 modulation, the MLP's 3x3
+    state = torch.load(
+        tmp_path / "a" / "checkpoints" / "step000000012" / "mp_rank_00_model_states.pt", weights_only=False
+    )
+    recorded = state["depthwise"]
+    assert len(recorded) == 2 and recorded[0] and recorded[0] == recorded[1]  # one shared choice per shape
+    assert all(shapes[key] == choice for key, choice in recorded[0].items())
+    # the relaunch has no cache: the train shapes come from the checkpoint, only eval shapes may be new
+    proc = subprocess.run(
+        deepspeed_cmd(*args, "--output", str(tmp_path / "a")), env=environ, capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert f"depthwise: reusing the {len(recorded[0])} formulations recorded in the checkpoint" in proc.stdout
+    resumed = json.loads([line for line in proc.stdout.splitlines() if line.startswith("summary: ")][-1][9:])
+    assert resumed["step"] == 31
+    fresh = run_pretrain(*args, *with_cache, "--output", str(tmp_path / "c"), environ=environ)
+    assert fresh["depthwise"]["measured"] == 0 and fresh["step"] == 31
+    assert exports_equal(tmp_path / "a", tmp_path / "c")

@@ -30,12 +30,14 @@ from conv2former.engine import checkpoint as ckpt
 from conv2former.engine.disk import estimate_checkpoint
 from conv2former.engine.distributed import (
     announce_fault,
+    batchnorm_averaged,
+    batchnorm_stats,
     is_collective_failure,
+    load_batchnorm_stats,
     lost_ranks_line,
     pin_gloo_interface,
     set_collective_timeout,
     single_process_env,
-    sync_batchnorm_stats,
     world_from_env,
 )
 from conv2former.engine.ema import WeightEma
@@ -203,6 +205,7 @@ class Trainer:
             if len(state["rng"]) == self.world_size:
                 ckpt.set_rng_state(state["rng"][self.rank])
             self._reuse_depthwise(state.get("depthwise"))
+            self._reuse_batchnorm(state.get("batchnorm"))
             seconds = time.perf_counter() - start
             self.log.info(
                 f"resumed from {state['tag']}: epoch {self.epoch}, step {self.step} (loaded in {seconds:.1f} s)"
@@ -225,20 +228,24 @@ class Trainer:
         for key in new:
             self.log.info("depthwise measured " + self.depthwise.describe(key))
 
-    def _sync_models(self) -> None:
-        """Every rank holds the same model and the same EMA (BatchNorm statistics are per rank between syncs)."""
-        sync_batchnorm_stats(self.engine.module)
-        if self.ema is not None:
-            sync_batchnorm_stats(self.ema.module)
+    def _models(self) -> List[torch.nn.Module]:
+        return [self.engine.module] + ([self.ema.module] if self.ema is not None else [])
+
+    def _reuse_batchnorm(self, stats: Optional[List[List[Dict[str, torch.Tensor]]]]) -> None:
+        """Each rank's own BatchNorm statistics as they were (the checkpoint's model holds their average)."""
+        if stats and len(stats) == self.world_size:
+            for model, own in zip(self._models(), stats[self.rank]):
+                load_batchnorm_stats(model, own)
 
     def save(self) -> bool:
         """Checkpoint now, unless the weights are not finite (then nothing is written and the newest checkpoint on
         disk stays the last good one): returns whether it saved."""
-        self._sync_models()
         if not weights_finite(self.engine.module):
             return False
         start = time.perf_counter()
-        self.checkpoints.save(self.engine, self.step, self.client_state())
+        own_batchnorm = ckpt.gather([batchnorm_stats(model) for model in self._models()])
+        with batchnorm_averaged(*self._models()):  # the saved model (and EMA) hold the average over ranks
+            self.checkpoints.save(self.engine, self.step, {**self.client_state(), "batchnorm": own_batchnorm})
         took = {"seconds": time.perf_counter() - start, "bytes": float(self.checkpoints.size_bytes)}
         self.metrics.scalars(self.step, took, kind="checkpoint")  # how long a save blocks training, and its size
         self.saved_at = self.step
@@ -449,15 +456,15 @@ class Trainer:
         """Top-1/top-5 of the model (and of the EMA) on the val split, logged as ``eval/*`` scalars."""
         if self.val_loader is None:
             return {}
-        self._sync_models()
-        self.val_loader.set_epoch(0)
-        result = self.evaluator.run(self.engine, self.val_loader, input_dtype=self.dtype)
-        out = {"top1": result.top1, "top5": result.top5, "num_samples": result.num_samples}
-        if self.ema is not None:
+        with batchnorm_averaged(*self._models()):
             self.val_loader.set_epoch(0)
-            bf16 = torch.bfloat16 if self.dtype == torch.bfloat16 else None  # fp32 weights, bf16 compute
-            ema_result = self.evaluator.run(self.ema.module, self.val_loader, autocast_dtype=bf16)
-            out.update(ema_top1=ema_result.top1, ema_top5=ema_result.top5)
+            result = self.evaluator.run(self.engine, self.val_loader, input_dtype=self.dtype)
+            out = {"top1": result.top1, "top5": result.top5, "num_samples": result.num_samples}
+            if self.ema is not None:
+                self.val_loader.set_epoch(0)
+                bf16 = torch.bfloat16 if self.dtype == torch.bfloat16 else None  # fp32 weights, bf16 compute
+                ema_result = self.evaluator.run(self.ema.module, self.val_loader, autocast_dtype=bf16)
+                out.update(ema_top1=ema_result.top1, ema_top5=ema_result.top5)
         self.metrics.scalars(self.step, {**out, "epoch": self.epoch}, kind="eval")
         return out
 
@@ -465,17 +472,18 @@ class Trainer:
         """``OUTPUT/export/`` from the checkpoint just written (consolidated by zero_to_fp32), on rank 0."""
         export_dir = None
         dist.barrier()
-        if self.rank == 0:
-            from conv2former.weights import read_weights
+        with batchnorm_averaged(*self._models()):  # (all ranks take part) the EMA exported as checkpointed
+            if self.rank == 0:
+                from conv2former.weights import read_weights
 
-            weights = read_weights(self.checkpoints.dir)
-            export_dir = write_export(
-                self.cfg.output,
-                weights.state_dict,
-                self.classes,
-                self.config_dict,
-                self.ema.state_dict() if self.ema is not None else None,
-            )
+                weights = read_weights(self.checkpoints.dir)
+                export_dir = write_export(
+                    self.cfg.output,
+                    weights.state_dict,
+                    self.classes,
+                    self.config_dict,
+                    self.ema.state_dict() if self.ema is not None else None,
+                )
         dist.barrier()
         return export_dir
 
