@@ -1,11 +1,17 @@
-"""Where the DALI training pipeline's time goes: images/s of the pipeline cut after each stage, and of single ops.
+"""Where the training loaders' time goes, stage by stage: the DALI pipeline cut after each stage (and single ops), and
+the torch backend's per-image stages.
 
-    python benchmarks/loader_breakdown.py [--device cpu|gpu] [--batch 64] [--threads 2] [--seconds 10] [--record]
+    python benchmarks/loader_breakdown.py [--backend dali|torch|both] [--device cpu|gpu] [--batch 64] [--threads 2]
+        [--seconds 10] [--record]
 
 Runs on the shards loader_speed.py generates (data/bench/shards). Stages, cumulative, as in
 conv2former/data/dali_loader.py's train graph: read + fused decode/random-resized-crop; + bicubic antialiased
 resize to 224; + normalize/flip (crop_mirror_normalize); + RandAugment n=2 m=9 (= the full graph). Then the full
 graph without RandAugment plus one op each (rotate, shear, brightness, equalize) to see which RandAugment ops cost.
+torch: one process, one thread, each stage of conv2former/data/torch_loader.py timed per image on the same samples:
+read the bytes from the tar by offset, PIL decode, timm's random-resized-crop (bicubic), flip, RandAugment
+(rand-m9-mstd0.5-inc1), then either uint8 CHW (what the backend's workers hand over) or ToTensor + Normalize (what
+the ImageFolder baseline's workers do), and per image of a 64-batch, the stacking and the batch normalization.
 """
 
 from __future__ import annotations
@@ -83,8 +89,61 @@ def pipeline_rate(stage: str, extra: Optional[str], args: argparse.Namespace, pa
     return count / (time.perf_counter() - start)
 
 
+def torch_stage_ms(split, images: int) -> dict:
+    """Milliseconds per image of each stage of the torch backend's train transform, one thread."""
+    import torch
+    from torchvision import transforms
+
+    from conv2former.config import DataConfig
+    from conv2former.data import shard_format as fmt
+    from conv2former.data.torch_loader import normalize_batch, read_sample, timm_transform
+
+    torch.set_num_threads(1)
+    cfg = DataConfig(image_size=224)
+    crop, flip, randaugment, to_uint8 = timm_transform(cfg, True, uint8=True).transforms
+    to_float = transforms.Compose(timm_transform(cfg, True).transforms[3:])  # ToTensor + Normalize
+    refs = [(s.tar, jpg, cls) for s in split.shards for jpg, cls in s.members((fmt.IMAGE_KEY, fmt.CLASS_KEY))]
+    refs = (refs * -(-images // len(refs)))[:images]
+    ms = {
+        name: 0.0
+        for name in (
+            "read + decode",
+            "random-resized-crop",
+            "flip",
+            "RandAugment",
+            "to uint8 tensor",
+            "ToTensor + Normalize (baseline)",
+            "stack + normalize a batch (per image)",
+        )
+    }
+
+    def timed(name, fn, value):
+        start = time.perf_counter()
+        out = fn(value)
+        ms[name] += (time.perf_counter() - start) * 1e3 / len(refs)
+        return out
+
+    batch = []
+    for ref in refs:
+        image = timed("read + decode", lambda r: read_sample(r)[0].convert("RGB"), ref)
+        image.load()
+        image = timed("flip", flip, timed("random-resized-crop", crop, image))
+        image = timed("RandAugment", randaugment, image)
+        batch.append(timed("to uint8 tensor", to_uint8, image))
+        timed("ToTensor + Normalize (baseline)", to_float, image)
+        if len(batch) == 64:
+            timed(
+                "stack + normalize a batch (per image)",
+                lambda b: normalize_batch(torch.stack(b), cfg.mean, cfg.std),
+                batch,
+            )
+            batch = []
+    return ms
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backend", choices=["dali", "torch", "both"], default="both")
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
@@ -97,6 +156,21 @@ def main() -> None:
     from conv2former.data.shards import open_split
 
     split = open_split(str(prepare(args.images) / "shards"), "train")
+    rows = []
+    if args.backend in ("torch", "both"):
+        for stage, ms in torch_stage_ms(split, 640).items():
+            print(f"torch {stage:<45} {ms:6.2f} ms per image (one thread)")
+            rows.append(
+                f"| {datetime.date.today()} | {machine(1)} | torch | {stage} | 64 | 1 | — | {ms:.2f} | "
+                f"{versions('torch', 'pillow', 'timm')} |"
+            )
+    if args.backend in ("dali", "both"):
+        rows += dali_rows(split, args)
+    if args.record:
+        record("loader_breakdown.py", rows)
+
+
+def dali_rows(split, args: argparse.Namespace) -> list:
     paths, index_paths = [s.tar for s in split.shards], [s.index for s in split.shards]
     runs = [
         ("read + decode/random crop", "decode", None),
@@ -113,8 +187,7 @@ def main() -> None:
             f"| {datetime.date.today()} | {machine()} | dali-{args.device} | {label} | {args.batch} | "
             f"{args.threads} | {rate:.0f} | {1e3 * args.threads / rate:.2f} | {versions('dali')} |"
         )
-    if args.record:
-        record("loader_breakdown.py", rows)
+    return rows
 
 
 if __name__ == "__main__":

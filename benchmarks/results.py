@@ -57,7 +57,14 @@ def machine_info(threads: int | None = None) -> Dict[str, Any]:
         torch_cpu_capability=torch.backends.cpu.get_cpu_capability(),
         threads=threads if threads is not None else torch.get_num_threads(),
     )
+    limits = {name: os.environ[name] for name in DISPATCH_LIMITS if os.environ.get(name)}
+    if limits:  # benchmarks/avx2.sh: this processor's libraries held to a narrower ISA
+        info["dispatch_limits"] = limits
     return info
+
+
+DISPATCH_LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+"""The environment variables that hold torch's kernels, oneDNN and MKL to a narrower vector ISA than the processor's."""
 
 
 def machine(threads: int | None = None) -> str:
@@ -67,8 +74,13 @@ def machine(threads: int | None = None) -> str:
     if "gpu" in info:
         return info["gpu"]
     numbers = f" (family {info['cpu_family']} model {info['cpu_model']})" if info["cpu_family"] else ""
+    limits = info.get("dispatch_limits")
+    held = ""
+    if limits:
+        how = "benchmarks/avx2.sh" if len(limits) == len(DISPATCH_LIMITS) else " ".join(limits)
+        held = f" held to {'/'.join(sorted(set(v.upper() for v in limits.values())))} ({how})"
     return (
-        f"{info['cpu']}{numbers}, {info['cores']} cores, {info['isa']}, torch {info['torch_cpu_capability']}, "
+        f"{info['cpu']}{numbers}, {info['cores']} cores, {info['isa']}{held}, torch {info['torch_cpu_capability']}, "
         f"{info['threads']} threads"
     )
 

@@ -41,15 +41,25 @@ def buffer_shuffle(refs: List[SampleRef], buffer: int, rng: random.Random) -> Li
     return out + pool
 
 
-def timm_transform(cfg: DataConfig, train: bool):
+def timm_transform(cfg: DataConfig, train: bool, uint8: bool = False):
+    """timm's train or eval transform of the recipe. ``uint8``: ending in uint8 CHW tensors (timm's prefetcher
+    form, ``use_prefetcher=True``), normalized later on a whole batch (``normalize_batch``); else float, normalized."""
     aug = cfg.augment
     if train:
         auto_augment = f"rand-m{aug.randaugment_m}-n{aug.randaugment_n}-mstd0.5-inc1" if aug.randaugment else None
         return create_transform(cfg.image_size, is_training=True, scale=aug.scale, ratio=aug.ratio, hflip=aug.hflip,
                                 vflip=0.0, color_jitter=None, auto_augment=auto_augment, interpolation="bicubic",
-                                re_prob=0.0, mean=cfg.mean, std=cfg.std)
+                                re_prob=0.0, mean=cfg.mean, std=cfg.std, use_prefetcher=uint8)
     return create_transform(cfg.image_size, is_training=False, crop_pct=cfg.crop_pct, crop_mode=cfg.crop_mode,
-                            interpolation="bicubic", mean=cfg.mean, std=cfg.std)
+                            interpolation="bicubic", mean=cfg.mean, std=cfg.std, use_prefetcher=uint8)
+
+
+def normalize_batch(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """A uint8 (B, 3, H, W) batch as float32 ``(x - 255 mean) / (255 std)``, as timm's PrefetchLoader does on the
+    device (equal to ToTensor + Normalize up to float rounding)."""
+    scale = torch.tensor(std, device=images.device).view(1, 3, 1, 1) * 255
+    shift = torch.tensor(mean, device=images.device).view(1, 3, 1, 1) * 255
+    return images.float().sub_(shift).div_(scale)
 
 
 def read_sample(ref: SampleRef) -> Tuple[Image.Image, int]:
@@ -66,7 +76,7 @@ def read_sample(ref: SampleRef) -> Tuple[Image.Image, int]:
 
 
 class _Batches(Dataset):
-    """Item ``b`` = batch ``b`` of the epoch: decoded, transformed and stacked in a worker, with the list of
+    """Item ``b`` = batch ``b`` of the epoch: decoded, transformed and stacked (uint8) in a worker, with the list of
     (shard, problem) for samples whose shard was unreadable (the main process reports them). When skipping, such a
     sample is replaced by the next readable one of the epoch; otherwise the batch ends there."""
 
@@ -88,7 +98,7 @@ class _Batches(Dataset):
         for i in range(b * self.batch_size, (b + 1) * self.batch_size):
             sample = self._sample(i, problems) if self.refs[i] is not None else None
             if sample is None:  # eval padding, or an unreadable shard that is not skipped (reported)
-                images.append(torch.zeros(3, self.image_size, self.image_size))
+                images.append(torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8))
                 labels.append(-1)
                 continue
             images.append(self.transform(sample[0]))
@@ -120,12 +130,14 @@ class _Batches(Dataset):
 
 
 class TorchLoader(ShardLoader):
-    """timm's transforms in a ``DataLoader`` whose items are whole batches (decoded and stacked in a worker)."""
+    """timm's transforms in a ``DataLoader`` whose items are whole batches (decoded and stacked in a worker). The
+    workers hand over uint8 batches (a quarter of float32's bytes through shared memory, no per-image float work);
+    the batch is normalized where it is used, on the GPU when there is one."""
 
     def __init__(self, cfg: DataConfig, shards: SplitShards, train: bool, rank: int, world_size: int,
                  device: torch.device) -> None:
         super().__init__(cfg, shards, train, rank, world_size, device, backend="torch")
-        self.transform = timm_transform(cfg, train)
+        self.transform = timm_transform(cfg, train, uint8=True)
         self._iter = None
 
     def epoch_refs(self) -> List[Optional[SampleRef]]:
@@ -159,7 +171,8 @@ class TorchLoader(ShardLoader):
             self.bad_shard(tar, problem, samples=1)  # raises unless skipping
         if self.train and bool((labels < 0).any()):
             raise DataFault(f"rank {self.rank}: no readable sample left in {self.shards.root} {self.shards.split}")
-        return images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        images = normalize_batch(images.to(self.device, non_blocking=True), self.cfg.mean, self.cfg.std)
+        return images, labels.to(self.device, non_blocking=True)
 
     def _reset(self) -> None:
         self._iter = None
