@@ -102,7 +102,9 @@ def torch_stage_ms(split, images: int) -> dict:
     cfg = DataConfig(image_size=224)
     crop, flip, randaugment, to_uint8 = timm_transform(cfg, True, uint8=True).transforms
     to_float = transforms.Compose(timm_transform(cfg, True).transforms[3:])  # ToTensor + Normalize
-    refs = [(s.tar, jpg, cls) for s in split.shards for jpg, cls in s.members((fmt.IMAGE_KEY, fmt.CLASS_KEY))]
+    refs = [
+        (s.tar, jpg, cls) for s in split.shards for jpg, cls in s.members((fmt.IMAGE_KEY, fmt.CLASS_KEY), 0, len(s))
+    ]
     refs = (refs * -(-images // len(refs)))[:images]
     ms = {
         name: 0.0

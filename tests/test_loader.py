@@ -177,6 +177,39 @@ def test_order_is_deterministic_per_seed_and_epoch(unique_shards, backend):
     assert labels(0, 3) != labels(0, 4) and labels(0, 3) != labels(1, 3)
 
 
+def test_uint8_batches_normalized_later_equal_the_float_ones(unique_shards):
+    """What the torch backend does on a GPU (uint8 batches from the workers, normalized on the device), here on
+    CPU: the same batches as the float path up to float rounding."""
+    from conv2former.data.torch_loader import timm_transform
+
+    cfg = cfg_for(unique_shards, "torch", image_size=16, batch_size=8)
+    plain, as_uint8 = build_loader(cfg, "train"), build_loader(cfg, "train")
+    as_uint8.uint8, as_uint8.transform = True, timm_transform(cfg, True, uint8=True)
+    for (x, y), (ux, uy) in zip(plain, as_uint8):
+        assert ux.dtype == torch.float32 and torch.equal(y, uy)
+        torch.testing.assert_close(ux, x, rtol=0, atol=1e-5)
+
+
+def test_next_epoch_started_early_gives_exactly_that_epoch(unique_shards):
+    """The torch backend starts epoch e+1's workers during epoch e's last batches: the batches are those of a loader
+    set to epoch e+1 from scratch, and a set_epoch to another epoch in between drops the early start."""
+    cfg = cfg_for(unique_shards, "torch", image_size=16, batch_size=8)
+
+    def epoch_batches(epoch):
+        fresh = build_loader(cfg, "train")
+        fresh.set_epoch(epoch)
+        return [(x, y) for x, y in fresh]
+
+    loader = build_loader(cfg, "train")
+    continuous = [[(x, y) for x, y in loader] for _ in range(2)]
+    assert loader._next_epoch is not None and loader._next_epoch[0] == 2  # epoch 2 already started
+    loader.set_epoch(5)
+    jumped = [(x, y) for x, y in loader]
+    for got, expected in zip(continuous + [jumped], [epoch_batches(0), epoch_batches(1), epoch_batches(5)]):
+        assert len(got) == len(expected)
+        assert all(torch.equal(x, ex) and torch.equal(y, ey) for (x, y), (ex, ey) in zip(got, expected))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_resume_mid_epoch_yields_the_remaining_batches(unique_shards, backend):
     cfg = cfg_for(unique_shards, backend)

@@ -10,13 +10,14 @@ from __future__ import annotations
 import gc
 import io
 import random
+import sys
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 from PIL import Image
 from timm.data import create_transform
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from conv2former.config import DataConfig
 from conv2former.data import shard_format as fmt
@@ -24,6 +25,7 @@ from conv2former.data.base import ShardLoader
 from conv2former.data.shards import SplitShards, sample_seed
 from conv2former.errors import DataFault
 
+PREFETCH = 2  # batches each DataLoader worker works ahead
 SampleRef = Tuple[str, Tuple[int, int], Tuple[int, int]]  # (tar path, jpg (offset, size), cls (offset, size))
 
 
@@ -81,8 +83,9 @@ class _Batches(Dataset):
     sample is replaced by the next readable one of the epoch; otherwise the batch ends there."""
 
     def __init__(self, refs: List[Optional[SampleRef]], batch_size: int, transform, image_size: int, seed: int,
-                 skip: bool) -> None:
+                 skip: bool, uint8: bool) -> None:
         self.refs, self.batch_size, self.transform = refs, batch_size, transform
+        self.pad_dtype = torch.uint8 if uint8 else torch.float32
         self.image_size, self.seed, self.skip = image_size, seed, skip
         self.bad: Dict[str, str] = {}  # shard -> problem, as this worker found them
 
@@ -98,12 +101,13 @@ class _Batches(Dataset):
         for i in range(b * self.batch_size, (b + 1) * self.batch_size):
             sample = self._sample(i, problems) if self.refs[i] is not None else None
             if sample is None:  # eval padding, or an unreadable shard that is not skipped (reported)
-                images.append(torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8))
+                images.append(torch.zeros(3, self.image_size, self.image_size, dtype=self.pad_dtype))
                 labels.append(-1)
                 continue
             images.append(self.transform(sample[0]))
             labels.append(sample[1])
-        return torch.stack(images), torch.tensor(labels, dtype=torch.int64), problems
+        # default_collate stacks straight into shared memory in a worker (no copy when the batch is sent)
+        return default_collate(images), torch.tensor(labels, dtype=torch.int64), problems
 
     def _sample(self, i: int, problems: List[Tuple[str, str]]) -> Optional[Tuple[Image.Image, int]]:
         tar = self.refs[i][0]
@@ -130,15 +134,19 @@ class _Batches(Dataset):
 
 
 class TorchLoader(ShardLoader):
-    """timm's transforms in a ``DataLoader`` whose items are whole batches (decoded and stacked in a worker). The
-    workers hand over uint8 batches (a quarter of float32's bytes through shared memory, no per-image float work);
-    the batch is normalized where it is used, on the GPU when there is one."""
+    """timm's transforms in a ``DataLoader`` whose items are whole batches (decoded and stacked into shared memory
+    in a worker; uint8 and normalized on the device when it is a GPU). The next epoch's workers start while the
+    current epoch's last batches are made."""
 
     def __init__(self, cfg: DataConfig, shards: SplitShards, train: bool, rank: int, world_size: int,
                  device: torch.device) -> None:
         super().__init__(cfg, shards, train, rank, world_size, device, backend="torch")
-        self.transform = timm_transform(cfg, train, uint8=True)
+        # GPU: uint8 batches (a quarter of the bytes through shared memory and PCIe), normalized on the device;
+        # CPU: normalized per image in the workers (cache-resident), so the training process does none of it
+        self.uint8 = device.type == "cuda"
+        self.transform = timm_transform(cfg, train, uint8=self.uint8)
         self._iter = None
+        self._next_epoch: Optional[Tuple[int, Any]] = None  # (epoch, its iterator) started during the last batch
 
     def epoch_refs(self) -> List[Optional[SampleRef]]:
         """This rank's samples of the current epoch in order, cut (train) or padded (eval) to whole batches."""
@@ -153,29 +161,52 @@ class TorchLoader(ShardLoader):
         return refs + [None] * (self.steps * self.batch_size - len(refs))
 
     def _loader(self) -> DataLoader:
-        if self.cfg.workers:
+        if self.cfg.workers and "nvidia.dali" in sys.modules:
             # the workers are forked: collect unreachable DALI pipelines (reference cycles) here first, or a
             # collection inside a worker runs their shutdown there, where their threads do not exist, and hangs
+            # (a full collection takes ~0.2 s in a process with torch and timm loaded: only where DALI ran)
             gc.collect()
         dataset = _Batches(self.epoch_refs(), self.batch_size, self.transform, self.cfg.image_size,
-                           sample_seed(self.seed, self.epoch, self.rank), self.skip_bad_shards)
+                           sample_seed(self.seed, self.epoch, self.rank), self.skip_bad_shards, self.uint8)
         return DataLoader(dataset, batch_size=None, sampler=range(self.step, self.steps),
                           num_workers=self.cfg.workers, pin_memory=self.device.type == "cuda",
-                          prefetch_factor=2 if self.cfg.workers else None, persistent_workers=False)
+                          prefetch_factor=PREFETCH if self.cfg.workers else None, persistent_workers=False)
 
     def _next_batch(self) -> Tuple[torch.Tensor, torch.Tensor]:
         if self._iter is None:
-            self._iter = iter(self._loader())
+            self._iter = self._take_next_epoch() or iter(self._loader())
         images, labels, problems = next(self._iter)
+        if self.train and self.cfg.workers and self.step == max(0, self.steps - 1 - PREFETCH * self.cfg.workers):
+            self._start_next_epoch()  # every remaining batch of this epoch is already given to a worker
         for tar, problem in problems:
             self.bad_shard(tar, problem, samples=1)  # raises unless skipping
         if self.train and bool((labels < 0).any()):
             raise DataFault(f"rank {self.rank}: no readable sample left in {self.shards.root} {self.shards.split}")
-        images = normalize_batch(images.to(self.device, non_blocking=True), self.cfg.mean, self.cfg.std)
+        images = images.to(self.device, non_blocking=True)
+        if self.uint8:
+            images = normalize_batch(images, self.cfg.mean, self.cfg.std)
         return images, labels.to(self.device, non_blocking=True)
+
+    def _start_next_epoch(self) -> None:
+        """Once every batch of this epoch is in the workers' hands, start the next epoch's workers: they fork and fill
+        their queue while the last batches are made and trained, so an epoch does not begin with a fork and an empty
+        queue (the old workers have nothing left to start; the cores stay busy)."""
+        epoch, step = self.epoch, self.step
+        self.epoch, self.step = epoch + 1, 0
+        try:
+            self._next_epoch = (self.epoch, iter(self._loader()))
+        finally:
+            self.epoch, self.step = epoch, step
+
+    def _take_next_epoch(self):
+        started, self._next_epoch = self._next_epoch, None
+        if started is not None and started[0] == self.epoch and self.step == 0:
+            return started[1]
+        return None  # another epoch or position was asked for (set_epoch, a restored state): not this one
 
     def _reset(self) -> None:
         self._iter = None
 
     def _restore(self, state: Dict[str, Any]) -> None:
         self._iter = None  # the next batch is computed from (epoch, step) alone
+        self._next_epoch = None
