@@ -160,6 +160,22 @@ def test_profile_step_names_the_depthwise_kernels():
     )
     assert "ms of self CPU time in one step" in done.stdout
     assert "aten::convolution_backward depthwise 7x7 on 16x16x16" in done.stdout
+    assert "by kind:" in done.stdout and "depthwise conv (k x k, incl. their gradients)" in done.stdout
+    baseline = run(
+        sys.executable,
+        "benchmarks/profile_step.py",
+        "--variant",
+        "convnext_atto",
+        "--resolution",
+        "64",
+        "--batch",
+        "2",
+        "--warmup",
+        "1",
+        "--top",
+        "0",
+    )
+    assert "1x1 conv / matmul" in baseline.stdout
 
 
 def _cuda() -> bool:
@@ -183,3 +199,64 @@ def test_loader_breakdown_measures_every_stage_of_the_dali_cpu_graph(tmp_path):
     )
     rates = [line for line in done.stdout.splitlines() if "images/s" in line]
     assert len(rates) == 8 and "RandAugment n=2 m=9 (full graph)" in done.stdout
+    stages = [line for line in done.stdout.splitlines() if line.startswith("torch ") and "ms per image" in line]
+    names = " ".join(stages)
+    assert len(stages) == 7 and all(s in names for s in ("read + decode", "random-resized-crop", "RandAugment"))
+
+
+@pytest.mark.slow  # runs three loaders end to end
+def test_loader_speed_measures_each_backend_in_its_own_process(tmp_path):
+    done = run(
+        sys.executable,
+        "benchmarks/loader_speed.py",
+        "--backend",
+        "all",
+        "--seconds",
+        "1",
+        "--batch",
+        "8",
+        "--images",
+        "200",
+        env=dict(ENV, C2F_BENCH_DIR=str(tmp_path / "bench")),
+    )
+    lines = [line.split()[0] for line in done.stdout.splitlines() if "images/s" in line]
+    assert lines == ["dali-cpu", "torch", "imagefolder"] or lines == ["dali-gpu", "dali-cpu", "torch", "imagefolder"]
+
+
+def test_rows_say_when_the_libraries_were_held_to_avx2():
+    held = run(
+        "benchmarks/avx2.sh",
+        sys.executable,
+        "-c",
+        "import sys; sys.path.insert(0, 'benchmarks'); "
+        "from results import machine, machine_info; print(machine()); print(machine_info()['dispatch_limits'])",
+    )
+    row, limits = held.stdout.splitlines()
+    assert "held to AVX2 (benchmarks/avx2.sh)" in row and "torch AVX2" in row
+    assert "ONEDNN_MAX_CPU_ISA" in limits and "MKL_ENABLE_INSTRUCTIONS" in limits
+
+
+@pytest.mark.slow  # times every candidate on the demo model's shapes
+def test_depthwise_formulations_times_every_candidate_and_names_the_choice():
+    done = run(
+        sys.executable,
+        "benchmarks/depthwise_formulations.py",
+        "--variant",
+        "conv2former_demo",
+        "--baseline",
+        "convnext_atto",
+        "--batch",
+        "2",
+        "--resolution",
+        "64",
+        "--rounds",
+        "1",
+        env=dict(ENV, C2F_DEPTHWISE=""),
+    )
+    layers = [line for line in done.stdout.splitlines() if " on " in line and "images)" in line]
+    assert any(line.startswith("conv2former_demo 7x7") for line in layers)
+    assert any(line.startswith("conv2former_demo 3x3") for line in layers)
+    assert any(line.startswith("convnext_atto 7x7") for line in layers)
+    for name in ("transposed", "conv2d_backward", "batch_groups"):
+        assert name in done.stdout
+    assert done.stdout.count("chosen ") == len(layers)
