@@ -1,11 +1,12 @@
-"""The k x k depthwise convolution of Conv2Former, computed the fastest way this processor knows.
+"""Conv2Former's depthwise convolutions (the k x k modulation, the MLP's 3x3), computed the fastest way measured.
 
 Same parameters, same names and the same math as ``nn.Conv2d(dim, dim, k, padding=k // 2, groups=dim)``. A
 stride-1 "same" depthwise convolution and both of its gradients can each be computed several ways, and on CPU
-which is fastest depends on the processor, the shape and the layout (docs/performance.md, "Depthwise formulations"):
-on an AVX2-only dispatch PyTorch's NCHW 11x11 forward runs 4-16x slower than the same product computed as a
-transposed convolution with the flipped kernel, while with AVX-512 the two are equal; PyTorch's weight gradient for
-large kernels is 5-30x slower than computing it as one forward convolution with the batch folded into the groups.
+which is fastest depends on the processor, the shape and the layout (docs/performance.md, "Depthwise formulations,
+per processor"): on NCHW tensors with torch's AVX2 code paths PyTorch's 11x11 forward runs 5-17x slower than the
+same product as a transposed convolution with the flipped kernel or on a channels_last copy, while with AVX-512 it
+is the fastest; PyTorch's weight gradient for 11x11 kernels is 2-30x slower than one forward convolution with the
+batch folded into the groups, and at 3x3 PyTorch's own is the fastest everywhere.
 
 Three parts, each chosen on its own (every candidate of a part gives the same tensor up to float rounding):
 
