@@ -193,6 +193,7 @@ class DepthwiseTuner:
                 raise ValueError(f"unknown depthwise mode {given!r}: choose one of {', '.join(MODES)}")
         mode = os.environ.get(ENV_MODE) or mode
         if cache_path is not None:
+            cache_path = os.path.expanduser(cache_path)
             try:  # a cache that cannot be written is found now, not in the middle of the first training step
                 os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
                 open(cache_path + ".lock", "a").close()

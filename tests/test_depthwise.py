@@ -142,6 +142,12 @@ def test_fixed_and_off_modes_never_measure(monkeypatch):
         DepthwiseTuner("fastest")
 
 
+def test_a_cache_path_may_start_with_the_home_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    tuner = DepthwiseTuner("measure", cache_path="~/.cache/c2f-depthwise.json")
+    assert tuner.cache_path == str(tmp_path / ".cache" / "c2f-depthwise.json")
+
+
 def test_an_unwritable_cache_is_refused_at_once(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match="cannot write the depthwise cache .*: give a writable local path"):
