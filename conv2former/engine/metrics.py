@@ -101,6 +101,11 @@ class Metrics:
         if self.rank == 0:
             self.bar.write(message, file=sys.stderr)
 
+    def note(self, message: str) -> None:
+        """An INFO line on rank 0, on a line of its own above the bar."""
+        if self.rank == 0:
+            self.bar.write(message, file=sys.stdout)
+
     def show(self, **postfix: str) -> None:
         self.bar.set_postfix(**postfix)
 

@@ -226,7 +226,7 @@ class Trainer:
         new = self.depthwise.measured[self.depthwise_reported :]
         self.depthwise_reported += len(new)
         for key in new:
-            self.log.info("depthwise measured " + self.depthwise.describe(key))
+            self.metrics.note("depthwise measured " + self.depthwise.describe(key))
 
     def _models(self) -> List[torch.nn.Module]:
         return [self.engine.module] + ([self.ema.module] if self.ema is not None else [])
