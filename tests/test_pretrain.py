@@ -301,6 +301,20 @@ def test_bad_configs_are_one_line_errors(capsys, demo_shards, tmp_path):
     assert "expected int" in one_line_error(
         capsys, "--variant", "demo", "--data", demo_shards, "--set", "schedule.epochs=lots", *out
     )
+    assert "model.depthwise: unknown depthwise mode 'fastest'" in one_line_error(
+        capsys, "--variant", "demo", "--data", demo_shards, "--set", "model.depthwise=fastest", *out
+    )
+    (tmp_path / "file").write_text("")
+    assert "model.depthwise_cache: cannot write the depthwise cache" in one_line_error(
+        capsys,
+        "--variant",
+        "demo",
+        "--data",
+        demo_shards,
+        "--set",
+        f"model.depthwise_cache={tmp_path}/file/d.json",
+        *out,
+    )
 
 
 def test_dry_run_prints_the_schedule(capsys, demo_shards, tmp_path):

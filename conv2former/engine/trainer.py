@@ -116,7 +116,8 @@ class Trainer:
         try:
             self.depthwise = depthwise.configure(self.cfg.model.depthwise, self.cfg.model.depthwise_cache)
         except ValueError as err:
-            raise UserError(f"model.depthwise: {err}") from None
+            key = "model.depthwise_cache" if "cache" in str(err) else "model.depthwise"
+            raise UserError(f"{key}: {err}") from None
         self.depthwise_reported = 0  # how many of its measurements the log has shown
 
     def _make_model(self) -> torch.nn.Module:
