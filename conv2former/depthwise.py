@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import platform
 import tempfile
@@ -44,7 +45,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-__all__ = ["DepthwiseConv2d", "DepthwiseTuner", "depthwise_conv2d", "tuner", "configure", "MODES", "PLAIN"]
+__all__ = [
+    "DepthwiseConv2d",
+    "DepthwiseTuner",
+    "depthwise_conv2d",
+    "tuner",
+    "configure",
+    "writable_cache",
+    "MODES",
+    "PLAIN",
+]
 
 Formulation = Tuple[str, str, str]  # (forward, grad_input, grad_weight)
 PLAIN: Formulation = ("conv2d", "conv2d_backward", "conv2d_backward")
@@ -144,7 +154,7 @@ def machine_fingerprint() -> str:
     try:
         with open("/proc/cpuinfo") as info:
             model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), model)
-    except OSError:
+    except OSError:  # no /proc (not Linux): the platform's name stays
         pass
     return (
         f"{model} | {torch.backends.cpu.get_cpu_capability()} | torch {torch.__version__} | "
@@ -175,8 +185,9 @@ class DepthwiseTuner:
     """Chooses each depthwise convolution's formulation per ``shape_key`` and remembers it.
 
     ``mode``: "measure" (time the candidates on first use), "fixed" (a rule, no timing) or "off" (plain conv2d).
-    ``cache_path``: an optional JSON file of measured choices, per ``machine_fingerprint()``, read on first use and
-    extended after each measurement (the choices then carry over between runs on the same kind of machine).
+    ``cache_path``: an optional JSON file of measured choices, per ``machine_fingerprint()``, consulted for each shape
+    not chosen yet and extended after each measurement (the choices carry over between runs on the same kind of
+    machine).
     """
 
     def __init__(self, mode: str = "measure", cache_path: Optional[str] = None, rounds: int = 3) -> None:
@@ -188,20 +199,11 @@ class DepthwiseTuner:
         self.configure(mode, cache_path)
 
     def configure(self, mode: str, cache_path: Optional[str] = None) -> None:
-        for given in (mode, os.environ.get(ENV_MODE)):
+        for given, where in ((mode, "the mode"), (os.environ.get(ENV_MODE), ENV_MODE)):
             if given and given not in MODES:
-                raise ValueError(f"unknown depthwise mode {given!r}: choose one of {', '.join(MODES)}")
-        mode = os.environ.get(ENV_MODE) or mode
-        if cache_path is not None:
-            cache_path = os.path.expanduser(cache_path)
-            try:  # a cache that cannot be written is found now, not in the middle of the first training step
-                os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
-                open(cache_path + ".lock", "a").close()
-            except OSError as err:
-                raise ValueError(
-                    f"cannot write the depthwise cache {cache_path} ({err.strerror}): give a writable local path"
-                ) from None
-        self.mode, self.cache_path = mode, cache_path
+                raise ValueError(f"unknown depthwise mode {given!r} ({where}): choose one of {', '.join(MODES)}")
+        self.mode = os.environ.get(ENV_MODE) or mode
+        self.cache_path = writable_cache(cache_path) if cache_path is not None else None
 
     def formulation(self, x: torch.Tensor, weight: torch.Tensor) -> Formulation:
         if (
@@ -304,6 +306,20 @@ class DepthwiseTuner:
         return line
 
 
+def writable_cache(path: str) -> str:
+    """``path`` (``~`` expanded) once its folder exists and a lock beside it can be written: a cache that cannot be
+    written is found when it is configured, not in the middle of the first training step."""
+    path = os.path.expanduser(path)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        open(path + ".lock", "a").close()
+    except OSError as err:
+        raise ValueError(
+            f"cannot write the depthwise cache {path} ({err.strerror}): give a writable local path"
+        ) from None
+    return path
+
+
 def _tracing_or_intercepted() -> bool:
     """True while torch.compile traces or a TorchDispatchMode (FlopCounterMode, fake tensors) sees every op."""
     from torch.utils._python_dispatch import _get_current_dispatch_mode
@@ -318,7 +334,21 @@ def _valid(choice) -> Formulation:
     return parts  # type: ignore[return-value]
 
 
-_TUNER = DepthwiseTuner("measure")
+def _process_tuner() -> DepthwiseTuner:
+    """The process's tuner, in the mode C2F_DEPTHWISE names. A bad value does not break the import: it is a warning
+    here, and ``configure`` (the training engine calls it first) makes it a clear error."""
+    try:
+        return DepthwiseTuner("measure")
+    except ValueError as err:
+        logging.getLogger("conv2former").warning(f"warning: {err}; depthwise convolutions measure meanwhile")
+        saved = os.environ.pop(ENV_MODE)
+        try:
+            return DepthwiseTuner("measure")
+        finally:
+            os.environ[ENV_MODE] = saved
+
+
+_TUNER = _process_tuner()
 
 
 def tuner() -> DepthwiseTuner:

@@ -206,3 +206,20 @@ def test_processes_sharing_a_cache_measure_one_at_a_time_and_agree(tmp_path):
     assert sorted(n for _, n in results) == [0, 1]  # exactly one of them measured
     (entries,) = json.loads(cache.read_text()).values()  # one machine, one shape
     assert list(entries.values()) == [results[0][0]]
+
+
+def test_a_bad_mode_in_the_environment_is_a_warning_at_import_and_an_error_when_configured():
+    import subprocess
+    import sys
+
+    script = (
+        "from conv2former import depthwise as dw; print(dw.tuner().mode)\n"
+        "try:\n    dw.configure('measure')\nexcept ValueError as err:\n    print('refused:', err)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=dict(os.environ, C2F_DEPTHWISE="bogus")
+    )
+    assert done.returncode == 0 and "Traceback" not in done.stderr
+    assert done.stdout.splitlines()[0] == "measure"
+    assert "refused: unknown depthwise mode 'bogus' (C2F_DEPTHWISE)" in done.stdout
+    assert done.stderr.strip().startswith("warning: unknown depthwise mode 'bogus'")

@@ -301,7 +301,7 @@ def test_bad_configs_are_one_line_errors(capsys, demo_shards, tmp_path):
     assert "expected int" in one_line_error(
         capsys, "--variant", "demo", "--data", demo_shards, "--set", "schedule.epochs=lots", *out
     )
-    assert "model.depthwise: unknown depthwise mode 'fastest'" in one_line_error(
+    assert "model.depthwise: unknown mode 'fastest'" in one_line_error(
         capsys, "--variant", "demo", "--data", demo_shards, "--set", "model.depthwise=fastest", *out
     )
     (tmp_path / "file").write_text("")

@@ -113,11 +113,19 @@ class Trainer:
         self.cfg.data.backend = resolve_backend(self.cfg.data.backend)
         if self.cfg.data.seed is None:
             self.cfg.data.seed = self.cfg.seed  # documented default: the data follow the run's seed
+        model = self.cfg.model
+        if model.depthwise not in depthwise.MODES:
+            raise UserError(
+                f"model.depthwise: unknown mode {model.depthwise!r}: choose one of {', '.join(depthwise.MODES)}"
+            )
         try:
-            self.depthwise = depthwise.configure(self.cfg.model.depthwise, self.cfg.model.depthwise_cache)
+            cache = depthwise.writable_cache(model.depthwise_cache) if model.depthwise_cache is not None else None
         except ValueError as err:
-            key = "model.depthwise_cache" if "cache" in str(err) else "model.depthwise"
-            raise UserError(f"{key}: {err}") from None
+            raise UserError(f"model.depthwise_cache: {err}") from None
+        try:
+            self.depthwise = depthwise.configure(model.depthwise, cache)
+        except ValueError as err:  # C2F_DEPTHWISE names an unknown mode
+            raise UserError(str(err)) from None
         self.depthwise_reported = 0  # how many of its measurements the log has shown
 
     def _make_model(self) -> torch.nn.Module:
