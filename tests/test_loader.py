@@ -19,7 +19,7 @@ from conv2former.config import AugmentConfig, DataConfig
 from conv2former.data import shard_format as fmt
 from conv2former.data.augment import BatchAugment
 from conv2former.data.loader import build_loader, resolve_backend
-from conv2former.errors import UserError
+from conv2former.errors import DataFault, UserError
 from data_prep.demo import render
 from data_prep.shard import main as shard_main
 
@@ -208,6 +208,23 @@ def test_next_epoch_started_early_gives_exactly_that_epoch(unique_shards):
     for got, expected in zip(continuous + [jumped], [epoch_batches(0), epoch_batches(1), epoch_batches(5)]):
         assert len(got) == len(expected)
         assert all(torch.equal(x, ex) and torch.equal(y, ey) for (x, y), (ex, ey) in zip(got, expected))
+
+
+def test_an_unreadable_shard_is_not_reported_by_the_early_start_of_the_next_epoch(unique_shards, tmp_path):
+    """The next epoch's early start meets an unreadable shard: it leaves the report to that epoch's beginning
+    (after this epoch's own checkpoint), which raises as it always did."""
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(unique_shards, root)
+    loader = build_loader(cfg_for(root, "torch", image_size=16, batch_size=8), "train")
+    next(iter(loader))
+    sorted((root / "train").glob("*.tar"))[0].unlink()
+    loader._start_next_epoch()  # does not raise
+    assert loader._next_epoch is None
+    loader.set_epoch(1)
+    with pytest.raises(DataFault, match="cannot be opened"):
+        next(iter(loader))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -78,7 +78,7 @@ def read_sample(ref: SampleRef) -> Tuple[Image.Image, int]:
 
 
 class _Batches(Dataset):
-    """Item ``b`` = batch ``b`` of the epoch: decoded, transformed and stacked (uint8) in a worker, with the list of
+    """Item ``b`` = batch ``b`` of the epoch: decoded, transformed and stacked in a worker, with the list of
     (shard, problem) for samples whose shard was unreadable (the main process reports them). When skipping, such a
     sample is replaced by the next readable one of the epoch; otherwise the batch ends there."""
 
@@ -146,7 +146,7 @@ class TorchLoader(ShardLoader):
         self.uint8 = device.type == "cuda"
         self.transform = timm_transform(cfg, train, uint8=self.uint8)
         self._iter = None
-        self._next_epoch: Optional[Tuple[int, Any]] = None  # (epoch, its iterator) started during the last batch
+        self._next_epoch: Optional[Tuple[int, Any]] = None  # (epoch, its iterator) started before this epoch ended
 
     def epoch_refs(self) -> List[Optional[SampleRef]]:
         """This rank's samples of the current epoch in order, cut (train) or padded (eval) to whole batches."""
@@ -195,6 +195,8 @@ class TorchLoader(ShardLoader):
         self.epoch, self.step = epoch + 1, 0
         try:
             self._next_epoch = (self.epoch, iter(self._loader()))
+        except DataFault:
+            pass  # an unreadable shard: the next epoch reports it when it begins, after this epoch's checkpoint
         finally:
             self.epoch, self.step = epoch, step
 
