@@ -141,41 +141,18 @@ def test_gpu_checklist_lists_the_issue_steps_in_order_and_refuses_to_run_without
         assert done.returncode == 2 and done.stderr.strip().startswith("error: gpu_checklist.sh needs a CUDA GPU")
 
 
+def profile_step(variant: str, *extra: str) -> str:
+    small = ["--resolution", "64", "--batch", "2", "--warmup", "1"]
+    return run(sys.executable, "benchmarks/profile_step.py", "--variant", variant, *small, *extra).stdout
+
+
 @pytest.mark.slow  # runs a benchmark script end to end (seconds of measuring)
 def test_profile_step_names_the_depthwise_kernels():
-    done = run(
-        sys.executable,
-        "benchmarks/profile_step.py",
-        "--variant",
-        "conv2former_demo",
-        "--resolution",
-        "64",
-        "--batch",
-        "2",
-        "--warmup",
-        "1",
-        "--top",
-        "40",
-        "--plain-depthwise",
-    )
-    assert "ms of self CPU time in one step" in done.stdout
-    assert "aten::convolution_backward depthwise 7x7 on 16x16x16" in done.stdout
-    assert "by kind:" in done.stdout and "depthwise conv (k x k, incl. their gradients)" in done.stdout
-    baseline = run(
-        sys.executable,
-        "benchmarks/profile_step.py",
-        "--variant",
-        "convnext_atto",
-        "--resolution",
-        "64",
-        "--batch",
-        "2",
-        "--warmup",
-        "1",
-        "--top",
-        "0",
-    )
-    assert "1x1 conv / matmul" in baseline.stdout
+    out = profile_step("conv2former_demo", "--top", "40", "--plain-depthwise")
+    assert "ms of self CPU time in one step" in out
+    assert "aten::convolution_backward depthwise 7x7 on 16x16x16" in out
+    assert "by kind:" in out and "depthwise conv (k x k, incl. their gradients)" in out
+    assert "1x1 conv / matmul" in profile_step("convnext_atto", "--top", "0")  # any timm model, totals only
 
 
 def _cuda() -> bool:
