@@ -7,7 +7,8 @@ CPU: fp32, NCHW and channels_last, plus our model with the plain ``nn.Conv2d`` d
 (``fast_depthwise=False``) so the gain of conv2former/depthwise.py is measured in the same run.
 GPU: bf16 autocast, channels_last, cuDNN benchmark mode; MFU = images/s x 6 x MACs / the GPU's bf16 dense peak.
 ``--grad-checkpointing`` and ``--compile`` apply to both models. All models run in one process, alternating round
-by round, so the ratio is fair. ``--record`` adds the rows to docs/performance.md; ``--json`` prints one line each.
+by round, so the ratio is fair. On CPU the process keeps freed memory for reuse, as training does
+(conv2former/host_memory.py; ``--system-malloc`` measures glibc's default instead). ``--record`` adds the rows to docs/performance.md; ``--json`` prints one line each.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from results import machine, machine_info, record, versions
 
 import conv2former  # noqa: F401  (registers the variants)
 from conv2former.complexity import count_gmacs
+from conv2former.host_memory import keep_freed_memory
 
 # bf16 dense tensor-core peak (FLOP/s, no sparsity) by device-name fragment, from NVIDIA's data sheets.
 BF16_PEAK = {
@@ -119,6 +121,11 @@ def main() -> None:
         help="skip the extra CPU run of our model with the plain nn.Conv2d depthwise backward",
     )
     parser.add_argument("--flush-denormal", action="store_true", help="flush denormal floats to zero on CPU")
+    parser.add_argument(
+        "--system-malloc",
+        action="store_true",
+        help="leave glibc's malloc as it is (by default freed memory is kept for reuse on CPU, as training does)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON line per measured model")
     parser.add_argument("--record", action="store_true", help="add the rows to docs/performance.md")
     args = parser.parse_args()
@@ -131,6 +138,7 @@ def main() -> None:
         parser.error("--device cuda but no CUDA device is visible; use --device cpu")
     if args.flush_denormal:
         torch.set_flush_denormal(True)
+    system_malloc = device.type == "cpu" and (args.system_malloc or not keep_freed_memory())
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     memory_format = args.memory_format or ("channels_last" if device.type == "cuda" else "both")
@@ -160,6 +168,7 @@ def main() -> None:
             + (["grad ckpt"] if args.grad_checkpointing else [])
             + (["compiled"] if args.compile else [])
             + (["FTZ"] if args.flush_denormal else [])
+            + (["system malloc"] if system_malloc else [])
         )
         base = ips[args.baseline]
         for label in models:

@@ -6,7 +6,8 @@
 One step = forward, backward and AdamW step, after warm-up steps; fp32 on CPU, bf16 autocast + channels_last on GPU.
 Ranks operators by self time (CPU time on CPU, CUDA kernel time on GPU) and prints the top ones with their share
 of the step. ``--plain-depthwise`` profiles the model with the plain nn.Conv2d depthwise backward (what
-conv2former/depthwise.py replaces on CPU). ``--trace DIR`` also writes a Chrome/TensorBoard trace.
+conv2former/depthwise.py replaces on CPU). On CPU freed memory is kept for reuse, as training does
+(``--system-malloc``: glibc's default). ``--trace DIR`` also writes a Chrome/TensorBoard trace.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from results import machine, record, versions
 from torch.profiler import ProfilerActivity, profile
 
 import conv2former  # noqa: F401  (registers the variants)
+from conv2former.host_memory import keep_freed_memory
 
 
 def describe(event) -> str:
@@ -66,6 +68,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--channels-last", action="store_true", help="channels_last on CPU too (always on GPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--system-malloc", action="store_true", help="leave glibc's malloc as it is (CPU)")
     parser.add_argument("--trace", type=Path, help="also write a trace viewable in TensorBoard / chrome://tracing")
     parser.add_argument("--record", action="store_true", help="add the top operators to docs/performance.md")
     args = parser.parse_args()
@@ -81,6 +84,7 @@ def main() -> None:
     if gpu:
         torch.backends.cudnn.benchmark = True
     fmt = torch.channels_last if gpu or args.channels_last else torch.contiguous_format
+    system_malloc = not gpu and (args.system_malloc or not keep_freed_memory())
     kwargs = {"fast_depthwise": False} if args.plain_depthwise else {}
     model = timm.create_model(args.variant, **kwargs).to(device).train().to(memory_format=fmt)
     if args.compile:
@@ -107,6 +111,7 @@ def main() -> None:
         ["bf16, channels_last" if gpu else ("fp32, channels_last" if args.channels_last else "fp32, NCHW")]
         + (["plain depthwise"] if args.plain_depthwise else [])
         + (["compiled"] if args.compile else [])
+        + (["system malloc"] if system_malloc else [])
     )
     print(
         f"{args.variant} at {args.resolution}, batch {args.batch}, {setting}: "

@@ -115,6 +115,7 @@ class TrainConfig:
     stage: str = "pretrain"  # a name for the run's logs and export tag
     output: str = "runs/default"  # run directory: checkpoints/, export/, tb/, log.jsonl
     seed: int = 0  # initial weights, dropout and (unless data.seed) the data order
+    keep_freed_memory: bool = True  # CPU runs: malloc reuses freed memory (no page faults each step)
     ema: bool = False  # keep an exponential moving average of the weights (timm ModelEmaV3)
     ema_decay: float = 0.9999  # the EMA's decay per optimizer step
     ema_warmup: bool = False  # timm's EMA warmup (decay ramps up from 0): for short runs, so BN stats catch up

@@ -141,10 +141,11 @@ def test_export_loads_strictly_and_reproduces_eval_accuracy(reference_run, demo_
 def test_stop_and_relaunch_resumes_exactly(reference_run, demo_shards, tmp_path):
     ref, _ = reference_run
     args = [*FAST, "--data", demo_shards, "--output", str(tmp_path), "--epochs", "2", "--save-every", "10"]
-    first = run_pretrain(*args, "--max-steps", "25")
-    assert first["step"] == 25
+    # the interrupted part runs with glibc's default malloc: where freed memory lives changes no result
+    first = run_pretrain(*args, "--max-steps", "25", "--set", "keep_freed_memory=false")
+    assert first["step"] == 25 and first["freed_memory_kept"] is False
     second = run_pretrain(*args)
-    assert second["step"] == 62
+    assert second["step"] == 62 and second["freed_memory_kept"] is True
     assert exports_equal(ref, tmp_path)
 
 

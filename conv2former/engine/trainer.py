@@ -48,6 +48,7 @@ from conv2former.engine.optim import Schedule, build_optimizer, build_scheduler,
 from conv2former.engine.preemption import Preemption
 from conv2former.errors import EXIT_DIVERGED, RankFault, RunFault, UserError
 from conv2former.export import write_export
+from conv2former.host_memory import keep_freed_memory
 
 InitWeights = Callable[[torch.nn.Module, List[str]], None]
 STOPPED = "stopped by signal (checkpoint saved)"
@@ -127,6 +128,8 @@ class Trainer:
         except ValueError as err:  # C2F_DEPTHWISE names an unknown mode
             raise UserError(str(err)) from None
         self.depthwise_reported = 0  # how many of its measurements the log has shown
+        # a CPU step reallocates its activations every step: keep freed memory for reuse (conv2former/host_memory.py)
+        self.freed_memory_kept = not self.gpu and self.cfg.keep_freed_memory and keep_freed_memory()
 
     def _make_model(self) -> torch.nn.Module:
         kwargs: Dict[str, Any] = dict(num_classes=len(self.classes), drop_path_rate=self.cfg.model.drop_path_rate)
@@ -296,6 +299,7 @@ class Trainer:
                 "measured": len(self.depthwise.measured),
                 "measure_seconds": round(self.depthwise.measure_seconds, 2),
             },
+            "freed_memory_kept": self.freed_memory_kept,
             "epoch": self.epoch,
             "step": self.step,
             "loss": self.last_loss,
