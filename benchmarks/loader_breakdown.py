@@ -11,7 +11,9 @@ graph without RandAugment plus one op each (rotate, shear, brightness, equalize)
 torch: one process, one thread, each stage of conv2former/data/torch_loader.py timed per image on the same samples:
 read the bytes from the tar by offset, PIL decode, timm's random-resized-crop (bicubic), flip, RandAugment
 (rand-m9-mstd0.5-inc1), then either uint8 CHW (what the backend's workers hand over) or ToTensor + Normalize (what
-the ImageFolder baseline's workers do), and per image of a 64-batch, the stacking and the batch normalization.
+the ImageFolder baseline's workers do, then stack 64 of them into a fresh batch) or the uint8 tensor normalized into
+its slot of a fresh 64-batch (what the backend's workers do on CPU); and per image of a 64-batch, the stacking and batch
+normalization of the GPU form (here on CPU). Writing a fresh batch costs its page faults (~0.25 ms per image).
 """
 
 from __future__ import annotations
@@ -96,7 +98,7 @@ def torch_stage_ms(split, images: int) -> dict:
 
     from conv2former.config import DataConfig
     from conv2former.data import shard_format as fmt
-    from conv2former.data.torch_loader import normalize_batch, read_sample, timm_transform
+    from conv2former.data.torch_loader import _Batches, normalize_batch, read_sample, timm_transform
 
     torch.set_num_threads(1)
     cfg = DataConfig(image_size=224)
@@ -115,9 +117,13 @@ def torch_stage_ms(split, images: int) -> dict:
             "RandAugment",
             "to uint8 tensor",
             "ToTensor + Normalize (baseline)",
-            "stack + normalize a batch (per image)",
+            "stack the float images (baseline, per image)",
+            "normalize into the batch (CPU form)",
+            "stack + normalize a batch (GPU form, per image)",
         )
     }
+    worker = _Batches([], 64, None, cfg.image_size, 0, False, True, (cfg.mean, cfg.std))
+    normalized = worker._new_batch()
 
     def timed(name, fn, value):
         start = time.perf_counter()
@@ -125,17 +131,25 @@ def torch_stage_ms(split, images: int) -> dict:
         ms[name] += (time.perf_counter() - start) * 1e3 / len(refs)
         return out
 
-    batch = []
+    batch, floats = [], []
     for ref in refs:
         image = timed("read + decode", lambda r: read_sample(r)[0].convert("RGB"), ref)
         image.load()
         image = timed("flip", flip, timed("random-resized-crop", crop, image))
         image = timed("RandAugment", randaugment, image)
         batch.append(timed("to uint8 tensor", to_uint8, image))
-        timed("ToTensor + Normalize (baseline)", to_float, image)
+        floats.append(timed("ToTensor + Normalize (baseline)", to_float, image))
+        timed(
+            "normalize into the batch (CPU form)",
+            lambda x: worker.normalize_into(normalized[len(batch) - 1], x),
+            batch[-1],
+        )
         if len(batch) == 64:
+            normalized = worker._new_batch()
+            timed("stack the float images (baseline, per image)", torch.stack, floats)
+            floats = []
             timed(
-                "stack + normalize a batch (per image)",
+                "stack + normalize a batch (GPU form, per image)",
                 lambda b: normalize_batch(torch.stack(b), cfg.mean, cfg.std),
                 batch,
             )

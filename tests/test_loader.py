@@ -177,17 +177,31 @@ def test_order_is_deterministic_per_seed_and_epoch(unique_shards, backend):
     assert labels(0, 3) != labels(0, 4) and labels(0, 3) != labels(1, 3)
 
 
-def test_uint8_batches_normalized_later_equal_the_float_ones(unique_shards):
-    """What the torch backend does on a GPU (uint8 batches from the workers, normalized on the device), here on
-    CPU: the same batches as the float path up to float rounding."""
+@pytest.mark.parametrize("split, batch_size", [("train", 8), ("val", 7)])  # val: 240 = 34 x 7 + 2, 5 pads
+def test_uint8_images_normalized_in_the_worker_or_on_the_device_equal_timms_float_transform(
+    unique_shards, split, batch_size
+):
+    """The torch backend's transform ends in uint8 images (timm's prefetcher form). On CPU each image is normalized in
+    the worker straight into the shared-memory batch; on a GPU the uint8 batch is normalized on the device (here on
+    CPU). The first equals timm's own float transform (ToTensor + Normalize) bit for bit, the second up to float
+    rounding; padding is zeros."""
     from conv2former.data.torch_loader import timm_transform
 
-    cfg = cfg_for(unique_shards, "torch", image_size=16, batch_size=8)
-    plain, as_uint8 = build_loader(cfg, "train"), build_loader(cfg, "train")
-    as_uint8.uint8, as_uint8.transform = True, timm_transform(cfg, True, uint8=True)
-    for (x, y), (ux, uy) in zip(plain, as_uint8):
-        assert ux.dtype == torch.float32 and torch.equal(y, uy)
-        torch.testing.assert_close(ux, x, rtol=0, atol=1e-5)
+    cfg = cfg_for(unique_shards, "torch", image_size=16, batch_size=batch_size, workers=1)
+    timm_float, in_worker, on_device = (build_loader(cfg, split) for _ in range(3))
+    timm_float.uint8, timm_float.normalize_at = False, None
+    timm_float.transform = timm_transform(cfg, split == "train")
+    on_device.normalize_at = "device"
+    assert in_worker.normalize_at == "worker"  # the CPU default
+    count = 0
+    for (x, y), (wx, wy), (dx, dy) in zip(timm_float, in_worker, on_device):
+        assert x.dtype == wx.dtype == dx.dtype == torch.float32 and torch.equal(y, wy) and torch.equal(y, dy)
+        assert torch.equal(wx, x)
+        torch.testing.assert_close(dx[y >= 0], x[y >= 0], rtol=0, atol=1e-5)
+        assert not wx[y < 0].any() and not x[y < 0].any()
+        assert wx.is_shared()  # made in the worker's shared memory: the batch crossed without a copy
+        count += 1
+    assert count == len(in_worker) == -(-240 // batch_size)
 
 
 def test_next_epoch_started_early_gives_exactly_that_epoch(unique_shards):

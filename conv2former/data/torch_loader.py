@@ -11,13 +11,13 @@ import gc
 import io
 import random
 import sys
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from PIL import Image
 from timm.data import create_transform
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
 
 from conv2former.config import DataConfig
 from conv2former.data import shard_format as fmt
@@ -64,6 +64,16 @@ def normalize_batch(images: torch.Tensor, mean, std) -> torch.Tensor:
     return images.float().sub_(shift).div_(scale)
 
 
+def _batch_tensor(shape: Tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An empty batch; inside a DataLoader worker in shared memory, as ``default_collate`` allocates it, so the batch
+    reaches the training process without a copy."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    elem = torch.empty(0, dtype=dtype)
+    storage = elem._typed_storage()._new_shared(int(np.prod(shape)), device="cpu")
+    return elem.new(storage).view(shape)
+
+
 def read_sample(ref: SampleRef) -> Tuple[Image.Image, int]:
     """Decode one sample straight from its tar by offset; a deleted or truncated shard raises OSError."""
     path, (jpg_off, jpg_len), (cls_off, cls_len) = ref
@@ -83,10 +93,15 @@ class _Batches(Dataset):
     sample is replaced by the next readable one of the epoch; otherwise the batch ends there."""
 
     def __init__(self, refs: List[Optional[SampleRef]], batch_size: int, transform, image_size: int, seed: int,
-                 skip: bool, uint8: bool) -> None:
+                 skip: bool, uint8: bool, normalize: Optional[Tuple[Sequence[float], Sequence[float]]]) -> None:
         self.refs, self.batch_size, self.transform = refs, batch_size, transform
-        self.pad_dtype = torch.uint8 if uint8 else torch.float32
+        self.pad_dtype = torch.uint8 if uint8 and normalize is None else torch.float32
         self.image_size, self.seed, self.skip = image_size, seed, skip
+        # uint8 images normalized here, each straight into its slot of the batch, as timm's ToTensor + Normalize
+        self.mean = self.std = None
+        if normalize is not None:
+            self.mean = torch.tensor(normalize[0], dtype=torch.float32).view(3, 1, 1)
+            self.std = torch.tensor(normalize[1], dtype=torch.float32).view(3, 1, 1)
         self.bad: Dict[str, str] = {}  # shard -> problem, as this worker found them
 
     def __len__(self) -> int:
@@ -97,17 +112,35 @@ class _Batches(Dataset):
         random.seed(batch_seed)
         np.random.seed(batch_seed)
         torch.manual_seed(batch_seed)
-        images, labels, problems = [], [], []
-        for i in range(b * self.batch_size, (b + 1) * self.batch_size):
+        normalized = self._new_batch() if self.mean is not None else None
+        images: List[Optional[torch.Tensor]] = []
+        labels, problems = [], []
+        for k, i in enumerate(range(b * self.batch_size, (b + 1) * self.batch_size)):
             sample = self._sample(i, problems) if self.refs[i] is not None else None
-            if sample is None:  # eval padding, or an unreadable shard that is not skipped (reported)
-                images.append(torch.zeros(3, self.image_size, self.image_size, dtype=self.pad_dtype))
-                labels.append(-1)
-                continue
-            images.append(self.transform(sample[0]))
-            labels.append(sample[1])
-        # default_collate stacks straight into shared memory in a worker (no copy when the batch is sent)
-        return default_collate(images), torch.tensor(labels, dtype=torch.int64), problems
+            image = None if sample is None else self.transform(sample[0])  # None: eval padding, or an unreadable shard
+            labels.append(-1 if sample is None else sample[1])
+            if normalized is None:
+                images.append(image)
+            else:
+                self.normalize_into(normalized[k], image)  # while the image is in cache
+        batch = normalized if normalized is not None else self._stack(images)
+        return batch, torch.tensor(labels, dtype=torch.int64), problems
+
+    def _new_batch(self) -> torch.Tensor:
+        return _batch_tensor((self.batch_size, 3, self.image_size, self.image_size), torch.float32)
+
+    def normalize_into(self, slot: torch.Tensor, image: Optional[torch.Tensor]) -> None:
+        """``slot`` = the uint8 ``image`` as float ``(x / 255 - mean) / std``, bit for bit what timm's ToTensor +
+        Normalize compute (the same IEEE operations in the same order), written in place; zeros for padding (None)."""
+        if image is None:
+            slot.zero_()
+        else:
+            torch.div(image, 255, out=slot).sub_(self.mean).div_(self.std)
+
+    def _stack(self, images: List[Optional[torch.Tensor]]) -> torch.Tensor:
+        """The batch (default_collate: in shared memory in a worker, no copy when it is sent); padding as zeros."""
+        shape = (3, self.image_size, self.image_size)
+        return default_collate([torch.zeros(shape, dtype=self.pad_dtype) if x is None else x for x in images])
 
     def _sample(self, i: int, problems: List[Tuple[str, str]]) -> Optional[Tuple[Image.Image, int]]:
         tar = self.refs[i][0]
@@ -135,16 +168,18 @@ class _Batches(Dataset):
 
 class TorchLoader(ShardLoader):
     """timm's transforms in a ``DataLoader`` whose items are whole batches (decoded and stacked into shared memory
-    in a worker; uint8 and normalized on the device when it is a GPU). The next epoch's workers start while the
-    current epoch's last batches are made."""
+    in a worker; uint8 and normalized on the device when it is a GPU, normalized in the worker on CPU). The next
+    epoch's workers start while the current epoch's last batches are made."""
 
     def __init__(self, cfg: DataConfig, shards: SplitShards, train: bool, rank: int, world_size: int,
                  device: torch.device) -> None:
         super().__init__(cfg, shards, train, rank, world_size, device, backend="torch")
-        # GPU: uint8 batches (a quarter of the bytes through shared memory and PCIe), normalized on the device;
-        # CPU: normalized per image in the workers (cache-resident), so the training process does none of it
-        self.uint8 = device.type == "cuda"
-        self.transform = timm_transform(cfg, train, uint8=self.uint8)
+        # timm's transform ending in uint8 images (its prefetcher form). GPU: uint8 batches (a quarter of the bytes
+        # through shared memory and PCIe), normalized on the device; CPU: each image normalized in the worker straight
+        # into the shared batch (cache-resident, no stacking copy), so the training process does none of it
+        self.transform = timm_transform(cfg, train, uint8=True)
+        self.uint8 = True  # what the transform returns: uint8 (False: float, normalized by the transform itself)
+        self.normalize_at: Optional[str] = "device" if device.type == "cuda" else "worker"
         self._iter = None
         self._next_epoch: Optional[Tuple[int, Any]] = None  # (epoch, its iterator) started before this epoch ended
 
@@ -167,7 +202,8 @@ class TorchLoader(ShardLoader):
             # (a full collection takes ~0.2 s in a process with torch and timm loaded: only where DALI ran)
             gc.collect()
         dataset = _Batches(self.epoch_refs(), self.batch_size, self.transform, self.cfg.image_size,
-                           sample_seed(self.seed, self.epoch, self.rank), self.skip_bad_shards, self.uint8)
+                           sample_seed(self.seed, self.epoch, self.rank), self.skip_bad_shards, self.uint8,
+                           (self.cfg.mean, self.cfg.std) if self.uint8 and self.normalize_at == "worker" else None)
         return DataLoader(dataset, batch_size=None, sampler=range(self.step, self.steps),
                           num_workers=self.cfg.workers, pin_memory=self.device.type == "cuda",
                           prefetch_factor=PREFETCH if self.cfg.workers else None, persistent_workers=False)
@@ -183,7 +219,7 @@ class TorchLoader(ShardLoader):
         if self.train and bool((labels < 0).any()):
             raise DataFault(f"rank {self.rank}: no readable sample left in {self.shards.root} {self.shards.split}")
         images = images.to(self.device, non_blocking=True)
-        if self.uint8:
+        if self.uint8 and self.normalize_at == "device":
             images = normalize_batch(images, self.cfg.mean, self.cfg.std)
         return images, labels.to(self.device, non_blocking=True)
 
