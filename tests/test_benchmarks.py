@@ -178,7 +178,8 @@ def test_loader_breakdown_measures_every_stage_of_the_dali_cpu_graph(tmp_path):
     assert len(rates) == 8 and "RandAugment n=2 m=9 (full graph)" in done.stdout
     stages = [line for line in done.stdout.splitlines() if line.startswith("torch ") and "ms per image" in line]
     names = " ".join(stages)
-    assert len(stages) == 7 and all(s in names for s in ("read + decode", "random-resized-crop", "RandAugment"))
+    assert len(stages) == 9 and all(s in names for s in ("read + decode", "random-resized-crop", "RandAugment"))
+    assert "normalize into the batch (CPU form)" in names and "stack the float images (baseline" in names
 
 
 @pytest.mark.slow  # runs three loaders end to end
