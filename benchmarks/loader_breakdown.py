@@ -122,7 +122,7 @@ def torch_stage_ms(split, images: int) -> dict:
             "stack + normalize a batch (GPU form, per image)",
         )
     }
-    worker = _Batches([], 64, None, cfg.image_size, 0, False, True, (cfg.mean, cfg.std))
+    worker = _Batches([], 64, None, cfg.image_size, 0, False, (cfg.mean, cfg.std))
     normalized = worker._new_batch()
 
     def timed(name, fn, value):

@@ -8,7 +8,8 @@ CPU: fp32, NCHW and channels_last, plus our model with the plain ``nn.Conv2d`` d
 GPU: bf16 autocast, channels_last, cuDNN benchmark mode; MFU = images/s x 6 x MACs / the GPU's bf16 dense peak.
 ``--grad-checkpointing`` and ``--compile`` apply to both models. All models run in one process, alternating round
 by round, so the ratio is fair. On CPU the process keeps freed memory for reuse, as training does
-(conv2former/host_memory.py; ``--system-malloc`` measures glibc's default instead). ``--record`` adds the rows to docs/performance.md; ``--json`` prints one line each.
+(conv2former/host_memory.py; ``--system-malloc`` measures glibc's default instead). ``--record`` adds the rows to
+docs/performance.md; ``--json`` prints one line each.
 """
 
 from __future__ import annotations

@@ -189,7 +189,7 @@ def test_uint8_images_normalized_in_the_worker_or_on_the_device_equal_timms_floa
 
     cfg = cfg_for(unique_shards, "torch", image_size=16, batch_size=batch_size, workers=1)
     timm_float, in_worker, on_device = (build_loader(cfg, split) for _ in range(3))
-    timm_float.uint8, timm_float.normalize_at = False, None
+    timm_float.normalize_at = None
     timm_float.transform = timm_transform(cfg, split == "train")
     on_device.normalize_at = "device"
     assert in_worker.normalize_at == "worker"  # the CPU default

@@ -45,7 +45,8 @@ def buffer_shuffle(refs: List[SampleRef], buffer: int, rng: random.Random) -> Li
 
 def timm_transform(cfg: DataConfig, train: bool, uint8: bool = False):
     """timm's train or eval transform of the recipe. ``uint8``: ending in uint8 CHW tensors (timm's prefetcher
-    form, ``use_prefetcher=True``), normalized later on a whole batch (``normalize_batch``); else float, normalized."""
+    form, ``use_prefetcher=True``), normalized later (in the worker, or on a whole batch by ``normalize_batch``);
+    else float, normalized."""
     aug = cfg.augment
     if train:
         auto_augment = f"rand-m{aug.randaugment_m}-n{aug.randaugment_n}-mstd0.5-inc1" if aug.randaugment else None
@@ -93,11 +94,11 @@ class _Batches(Dataset):
     sample is replaced by the next readable one of the epoch; otherwise the batch ends there."""
 
     def __init__(self, refs: List[Optional[SampleRef]], batch_size: int, transform, image_size: int, seed: int,
-                 skip: bool, uint8: bool, normalize: Optional[Tuple[Sequence[float], Sequence[float]]]) -> None:
+                 skip: bool, normalize: Optional[Tuple[Sequence[float], Sequence[float]]]) -> None:
         self.refs, self.batch_size, self.transform = refs, batch_size, transform
-        self.pad_dtype = torch.uint8 if uint8 and normalize is None else torch.float32
         self.image_size, self.seed, self.skip = image_size, seed, skip
-        # uint8 images normalized here, each straight into its slot of the batch, as timm's ToTensor + Normalize
+        # given (mean, std): the transform's uint8 images are normalized here, each straight into its slot of the
+        # batch, as timm's ToTensor + Normalize; None: the batch stacks what the transform returns
         self.mean = self.std = None
         if normalize is not None:
             self.mean = torch.tensor(normalize[0], dtype=torch.float32).view(3, 1, 1)
@@ -138,9 +139,11 @@ class _Batches(Dataset):
             torch.div(image, 255, out=slot).sub_(self.mean).div_(self.std)
 
     def _stack(self, images: List[Optional[torch.Tensor]]) -> torch.Tensor:
-        """The batch (default_collate: in shared memory in a worker, no copy when it is sent); padding as zeros."""
-        shape = (3, self.image_size, self.image_size)
-        return default_collate([torch.zeros(shape, dtype=self.pad_dtype) if x is None else x for x in images])
+        """The batch (default_collate: in shared memory in a worker, no copy when it is sent); padding as zeros of
+        the images' dtype."""
+        dtype = next((x.dtype for x in images if x is not None), torch.float32)
+        pad = torch.zeros(3, self.image_size, self.image_size, dtype=dtype)
+        return default_collate([pad if x is None else x for x in images])
 
     def _sample(self, i: int, problems: List[Tuple[str, str]]) -> Optional[Tuple[Image.Image, int]]:
         tar = self.refs[i][0]
@@ -176,9 +179,9 @@ class TorchLoader(ShardLoader):
         super().__init__(cfg, shards, train, rank, world_size, device, backend="torch")
         # timm's transform ending in uint8 images (its prefetcher form). GPU: uint8 batches (a quarter of the bytes
         # through shared memory and PCIe), normalized on the device; CPU: each image normalized in the worker straight
-        # into the shared batch (cache-resident, no stacking copy), so the training process does none of it
+        # into the shared batch (cache-resident, no stacking copy), so the training process does none of it.
+        # (normalize_at None: the batches are stacked as the transform returns them, e.g. timm's float transform.)
         self.transform = timm_transform(cfg, train, uint8=True)
-        self.uint8 = True  # what the transform returns: uint8 (False: float, normalized by the transform itself)
         self.normalize_at: Optional[str] = "device" if device.type == "cuda" else "worker"
         self._iter = None
         self._next_epoch: Optional[Tuple[int, Any]] = None  # (epoch, its iterator) started before this epoch ended
@@ -202,8 +205,8 @@ class TorchLoader(ShardLoader):
             # (a full collection takes ~0.2 s in a process with torch and timm loaded: only where DALI ran)
             gc.collect()
         dataset = _Batches(self.epoch_refs(), self.batch_size, self.transform, self.cfg.image_size,
-                           sample_seed(self.seed, self.epoch, self.rank), self.skip_bad_shards, self.uint8,
-                           (self.cfg.mean, self.cfg.std) if self.uint8 and self.normalize_at == "worker" else None)
+                           sample_seed(self.seed, self.epoch, self.rank), self.skip_bad_shards,
+                           (self.cfg.mean, self.cfg.std) if self.normalize_at == "worker" else None)
         return DataLoader(dataset, batch_size=None, sampler=range(self.step, self.steps),
                           num_workers=self.cfg.workers, pin_memory=self.device.type == "cuda",
                           prefetch_factor=PREFETCH if self.cfg.workers else None, persistent_workers=False)
@@ -219,7 +222,7 @@ class TorchLoader(ShardLoader):
         if self.train and bool((labels < 0).any()):
             raise DataFault(f"rank {self.rank}: no readable sample left in {self.shards.root} {self.shards.split}")
         images = images.to(self.device, non_blocking=True)
-        if self.uint8 and self.normalize_at == "device":
+        if self.normalize_at == "device":
             images = normalize_batch(images, self.cfg.mean, self.cfg.std)
         return images, labels.to(self.device, non_blocking=True)
 

@@ -48,7 +48,7 @@ from conv2former.engine.optim import Schedule, build_optimizer, build_scheduler,
 from conv2former.engine.preemption import Preemption
 from conv2former.errors import EXIT_DIVERGED, RankFault, RunFault, UserError
 from conv2former.export import write_export
-from conv2former.host_memory import keep_freed_memory
+from conv2former.host_memory import freed_memory_kept, keep_freed_memory
 
 InitWeights = Callable[[torch.nn.Module, List[str]], None]
 STOPPED = "stopped by signal (checkpoint saved)"
@@ -129,7 +129,9 @@ class Trainer:
             raise UserError(str(err)) from None
         self.depthwise_reported = 0  # how many of its measurements the log has shown
         # a CPU step reallocates its activations every step: keep freed memory for reuse (conv2former/host_memory.py)
-        self.freed_memory_kept = not self.gpu and self.cfg.keep_freed_memory and keep_freed_memory()
+        if not self.gpu and self.cfg.keep_freed_memory:
+            keep_freed_memory()
+        self.freed_memory_kept = freed_memory_kept()  # the process's state (an earlier run in it may have set it)
 
     def _make_model(self) -> torch.nn.Module:
         kwargs: Dict[str, Any] = dict(num_classes=len(self.classes), drop_path_rate=self.cfg.model.drop_path_rate)
