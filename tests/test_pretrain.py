@@ -19,6 +19,7 @@ import timm
 import torch
 
 import conv2former  # noqa: F401
+from conv2former import host_memory
 from conv2former.config import DataConfig
 from conv2former.data.loader import build_loader
 from conv2former.engine import disk
@@ -145,7 +146,7 @@ def test_stop_and_relaunch_resumes_exactly(reference_run, demo_shards, tmp_path)
     first = run_pretrain(*args, "--max-steps", "25", "--set", "keep_freed_memory=false")
     assert first["step"] == 25 and first["freed_memory_kept"] is False
     second = run_pretrain(*args)
-    assert second["step"] == 62 and second["freed_memory_kept"] is True
+    assert second["step"] == 62 and second["freed_memory_kept"] is (host_memory._glibc() is not None)
     assert exports_equal(ref, tmp_path)
 
 
