@@ -16,7 +16,6 @@ from test_pretrain import BIN, PORT, REPO, env
 import conv2former  # noqa: F401
 from conv2former.config import TrainConfig
 from conv2former.data.shard_format import canonical_synsets
-from conv2former.engine.optim import Schedule, build_optimizer, build_scheduler
 from conv2former.errors import UserError
 from conv2former.weights import check_compatible, read_weights
 from finetune.head_transfer import HEAD_INIT_SCALE, transfer_head
@@ -84,31 +83,6 @@ def test_22k_order_is_assumed_for_official_22k_heads():
     index = {s: i for i, s in enumerate(in22k)}
     for i in (0, 500, 999):
         assert source["pred.bias"][i].item() == index[in1k[i]]
-
-
-def test_layer_decay_lrs_follow_depth_through_the_schedule():
-    cfg = TrainConfig()
-    cfg.optim.layer_decay = 0.8
-    cfg.optim.weight_decay = 1e-8
-    cfg.schedule.min_lr = 0.0
-    model = timm.create_model("conv2former_demo", num_classes=10)
-    schedule = Schedule(1, 16, 64, 4, 40, 10, 100, 0, 5e-5, 100)
-    optimizer = build_optimizer(model, cfg, schedule.lr)
-    scheduler = build_scheduler(optimizer, cfg, schedule)
-    depth = len({g["lr_scale"] for g in optimizer.param_groups})
-    assert depth == 1 + 5 + 1  # stem, 5 blocks, head
-    for step in (0, 37, 99):
-        scheduler.step_update(step)
-        top = max(g["lr"] for g in optimizer.param_groups)
-        for group in optimizer.param_groups:
-            assert group["lr"] == pytest.approx(top * group["lr_scale"])
-        scales = sorted({round(g["lr_scale"], 10) for g in optimizer.param_groups})
-        assert scales == pytest.approx([0.8**k for k in range(depth - 1, -1, -1)])
-    named = {id(p): n for n, p in model.named_parameters()}
-    stem_group = next(
-        g for g in optimizer.param_groups if any(named[id(p)].startswith("downsample_layers.0.") for p in g["params"])
-    )
-    assert stem_group["lr_scale"] == pytest.approx(0.8 ** (depth - 1))
 
 
 @pytest.mark.slow

@@ -7,10 +7,11 @@ from typing import Dict, List
 
 import torch
 import torch.nn as nn
-from timm.optim import param_groups_layer_decay, param_groups_weight_decay
+from timm.optim import param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
 
 from conv2former.config import TrainConfig
+from conv2former.engine.layer_decay import param_groups_depth_decay
 from conv2former.errors import UserError
 
 
@@ -65,9 +66,10 @@ def derive_schedule(cfg: TrainConfig, world_size: int, loader_steps: int) -> Sch
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> List[Dict]:
-    """No weight decay for 1-D parameters (norms, biases, layer scales); optional layer-wise lr decay."""
+    """No weight decay for 1-D parameters (norms, biases, layer scales); optional layer-wise lr decay over
+    ConvNeXt's 12 depth groups (conv2former/engine/layer_decay.py)."""
     if cfg.optim.layer_decay:
-        return param_groups_layer_decay(model, weight_decay=cfg.optim.weight_decay, layer_decay=cfg.optim.layer_decay)
+        return param_groups_depth_decay(model, cfg.optim.weight_decay, cfg.optim.layer_decay)
     return param_groups_weight_decay(model, weight_decay=cfg.optim.weight_decay)
 
 
