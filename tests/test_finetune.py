@@ -14,7 +14,6 @@ from test_export import timm_top1
 from test_pretrain import BIN, PORT, REPO, env
 
 import conv2former  # noqa: F401
-from conv2former.config import TrainConfig
 from conv2former.data.shard_format import canonical_synsets
 from conv2former.errors import UserError
 from conv2former.weights import check_compatible, read_weights
