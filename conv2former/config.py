@@ -111,6 +111,14 @@ class LoggingConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """How launch/finetune.py starts from pretrained weights (ignored by pretraining)."""
+
+    head: str = "synset"  # synset: pretrained rows mapped by synset | reinit: a fresh head
+    head_init_scale: float = 0.001  # fresh head rows: trunc-normal(0.02) x this (ConvNeXt's --head_init_scale)
+
+
+@dataclass
 class TrainConfig:
     stage: str = "pretrain"  # a name for the run's logs and export tag
     output: str = "runs/default"  # run directory: checkpoints/, export/, tb/, log.jsonl
@@ -127,6 +135,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 def to_dict(cfg: Any) -> Dict[str, Any]:

@@ -1,8 +1,9 @@
 """Carry a pretrained classifier over to the fine-tuning label space, by synset.
 
 ``synset`` (the default): row i of the new ``pred`` is the pretrained row of the same synset; classes the checkpoint
-never saw (ImageNet-1k's n04399382, teddy bear, is not in ImageNet-22k) keep the fresh initialisation.
-``reinit``: a fresh head, trunc-normal(0.02) scaled by ``head_init_scale`` (0.001, ConvNeXt's choice).
+never saw (ImageNet-1k's n04399382, teddy bear, is not in ImageNet-22k) get a fresh row, as ``reinit`` does.
+``reinit``: a fresh head, the model's trunc-normal(0.02) init scaled by ``init_scale`` (config
+``finetune.head_init_scale``, 0.001 as ConvNeXt's ``--head_init_scale``), bias zero.
 """
 
 from __future__ import annotations
@@ -25,14 +26,18 @@ class HeadReport:
     mapped: int
     fresh: List[str]
     total: int
+    init_scale: float = HEAD_INIT_SCALE
 
     def line(self) -> str:
         if self.mode == "same":
             return f"head: the checkpoint's {self.total} classes match the data's, kept as is"
         if self.mode == "reinit":
-            return f"head: re-initialised for {self.total} classes (x{HEAD_INIT_SCALE})"
+            return f"head: re-initialised for {self.total} classes (trunc-normal 0.02 x {self.init_scale:g})"
         fresh = f" ({', '.join(self.fresh[:5])}{', ...' if len(self.fresh) > 5 else ''})" if self.fresh else ""
-        return f"head: {self.mapped} of {self.total} rows mapped by synset from the checkpoint, {len(self.fresh)} fresh{fresh}"
+        return (
+            f"head: {self.mapped} of {self.total} rows mapped by synset from the checkpoint, {len(self.fresh)} fresh"
+            f"{fresh} (trunc-normal 0.02 x {self.init_scale:g})"
+        )
 
 
 def checkpoint_classes(classes: Optional[List[str]], num_rows: int) -> Optional[List[str]]:
@@ -52,20 +57,23 @@ def transfer_head(
     classes: List[str],
     model: nn.Module,
     mode: str = "synset",
+    init_scale: float = HEAD_INIT_SCALE,
 ) -> HeadReport:
-    """Rewrite ``state_dict['pred.*']`` in place for ``classes``, using ``model``'s fresh head for new rows."""
+    """Rewrite ``state_dict['pred.*']`` in place for ``classes``; new rows are ``model``'s fresh head rows (its
+    trunc-normal(0.02) init) times ``init_scale``, with zero bias."""
     if mode not in ("synset", "reinit"):
         raise UserError(f"unknown --head {mode!r}: choose synset or reinit")
-    fresh_w = model.pred.weight.detach().clone()
-    fresh_b = model.pred.bias.detach().clone()
+    if not init_scale >= 0:
+        raise UserError(f"finetune.head_init_scale must be >= 0 (ConvNeXt: 0.001), got {init_scale}")
+    fresh_w = model.pred.weight.detach().clone() * init_scale
+    fresh_b = torch.zeros_like(model.pred.bias.detach())
     if "pred.weight" not in state_dict:
         raise UserError("the pretrained weights have no classifier (pred.weight): pass --head reinit")
     rows = state_dict["pred.weight"].shape[0]
     ckpt_classes = checkpoint_classes(ckpt_classes, rows)
     if mode == "reinit":
-        state_dict["pred.weight"] = fresh_w * HEAD_INIT_SCALE
-        state_dict["pred.bias"] = torch.zeros_like(fresh_b)
-        return HeadReport("reinit", 0, list(classes), len(classes))
+        state_dict["pred.weight"], state_dict["pred.bias"] = fresh_w, fresh_b
+        return HeadReport("reinit", 0, list(classes), len(classes), init_scale)
     if ckpt_classes is None:
         raise UserError(
             f"the checkpoint has {rows} classes and no class list (classes.txt beside it), the data has "
@@ -89,4 +97,4 @@ def transfer_head(
             weight[i] = state_dict["pred.weight"][j]
             bias[i] = state_dict["pred.bias"][j]
     state_dict["pred.weight"], state_dict["pred.bias"] = weight, bias
-    return HeadReport("synset", len(mapped), [c for c in classes if c not in index], len(classes))
+    return HeadReport("synset", len(mapped), [c for c in classes if c not in index], len(classes), init_scale)

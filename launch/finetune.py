@@ -35,10 +35,11 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--head",
         choices=["synset", "reinit"],
-        default="synset",
-        help="map the pretrained head rows by synset (default) or start a fresh head",
+        help="map the pretrained head rows by synset (default) or start a fresh head (= --set finetune.head=...)",
     )
     args = parser.parse_args(argv)
+    if args.head:  # a flag: below --set in the precedence
+        args.overrides = [f"finetune.head={args.head}", *args.overrides]
     recipe = args.recipe or ("384" if args.resolution > 256 else "224")
     defaults = [os.path.join(CONFIGS, "finetune_224.yaml")]
     if recipe == "384":
@@ -69,12 +70,12 @@ def main(argv=None) -> int:
         with torch.device("meta"):
             probe = timm.create_model(cfg.model.variant, num_classes=len(data_classes))
         state = {k: v.to("meta") for k, v in weights.state_dict.items()}
-        transfer_head(state, weights.classes, data_classes, probe, args.head)
+        transfer_head(state, weights.classes, data_classes, probe, cfg.finetune.head, cfg.finetune.head_init_scale)
         check_compatible(probe, state, args.pretrained)
 
     def init_weights(model, classes):
         state = dict(weights.state_dict)
-        report = transfer_head(state, weights.classes, classes, model, args.head)
+        report = transfer_head(state, weights.classes, classes, model, cfg.finetune.head, cfg.finetune.head_init_scale)
         check_compatible(model, state, args.pretrained)
         model.load_state_dict(state, strict=True)
         get_logger(rank).info(report.line())

@@ -55,12 +55,19 @@ def test_head_rows_follow_synsets_and_unknown_classes_stay_fresh():
     assert torch.equal(state["pred.weight"][0], source.pred.weight[2]) and torch.equal(
         state["pred.weight"][2], source.pred.weight[0]
     )
-    assert torch.equal(state["pred.weight"][1], fresh[1])
-    target.load_state_dict(state, strict=True)
+    assert torch.equal(state["pred.bias"][0], source.pred.bias[2])
+    # the row with no source is ConvNeXt's fresh head row: trunc-normal(0.02) x head_init_scale, bias 0
+    assert torch.equal(state["pred.weight"][1], fresh[1] * HEAD_INIT_SCALE) and state["pred.bias"][1] == 0
+    timm.create_model("conv2former_demo", num_classes=3).load_state_dict(state, strict=True)
     state = {k: v.clone() for k, v in source.state_dict().items()}
     report = transfer_head(state, src_classes, target_classes, target, "reinit")
-    assert report.mode == "reinit" and 0 < state["pred.weight"].abs().max() < 0.1 * HEAD_INIT_SCALE
+    assert report.mode == "reinit" and torch.equal(state["pred.weight"], fresh * HEAD_INIT_SCALE)
     assert torch.equal(state["pred.bias"], torch.zeros(3))
+    state = {k: v.clone() for k, v in source.state_dict().items()}
+    transfer_head(state, src_classes, target_classes, target, "synset", init_scale=1.0)
+    assert torch.equal(state["pred.weight"][1], fresh[1])
+    with pytest.raises(UserError, match="head_init_scale"):
+        transfer_head(dict(source.state_dict()), src_classes, target_classes, target, "synset", init_scale=-1.0)
     with pytest.raises(UserError, match="share no synset"):
         transfer_head(
             dict(source.state_dict()), src_classes, ["n09999999"], timm.create_model("conv2former_demo", num_classes=1)

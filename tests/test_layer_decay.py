@@ -84,3 +84,12 @@ def test_isotropic_variants_keep_one_group_per_block():
     groups = param_groups_depth_decay(model, weight_decay=0.05, decay=0.8)
     depth = len(model.blocks)
     assert len({g["lr_scale"] for g in groups}) == depth + 2  # stem, each block, head
+
+
+def test_fresh_head_init_is_trunc_normal_002():
+    """What head_init_scale multiplies: the model's own head init, trunc-normal(std 0.02) within +-2 (timm)."""
+    torch.manual_seed(0)
+    model = timm.create_model("conv2former_demo", num_classes=1000)
+    w = model.pred.weight.detach()
+    assert abs(w.std().item() - 0.02) < 0.001 and w.abs().max() <= 2.0
+    assert torch.equal(model.pred.bias.detach(), torch.zeros(1000))
