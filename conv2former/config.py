@@ -97,6 +97,7 @@ class DeepSpeedConfig:
 class CheckpointConfig:
     save_every: int = 1000  # steps; and at each epoch end
     keep_last: int = 3  # complete checkpoints kept; older ones are deleted
+    keep_best: bool = False  # also export the best-evaluated weights to OUTPUT/export/best/ (fine-tuning: true)
 
 
 @dataclass

@@ -6,6 +6,7 @@
 * ``model_ema.safetensors``: the EMA's weights, when the run kept an EMA;
 * ``classes.txt``: the synsets in head order;
 * ``config.yaml``: the run's whole configuration;
+* ``evaluation.json``: the run's last evaluation and its best one (top-1, top-5, epochs completed, step);
 * ``config.json``: timm's model config, written by timm's own ``save_config_for_hf``: ``architecture``,
   ``num_classes``, ``num_features``, ``global_pool``, ``model_args`` (e.g. ``kernel_size``), ``label_names`` (from
   classes.txt) and a ``pretrained_cfg`` whose input size, crop and normalisation are the eval transform of the stage
@@ -14,7 +15,8 @@
 
 So after ``import conv2former``, ``timm.create_model("local-dir:OUTPUT/export", pretrained=True)`` builds the exact
 model with these weights, ``timm.data.resolve_data_config({}, model=model)`` gives the stage's eval transform, and
-the folder is what ``timm.models.push_to_hf_hub`` uploads (docs/export.md).
+the folder is what ``timm.models.push_to_hf_hub`` uploads (docs/export.md). ``OUTPUT/export/best/`` (fine-tuning,
+``checkpoint.keep_best``) has the same layout and holds the weights of the best evaluation.
 """
 
 from __future__ import annotations
@@ -48,9 +50,11 @@ def write_export(
     classes: List[str],
     config: Dict[str, Any],
     ema_state: Optional[Mapping[str, torch.Tensor]] = None,
+    evaluation: Optional[Dict[str, Any]] = None,
+    folder: str = "export",
 ) -> str:
-    """Write ``run_dir/export/`` (see the module docstring) and return its path."""
-    out = os.path.join(run_dir, "export")
+    """Write ``run_dir/<folder>/`` (``export`` or ``export/best``; see the module docstring) and return its path."""
+    out = os.path.join(run_dir, folder)
     os.makedirs(out, exist_ok=True)
     save_file(_fp32_cpu(model_state), os.path.join(out, "model.safetensors"))
     if ema_state is not None:
@@ -60,6 +64,9 @@ def write_export(
     with open(os.path.join(out, "config.yaml"), "w") as f:
         yaml.safe_dump(config, f, sort_keys=False)
     write_timm_config(os.path.join(out, "config.json"), config, classes)
+    if evaluation is not None:
+        with open(os.path.join(out, "evaluation.json"), "w") as f:
+            json.dump(evaluation, f, indent=1)
     return out
 
 

@@ -2,7 +2,7 @@
 """Turn ImageNet-22k / ImageNet-1k (as downloaded) into WebDataset shards, or verify shards.
 
     python data_prep/shard.py                                # build the demo dataset into ./data/demo
-    python data_prep/shard.py imagenet22k SRC OUT [--val-per-class 50] [--max-side 512] ...
+    python data_prep/shard.py imagenet22k SRC OUT [--val-per-class 10] [--max-side 512] ...
     python data_prep/shard.py imagenet1k  SRC OUT [...]
     python data_prep/shard.py verify OUT[/train]             # exit 0 only if everything checks out
 
@@ -103,8 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     p22.add_argument(
         "--val-per-class",
         type=int,
-        default=50,
-        help="valid images held out per class for val, exactly (default 50; see docs/data.md)",
+        default=10,
+        help="valid images held out per class for val, exactly (default 10: ~218k images, 1.5%% of 22k; docs/data.md)",
     )
     p1 = sub.add_parser("imagenet1k", help="ImageNet-1k train/ and val/ (folder, Kaggle csv or devkit labels)")
     _add_common(p1)

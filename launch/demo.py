@@ -4,7 +4,8 @@
 Stages (each a real command, printed and recorded so any of them can be replayed):
   1. data_prep/shard.py demo                      the demo "22k" and "1k" shards (reused when present)
   2. deepspeed launch/pretrain.py                 2 CPU ranks, ZeRO-1, EMA, checkpoints, TensorBoard
-  3. deepspeed launch/finetune.py  x 2            head transfer by synset, layer decay, a "224" and a "384" stand-in
+  3. deepspeed launch/finetune.py  x 2            head transfer by synset, layer decay, a "224" and a "384" stand-in,
+                                                  both from the pretraining export (the paper's chain)
   4. launch/evaluate.py            x 2            top-1 / top-5 of both fine-tunes
   5. RUN/report.md, RUN/report.png, RUN/summary.json
 
@@ -33,9 +34,9 @@ from conv2former.engine.distributed import free_port  # noqa: E402
 ERF_PX = 128  # input side for the ERF analysis (the paper uses 1024 on ImageNet models)
 CAM_PX = 96  # input side for Grad-CAM: the last stage is then a 3 x 3 map
 SIZES = {
-    # pretrain epochs, pretrain px, fine-tune epochs, (low px, high px)
-    "full": dict(pre_epochs=10, pre_px=64, ft_epochs=6, low=64, high=96, hi_epochs=3),
-    "small": dict(pre_epochs=3, pre_px=32, ft_epochs=3, low=32, high=48, hi_epochs=2),
+    # pretrain epochs, pretrain px, fine-tune epochs, (low px, high px); both fine-tunes start from the pretraining
+    "full": dict(pre_epochs=10, pre_px=64, ft_epochs=6, low=64, high=96, hi_epochs=6),
+    "small": dict(pre_epochs=3, pre_px=32, ft_epochs=3, low=32, high=48, hi_epochs=3),
 }
 
 
@@ -126,7 +127,8 @@ def make_report(out: Path, stages: Dict[str, Dict], commands: List[str], cam: Di
         "",
         "The whole pipeline on the built-in demo dataset, on CPU: generated images in ImageNet's on-disk layouts "
         "-> WebDataset shards -> DeepSpeed pretraining on 2 ranks -> head transfer by synset -> fine-tuning at "
-        "two resolutions -> evaluation.",
+        "two resolutions, both from the pretraining export (the paper's chain) -> evaluation of each fine-tune's "
+        "best-evaluated weights (export/best/).",
         "",
         "![report](report.png)",
         "",
@@ -326,7 +328,7 @@ def main(argv=None) -> int:
             commands,
             f"2/5 effective receptive fields of the demo model, {tag}",
         )
-    previous = pre
+    last = pre
     stages: Dict[str, Dict] = {}
     pre_eval = [r for r in read_log(pre) if r["kind"] == "eval"][-1]
     num_22k = len((pre / "export" / "classes.txt").read_text().split())
@@ -341,7 +343,7 @@ def main(argv=None) -> int:
                     "--variant",
                     "demo",
                     "--pretrained",
-                    str(previous),
+                    str(pre),
                     "--data",
                     str(data / "in1k"),
                     "--resolution",
@@ -368,7 +370,7 @@ def main(argv=None) -> int:
                 "--variant",
                 "demo",
                 "--weights",
-                str(ft / "export"),
+                str(ft / "export" / "best"),
                 "--data",
                 str(data / "in1k"),
                 "--resolution",
@@ -389,9 +391,9 @@ def main(argv=None) -> int:
             "top5": evaluation["top5"],
             "num_classes": len((ft / "export" / "classes.txt").read_text().split()),
         }
-        previous = ft
+        last = ft
     print("\n==> 4/5 Grad-CAM of the last fine-tune on held-out images", flush=True)
-    cam = gradcam_held_out(previous / "export", out, CAM_PX)
+    cam = gradcam_held_out(last / "export" / "best", out, CAM_PX)
     print("\n==> 5/5 report", flush=True)
     summary = make_report(out, stages, commands, cam)
     for name, info in summary["stages"].items():

@@ -23,8 +23,8 @@ from conv2former.errors import exit_on_user_error  # noqa: E402
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "finetune", "configs")
 
 
-@exit_on_user_error
-def main(argv=None) -> int:
+def configure(argv=None):
+    """(args, the resolved TrainConfig) of this command line: what main() trains (tests/test_recipe.py reads it)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_train_arguments(parser)
     parser.add_argument(
@@ -49,7 +49,12 @@ def main(argv=None) -> int:
     # per variant: variants/<v>.yaml (drop path, the demo's CPU sizes), and at 384 variants/<v>_384.yaml
     cfg = resolve_config(args, defaults, os.path.join(CONFIGS, "variants"), ("", "_384") if recipe == "384" else ("",))
     cfg.stage = f"finetune-{args.resolution}"
+    return args, cfg
 
+
+@exit_on_user_error
+def main(argv=None) -> int:
+    args, cfg = configure(argv)
     from conv2former.engine.metrics import get_logger
     from conv2former.weights import check_compatible, read_weights
     from finetune.head_transfer import transfer_head

@@ -20,13 +20,19 @@ from conv2former.errors import exit_on_user_error  # noqa: E402
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pretrain", "configs")
 
 
-@exit_on_user_error
-def main(argv=None) -> int:
+def configure(argv=None):
+    """(args, the resolved TrainConfig) of this command line: what main() trains (tests/test_recipe.py reads it)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_train_arguments(parser)
     args = parser.parse_args(argv)
     # per variant: variants/<v>.yaml (the demo's CPU sizes)
     cfg = resolve_config(args, [os.path.join(CONFIGS, "pretrain_22k.yaml")], os.path.join(CONFIGS, "variants"))
+    return args, cfg
+
+
+@exit_on_user_error
+def main(argv=None) -> int:
+    args, cfg = configure(argv)
     from conv2former.engine.trainer import train
 
     result = train(cfg, dry_run=args.dry_run)

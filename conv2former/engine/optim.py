@@ -84,13 +84,14 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.opti
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, schedule: Schedule) -> CosineLRScheduler:
-    """Linear warmup from ~0 then cosine to min_lr, stepped per optimizer step (``step_update``)."""
+    """Linear warmup from 0 (as ConvNeXt's ``cosine_scheduler``) then cosine to min_lr, stepped per optimizer step
+    (``step_update``)."""
     return CosineLRScheduler(
         optimizer,
         t_initial=max(1, schedule.total_steps - schedule.warmup_steps),
         lr_min=cfg.schedule.min_lr,
         warmup_t=schedule.warmup_steps,
-        warmup_lr_init=schedule.lr * 1e-3 if schedule.warmup_steps else 0.0,
+        warmup_lr_init=0.0,
         warmup_prefix=True,
         t_in_epochs=False,
     )

@@ -27,6 +27,7 @@ from conv2former.data.augment import BatchAugment
 from conv2former.data.loader import build_loader, resolve_backend
 from conv2former.data.shard_format import read_classes
 from conv2former.engine import checkpoint as ckpt
+from conv2former.engine.best import BestEvaluation, evaluation_record
 from conv2former.engine.disk import estimate_checkpoint
 from conv2former.engine.distributed import (
     announce_fault,
@@ -180,6 +181,7 @@ class Trainer:
             if self.rank == 0:
                 self.log.warning(f"no evaluation: {err}")
         self.epoch, self.step = 0, 0
+        self.best = BestEvaluation()
         self._resume()
         self.preemption = Preemption()
         self.guard = DivergenceGuard(cfg.guard.max_bad_steps, self.device)
@@ -195,6 +197,7 @@ class Trainer:
             "step": self.step,
             "scheduler": self.scheduler.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
+            "best": self.best.state_dict(),
             "data": ckpt.gather(self.train_loader.state_dict()),
             "rng": ckpt.gather(ckpt.rng_state()),
             "depthwise": ckpt.gather(self.depthwise.state_dict()),  # each rank's formulations, reused on resume
@@ -220,11 +223,25 @@ class Trainer:
                 ckpt.set_rng_state(state["rng"][self.rank])
             self._reuse_depthwise(state.get("depthwise"))
             self._reuse_batchnorm(state.get("batchnorm"))
+            self.best.load_state_dict(state.get("best"))
+            self._best_unwritten_at_resume()
             seconds = time.perf_counter() - start
             self.log.info(
                 f"resumed from {state['tag']}: epoch {self.epoch}, step {self.step} (loaded in {seconds:.1f} s)"
             )
         self.scheduler.step_update(self.step)
+
+    def _best_unwritten_at_resume(self) -> None:
+        """A run stopped between writing the checkpoint after a new best and writing export/best/: write it from that
+        checkpoint (the one resumed) at the first export point. Rank 0 reads export/best/ and tells the others."""
+        best = self.best.best
+        if not (self.cfg.checkpoint.keep_best and best is not None and best["step"] == self.step):
+            return
+        folder = os.path.join(self.cfg.output, "export", "best")
+        missing = [self.best.written_step(folder) != best["step"] if self.rank == 0 else None]
+        if self.world_size > 1:
+            dist.broadcast_object_list(missing, src=0)
+        self.best.unwritten = bool(missing[0])
 
     def _reuse_depthwise(self, tables: Optional[List[Dict[str, List[str]]]]) -> None:
         """The depthwise formulations the interrupted run used (so the resumed one computes the same bits)."""
@@ -278,6 +295,7 @@ class Trainer:
         self.step_loss: Optional[torch.Tensor] = None
         exit_code, export_dir = 0, None
         try:
+            self._keep_best()  # (after a resume that found export/best/ behind the checkpoint)
             status = self._train()
             if status == "finished":
                 export_dir = self._finish()
@@ -306,6 +324,7 @@ class Trainer:
             "step": self.step,
             "loss": self.last_loss,
             "eval": self.last_eval,
+            "best_eval": self.best.best,
             "seconds": round(time.time() - start, 1),
             "export": export_dir,
             "output": self.cfg.output,
@@ -347,6 +366,7 @@ class Trainer:
                     self.last_eval = self.evaluate()
                 if self._checkpoint_if_good():
                     return DIVERGED
+                self._keep_best()
         return "finished"
 
     def _finish(self) -> Optional[str]:
@@ -468,7 +488,8 @@ class Trainer:
         self.metrics.restart_window()
 
     def evaluate(self) -> Dict[str, float]:
-        """Top-1/top-5 of the model (and of the EMA) on the val split, logged as ``eval/*`` scalars."""
+        """Top-1/top-5 of the model (and of the EMA) on the val split, logged as ``eval/*`` scalars with the best
+        top-1 so far (``eval/best_top1``, ``eval/best_epoch``)."""
         if self.val_loader is None:
             return {}
         with batchnorm_averaged(*self._models()):
@@ -480,27 +501,53 @@ class Trainer:
                 bf16 = torch.bfloat16 if self.dtype == torch.bfloat16 else None  # fp32 weights, bf16 compute
                 ema_result = self.evaluator.run(self.ema.module, self.val_loader, autocast_dtype=bf16)
                 out.update(ema_top1=ema_result.top1, ema_top5=ema_result.top5)
-        self.metrics.scalars(self.step, {**out, "epoch": self.epoch}, kind="eval")
+        self.best.observe(out, self.epoch, self.step)
+        self.metrics.scalars(self.step, {**out, "epoch": self.epoch, **self.best.scalars()}, kind="eval")
         return out
 
+    def _keep_best(self) -> None:
+        """``export/best/`` from the checkpoint just written, when the evaluation before it was a new best."""
+        if self._best_due():
+            self._write_exports(["export/best"])
+
+    def _best_due(self) -> bool:
+        best = self.best.best
+        return bool(
+            self.cfg.checkpoint.keep_best and self.best.unwritten and best["step"] == self.saved_at == self.step
+        )
+
     def export(self) -> Optional[str]:
-        """``OUTPUT/export/`` from the checkpoint just written (consolidated by zero_to_fp32), on rank 0."""
-        export_dir = None
+        """``OUTPUT/export/`` (and ``export/best/`` when the last evaluation was the best) from the checkpoint just
+        written, consolidated by zero_to_fp32, on rank 0."""
+        return self._write_exports(["export"] + (["export/best"] if self._best_due() else []))
+
+    def _write_exports(self, folders: List[str]) -> Optional[str]:
+        """Each of ``folders`` (under OUTPUT) from the newest checkpoint, read once; returns the first's path."""
+        paths: List[str] = []
         dist.barrier()
         with batchnorm_averaged(*self._models()):  # (all ranks take part) the EMA exported as checkpointed
             if self.rank == 0:
                 from conv2former.weights import read_weights
 
                 weights = read_weights(self.checkpoints.dir)
-                export_dir = write_export(
-                    self.cfg.output,
-                    weights.state_dict,
-                    self.classes,
-                    self.config_dict,
-                    self.ema.state_dict() if self.ema is not None else None,
-                )
+                last = {**self.last_eval, "epoch": self.epoch, "step": self.step} if self.last_eval else None
+                ema = self.ema.state_dict() if self.ema is not None else None
+                for folder in folders:
+                    paths.append(
+                        write_export(
+                            self.cfg.output,
+                            weights.state_dict,
+                            self.classes,
+                            self.config_dict,
+                            ema,
+                            evaluation_record(last, self.best.best),
+                            folder,
+                        )
+                    )
         dist.barrier()
-        return export_dir
+        if "export/best" in folders:
+            self.best.unwritten = False
+        return paths[0] if paths else None
 
     def _export_initial_model(self) -> Dict[str, Any]:
         export_dir = None
