@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -124,7 +125,7 @@ def test_official_format_pth_loads_for_every_variant(tmp_path):
 @pytest.fixture(scope="module")
 def demo_small(demo_root, tmp_path_factory):
     """``launch/demo.py --size small`` once: pretrain on demo-22k (3 epochs, 32 px), fine-tune on demo-1k at 32 px
-    (the 224 recipe, from the pretrained export) and at 48 px (the 384 recipe, from the first fine-tune), evaluate,
+    (the 224 recipe) and at 48 px (the 384 recipe), both from the pretrained export (the paper's chain), evaluate,
     ERF and Grad-CAM, the report. Returns (runs folder, the demo.py process)."""
     runs = tmp_path_factory.mktemp("demo-small") / "runs"
     proc = subprocess.run(
@@ -142,9 +143,10 @@ def last_eval(run) -> dict:
 
 @pytest.mark.slow
 def test_finetune_chain_transfers_the_head_and_evaluates_through_the_commands(demo_small, demo_in1k, tmp_path):
-    """On the demo's pretrain -> fine-tune 32 px -> fine-tune 48 px chain: the head transfer by synset (--max-steps
-    0 exports the transferred model), both fine-tunes well above chance, the 384 recipe's squash crop, and
-    evaluate.py on 1 and 2 ranks (and timm alone, from the export folder) giving the engine's own top-1."""
+    """On the demo's pretrain -> fine-tune 32 px and 48 px chain: the head transfer by synset (--max-steps 0 exports
+    the transferred model), both fine-tunes well above chance, the 384 recipe's squash crop, the best evaluation
+    kept (export/best/, evaluation.json, the eval/best_* scalars), and evaluate.py on 1 and 2 ranks (and timm alone,
+    from the export folder) giving the engine's own top-1."""
     IN1K = demo_in1k  # noqa: N806
     pre, ft1, ft2 = demo_small / "pretrain", demo_small / "finetune_32", demo_small / "finetune_48"
     mapped = launch(
@@ -176,6 +178,29 @@ def test_finetune_chain_transfers_the_head_and_evaluates_through_the_commands(de
         assert torch.equal(new_w["pred.weight"][i], pre_w["pred.weight"][pre_classes.index(synset)])
     assert all(torch.equal(new_w[k], pre_w[k]) for k in pre_w if not k.startswith("pred."))
     assert last_eval(ft1)["top1"] > 0.3 and last_eval(ft2)["top1"] > 0.3  # chance is 0.1
+    report = (demo_small / "report.md").read_text()
+    for res in (32, 48):  # both fine-tunes start from the pretraining run
+        assert re.search(rf"launch/finetune.py .*--pretrained \S*/pretrain .*--resolution {res} ", report), res
+    for ft in (ft1, ft2):
+        evals = [json.loads(line) for line in (ft / "log.jsonl").read_text().splitlines() if '"eval"' in line]
+        running = [max(e["top1"] for e in evals[: i + 1]) for i in range(len(evals))]
+        assert [e["best_top1"] for e in evals] == running and len(evals) == 2  # epochs 2 and 3
+        best = next(e for e in evals if e["top1"] == running[-1])
+        record = json.loads((ft / "export" / "best" / "evaluation.json").read_text())
+        assert record["best"]["top1"] == best["top1"] and record["best"]["step"] == best["step"]
+        assert record["best"]["epoch"] == best["epoch"] == evals[-1]["best_epoch"]
+        assert json.loads((ft / "export" / "evaluation.json").read_text())["last"]["top1"] == evals[-1]["top1"]
+        if best is not evals[-1]:  # the best weights are not the last ones
+            assert not torch.equal(
+                load_file(ft / "export" / "best" / "model.safetensors")["pred.weight"],
+                load_file(ft / "export" / "model.safetensors")["pred.weight"],
+            )
+    # the kept weights are the ones that scored it: evaluate.py on export/best gives the best top-1
+    out = tmp_path / "eval_best.json"
+    launch(EVALUATE, "--variant", "demo", "--weights", str(ft1 / "export" / "best"), "--data", IN1K, "--resolution",
+           "32", "--json", str(out), ranks=1)  # fmt: skip
+    best1 = json.loads((ft1 / "export" / "best" / "evaluation.json").read_text())["best"]
+    assert json.loads(out.read_text())["top1"] == pytest.approx(best1["top1"], abs=1e-9)
     second = {"eval": last_eval(ft2)}
     config = (ft2 / "export" / "config.yaml").read_text()
     assert "crop_mode: squash" in config and "crop_pct: 1.0" in config

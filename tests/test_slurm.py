@@ -93,20 +93,25 @@ def test_submit_pipeline_runs_every_stage_in_order(cluster, demo_root, tmp_path)
     )
     assert proc.returncode == 0, proc.stderr
     jobs = dict(line.split() for line in proc.stdout.strip().splitlines())
-    assert list(jobs) == ["pretrain", "finetune_32", "finetune_48", "evaluate"]
+    assert list(jobs) == ["pretrain", "finetune_32", "finetune_48", "evaluate_32", "evaluate_48"]
     infos = {}
     for stage, job in jobs.items():
         infos[stage] = cluster.wait(job, timeout=900)
         logs = "\n".join(p.read_text(errors="replace") for p in tmp_path.glob(f"slurm-*-{job}.out"))
         assert infos[stage]["JobState"] == "COMPLETED", (stage, logs[-3000:])
-    stages = list(jobs)
-    for earlier, later in zip(stages, stages[1:]):
+    # the paper's chain: both fine-tunes after pretraining (from its export), each evaluation after its fine-tune
+    for earlier, later in [("pretrain", "finetune_32"), ("pretrain", "finetune_48")] + [
+        (f"finetune_{r}", f"evaluate_{r}") for r in (32, 48)
+    ]:
         assert infos[earlier]["EndTime"] <= infos[later]["StartTime"]
     # (Slurm clears Dependency once it is met; that the chain is afterok is proven by the failing-chain test below)
-    result = json.loads((tmp_path / "eval_48.json").read_text())
-    assert result["num_samples"] == 300 and result["ranks"] == 2 and result["resolution"] == 48
-    assert result["weights"] == str(tmp_path / "finetune_48" / "export")  # the last stage's weights were evaluated
-    assert result["crop_mode"] == "squash"  # the 384 recipe's eval
+    for res, mode in ((32, "center"), (48, "squash")):
+        result = json.loads((tmp_path / f"eval_{res}.json").read_text())
+        assert result["num_samples"] == 300 and result["ranks"] == 2 and result["resolution"] == res
+        assert result["weights"] == str(tmp_path / f"finetune_{res}" / "export" / "best")  # the best-evaluated
+        assert result["crop_mode"] == mode  # the 224 and 384 recipes' eval
+        record = json.loads((tmp_path / f"finetune_{res}" / "export" / "best" / "evaluation.json").read_text())
+        assert result["top1"] == pytest.approx(record["best"]["top1"], abs=1e-9)
 
 
 def test_a_failed_stage_stops_the_chain(cluster, demo_root, tmp_path):
@@ -135,7 +140,7 @@ def test_a_failed_stage_stops_the_chain(cluster, demo_root, tmp_path):
             "Reason", ""
         ):
             time.sleep(1)
-        for stage in ("finetune_224", "finetune_384", "evaluate"):
+        for stage in ("finetune_224", "finetune_384", "evaluate_224", "evaluate_384"):
             info = cluster.job(jobs[stage])
             assert info["JobState"] in ("PENDING", "CANCELLED"), info  # never RUNNING, never COMPLETED
         assert "DependencyNeverSatisfied" in cluster.job(jobs["finetune_224"])["Reason"]

@@ -4,10 +4,10 @@ Train: ``readers.webdataset`` (our index files, the epoch's shard order, this ra
 buffer) -> fused decode + random-resized-crop -> resize -> flip -> RandAugment -> normalize to float NCHW.
 Eval: decode -> resize the shorter side to size/crop_pct and center crop (or "squash" to size x size) -> normalize.
 
-RandAugment is DALI's ``auto_aug.rand_augment`` with n=2 and magnitude 9 on an 11-bin scale (0..10, timm's
-scale), translations relative to the image (45% of the side at full magnitude, as timm's TranslateRel). DALI
-samples the magnitude exactly, while timm's ``rand-m9-mstd0.5-inc1`` adds Gaussian noise (std 0.5) to it per op;
-the op set and the increasing-severity convention otherwise match.
+RandAugment is timm's ``rand-m9-mstd0.5-inc1`` (what the torch backend and ConvNeXt use) written with DALI operators
+in ``conv2former.data.dali_randaugment``: the same 15 ops and magnitude rules, each drawn op applied with
+probability 0.5, magnitude noise of std 0.5, warps filled with the mean colour; the warps are bilinear (DALI has no
+bicubic warp) and Equalize is OpenCV's lookup table. That module's docstring lists exactly what matches and what not.
 """
 from __future__ import annotations
 
@@ -21,12 +21,12 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dmath
-from nvidia.dali.auto_aug import rand_augment
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from conv2former.config import DataConfig
 from conv2former.data import shard_format as fmt
 from conv2former.data.base import ShardLoader
+from conv2former.data.dali_randaugment import fill_colour, rand_augment
 from conv2former.data.shards import SplitShards, sample_seed, shard_problem, slice_index
 
 READER = "reader"
@@ -71,10 +71,8 @@ def train_graph(cfg: DataConfig, paths, index_paths, gpu: bool):
                        antialias=True)
     mirror = fn.random.coin_flip(probability=aug.hflip)
     if aug.randaugment:
-        # translations relative to the image like timm's TranslateRel (at most 45% of the side at magnitude 10);
-        # DALI's default is an absolute 100 px, which is timm's only at 224
-        images = rand_augment.rand_augment(images, n=aug.randaugment_n, m=aug.randaugment_m, num_magnitude_bins=11,
-                                           shape=(cfg.image_size, cfg.image_size), max_translate_rel=0.45)
+        images = rand_augment(images, n=aug.randaugment_n, m=aug.randaugment_m,
+                              shape=(cfg.image_size, cfg.image_size), fill=fill_colour(cfg.mean))
     return _normalize(images, cfg, mirror=mirror), label
 
 
@@ -123,7 +121,7 @@ class DaliLoader(ShardLoader):
         def pipeline():
             return graph(cfg, paths, index_paths, gpu)
 
-        with warnings.catch_warnings():  # DALI's auto_aug calls deprecated experimental aliases internally
+        with warnings.catch_warnings():  # some DALI operators call deprecated aliases of others internally
             warnings.simplefilter("ignore", DeprecationWarning)
             pipe = pipeline(
                 batch_size=self.batch_size, num_threads=max(1, cfg.workers),
