@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Fine-tuning (22k -> 1k): ``deepspeed launch/finetune.py --variant l --pretrained runs/l22k --data IN1K
---resolution 224 --output runs/l1k-224``, then ``--resolution 384 --pretrained runs/l1k-224``.
+--resolution 224 --output runs/l1k-224``, and ``--resolution 384`` from the same 22k run (the paper's chain).
 
 The same engine and flags as pretraining, plus --pretrained (a run dir, an exported model.safetensors, a DeepSpeed
 checkpoint dir or an official .pth), --resolution, --recipe {224,384} and --head {synset,reinit}. ``--max-steps 0``

@@ -262,6 +262,45 @@ def test_finetune_chain_transfers_the_head_and_evaluates_through_the_commands(de
     assert timm_top1(str(ft2 / "export"), IN1K) == json.loads(out.read_text())["top1"]
 
 
+@pytest.mark.slow
+def test_best_weights_written_after_a_stop_between_checkpoint_and_export(demo_small, demo_in1k, tmp_path):
+    """A run stopped after the checkpoint that followed a new best but before export/best/ was written (simulated:
+    export/best/ removed) writes it from that checkpoint when it resumes; the best record survives the resume."""
+    out = tmp_path / "ft"
+    args = [
+        "--variant",
+        "demo",
+        "--pretrained",
+        str(demo_small / "pretrain"),
+        "--data",
+        demo_in1k,
+        "--resolution",
+        "32",
+        "--epochs",
+        "3",
+        "--max-steps",
+        "15",
+        "--set",
+        "schedule.eval_every_epochs=1",
+        "--output",
+        str(out),
+    ]
+    first = summary_of(launch(FINETUNE, *args))
+    assert first["step"] == 15 and first["best_eval"]["step"] == 15 and first["best_eval"]["epoch"] == 1
+    best_dir = out / "export" / "best"
+    kept = load_file(best_dir / "model.safetensors")
+    assert all(torch.equal(kept[k], v) for k, v in load_file(out / "export" / "model.safetensors").items())
+    import shutil
+
+    shutil.rmtree(best_dir)
+    again = summary_of(launch(FINETUNE, *args))
+    assert again["best_eval"] == first["best_eval"]  # kept in the checkpoint
+    record = json.loads((best_dir / "evaluation.json").read_text())
+    assert record["best"]["step"] == 15 and record["best"]["top1"] == first["best_eval"]["top1"]
+    rewritten = load_file(best_dir / "model.safetensors")
+    assert rewritten.keys() == kept.keys() and all(torch.equal(rewritten[k], kept[k]) for k in kept)
+
+
 def test_mismatches_are_one_line_errors(demo_in1k, tmp_path, capsys):
     IN1K = demo_in1k  # noqa: N806
     from launch.evaluate import main as evaluate_main
