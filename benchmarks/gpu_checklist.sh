@@ -8,7 +8,8 @@
 #
 # 1. the environment: nvidia-smi, torch/CUDA/cuDNN, deepspeed, DALI, timm versions
 # 2. the loader tests with the dali-gpu backend (tests/test_loader.py -k dali-gpu: `mixed` decoding, eval
-#    exactness against timm's transform, resume of a DALI GPU pipeline, two ranks)
+#    exactness against timm's transform, resume of a DALI GPU pipeline, two ranks; tests/test_dali_randaugment.py:
+#    the RandAugment graph on the GPU against timm's)
 # 3. the pretraining smoke runs (tests/test_gpu.py): demo and Conv2Former-L, bf16, channels_last batches,
 #    ZeRO 1 and 3, EMA on, 30 steps, stop at 15 + relaunch == uninterrupted bit for bit, fp32 export loads strictly
 # 4. benchmarks/gpu_suite.sh (QUICK=1 unless FULL=1): DALI mixed decode img/s, Conv2Former-L vs ConvNeXt-L, MFU,
@@ -51,7 +52,7 @@ PYTEST=("$PYTHON" -m pytest -q -ra -p no:cacheprovider)
 step 1-environment bash -c "nvidia-smi; \"$PYTHON\" -c 'import torch, deepspeed, timm, nvidia.dali as d; \
 print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"cudnn\", torch.backends.cudnn.version(), \
 torch.cuda.get_device_name(0)); print(\"deepspeed\", deepspeed.__version__, \"dali\", d.__version__, \"timm\", timm.__version__)'"
-step 2-loader-dali-gpu "${PYTEST[@]}" tests/test_loader.py -k dali-gpu
+step 2-loader-dali-gpu "${PYTEST[@]}" tests/test_loader.py tests/test_dali_randaugment.py -k dali-gpu
 step 3-pretrain-smoke "${PYTEST[@]}" tests/test_gpu.py
 if [ "$FULL" = 1 ]; then
     step 4-gpu-suite env OUT="$OUT/suite" PYTHON="$PYTHON" benchmarks/gpu_suite.sh

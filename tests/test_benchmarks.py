@@ -133,7 +133,11 @@ def test_gpu_checklist_lists_the_issue_steps_in_order_and_refuses_to_run_without
     plan = run("bash", "benchmarks/gpu_checklist.sh", env=dict(env, DRY_RUN="1")).stdout
     steps = [line.split(":")[0][3:] for line in plan.splitlines() if line.startswith("== ")]
     assert steps == ["1-environment", "2-loader-dali-gpu", "3-pretrain-smoke", "4-gpu-suite"]
-    assert "tests/test_loader.py -k dali-gpu" in plan and "tests/test_gpu.py" in plan and "QUICK=1" in plan
+    assert (
+        "tests/test_loader.py tests/test_dali_randaugment.py -k dali-gpu" in plan
+        and "tests/test_gpu.py" in plan
+        and "QUICK=1" in plan
+    )
     assert "QUICK=1" not in run("bash", "benchmarks/gpu_checklist.sh", env=dict(env, DRY_RUN="1", FULL="1")).stdout
     assert not (tmp_path / "list").exists()
     if not _cuda():

@@ -33,18 +33,21 @@ def images(count: int, seed: int = 0) -> List[np.ndarray]:
     return out
 
 
-def run_dali(graph, base: List[np.ndarray], batch: int = 100, seed: int = 0) -> List[np.ndarray]:
+def run_dali(graph, base: List[np.ndarray], batch: int = 100, seed: int = 0, gpu: bool = False) -> List[np.ndarray]:
+    """``graph`` over ``base`` in batches, on DALI's CPU operators (or with the images on the GPU)."""
     batches = iter([base[i : i + batch] for i in range(0, len(base), batch)])
 
-    @pipeline_def(enable_conditionals=True, batch_size=batch, num_threads=2, device_id=None, seed=seed)
+    @pipeline_def(enable_conditionals=True, batch_size=batch, num_threads=2, device_id=0 if gpu else None, seed=seed)
     def pipeline():
-        return graph(fn.external_source(source=lambda: next(batches), batch=True, layout="HWC"))
+        x = fn.external_source(source=lambda: next(batches), batch=True, layout="HWC")
+        return graph(x.gpu() if gpu else x)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # DALI's stock suite calls deprecated aliases
         pipe = pipeline()
         pipe.build()
-        return [np.array(t) for _ in range(0, len(base), batch) for t in pipe.run()[0]]
+        outs = [pipe.run()[0] for _ in range(0, len(base), batch)]
+        return [np.array(t) for out in outs for t in (out.as_cpu() if gpu else out)]
 
 
 def timm_rand_augment(base: List[np.ndarray], seed: int = 0) -> List[np.ndarray]:
@@ -143,3 +146,14 @@ def test_rand_augment_matches_timm_in_distribution():
     # the stock suite: both ops always applied (almost nothing left unchanged), a different distribution
     assert abs((stock == 0).mean() - (want == 0).mean()) > 3 * unchanged_se
     assert ks_statistic(stock, want) > critical
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["dali-gpu"])
+def test_the_gpu_graph_matches_timm_in_distribution(backend):
+    """The same augmentation with the images on the GPU (the dali-gpu backend's graph): same checks as on CPU."""
+    base = images(600)
+    want = change(timm_rand_augment(base), base)
+    got = change(run_dali(lambda x: ours.rand_augment(x, 2, 9, (SIDE, SIDE), FILL), base, gpu=True), base)
+    assert abs((got == 0).mean() - (want == 0).mean()) < 3 * np.sqrt(2 * 0.25 * 0.75 / len(base))
+    assert ks_statistic(got, want) < 1.628 * np.sqrt(2 / len(base))

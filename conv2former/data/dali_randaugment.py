@@ -133,7 +133,8 @@ def brightness(images, factor):
 
 
 def sharpness(images, factor):
-    smooth = _float(fn.filter(images, types.Constant(SMOOTH), border="clamp"))
+    kernel = fn.constant(fdata=SMOOTH.ravel().tolist(), shape=[3, 3], dtype=types.FLOAT, device=images.device)
+    smooth = _float(fn.filter(images, kernel, border="clamp"))  # the kernel where the images are (as DALI's auto_aug)
     return _blend(smooth, _float(images), factor, images)
 
 
