@@ -49,7 +49,9 @@ class DataConfig:
     mean: Tuple[float, float, float] = IMAGENET_DEFAULT_MEAN  # normalisation mean (RGB, 0-1 scale)
     std: Tuple[float, float, float] = IMAGENET_DEFAULT_STD  # normalisation std (RGB, 0-1 scale)
     channels_last: Optional[bool] = None  # batches in channels_last memory format; None: on GPU only
-    cache_dir: Optional[str] = None  # local cache for remote shards (DALI reads local files)
+    cache_dir: Optional[str] = None  # node-local cache of remote shards, shared by the node's ranks (~/.cache/...)
+    cache_limit: Optional[str] = None  # bound of that cache, e.g. 200GB (least recently used shards not in use go)
+    fetch_workers: int = 8  # parallel downloads per rank from a remote root
     skip_bad_shards: bool = False  # a shard unreadable mid-epoch: skip it with a warning (True) or stop (exit 6)
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # training augmentation
 

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import abc
 import logging
+import os
+import sys
 import warnings
 from typing import Any, Dict, Iterator, List, Tuple
 
 import torch
 
 from conv2former.config import DataConfig
+from conv2former.data.remote import human
 from conv2former.data.shards import (
     Shard,
     SplitShards,
@@ -29,8 +32,19 @@ from conv2former.data.shards import (
 from conv2former.errors import DataFault, UserError
 
 
+def local_world_size() -> int:
+    """The ranks of this node, from whichever launcher started them (torchrun, deepspeed, Slurm), else 1."""
+    for var in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE"):
+        value = os.environ.get(var, "").split("(")[0].split(",")[0]
+        if value.isdigit():
+            return int(value)
+    return 1
+
+
 class ShardLoader(abc.ABC):
     """The state and the dealing rule every backend shares; subclasses produce the batches."""
+
+    reads_previous_epoch_late = False  # a backend whose next epoch starts before the last one's files are read
 
     def __init__(self, cfg: DataConfig, shards: SplitShards, train: bool, rank: int, world_size: int,
                  device: torch.device, backend: str) -> None:
@@ -53,6 +67,10 @@ class ShardLoader(abc.ABC):
             )
         start, end = rank_range(total, rank, world_size)
         self.rank_samples = end - start
+        self._previous_files: set = set()  # remote roots: the files of the epoch served before (still being read)
+        self._fetched_once = False
+        if shards.cache is not None and shards.cache.limit is not None:
+            self._check_cache_limit()
         # channels_last batches make cuDNN pick its NHWC kernels; the model's parameters stay contiguous (DeepSpeed
         # flattens and broadcasts them and rejects channels_last ones)
         self.channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
@@ -103,6 +121,69 @@ class ShardLoader(abc.ABC):
         if not good:
             raise DataFault(f"rank {self.rank}: every shard of {self.shards.root} {self.shards.split} is unreadable")
         return good
+
+    def epoch_slices(self) -> List[Tuple[Shard, int, int]]:
+        """``rank_slices(epoch_shards())`` with each of those shards local. Under a remote root they are fetched now
+        (those the background has not fetched yet; a shard that cannot be fetched is an unreadable one,
+        ``bad_shard``), the files of the epoch before stay held while its last batches are read, and the next
+        epoch's start fetching in the background."""
+        cache = self.shards.cache
+        slices = self.rank_slices(self.epoch_shards())
+        if cache is None:
+            return slices
+        cache.release({shard.tar for shard, _, _ in slices} | self._previous_files)  # the rest may be evicted now
+        while True:
+            bar = self._fetch_bar(slices)
+            failed = cache.fetch([shard.wanted() for shard, _, _ in slices], bar.update if bar else None)
+            if bar is not None:
+                bar.close()
+            if not failed:
+                break
+            for shard, _, _ in slices:
+                if shard.url in failed:
+                    self.bad_shard(shard.tar, f"({shard.url}) cannot be fetched: {failed[shard.url]}")
+            slices = self.rank_slices(self.epoch_shards())
+        self._fetched_once = True
+        # the torch backend starts an epoch while workers still read the last one's files: those stay held
+        self._previous_files = {shard.tar for shard, _, _ in slices} if self.reads_previous_epoch_late else set()
+        if self.train:
+            cache.prefetch(shard.wanted() for shard, _, _ in self._quiet_slices(self.epoch + 1))
+        return slices
+
+    def _quiet_slices(self, epoch: int) -> List[Tuple[Shard, int, int]]:
+        """The slices of ``epoch`` as far as known now (nothing reported: that epoch reports when it starts)."""
+        n = len(self.shards.shards)
+        order = epoch_shard_order(n, self.seed, epoch) if self.train else range(n)
+        good = [self.shards.shards[i] for i in order]
+        good = [s for s in good if s.tar not in self.skipped_shards and shard_problem(s) is None]
+        return self.rank_slices(good) if good else []
+
+    def _fetch_bar(self, slices):
+        """A progress bar on each node's first rank for a first fetch with something to download."""
+        missing = [shard for shard, _, _ in slices if not os.path.exists(shard.tar)]
+        if self._fetched_once or not missing or os.environ.get("LOCAL_RANK", "0") != "0":
+            return None
+        from tqdm import tqdm
+
+        size = human(sum(shard.size for shard in missing))
+        return tqdm(total=len(slices), unit="shard", file=sys.stderr, dynamic_ncols=True,
+                    desc=f"fetch {self.shards.split} ({len(missing)} shards, {size})")  # fmt: skip
+
+    def _check_cache_limit(self) -> None:
+        """A limit below what the node's ranks read in one epoch can never work: one line now."""
+        share = sum(shard.size for shard, _, _ in self._quiet_slices(self.epoch))
+        ranks = local_world_size()
+        need = share * ranks * (2 if self.reads_previous_epoch_late else 1)
+        if self.shards.cache.limit < need:
+            raise UserError(
+                f"data.cache_limit {human(self.shards.cache.limit)} is smaller than one epoch of the "
+                f"{self.shards.split} split for the {ranks} rank(s) of this node ({human(need)}): set it to at least "
+                f"{human(need)} ({human(2 * need)} lets the next epoch be fetched during this one)"
+            )
+
+    def fetch_stats(self) -> Dict[str, Any]:
+        """What this loader's rank fetched from a remote root (files, bytes, cache hits, seconds), or {}."""
+        return self.shards.cache.stats.as_dict() if self.shards.cache is not None else {}
 
     def rank_slices(self, shards: List[Shard]) -> List[Tuple[Shard, int, int]]:
         """This rank's part of the epoch's sample sequence (the shards in reading order, concatenated): the shards

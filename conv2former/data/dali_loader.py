@@ -142,7 +142,7 @@ class DaliLoader(ShardLoader):
             atexit.register(shutil.rmtree, self._slice_dir, True)
         for stale in os.listdir(self._slice_dir):
             os.remove(os.path.join(self._slice_dir, stale))
-        slices = self.rank_slices(self.epoch_shards())
+        slices = self.epoch_slices()
         for shard, first, stop in slices:
             if first == 0 and stop == len(shard):
                 shard.check_listed()  # a whole shard goes to DALI with its own index

@@ -44,7 +44,8 @@ def build_loader(cfg: DataConfig, split: str, rank: int = 0, world_size: int = 1
     train = split == "train" if train is None else train
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if backend == "dali-gpu" else torch.device("cpu")
-    shards = open_split(cfg.root, split, cfg.cache_dir, keep_missing=bool(cfg.skip_bad_shards) and train)
+    shards = open_split(cfg.root, split, cfg.cache_dir, keep_missing=bool(cfg.skip_bad_shards) and train,
+                        cache_limit=cfg.cache_limit, cache_workers=cfg.fetch_workers)
     if backend == "torch":
         from conv2former.data.torch_loader import TorchLoader
 

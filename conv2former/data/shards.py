@@ -25,6 +25,7 @@ from typing import Dict, List, Optional, Tuple
 import fsspec
 
 from conv2former.data import shard_format as fmt
+from conv2former.data.remote import DEFAULT_CACHE, ShardCache, Wanted, is_remote, parse_bytes, remote_problem
 from conv2former.errors import UserError
 
 Component = Tuple[int, int]  # (offset, size) of one member's data in the tar
@@ -36,10 +37,18 @@ class Shard:
     how many bytes of the tar they need. The members' offsets stay in the index file until a reader asks
     (``samples()``): at 1,400 shards x 10,000 samples, holding every offset would cost each rank gigabytes."""
 
-    tar: str  # local path DALI and the torch backend read
+    tar: str  # local path DALI and the torch backend read (remote roots: in the cache, once fetched)
     index: str  # local path of the (possibly tail-trimmed) DALI index
     num_samples: int
     end: int  # the tar's bytes the index needs (the end of its last member's data)
+    url: Optional[str] = None  # remote roots: the tar's URL (fetched per epoch by the ranks that read it)
+    size: int = 0  # remote roots: the remote tar's size
+    ends: Tuple[Dict[str, Component], ...] = ()  # remote roots: its first and last samples (checked once fetched)
+
+    def wanted(self) -> Wanted:
+        """What fetching this remote shard means: its URL, cache path, bytes needed, the member-name check."""
+        ends, url = self.ends, self.url
+        return Wanted(url, self.tar, self.end, self.size, lambda path: check_member_names(path, ends, url))
 
     def __len__(self) -> int:
         return self.num_samples
@@ -81,7 +90,12 @@ class Shard:
 
 
 def shard_problem(shard: Shard) -> Optional[str]:
-    """Why ``shard`` cannot be read now (deleted, or truncated below what its index needs), or None: one stat."""
+    """Why ``shard`` cannot be read now (deleted, or truncated below what its index needs), or None: one stat. A
+    remote shard not fetched yet is judged by its remote size (known when the split was opened)."""
+    if shard.url is not None and not os.path.exists(shard.tar):
+        if shard.size < shard.end:
+            return f"is truncated remotely ({shard.size} bytes; its index needs {shard.end})"
+        return None
     try:
         size = os.stat(shard.tar).st_size
     except OSError as err:
@@ -97,6 +111,7 @@ class SplitShards:
     split: str
     num_classes: int
     shards: List[Shard]
+    cache: Optional[ShardCache] = None  # remote roots: where this process's ranks fetch the shards they read
 
     @property
     def num_samples(self) -> int:
@@ -149,20 +164,6 @@ def index_ends(
         raise UserError(f"{where}: not a DALI index (a sample line does not parse)") from None
 
 
-def _local_copy(url: str, cache_dir: Optional[str]) -> str:
-    """A local path for ``url``: itself when local, else a cached download (DALI reads local files only)."""
-    fs, path = fsspec.core.url_to_fs(url)
-    if isinstance(fs, fsspec.implementations.local.LocalFileSystem):
-        return path
-    cache = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "conv2former", "shards")
-    local = os.path.join(cache, hashlib.sha1(url.encode()).hexdigest()[:16] + "-" + posixpath.basename(path))
-    if not os.path.exists(local):
-        os.makedirs(cache, exist_ok=True)
-        fs.get_file(path, local + ".partial")
-        os.replace(local + ".partial", local)
-    return local
-
-
 def check_member_names(tar_path: str, samples: Tuple[Dict[str, Component], ...], where: str, opener=open) -> None:
     """The tar header before each given sample's first member must name that member."""
     with opener(tar_path, "rb") as f:
@@ -177,16 +178,26 @@ def check_member_names(tar_path: str, samples: Tuple[Dict[str, Component], ...],
                                 "re-run shard.py or recreate the index with wds2idx")
 
 
-def open_split(root: str, split: str, cache_dir: Optional[str] = None, keep_missing: bool = False) -> SplitShards:
-    """Read ``root``'s manifest for ``split``, check every shard against its index, and make them local.
+def open_split(root: str, split: str, cache_dir: Optional[str] = None, keep_missing: bool = False,
+               cache_limit=None, cache_workers: int = 8) -> SplitShards:  # fmt: skip
+    """Read ``root``'s manifest for ``split`` and check every shard against its index. A remote root's indexes are
+    fetched now and its tars by the loaders, per rank and epoch (``conv2former.data.remote``).
 
     ``keep_missing`` (training with ``data.skip_bad_shards``): a local shard whose tar is gone but whose index is
     there is kept, with a warning, so the epoch's length and the schedule stay what they were; the loader skips it."""
     if not root:
         raise UserError("no data root given: pass --data DIR_OR_URL (a shard root made by data_prep/shard.py)")
-    fs, path = fsspec.core.url_to_fs(root)
-    if not fs.exists(path):
+    try:
+        fs, path = fsspec.core.url_to_fs(root)
+        exists = fs.exists(path)
+    except ImportError as err:
+        raise UserError(f"reading {root} needs the package {err.name}: pip install -e '.[s3]' (s3fs)") from None
+    except Exception as err:  # noqa: BLE001 - credentials, access: one line naming the URL and the protocol
+        raise UserError(f"data root: {remote_problem(root, err)}") from None
+    if not exists:
         raise UserError(f"data root not found: {root}")
+    if is_remote(root):
+        return _open_remote_split(root, split, fs, path, cache_dir, cache_limit, cache_workers, keep_missing)
     info = fmt.read_info(root)
     if split not in info.get("splits", {}):
         raise UserError(f"{root} has no {split!r} split (it has {', '.join(info.get('splits', {})) or 'none'})")
@@ -203,8 +214,7 @@ def open_split(root: str, split: str, cache_dir: Optional[str] = None, keep_miss
             raise UserError(f"shard listed in {fmt.INFO_FILE} is missing: {tar_url}")
         if not fs.exists(posixpath.join(path, filename[: -len(".tar")] + ".idx")):
             raise UserError(f"index missing beside {tar_url}: re-run shard.py, or create it with wds2idx")
-        tar_local = _local_copy(tar_url, cache_dir)
-        idx_local = _local_copy(idx_url, cache_dir)
+        tar_local, idx_local = posixpath.join(path, filename), posixpath.join(path, filename[: -len(".tar")] + ".idx")
         shard = _open_shard(tar_local, idx_local, length, tar_missing, keep_missing, tar_url, idx_url, cache_dir)
         if shard is not None:
             shards.append(shard)
@@ -213,8 +223,66 @@ def open_split(root: str, split: str, cache_dir: Optional[str] = None, keep_miss
     return SplitShards(root, split, int(info["num_classes"]), shards)
 
 
+def _split_files(root: str, split: str) -> Tuple[List[str], List[int]]:
+    info = fmt.read_info(root)
+    if split not in info.get("splits", {}):
+        raise UserError(f"{root} has no {split!r} split (it has {', '.join(info.get('splits', {})) or 'none'})")
+    split_info = info["splits"][split]
+    if not split_info["filenames"]:
+        raise UserError(f"{root}: split {split!r} has no shards")
+    return split_info["filenames"], split_info["shard_lengths"]
+
+
+def _open_remote_split(root: str, split: str, fs, path: str, cache_dir: Optional[str], cache_limit,
+                       workers: int, keep_missing: bool) -> SplitShards:  # fmt: skip
+    """A remote split: one listing per folder gives every tar's size, the indexes are fetched into the cache (in
+    parallel, one download per node), and each shard is checked against its index; the tars stay remote until a
+    loader fetches the ones its rank reads."""
+    info = fmt.read_info(root)
+    filenames, lengths = _split_files(root, split)
+    sizes: Dict[str, int] = {}
+    for folder in sorted({posixpath.dirname(f) for f in filenames}):
+        try:
+            listing = fs.ls(posixpath.join(path, folder), detail=True)
+        except Exception as err:  # noqa: BLE001
+            raise UserError(f"data root: {remote_problem(posixpath.join(root, folder), err)}") from None
+        for entry in listing:
+            sizes[posixpath.join(folder, posixpath.basename(entry["name"].rstrip("/")))] = int(entry.get("size") or 0)
+    cache = ShardCache(cache_dir, parse_bytes(cache_limit), workers)
+    indexes = []
+    for filename in filenames:
+        tar_url = posixpath.join(root.rstrip("/"), filename)
+        idx_name = filename[: -len(".tar")] + ".idx"
+        if filename not in sizes and not keep_missing:
+            raise UserError(f"shard listed in {fmt.INFO_FILE} is missing: {tar_url}")
+        if idx_name not in sizes:
+            raise UserError(f"index missing beside {tar_url}: re-run shard.py, or create it with wds2idx")
+        idx_url = posixpath.join(root.rstrip("/"), idx_name)
+        indexes.append(Wanted(idx_url, cache.local_path(idx_url), sizes[idx_name], sizes[idx_name]))
+    index_bytes = sum(w.size for w in indexes)
+    if cache.limit is not None and cache.limit < index_bytes:
+        raise UserError(
+            f"data.cache_limit {cache_limit} is smaller than the indexes of {root} {split} alone "
+            f"({index_bytes} bytes): raise it (it must also hold one epoch of the node's shards)"
+        )
+    failed = cache.fetch(indexes, pin=True)
+    if failed:
+        url, problem = next(iter(failed.items()))
+        raise UserError(f"{len(failed)} index(es) of {root} {split} could not be fetched, e.g. {url}: {problem}")
+    shards = []
+    for filename, length, idx in zip(filenames, lengths, indexes):
+        tar_url = posixpath.join(root.rstrip("/"), filename)
+        shard = _open_shard(cache.local_path(tar_url), idx.local, length, False, True, tar_url, idx.url, cache.dir,
+                            remote_size=sizes.get(filename, 0))  # fmt: skip
+        if shard is not None:
+            shards.append(shard)
+    if not shards:
+        raise UserError(f"{root}: split {split!r} holds no readable samples")
+    return SplitShards(root, split, int(info["num_classes"]), shards, cache)
+
+
 def _open_shard(tar_local: str, idx_local: str, length: int, tar_missing: bool, keep_missing: bool, tar_url: str,
-                idx_url: str, cache_dir: Optional[str]) -> Optional[Shard]:
+                idx_url: str, cache_dir: Optional[str], remote_size: Optional[int] = None) -> Optional[Shard]:
     """A shard checked against its index (head and tail of it, one stat, two tar headers), or None when it holds
     no readable sample. A truncated tar keeps its complete samples (a prefix) through a trimmed index; with
     ``keep_missing`` a missing or truncated one keeps its place whole, for the loader to skip."""
@@ -224,6 +292,11 @@ def _open_shard(tar_local: str, idx_local: str, length: int, tar_missing: bool, 
     if count == 0:
         return None
     end = sample_end(last)
+    if remote_size is not None:  # a remote tar: checked against its index once fetched (Shard.wanted)
+        if remote_size < end:
+            warnings.warn(f"{tar_url} is truncated remotely ({remote_size} bytes, its index needs {end}): its rank "
+                          "reports it when its epoch starts")  # fmt: skip
+        return Shard(tar_local, idx_local, count, end, tar_url, remote_size, (first, last))
     size = 0 if tar_missing else os.path.getsize(tar_local)
     if size < end and keep_missing:
         what = "missing" if tar_missing else "truncated"
@@ -256,7 +329,7 @@ def slice_index(shard: Shard, first: int, stop: int, folder: str) -> str:
 
 def _trimmed_index(idx_local: str, samples: List[Dict[str, Component]], cache_dir: Optional[str]) -> str:
     rows = [[(ext, o, n, "x." + ext) for ext, (o, n) in s.items()] for s in samples]
-    cache = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "conv2former", "shards")
+    cache = os.path.join(os.path.expanduser(cache_dir or DEFAULT_CACHE), "trimmed")  # apart from the bounded cache
     os.makedirs(cache, exist_ok=True)
     out = os.path.join(cache, f"trimmed-{len(samples)}-{hashlib.sha1(idx_local.encode()).hexdigest()[:16]}.idx")
     with open(out, "w") as f:

@@ -174,6 +174,8 @@ class TorchLoader(ShardLoader):
     in a worker; uint8 and normalized on the device when it is a GPU, normalized in the worker on CPU). The next
     epoch's workers start while the current epoch's last batches are made."""
 
+    reads_previous_epoch_late = True  # (the early start): a remote root's files of the last epoch stay held
+
     def __init__(self, cfg: DataConfig, shards: SplitShards, train: bool, rank: int, world_size: int,
                  device: torch.device) -> None:
         super().__init__(cfg, shards, train, rank, world_size, device, backend="torch")
@@ -189,7 +191,7 @@ class TorchLoader(ShardLoader):
     def epoch_refs(self) -> List[Optional[SampleRef]]:
         """This rank's samples of the current epoch in order, cut (train) or padded (eval) to whole batches."""
         refs: List[Optional[SampleRef]] = []
-        for shard, first, stop in self.rank_slices(self.epoch_shards()):
+        for shard, first, stop in self.epoch_slices():
             refs += [(shard.tar, jpg, cls) for jpg, cls in shard.members((fmt.IMAGE_KEY, fmt.CLASS_KEY), first, stop)]
         if self.train:
             rng = random.Random(sample_seed(self.seed, self.epoch, self.rank))

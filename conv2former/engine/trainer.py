@@ -313,6 +313,7 @@ class Trainer:
             "exit_code": exit_code,
             "bad_steps": self.guard.bad_steps,
             "skipped_shards": self.train_loader.skipped_shards,  # this rank's (every rank warns for its own)
+            "data_fetch": self.train_loader.fetch_stats(),  # a remote root: this rank's downloads and cache hits
             "depthwise": {
                 "mode": self.depthwise.mode,
                 "formulations": len(self.depthwise.choices),
