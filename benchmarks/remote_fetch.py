@@ -90,7 +90,12 @@ def main() -> int:
     parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--rank", type=int, default=0)
     parser.add_argument("--workers", type=int, default=8, help="parallel downloads per rank")
-    parser.add_argument("--images-per-gpu", type=float, default=400.0, help="for the projection")
+    parser.add_argument(
+        "--images-per-gpu",
+        type=float,
+        default=1800.0,
+        help="for the projection (docs/design.md: what the 90-epoch plan needs per GPU)",
+    )
     parser.add_argument("--record", action="store_true", help="add the row to docs/performance.md")
     args = parser.parse_args()
     if not os.path.exists(os.path.join(args.data, "_info.json")):
