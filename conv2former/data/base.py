@@ -19,7 +19,7 @@ from typing import Any, Dict, Iterator, List, Tuple
 import torch
 
 from conv2former.config import DataConfig
-from conv2former.data.remote import human
+from conv2former.units import human
 from conv2former.data.shards import (
     Shard,
     SplitShards,

@@ -24,7 +24,6 @@ import glob
 import hashlib
 import os
 import posixpath
-import re
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,39 +33,17 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 import fsspec
 
 from conv2former.errors import DataFault, UserError
+from conv2former.units import human
 
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "conv2former", "shards")
 LOCK_SUFFIX = ".lock"
 PARTIAL = ".partial-"
 RESERVE = ".reserve"
 ROOM_WAIT_S = 120.0  # how long a fetch waits for room under data.cache_limit before it stops the run
-UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
-         "GIB": 2**30, "TIB": 2**40}  # fmt: skip
-
 
 def is_remote(url: str) -> bool:
     fs, _ = fsspec.core.url_to_fs(url)
     return not isinstance(fs, fsspec.implementations.local.LocalFileSystem)
-
-
-def parse_bytes(value) -> Optional[int]:
-    """``data.cache_limit``: None, a number of bytes, or a string such as ``200GB`` / ``1.5TiB``."""
-    if value is None or value == "":
-        return None
-    if isinstance(value, (int, float)):
-        return int(value)
-    match = re.fullmatch(r"([0-9]*\.?[0-9]+)([KMGT]I?B|B)?", str(value).strip().upper().replace(" ", ""))
-    if match is None:
-        raise UserError(f"data.cache_limit: {value!r} is not a size (e.g. 200GB, 1.5TiB or a number of bytes)")
-    return int(float(match.group(1)) * UNITS[match.group(2) or ""])
-
-
-def human(size: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(size) < 1000 or unit == "TB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{size:.1f} TB"
 
 
 def remote_problem(url: str, err: BaseException) -> str:

@@ -25,8 +25,9 @@ from typing import Dict, List, Optional, Tuple
 import fsspec
 
 from conv2former.data import shard_format as fmt
-from conv2former.data.remote import DEFAULT_CACHE, ShardCache, Wanted, is_remote, parse_bytes, remote_problem
+from conv2former.data.remote import DEFAULT_CACHE, ShardCache, Wanted, is_remote, remote_problem
 from conv2former.errors import UserError
+from conv2former.units import parse_bytes
 
 Component = Tuple[int, int]  # (offset, size) of one member's data in the tar
 
@@ -199,18 +200,13 @@ def open_split(root: str, split: str, cache_dir: Optional[str] = None, keep_miss
     if is_remote(root):
         return _open_remote_split(root, split, fs, path, cache_dir, cache_limit, cache_workers, keep_missing)
     info = fmt.read_info(root)
-    if split not in info.get("splits", {}):
-        raise UserError(f"{root} has no {split!r} split (it has {', '.join(info.get('splits', {})) or 'none'})")
-    split_info = info["splits"][split]
-    if not split_info["filenames"]:
-        raise UserError(f"{root}: split {split!r} has no shards")
-    local = isinstance(fs, fsspec.implementations.local.LocalFileSystem)
+    filenames, lengths = _split_files(info, root, split)
     shards = []
-    for filename, length in zip(split_info["filenames"], split_info["shard_lengths"]):
+    for filename, length in zip(filenames, lengths):
         tar_url = posixpath.join(root.rstrip("/"), filename)
         idx_url = tar_url[: -len(".tar")] + ".idx"
         tar_missing = not fs.exists(posixpath.join(path, filename))
-        if tar_missing and not (keep_missing and local):
+        if tar_missing and not keep_missing:
             raise UserError(f"shard listed in {fmt.INFO_FILE} is missing: {tar_url}")
         if not fs.exists(posixpath.join(path, filename[: -len(".tar")] + ".idx")):
             raise UserError(f"index missing beside {tar_url}: re-run shard.py, or create it with wds2idx")
@@ -223,8 +219,8 @@ def open_split(root: str, split: str, cache_dir: Optional[str] = None, keep_miss
     return SplitShards(root, split, int(info["num_classes"]), shards)
 
 
-def _split_files(root: str, split: str) -> Tuple[List[str], List[int]]:
-    info = fmt.read_info(root)
+def _split_files(info: Dict, root: str, split: str) -> Tuple[List[str], List[int]]:
+    """The split's shard file names and sample counts from the manifest ``info``, or a one-line error."""
     if split not in info.get("splits", {}):
         raise UserError(f"{root} has no {split!r} split (it has {', '.join(info.get('splits', {})) or 'none'})")
     split_info = info["splits"][split]
@@ -239,7 +235,7 @@ def _open_remote_split(root: str, split: str, fs, path: str, cache_dir: Optional
     parallel, one download per node), and each shard is checked against its index; the tars stay remote until a
     loader fetches the ones its rank reads."""
     info = fmt.read_info(root)
-    filenames, lengths = _split_files(root, split)
+    filenames, lengths = _split_files(info, root, split)
     sizes: Dict[str, int] = {}
     for folder in sorted({posixpath.dirname(f) for f in filenames}):
         try:

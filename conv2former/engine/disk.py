@@ -20,6 +20,8 @@ from typing import Optional
 
 import torch
 
+from conv2former.units import human
+
 
 @dataclass
 class CheckpointSize:
@@ -89,11 +91,3 @@ def space_warning(ckpt_dir: str, size: CheckpointSize, keep_last: int, existing:
         f"+ 1 checkpoints of {size.describe()}: a save will fail when the disk fills; free space, move --output, or "
         "lower --set checkpoint.keep_last"
     )
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
