@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import multiprocessing
 import os
 import shutil
 import subprocess
@@ -15,6 +14,7 @@ from pathlib import Path
 import fsspec
 import pytest
 import torch
+from moto_s3 import moto_s3
 
 from conv2former.config import DataConfig
 from conv2former.data.loader import build_loader
@@ -25,36 +25,18 @@ from conv2former.units import parse_bytes
 
 REPO = Path(__file__).resolve().parent.parent
 
-moto_server = pytest.importorskip("moto.server")
+pytest.importorskip("moto.server")
 pytest.importorskip("s3fs")
-
-S3_ENV = dict(AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", AWS_DEFAULT_REGION="us-east-1")
 
 
 @pytest.fixture(scope="module")
 def s3(demo_root):
     """A moto S3 server on 127.0.0.1 holding the demo "1k" shards at s3://c2f-remote/in1k; the environment points
     s3fs (and every process started from here) at it. Yields the local root the shards came from."""
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    saved = {k: os.environ.get(k) for k in [*S3_ENV, "AWS_ENDPOINT_URL_S3", "FSSPEC_S3_ENDPOINT_URL"]}
-    os.environ.update(S3_ENV, AWS_ENDPOINT_URL_S3=endpoint, FSSPEC_S3_ENDPOINT_URL=endpoint)
-    fs = fsspec.filesystem("s3", client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True)
-    fs.mkdir("c2f-remote")  # moto's state outlives its server: a bucket no other test uses, removed at the end
-    local = demo_root / "in1k"
-    fs.put(str(local), "c2f-remote/in1k", recursive=True)
-    try:
+    with moto_s3("c2f-remote"):  # a bucket no other test uses
+        local = demo_root / "in1k"
+        fsspec.filesystem("s3").put(str(local), "c2f-remote/in1k", recursive=True)
         yield local
-    finally:
-        fs.rm("c2f-remote", recursive=True)
-        server.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def cfg_for(root, cache=None, **kwargs) -> DataConfig:
@@ -127,32 +109,30 @@ def test_a_limit_below_one_epoch_is_a_one_line_error(s3, tmp_path):
         parse_bytes("lots")
 
 
-def _open_and_fetch(root: str, cache: str, queue) -> None:
-    try:
-        shards = open_split(root, "train", cache)
-        failed = shards.cache.fetch([s.wanted() for s in shards.shards])
-        queue.put("ok" if not failed else f"failed: {failed}")
-    except BaseException as err:  # noqa: BLE001 - reported to the parent
-        queue.put(f"{type(err).__name__}: {err}")
+OPEN_AND_FETCH = (
+    "import sys; from conv2former.data.shards import open_split; shards = open_split(sys.argv[1], 'train', sys.argv[2]); "
+    "failed = shards.cache.fetch([s.wanted() for s in shards.shards]); print('ok' if not failed else failed)"
+)
 
 
 def test_two_processes_opening_the_same_split_at_once_never_fail(s3, tmp_path):
-    context = multiprocessing.get_context("fork")  # the children share nothing but the cache folder
-    for round_ in range(20):
+    """Fresh processes (as two ranks of a node are), started together on an empty cache, 5 rounds."""
+    for round_ in range(5):
         cache = tmp_path / f"cache{round_}"
-        queue = context.Queue()
         procs = [
-            context.Process(target=_open_and_fetch, args=("s3://c2f-remote/in1k", str(cache), queue)) for _ in (0, 1)
+            subprocess.Popen(
+                [sys.executable, "-c", OPEN_AND_FETCH, "s3://c2f-remote/in1k", str(cache)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                cwd=str(REPO),
+            )  # fmt: skip
+            for _ in (0, 1)
         ]
-        for p in procs:
-            p.start()
-        results = [queue.get(timeout=120) for _ in procs]
-        for p in procs:
-            p.join(timeout=60)
-        assert results == ["ok", "ok"], (round_, results)
-        assert len(cached_tars(cache)) == len(
-            json.loads((s3 / "_info.json").read_text())["splits"]["train"]["filenames"]
-        )
+        results = [p.communicate(timeout=120) for p in procs]
+        assert [out.strip().splitlines()[-1] if out.strip() else err[-500:] for out, err in results] == ["ok", "ok"]
+        names = json.loads((s3 / "_info.json").read_text())["splits"]["train"]["filenames"]
+        assert len(cached_tars(cache)) == len(names)
         assert not list(cache.glob(f"*{PARTIAL}*"))
 
 

@@ -17,6 +17,7 @@ import time
 import fake_imagenet as fake
 import fsspec
 import pytest
+from moto_s3 import moto_s3
 from PIL import Image
 
 from conv2former.data import shard_format as fmt
@@ -324,61 +325,16 @@ def test_memory_url_round_trip(tree_22k):
     assert verify("memory://shards/in22k", use_dali=True, quiet=True) == []
 
 
-def test_s3_round_trip_through_a_local_moto_server(tree_22k, tmp_path, monkeypatch):
-    moto_server = pytest.importorskip("moto.server")
-    s3fs = pytest.importorskip("s3fs")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        for var, value in dict(
-            AWS_ACCESS_KEY_ID="test",
-            AWS_SECRET_ACCESS_KEY="test",
-            AWS_DEFAULT_REGION="us-east-1",
-            AWS_ENDPOINT_URL_S3=endpoint,
-            FSSPEC_S3_ENDPOINT_URL=endpoint,
-        ).items():
-            monkeypatch.setenv(var, value)  # undone after the test, whatever happens
-        fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True)
-        fs.mkdir("bucket")
-        src, _ = tree_22k
-        assert (
-            run(
-                "imagenet22k",
-                str(src),
-                "s3://bucket/in22k",
-                "--val-per-class",
-                "3",
-                "--samples-per-shard",
-                "10",
-                "--workers",
-                "2",
-                "--quiet",
-            )
-            == 0
-        )
+def test_s3_round_trip_through_a_local_moto_server(tree_22k, tmp_path):
+    src, _ = tree_22k
+    args = ["--val-per-class", "3", "--samples-per-shard", "10", "--quiet"]
+    with moto_s3("bucket"):
+        assert run("imagenet22k", str(src), "s3://bucket/in22k", *args, "--workers", "2") == 0
         _, remote = read_split("s3://bucket/in22k", "train")
-        assert (
-            run(
-                "imagenet22k",
-                str(src),
-                str(tmp_path / "local"),
-                "--val-per-class",
-                "3",
-                "--samples-per-shard",
-                "10",
-                "--workers",
-                "1",
-                "--quiet",
-            )
-            == 0
-        )
+        assert run("imagenet22k", str(src), str(tmp_path / "local"), *args, "--workers", "1") == 0
         _, local = read_split(str(tmp_path / "local"), "train")
         assert remote == local
         assert verify("s3://bucket/in22k/val", use_dali=True, quiet=True) == []
-    finally:
-        server.stop()
 
 
 def one_line_error(capsys, *argv) -> str:
