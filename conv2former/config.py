@@ -100,6 +100,7 @@ class CheckpointConfig:
     save_every: int = 1000  # steps; and at each epoch end
     keep_last: int = 3  # complete checkpoints kept; older ones are deleted
     keep_best: bool = False  # also export the best-evaluated weights to OUTPUT/export/best/ (fine-tuning: true)
+    staging_dir: Optional[str] = None  # a remote --output (s3://...): node-local folder the run writes before upload
 
 
 @dataclass
@@ -124,7 +125,7 @@ class FinetuneConfig:
 @dataclass
 class TrainConfig:
     stage: str = "pretrain"  # a name for the run's logs and export tag
-    output: str = "runs/default"  # run directory: checkpoints/, export/, tb/, log.jsonl
+    output: str = "runs/default"  # run folder or fsspec URL: checkpoints/, export/, tb/, log.jsonl, summary.json
     seed: int = 0  # initial weights, dropout and (unless data.seed) the data order
     keep_freed_memory: bool = True  # CPU runs: malloc reuses freed memory (no page faults each step)
     ema: bool = False  # keep an exponential moving average of the weights (timm ModelEmaV3)

@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import posixpath
 import sys
 import time
+from typing import Optional
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -20,17 +22,31 @@ if __package__ in (None, ""):
 from conv2former.errors import UserError, exit_on_user_error  # noqa: E402
 
 
+def _beside(weights: str, name: str) -> Optional[str]:
+    """``name`` in the weights' folder or its export/ (the weights: a file, an export or run folder; local or any
+    fsspec URL), or None."""
+    import fsspec
+
+    path = weights[len("local-dir:") :] if weights.startswith("local-dir:") else weights
+    fs, fs_path = fsspec.core.url_to_fs(path)
+    folder = fs_path if fs.isdir(fs_path) else posixpath.dirname(fs_path)
+    for candidate in (posixpath.join(folder, name), posixpath.join(folder, "export", name)):
+        if fs.isfile(candidate):
+            return fs.unstrip_protocol(candidate) if "://" in path else candidate
+    return None
+
+
 def default_crop(weights: str, resolution: int):
     """The eval crop when none is given: the one the weights' own stage evaluated with (timm's config.json in an
     export folder) when it was at this resolution; otherwise 0.875 center up to 256 px and squash (1.0) above."""
-    folder = weights[len("local-dir:") :] if weights.startswith("local-dir:") else weights
-    folder = folder if os.path.isdir(folder) else os.path.dirname(folder)
-    for candidate in (os.path.join(folder, "config.json"), os.path.join(folder, "export", "config.json")):
-        if os.path.isfile(candidate):
-            with open(candidate) as f:
-                cfg = json.load(f).get("pretrained_cfg", {})
-            if list(cfg.get("input_size", []))[-1:] == [resolution] and "crop_pct" in cfg and "crop_mode" in cfg:
-                return float(cfg["crop_pct"]), cfg["crop_mode"]
+    import fsspec
+
+    config = _beside(weights, "config.json")
+    if config is not None:
+        with fsspec.open(config, "r") as f:
+            cfg = json.load(f).get("pretrained_cfg", {})
+        if list(cfg.get("input_size", []))[-1:] == [resolution] and "crop_pct" in cfg and "crop_mode" in cfg:
+            return float(cfg["crop_pct"]), cfg["crop_mode"]
     return (1.0, "squash") if resolution > 256 else (0.875, "center")
 
 
@@ -75,15 +91,8 @@ def main(argv=None) -> int:
     variant = variant_name(args.variant)
     path = args.weights
     if args.ema:
-        folder = path if os.path.isdir(path) else os.path.dirname(path)
-        for candidate in (
-            os.path.join(folder, "model_ema.safetensors"),
-            os.path.join(folder, "export", "model_ema.safetensors"),
-        ):
-            if os.path.exists(candidate):
-                path = candidate
-                break
-        else:
+        path = _beside(path, "model_ema.safetensors")
+        if path is None:
             raise UserError(f"--ema: no model_ema.safetensors beside {args.weights}")
     weights = read_weights(path)
     classes = read_classes(args.data)

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import fsspec
@@ -109,31 +113,25 @@ def test_a_limit_below_one_epoch_is_a_one_line_error(s3, tmp_path):
         parse_bytes("lots")
 
 
-OPEN_AND_FETCH = (
-    "import sys; from conv2former.data.shards import open_split; shards = open_split(sys.argv[1], 'train', sys.argv[2]); "
-    "failed = shards.cache.fetch([s.wanted() for s in shards.shards]); print('ok' if not failed else failed)"
-)
-
-
 def test_two_processes_opening_the_same_split_at_once_never_fail(s3, tmp_path):
-    """Fresh processes (as two ranks of a node are), started together on an empty cache, 5 rounds."""
-    for round_ in range(5):
-        cache = tmp_path / f"cache{round_}"
-        procs = [
-            subprocess.Popen(
-                [sys.executable, "-c", OPEN_AND_FETCH, "s3://c2f-remote/in1k", str(cache)],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                cwd=str(REPO),
-            )  # fmt: skip
-            for _ in (0, 1)
-        ]
-        results = [p.communicate(timeout=120) for p in procs]
-        assert [out.strip().splitlines()[-1] if out.strip() else err[-500:] for out, err in results] == ["ok", "ok"]
-        names = json.loads((s3 / "_info.json").read_text())["splits"]["train"]["filenames"]
-        assert len(cached_tars(cache)) == len(names)
-        assert not list(cache.glob(f"*{PARTIAL}*"))
+    """Two fresh processes (as two ranks of a node are) open the split and fetch it into an empty cache at the same
+    moment, 20 times (a new cache each round): no failure, every shard in place, no temporary file left."""
+    from concurrent_open import open_and_fetch_rounds
+
+    context = multiprocessing.get_context("spawn")
+    caches = [str(tmp_path / f"cache{round_}") for round_ in range(20)]
+    barrier, results = context.Barrier(2), context.Queue()
+    procs = [context.Process(target=open_and_fetch_rounds, args=("s3://c2f-remote/in1k", caches, barrier, results))
+             for _ in (0, 1)]  # fmt: skip
+    for proc in procs:
+        proc.start()
+    outcomes = [results.get(timeout=300) for _ in range(2 * len(caches))]
+    for proc in procs:
+        proc.join(timeout=60)
+    assert [result for _, result in outcomes] == ["ok"] * len(outcomes)
+    names = json.loads((s3 / "_info.json").read_text())["splits"]["train"]["filenames"]
+    for cache in map(Path, caches):
+        assert len(cached_tars(cache)) == len(names) and not list(cache.glob(f"*{PARTIAL}*"))
 
 
 def test_remote_failures_are_one_line_errors(s3, tmp_path):
@@ -163,20 +161,158 @@ def test_no_credentials_is_one_line_naming_the_url(s3, tmp_path):
     assert "no credentials for s3://c2f-remote/in1k (s3:" in line and "Traceback" not in proc.stderr
 
 
+COMMON = ["--epochs", "2", "--max-steps", "17", "--save-every", "10"]  # epoch 0 is 15 steps
+
+
+@pytest.fixture(scope="module")
+def local_reference(s3, tmp_path_factory):
+    """The uninterrupted 2-rank run from the local copy of the shards, to a local folder: 2 epochs with evaluation,
+    17 steps, checkpoints at 10, 15 and 17."""
+    from test_pretrain import FAST, run_pretrain
+
+    out = tmp_path_factory.mktemp("local-reference")
+    return out, run_pretrain(*FAST, *COMMON, "--data", str(s3), "--output", str(out))
+
+
 @pytest.mark.slow
-def test_two_ranks_training_from_s3_end_bit_for_bit_like_a_local_root(s3, tmp_path):
+def test_two_ranks_training_from_s3_end_bit_for_bit_like_a_local_root(s3, local_reference, tmp_path):
     """The real launcher, 2 CPU ranks on one "node" sharing one cache, 2 epochs with evaluation, from s3:// and from
     the local copy of the same shards: the same summary and the same exported weights."""
     from test_pretrain import FAST, exports_equal, run_pretrain
 
-    common = [*FAST, "--epochs", "2", "--max-steps", "17", "--save-every", "10"]  # epoch 0 is 15 steps
-    local = run_pretrain(*common, "--data", str(s3), "--output", str(tmp_path / "local"))
-    remote = run_pretrain(*common, "--data", "s3://c2f-remote/in1k", "--output", str(tmp_path / "s3"), "--set",
-                          f"data.cache_dir={tmp_path / 'cache'}")  # fmt: skip
+    ref, local = local_reference
+    remote = run_pretrain(*FAST, *COMMON, "--data", "s3://c2f-remote/in1k", "--output", str(tmp_path / "s3"),
+                          "--set", f"data.cache_dir={tmp_path / 'cache'}")  # fmt: skip
     assert remote["step"] == local["step"] == 17 and remote["loss"] == local["loss"]
     assert remote["eval"] == local["eval"]
-    assert exports_equal(tmp_path / "local", tmp_path / "s3")
+    assert exports_equal(ref, tmp_path / "s3")
     fetched = remote["data_fetch"]  # rank 0's: its own shards of the 2 epochs, some fetched by rank 1 already
     assert fetched["files"] + fetched["hits"] > 0 and local["data_fetch"] == {}
     cache = tmp_path / "cache"
     assert not list(cache.glob(f"*{PARTIAL}*"))
+
+
+def remote_complete(fs, run: str, tag: str) -> bool:
+    fs.invalidate_cache()
+    return fs.exists(f"{run}/checkpoints/{tag}/complete")
+
+
+@pytest.mark.slow
+def test_output_to_s3_killed_then_relaunched_on_a_fresh_node_resumes_bit_for_bit(s3, local_reference, tmp_path):
+    """Data and output in the bucket, 2 ranks: killed (kill -9, every rank and the launcher) once checkpoint 10 is
+    complete remotely, relaunched with an empty staging folder (a fresh node): it resumes from the bucket and ends
+    bit for bit like the uninterrupted local run; the bucket holds keep_last=2 tags, the export, the whole log,
+    TensorBoard files and the summary. Then the remote export is fine-tuned from and evaluated directly."""
+    from test_pretrain import FAST, deepspeed_cmd, env, exports_equal
+
+    ref, want = local_reference
+    run, url = "c2f-remote/runs/r1", "s3://c2f-remote/runs/r1"
+    args = [*FAST, *COMMON, "--data", "s3://c2f-remote/in1k", "--output", url, "--set", "checkpoint.keep_last=2",
+            "--set", f"data.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
+    staging = tmp_path / "staging-node-a"
+    first = subprocess.Popen(deepspeed_cmd(*args, "--set", f"checkpoint.staging_dir={staging}"), env=env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and first.poll() is None and not remote_complete(fs, run, "step000000010"):
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    assert remote_complete(fs, run, "step000000010") and not fs.exists(f"{run}/export")
+    shutil.rmtree(staging)  # the node is gone
+    proc = subprocess.run(deepspeed_cmd(*args, "--set", f"checkpoint.staging_dir={tmp_path / 'staging-node-b'}"),
+                          env=env(), capture_output=True, text=True, errors="replace", timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert re.search(r"resumed from step0000000(10|15)", proc.stdout)
+    summary = json.loads([x for x in proc.stdout.splitlines() if x.startswith("summary: ")][-1][len("summary: ") :])
+    assert summary["step"] == 17 and summary["loss"] == want["loss"] and summary["eval"] == want["eval"]
+    assert summary["export"] == f"{url}/export" and summary["upload"]["uploaded"]["files"] > 0
+    fs.invalidate_cache()
+    got = tmp_path / "downloaded"
+    fs.get(f"{run}/export", str(got / "export"), recursive=True)
+    assert exports_equal(ref, got)
+    tags = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{run}/checkpoints") if "/step" in p)
+    assert tags == ["step000000015", "step000000017"] and fs.cat(f"{run}/checkpoints/latest").decode() == tags[-1]
+    assert all(remote_complete(fs, run, t) for t in tags)
+    log = [json.loads(x) for x in fs.cat(f"{run}/log.jsonl").decode().splitlines()]
+    steps = {r["step"] for r in log if r["kind"] == "train"}
+    assert {1, 10, 17} <= steps  # the first node's records came back with the staging folder
+    assert json.loads(fs.cat(f"{run}/summary.json"))["status"] == "finished" and fs.find(f"{run}/tb")
+    assert_remote_export_is_read_directly(url, s3, want, tmp_path)
+
+
+def assert_remote_export_is_read_directly(url: str, data: Path, want: dict, tmp_path: Path) -> None:
+    """launch/evaluate.py --weights s3://.../export --ema gives the run's EMA accuracy; launch/finetune.py
+    --pretrained s3://.../export (--max-steps 0: the transferred model) exports the same weights."""
+    from test_pretrain import env, exports_equal
+
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "evaluate.py"), "--variant", "demo", "--weights", f"{url}/export",
+         "--data", str(data), "--resolution", "32", "--ema", "--batch", "50", "--json", str(tmp_path / "eval.json")],
+        env=env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["top1"] == pytest.approx(want["eval"]["ema_top1"], abs=1e-9)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "finetune.py"), "--variant", "demo", "--pretrained", f"{url}/export",
+         "--data", str(data), "--output", str(tmp_path / "ft"), "--image-size", "32", "--max-steps", "0"],
+        env=env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert exports_equal(tmp_path / "downloaded", tmp_path / "ft")
+
+
+def put(fs, path: str, data: bytes = b"x") -> None:
+    fs.pipe_file(path, data)
+
+
+def test_a_fresh_staging_folder_takes_the_newest_complete_remote_checkpoint_and_the_run_files(tmp_path):
+    """RunOutput on memory://: the remote is the truth at start (its newest complete tag comes down, a local tag it
+    does not have complete is dropped, log.jsonl and tb/ come down); uploads send only what changed, the marker last
+    and keep keep_last tags remotely."""
+    from conv2former.engine.run_output import RunOutput
+
+    fs = fsspec.filesystem("memory")
+    root = "/runs/unit"
+    put(fs, f"{root}/checkpoints/step000000010/mp_rank_00_model_states.pt", b"ten")
+    put(fs, f"{root}/checkpoints/step000000010/complete", b'{"step": 10, "world_size": 1}')
+    put(fs, f"{root}/checkpoints/step000000020/mp_rank_00_model_states.pt", b"twenty, never marked complete")
+    put(fs, f"{root}/log.jsonl", b'{"kind": "train", "step": 1}\n')
+    put(fs, f"{root}/tb/events.out.tfevents.1", b"events")
+    output = RunOutput(f"memory://{root}", str(tmp_path / "staging"), rank=0, local_rank=0)
+    stale = Path(output.local) / "checkpoints" / "step000000030"
+    stale.mkdir(parents=True)
+    (stale / "complete").write_text("{}")  # complete here, never uploaded: not part of the remote run
+    output.restore()
+    ckpts = Path(output.local) / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step000000010"]
+    assert (ckpts / "step000000010" / "mp_rank_00_model_states.pt").read_bytes() == b"ten"
+    assert (ckpts / "latest").read_text() == "step000000010"
+    assert (Path(output.local) / "tb" / "events.out.tfevents.1").read_bytes() == b"events"
+    assert output.push_files() is None and output.stats["files"] == 0  # what came down is not sent back
+    with open(Path(output.local) / "log.jsonl", "a") as f:
+        f.write('{"kind": "train", "step": 2}\n')
+    assert output.push_files() is None and output.stats["files"] == 1
+    assert fs.cat(f"{root}/log.jsonl").decode().count("\n") == 2
+    tag = ckpts / "step000000040"
+    tag.mkdir()
+    (tag / "mp_rank_00_model_states.pt").write_bytes(b"forty")
+    (tag / "complete").write_text('{"step": 40, "world_size": 1}')
+    (ckpts / "latest").write_text("step000000040")
+    output.push_checkpoint("step000000040", keep_last=1)
+    assert output.remote_complete_tags() == ["step000000040"]
+    assert sorted(fs.ls(f"{root}/checkpoints", detail=False)) == [
+        f"{root}/checkpoints/latest",
+        f"{root}/checkpoints/step000000040",
+    ]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step000000040"]
+    fs.rm(root, recursive=True)
+
+
+def test_an_output_bucket_that_does_not_exist_is_a_one_line_error_at_start(s3, tmp_path):
+    from conv2former.engine.run_output import RunOutput
+
+    output = RunOutput("s3://c2f-no-such-bucket/run", str(tmp_path), rank=0, local_rank=0)
+    with pytest.raises(UserError, match=r"--output s3://c2f-no-such-bucket/run is not writable \(.*\): create the"):
+        output.restore()

@@ -109,6 +109,11 @@ class Metrics:
     def show(self, **postfix: str) -> None:
         self.bar.set_postfix(**postfix)
 
+    def flush(self) -> None:
+        """TensorBoard's events on disk now (log.jsonl is flushed at every line)."""
+        if self.tb is not None:
+            self.tb.flush()
+
     def close(self) -> None:
         self.bar.close()
         if self.tb is not None:

@@ -47,6 +47,7 @@ from conv2former.engine.guard import DivergenceGuard, weights_finite
 from conv2former.engine.metrics import Metrics, get_logger, memory_mb
 from conv2former.engine.optim import Schedule, build_optimizer, build_scheduler, derive_schedule
 from conv2former.engine.preemption import Preemption
+from conv2former.engine.run_output import RunOutput
 from conv2former.errors import EXIT_DIVERGED, RankFault, RunFault, UserError
 from conv2former.export import write_export
 from conv2former.host_memory import freed_memory_kept, keep_freed_memory
@@ -89,9 +90,11 @@ class Trainer:
             verbose=False,
             timeout=set_collective_timeout(cfg.deepspeed.timeout_minutes),  # a lost rank ends the run (exit 5)
         )
-        os.makedirs(cfg.output, exist_ok=True)
+        # a remote --output: the node's staging folder, agreeing with the remote run (its newest complete checkpoint)
+        self.output = RunOutput(cfg.output, cfg.checkpoint.staging_dir, self.rank, self.local_rank)
+        self.output.restore()
         self.checkpoints = ckpt.CheckpointManager(
-            os.path.join(cfg.output, "checkpoints"), cfg.checkpoint.keep_last, self.rank, self.world_size
+            os.path.join(self.output.local, "checkpoints"), cfg.checkpoint.keep_last, self.rank, self.world_size
         )
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.model = self._make_model()
@@ -106,10 +109,10 @@ class Trainer:
 
     def _setup_process(self) -> None:
         single_process_env()
-        self.rank, self.world_size, local_rank = world_from_env()
+        self.rank, self.world_size, self.local_rank = world_from_env()
         self.log = get_logger(self.rank)
         self.gpu = torch.cuda.is_available()
-        self.device = torch.device("cuda", local_rank) if self.gpu else torch.device("cpu")
+        self.device = torch.device("cuda", self.local_rank) if self.gpu else torch.device("cpu")
         if self.gpu:
             torch.cuda.set_device(self.device)
         self.cfg.data.backend = resolve_backend(self.cfg.data.backend)
@@ -237,7 +240,7 @@ class Trainer:
         best = self.best.best
         if not (self.cfg.checkpoint.keep_best and best is not None and best["step"] == self.step):
             return
-        folder = os.path.join(self.cfg.output, "export", "best")
+        folder = os.path.join(self.output.local, "export", "best")
         missing = [self.best.written_step(folder) != best["step"] if self.rank == 0 else None]
         if self.world_size > 1:
             dist.broadcast_object_list(missing, src=0)
@@ -276,8 +279,14 @@ class Trainer:
         start = time.perf_counter()
         own_batchnorm = ckpt.gather([batchnorm_stats(model) for model in self._models()])
         with batchnorm_averaged(*self._models()):  # the saved model (and EMA) hold the average over ranks
-            self.checkpoints.save(self.engine, self.step, {**self.client_state(), "batchnorm": own_batchnorm})
+            tag = self.checkpoints.save(self.engine, self.step, {**self.client_state(), "batchnorm": own_batchnorm})
         took = {"seconds": time.perf_counter() - start, "bytes": float(self.checkpoints.size_bytes)}
+        if self.output.remote:  # upload the tag (then mark it complete there) and the run's other files
+            start = time.perf_counter()
+            self.output.push_checkpoint(tag, self.cfg.checkpoint.keep_last)
+            self.metrics.flush()
+            self._warn(self.output.push_files())
+            took["upload_seconds"] = time.perf_counter() - start
         self.metrics.scalars(self.step, took, kind="checkpoint")  # how long a save blocks training, and its size
         self.saved_at = self.step
         return True
@@ -290,7 +299,7 @@ class Trainer:
         if self.export_only:
             return self._export_initial_model()
         start = time.time()
-        self.metrics = Metrics(self.cfg.output, self.rank, self.schedule.stop_step, self.step, self.cfg.stage)
+        self.metrics = Metrics(self.output.local, self.rank, self.schedule.stop_step, self.step, self.cfg.stage)
         self.last_loss, self.last_eval, self.saved_at = float("nan"), {}, self.step
         self.step_loss: Optional[torch.Tensor] = None
         exit_code, export_dir = 0, None
@@ -308,7 +317,7 @@ class Trainer:
                 self.log.error(f"error: {fault}")
             status, exit_code = fault.status, fault.exit_code
         self.metrics.close()
-        summary = {
+        summary: Dict[str, Any] = {
             "status": status,
             "exit_code": exit_code,
             "bad_steps": self.guard.bad_steps,
@@ -327,11 +336,25 @@ class Trainer:
             "eval": self.last_eval,
             "best_eval": self.best.best,
             "seconds": round(time.time() - start, 1),
-            "export": export_dir,
+            "export": self.output.shown(export_dir),
             "output": self.cfg.output,
         }
-        self.log.info("summary: " + json.dumps(summary))
+        if self.output.remote:
+            summary["upload"] = self.output.describe()
+        self._publish(summary)
         return summary
+
+    def _publish(self, summary: Dict[str, Any]) -> None:
+        """The summary: logged, written to OUTPUT/summary.json, the run's files uploaded (a remote output)."""
+        self.log.info("summary: " + json.dumps(summary))
+        self.output.write_summary(summary)
+        line = self.output.push_files()
+        if line and self.rank == 0:
+            self.log.warning(line)
+
+    def _warn(self, line: Optional[str]) -> None:
+        if line:
+            self.metrics.warn(line)
 
     def _as_fault(self, err: Exception) -> RunFault:
         """``err`` as a run fault with its line (empty on the ranks that do not print it), or ``err`` re-raised."""
@@ -536,7 +559,7 @@ class Trainer:
                 for folder in folders:
                     paths.append(
                         write_export(
-                            self.cfg.output,
+                            self.output.local,
                             weights.state_dict,
                             self.classes,
                             self.config_dict,
@@ -545,6 +568,7 @@ class Trainer:
                             folder,
                         )
                     )
+        self._warn(self.output.push_files())
         dist.barrier()
         if "export/best" in folders:
             self.best.unwritten = False
@@ -553,8 +577,11 @@ class Trainer:
     def _export_initial_model(self) -> Dict[str, Any]:
         export_dir = None
         if self.rank == 0:
-            export_dir = write_export(self.cfg.output, self.model.state_dict(), self.classes, to_dict(self.cfg))
-        return {"status": "exported without training", "step": 0, "export": export_dir, "output": self.cfg.output}
+            export_dir = write_export(self.output.local, self.model.state_dict(), self.classes, to_dict(self.cfg))
+        summary = {"status": "exported without training", "step": 0, "export": self.output.shown(export_dir),
+                   "output": self.cfg.output}  # fmt: skip
+        self._publish(summary)
+        return summary
 
 
 def train(cfg: TrainConfig, dry_run: bool = False, init_weights: Optional[InitWeights] = None) -> Dict[str, Any]:

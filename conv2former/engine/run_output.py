@@ -1,0 +1,295 @@
+"""Where a run writes: a local folder, or any fsspec URL (s3://, gs://) through a node-local staging folder.
+
+A local ``--output`` is written directly. A remote one is mirrored: every rank writes into the staging folder of its
+node (``checkpoint.staging_dir``), and ``RunOutput`` uploads what is finished:
+
+- a checkpoint tag, once every rank has saved its part: the first local rank of each node uploads the files its
+  node's ranks wrote, all nodes meet in a barrier, then rank 0 uploads ``complete`` and ``latest`` (so a remote tag
+  without ``complete`` is never taken as complete) and keeps the newest ``keep_last`` complete tags remotely;
+- the rest (log.jsonl, tb/, export/, summary.json), by rank 0 after each checkpoint and at the end, each file when
+  its size or time changed since it was last uploaded.
+
+On start (``restore``) the remote is the truth: each node takes the newest remote complete tag into its staging
+folder if it lacks it, drops local tags the remote does not have complete, and rank 0 takes the other files it
+lacks, so a relaunch on a fresh node resumes exactly where the remote run stopped.
+
+Hand-written because neither DeepSpeed (its checkpoint engines write POSIX paths) nor fsspec (no notion of a
+checkpoint being complete across ranks) mirrors a run to an object store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+import re
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Dict, List, Optional, Tuple
+
+import fsspec
+import torch.distributed as dist
+
+from conv2former.data.remote import is_remote, remote_problem
+from conv2former.errors import EXIT_USER_ERROR, CheckpointFault, UserError
+
+DEFAULT_STAGING = os.path.join(os.path.expanduser("~"), ".cache", "conv2former", "staging")
+CHECKPOINTS = "checkpoints"
+COMPLETE = "complete"  # (= conv2former.engine.checkpoint.COMPLETE)
+TAG = re.compile(r"step\d{9}")
+RETRIES, BACKOFF_S = 4, 0.5
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _retry(action: Callable[[], None], retries: int = RETRIES, backoff: float = BACKOFF_S) -> None:
+    """``action``, retried with exponential backoff on errors other than a missing object or a refusal."""
+    for attempt in range(retries + 1):
+        try:
+            return action()
+        except (FileNotFoundError, PermissionError):
+            raise
+        except OSError:
+            if attempt == retries:
+                raise
+            time.sleep(backoff * 2**attempt)
+
+
+def _gathered_error(error: Optional[str]) -> Optional[Tuple[int, str]]:
+    """(rank, error) of the first rank that failed, on every rank; None when none did."""
+    if not dist.is_initialized():
+        return (0, error) if error else None
+    errors: List[Optional[str]] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return next(((rank, e) for rank, e in enumerate(errors) if e), None)
+
+
+class RunOutput:
+    """``local``: the folder this rank writes to (the output itself, or its node's staging folder)."""
+
+    def __init__(self, url: str, staging_dir: Optional[str], rank: int, local_rank: int, workers: int = 8) -> None:
+        self.url, self.rank, self.local_rank = url, rank, local_rank
+        self.remote = is_remote(url)
+        self.uploaded: Dict[str, Tuple[int, int]] = {}  # relative path -> (size, mtime_ns) when last uploaded
+        self.stats = {"files": 0, "bytes": 0, "seconds": 0.0, "downloaded_bytes": 0}
+        self.workers = workers
+        if not self.remote:
+            self.local = url
+            self._makedirs(url, "output")
+            return
+        self.fs, self.root = fsspec.core.url_to_fs(url)
+        key = hashlib.sha1(url.rstrip("/").encode()).hexdigest()[:16]
+        self.local = os.path.join(os.path.expanduser(staging_dir or DEFAULT_STAGING), key)
+        self._makedirs(self.local, "checkpoint.staging_dir")
+
+    @staticmethod
+    def _makedirs(path: str, what: str) -> None:
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"{what} {path} cannot be created ({err.strerror}): choose another folder") from None
+
+    def _remote(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts)
+
+    # -- start ------------------------------------------------------------------------------------------------------
+    def restore(self) -> None:
+        """Make the staging folder agree with the remote run (see the module docstring); a no-op for a local
+        output. Every rank calls it; one line (UserError) when the remote cannot be read."""
+        if not self.remote:
+            return
+        error = None
+        if self.local_rank == 0:
+            try:
+                if self.rank == 0:
+                    self._probe_write()
+                self._restore_checkpoint()
+                if self.rank == 0:
+                    self._restore_files()
+            except UserError as err:
+                error = str(err)
+            except OSError as err:
+                error = remote_problem(self.url, err)
+        failed = _gathered_error(error)
+        if failed and self.rank == 0:
+            raise UserError(failed[1])
+        if failed:
+            raise SystemExit(EXIT_USER_ERROR)  # rank 0 prints the line
+
+    def _probe_write(self) -> None:
+        """Write (and remove) one small object, so that a missing bucket or a read-only credential stops the run
+        now rather than at its first checkpoint."""
+        probe = self._remote(f".write-probe-{os.getpid()}")
+        try:
+            self.fs.pipe_file(probe, b"")
+            self.fs.rm_file(probe)
+        except OSError as err:
+            raise UserError(
+                f"--output {self.url} is not writable ({remote_problem(self.url, err)}): create the bucket, fix the "
+                "credentials, or give another --output"
+            ) from None
+
+    def remote_complete_tags(self) -> List[str]:
+        folder = self._remote(CHECKPOINTS)
+        try:
+            names = [posixpath.basename(p.rstrip("/")) for p in self.fs.ls(folder, detail=False, refresh=True)]
+        except FileNotFoundError:
+            return []
+        tags = sorted(n for n in names if TAG.fullmatch(n))
+        return [t for t in tags if self.fs.exists(self._remote(CHECKPOINTS, t, COMPLETE))]
+
+    def _restore_checkpoint(self) -> None:
+        complete = self.remote_complete_tags()
+        local_dir = os.path.join(self.local, CHECKPOINTS)
+        os.makedirs(local_dir, exist_ok=True)
+        for name in os.listdir(local_dir):  # the remote is the truth: nothing newer, nothing it lacks as complete
+            if TAG.fullmatch(name) and name not in complete[-1:]:
+                shutil.rmtree(os.path.join(local_dir, name), ignore_errors=True)
+        if not complete:
+            return
+        tag = complete[-1]
+        if not os.path.exists(os.path.join(local_dir, tag, COMPLETE)):
+            partial = os.path.join(local_dir, f".{tag}.download-{os.getpid()}")
+            shutil.rmtree(partial, ignore_errors=True)
+            self._download_tree(self._remote(CHECKPOINTS, tag), partial)
+            shutil.rmtree(os.path.join(local_dir, tag), ignore_errors=True)
+            os.replace(partial, os.path.join(local_dir, tag))
+        with open(os.path.join(local_dir, "latest"), "w") as f:
+            f.write(tag)
+
+    def _restore_files(self) -> None:
+        """Rank 0: the files outside checkpoints/ that the staging folder lacks (log.jsonl continues, tb/ keeps its
+        history, export/best/ is known), recorded as uploaded."""
+        if not self.fs.exists(self.root):
+            return
+        for remote_path in self.fs.find(self.root):
+            rel = posixpath.relpath(remote_path, self.root)
+            if rel.split("/", 1)[0] == CHECKPOINTS:
+                continue
+            local_path = os.path.join(self.local, *rel.split("/"))
+            if not os.path.exists(local_path):
+                os.makedirs(os.path.dirname(local_path), exist_ok=True)
+                _retry(lambda r=remote_path, p=local_path: self.fs.get_file(r, p))
+                self.stats["downloaded_bytes"] += os.path.getsize(local_path)
+            st = os.stat(local_path)
+            self.uploaded[rel] = (st.st_size, st.st_mtime_ns)
+
+    def _download_tree(self, remote_dir: str, local_dir: str) -> None:
+        files = [p for p in self.fs.find(remote_dir)]
+        jobs = []
+        for remote_path in files:
+            local_path = os.path.join(local_dir, *posixpath.relpath(remote_path, remote_dir).split("/"))
+            os.makedirs(os.path.dirname(local_path), exist_ok=True)
+            jobs.append((remote_path, local_path))
+        with ThreadPoolExecutor(self.workers) as pool:
+            list(pool.map(lambda job: _retry(lambda: self.fs.get_file(*job)), jobs))
+        self.stats["downloaded_bytes"] += sum(os.path.getsize(p) for _, p in jobs)
+
+    # -- checkpoints ------------------------------------------------------------------------------------------------
+    def push_checkpoint(self, tag: str, keep_last: int) -> None:
+        """Every rank, after the tag is complete locally: upload it, mark it complete remotely, keep ``keep_last``.
+        A failed upload raises CheckpointFault on every rank (the line on rank 0)."""
+        if not self.remote:
+            return
+        local_dir = os.path.join(self.local, CHECKPOINTS)
+        error = None
+        if self.local_rank == 0:
+            error = self._attempt(lambda: self._upload_tag(local_dir, tag))
+        failed = _gathered_error(error)
+        if failed is None and self.rank == 0:
+            error = self._attempt(lambda: self._mark_remote(local_dir, tag, keep_last))
+        failed = failed or _gathered_error(error if self.rank == 0 else None)
+        if failed is not None:
+            raise CheckpointFault(
+                f"uploading checkpoint {tag} to {self.url} failed on rank {failed[0]} ({failed[1]}); the newest "
+                "complete remote checkpoint "
+                f"is {(self.remote_complete_tags() or ['none'])[-1]}: check the bucket and relaunch to resume from it"
+                if self.rank == 0
+                else ""
+            )
+        if self.local_rank == 0:  # the staging folder keeps what the remote keeps
+            tags = sorted(t for t in os.listdir(local_dir) if TAG.fullmatch(t))
+            for old in tags[:-keep_last]:
+                shutil.rmtree(os.path.join(local_dir, old), ignore_errors=True)
+
+    def _attempt(self, action: Callable[[], None]) -> Optional[str]:
+        try:
+            action()
+            return None
+        except OSError as err:
+            return remote_problem(self.url, err)
+
+    def _upload_tag(self, local_dir: str, tag: str) -> None:
+        """The tag's files in this node's staging folder but its marker (rank 0 uploads that last)."""
+        tag_dir = os.path.join(local_dir, tag)
+        jobs = []
+        for folder, _, names in os.walk(tag_dir):
+            for name in names:
+                path = os.path.join(folder, name)
+                rel = os.path.relpath(path, tag_dir).replace(os.sep, "/")
+                if rel != COMPLETE:
+                    jobs.append((path, self._remote(CHECKPOINTS, tag, rel)))
+        self._put(jobs)
+
+    def _mark_remote(self, local_dir: str, tag: str, keep_last: int) -> None:
+        self._put([(os.path.join(local_dir, tag, COMPLETE), self._remote(CHECKPOINTS, tag, COMPLETE))])
+        self._put([(os.path.join(local_dir, "latest"), self._remote(CHECKPOINTS, "latest"))])
+        complete = self.remote_complete_tags()
+        folder = self._remote(CHECKPOINTS)
+        names = [posixpath.basename(p.rstrip("/")) for p in self.fs.ls(folder, detail=False, refresh=True)]
+        keep = set(complete[-keep_last:])
+        for old in sorted(n for n in names if TAG.fullmatch(n) and n < complete[-1] and n not in keep):
+            self.fs.rm(self._remote(CHECKPOINTS, old), recursive=True)
+
+    def _put(self, jobs: List[Tuple[str, str]]) -> None:
+        start = time.perf_counter()
+        with ThreadPoolExecutor(self.workers) as pool:
+            list(pool.map(lambda job: _retry(lambda: self.fs.put_file(*job)), jobs))
+        self.stats["files"] += len(jobs)
+        self.stats["bytes"] += sum(os.path.getsize(path) for path, _ in jobs)
+        self.stats["seconds"] = round(self.stats["seconds"] + time.perf_counter() - start, 3)
+
+    # -- the other files --------------------------------------------------------------------------------------------
+    def push_files(self) -> Optional[str]:
+        """Rank 0: upload the files outside checkpoints/ that changed since they were last uploaded. Returns a
+        warning line when that failed (the next push tries again; training goes on)."""
+        if not self.remote or self.rank != 0:
+            return None
+        jobs, marks = [], {}
+        for folder, dirs, names in os.walk(self.local):
+            if folder == self.local:
+                dirs[:] = [d for d in dirs if d != CHECKPOINTS]
+            for name in names:
+                path = os.path.join(folder, name)
+                rel = os.path.relpath(path, self.local).replace(os.sep, "/")
+                st = os.stat(path)
+                if self.uploaded.get(rel) != (st.st_size, st.st_mtime_ns):
+                    jobs.append((path, self._remote(*rel.split("/"))))
+                    marks[rel] = (st.st_size, st.st_mtime_ns)
+        error = self._attempt(lambda: self._put(jobs))
+        if error is not None:
+            return f"warning: uploading the run's files to {self.url} failed ({error}): retried at the next checkpoint"
+        self.uploaded.update(marks)
+        return None
+
+    def write_summary(self, summary: Dict) -> None:
+        """Rank 0: ``summary.json`` in the run folder (uploaded by the next push_files)."""
+        if self.rank == 0:
+            with open(os.path.join(self.local, "summary.json"), "w") as f:
+                json.dump(summary, f, indent=1)
+                f.write("\n")
+
+    def shown(self, path: Optional[str]) -> Optional[str]:
+        """``path`` (in the staging folder) as the user's output names it."""
+        if not self.remote or path is None:
+            return path
+        rel = os.path.relpath(path, self.local).replace(os.sep, "/")
+        return self.url.rstrip("/") + ("" if rel == "." else "/" + rel)
+
+    def describe(self) -> Dict[str, object]:
+        return {"url": self.url, "staging": self.local if self.remote else None, "uploaded": dict(self.stats)}
