@@ -115,6 +115,24 @@ def export_onnx_checked(export_dir: str, args: argparse.Namespace) -> dict:
     return result
 
 
+def export_remote_run(args: argparse.Namespace) -> int:
+    """A run whose --output was a bucket: its newest complete checkpoint (and files) brought into the staging folder
+    as a relaunch would, exported there, the export uploaded back."""
+    from conv2former.engine.run_output import RunOutput
+
+    output = RunOutput(args.run_dir, args.staging_dir, rank=0, local_rank=0)
+    output.restore()
+    export_dir = export_from_checkpoint(output.local)
+    if args.onnx:
+        export_onnx_checked(export_dir, args)
+    problem = output.push_files()
+    if problem:
+        failed = problem.replace("warning: ", "", 1).replace(": retried at the next checkpoint", "")
+        raise UserError(f"{failed}: check the bucket and its credentials, then run this again")
+    print(f"uploaded to {output.shown(export_dir)}")
+    return 0
+
+
 @exit_on_user_error
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -124,7 +142,12 @@ def main(argv=None) -> int:
     parser.add_argument("--data", help="shard root for the ONNX check (default: the run's own data root)")
     parser.add_argument("--split", default="val", help="split whose first images check the ONNX model")
     parser.add_argument("--images", type=int, default=32, help="how many eval images check the ONNX model")
+    parser.add_argument("--staging-dir", help="a remote run (s3://...): the local folder it is brought into")
     args = parser.parse_args(argv)
+    from conv2former.data.remote import is_remote
+
+    if is_remote(args.run_dir):
+        return export_remote_run(args)
     if not os.path.isdir(args.run_dir):
         raise UserError(f"run directory not found: {args.run_dir}")
     if args.images < 1:

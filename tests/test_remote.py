@@ -210,16 +210,28 @@ def test_output_to_s3_killed_then_relaunched_on_a_fresh_node_resumes_bit_for_bit
     args = [*FAST, *COMMON, "--data", "s3://c2f-remote/in1k", "--output", url, "--set", "checkpoint.keep_last=2",
             "--set", f"data.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
     staging = tmp_path / "staging-node-a"
+    first_log = open(tmp_path / "first.log", "w")
     first = subprocess.Popen(deepspeed_cmd(*args, "--set", f"checkpoint.staging_dir={staging}"), env=env(),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+                             stdout=first_log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     fs = fsspec.filesystem("s3", skip_instance_cache=True)
     deadline = time.time() + 300
     while time.time() < deadline and first.poll() is None and not remote_complete(fs, run, "step000000010"):
         time.sleep(0.2)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
-    assert remote_complete(fs, run, "step000000010") and not fs.exists(f"{run}/export")
+    first_log.close()
+    tail = (tmp_path / "first.log").read_text(errors="replace")[-3000:]
+    assert remote_complete(fs, run, "step000000010") and not fs.exists(f"{run}/export"), tail
     shutil.rmtree(staging)  # the node is gone
+    exported = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "export.py"), url, "--staging-dir", str(tmp_path / "export-staging")],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # fmt: skip  (the stopped run's newest checkpoint, exported in the bucket)
+    assert exported.returncode == 0 and f"uploaded to {url}/export" in exported.stdout, exported.stderr[-2000:]
+    assert fs.exists(f"{run}/export/model.safetensors") and fs.exists(f"{run}/export/config.json")
     proc = subprocess.run(deepspeed_cmd(*args, "--set", f"checkpoint.staging_dir={tmp_path / 'staging-node-b'}"),
                           env=env(), capture_output=True, text=True, errors="replace", timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

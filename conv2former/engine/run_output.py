@@ -6,8 +6,9 @@ node (``checkpoint.staging_dir``), and ``RunOutput`` uploads what is finished:
 - a checkpoint tag, once every rank has saved its part: the first local rank of each node uploads the files its
   node's ranks wrote, all nodes meet in a barrier, then rank 0 uploads ``complete`` and ``latest`` (so a remote tag
   without ``complete`` is never taken as complete) and keeps the newest ``keep_last`` complete tags remotely;
-- the rest (log.jsonl, tb/, export/, summary.json), by rank 0 after each checkpoint and at the end, each file when
-  its size or time changed since it was last uploaded.
+- the rest (log.jsonl, tb/, export/, summary.json), by rank 0 with each checkpoint (before its marker: a complete
+  remote tag has the log up to it), after an export and at the end, each file when its size or time changed since
+  it was last uploaded.
 
 On start (``restore``) the remote is the truth: each node takes the newest remote complete tag into its staging
 folder if it lacks it, drops local tags the remote does not have complete, and rank 0 takes the other files it
@@ -78,6 +79,7 @@ class RunOutput:
         self.uploaded: Dict[str, Tuple[int, int]] = {}  # relative path -> (size, mtime_ns) when last uploaded
         self.stats = {"files": 0, "bytes": 0, "seconds": 0.0, "downloaded_bytes": 0}
         self.workers = workers
+        self._pending_warning: Optional[str] = None
         if not self.remote:
             self.local = url
             self._makedirs(url, "output")
@@ -191,17 +193,20 @@ class RunOutput:
         self.stats["downloaded_bytes"] += sum(os.path.getsize(p) for _, p in jobs)
 
     # -- checkpoints ------------------------------------------------------------------------------------------------
-    def push_checkpoint(self, tag: str, keep_last: int) -> None:
-        """Every rank, after the tag is complete locally: upload it, mark it complete remotely, keep ``keep_last``.
-        A failed upload raises CheckpointFault on every rank (the line on rank 0)."""
+    def push_checkpoint(self, tag: str, keep_last: int) -> Optional[str]:
+        """Every rank, after the tag is complete locally: upload it and (rank 0) the run's other files, then mark it
+        complete remotely and keep ``keep_last``. A failed tag upload raises CheckpointFault on every rank (the line
+        on rank 0); a failed upload of the other files returns a warning line (retried at the next checkpoint)."""
+        self._pending_warning = None
         if not self.remote:
-            return
+            return None
         local_dir = os.path.join(self.local, CHECKPOINTS)
         error = None
         if self.local_rank == 0:
             error = self._attempt(lambda: self._upload_tag(local_dir, tag))
         failed = _gathered_error(error)
         if failed is None and self.rank == 0:
+            self._pending_warning = self.push_files()  # the log up to this checkpoint is there once it is complete
             error = self._attempt(lambda: self._mark_remote(local_dir, tag, keep_last))
         failed = failed or _gathered_error(error if self.rank == 0 else None)
         if failed is not None:
@@ -216,6 +221,7 @@ class RunOutput:
             tags = sorted(t for t in os.listdir(local_dir) if TAG.fullmatch(t))
             for old in tags[:-keep_last]:
                 shutil.rmtree(os.path.join(local_dir, old), ignore_errors=True)
+        return self._pending_warning
 
     def _attempt(self, action: Callable[[], None]) -> Optional[str]:
         try:

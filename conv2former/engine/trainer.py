@@ -283,9 +283,8 @@ class Trainer:
         took = {"seconds": time.perf_counter() - start, "bytes": float(self.checkpoints.size_bytes)}
         if self.output.remote:  # upload the tag (then mark it complete there) and the run's other files
             start = time.perf_counter()
-            self.output.push_checkpoint(tag, self.cfg.checkpoint.keep_last)
             self.metrics.flush()
-            self._warn(self.output.push_files())
+            self._warn(self.output.push_checkpoint(tag, self.cfg.checkpoint.keep_last))
             took["upload_seconds"] = time.perf_counter() - start
         self.metrics.scalars(self.step, took, kind="checkpoint")  # how long a save blocks training, and its size
         self.saved_at = self.step
