@@ -1,4 +1,5 @@
 """Augmentations on the device batch, shared by every backend: random erasing, then Mixup/CutMix (timm's)."""
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -20,21 +21,31 @@ class BatchAugment:
 
     def __init__(self, cfg: AugmentConfig, num_classes: int, device: torch.device) -> None:
         self.num_classes = num_classes
-        self.erase = RandomErasing(cfg.random_erasing, mode="pixel", device=str(device)) if cfg.random_erasing > 0 else None
+        self.erase = (
+            RandomErasing(cfg.random_erasing, mode="pixel", device=str(device)) if cfg.random_erasing > 0 else None
+        )
         self.mixup: Optional[Mixup] = None
         self.smoothing = cfg.label_smoothing
         if cfg.mixup > 0 or cfg.cutmix > 0:
-            self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
-                               switch_prob=cfg.mixup_switch_prob, mode="batch", label_smoothing=cfg.label_smoothing,
-                               num_classes=num_classes)
+            self.mixup = Mixup(
+                mixup_alpha=cfg.mixup,
+                cutmix_alpha=cfg.cutmix,
+                prob=cfg.mixup_prob,
+                switch_prob=cfg.mixup_switch_prob,
+                mode="batch",
+                label_smoothing=cfg.label_smoothing,
+                num_classes=num_classes,
+            )
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         if self.erase is not None:
             images = self.erase(images)
         if self.mixup is not None:
             if images.shape[0] % 2:
-                raise UserError(f"Mixup/CutMix need an even batch per rank, got {images.shape[0]}: change the "
-                                "micro-batch or turn mixup and cutmix off")
+                raise UserError(
+                    f"Mixup/CutMix need an even batch per rank, got {images.shape[0]}: change the "
+                    "micro-batch or turn mixup and cutmix off"
+                )
             return self.mixup(images, labels)
         off = self.smoothing / self.num_classes
         targets = torch.full((labels.shape[0], self.num_classes), off, device=labels.device)

@@ -7,6 +7,7 @@ Training batches are full and every rank has the same number of them; evaluation
 mark padding with label -1 (see ``conv2former.data.shards`` for the exact dealing rule). The backends
 (``dali_loader.DaliLoader``, ``torch_loader.TorchLoader``) produce the batches; ``loader.build_loader`` picks one.
 """
+
 from __future__ import annotations
 
 import abc
@@ -19,7 +20,6 @@ from typing import Any, Dict, Iterator, List, Tuple
 import torch
 
 from conv2former.config import DataConfig
-from conv2former.units import human
 from conv2former.data.shards import (
     Shard,
     SplitShards,
@@ -30,6 +30,7 @@ from conv2former.data.shards import (
     train_steps,
 )
 from conv2former.errors import DataFault, UserError
+from conv2former.units import human
 
 
 def local_world_size() -> int:
@@ -46,8 +47,16 @@ class ShardLoader(abc.ABC):
 
     reads_previous_epoch_late = False  # a backend whose next epoch starts before the last one's files are read
 
-    def __init__(self, cfg: DataConfig, shards: SplitShards, train: bool, rank: int, world_size: int,
-                 device: torch.device, backend: str) -> None:
+    def __init__(
+        self,
+        cfg: DataConfig,
+        shards: SplitShards,
+        train: bool,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        backend: str,
+    ) -> None:
         self.backend = backend  # "dali-gpu", "dali-cpu" or "torch": recorded in the data position
         self.cfg, self.shards, self.train = cfg, shards, train
         self.seed = 0 if cfg.seed is None else cfg.seed  # shard order and augmentation draws
@@ -97,17 +106,28 @@ class ShardLoader(abc.ABC):
         self._reset()
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"backend": self.backend, "epoch": self.epoch, "step": self.step, "rank": self.rank,
-                "world_size": self.world_size, "seed": self.seed, "skipped_shards": list(self.skipped_shards),
-                "skipped_samples": self.skipped_samples, **self._extra_state()}
+        return {
+            "backend": self.backend,
+            "epoch": self.epoch,
+            "step": self.step,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "seed": self.seed,
+            "skipped_shards": list(self.skipped_shards),
+            "skipped_samples": self.skipped_samples,
+            **self._extra_state(),
+        }
 
     # unreadable shards
     def epoch_shards(self) -> List[Shard]:
         """The shards of the current epoch in reading order (training: the epoch's permutation), each checked with
         one stat; an unreadable one stops the run (``DataFault``) or, with ``data.skip_bad_shards``, is left out.
         Steps per epoch do not change: a rank whose range shrinks reads it again from the start."""
-        order = epoch_shard_order(len(self.shards.shards), self.seed, self.epoch) if self.train \
+        order = (
+            epoch_shard_order(len(self.shards.shards), self.seed, self.epoch)
+            if self.train
             else range(len(self.shards.shards))
+        )
         good = []
         for i in order:
             shard = self.shards.shards[i]
@@ -216,8 +236,11 @@ class ShardLoader(abc.ABC):
             )
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        same_dealing = (state.get("world_size"), state.get("seed"), state.get("backend")) == \
-            (self.world_size, self.seed, self.backend)
+        same_dealing = (state.get("world_size"), state.get("seed"), state.get("backend")) == (
+            self.world_size,
+            self.seed,
+            self.backend,
+        )
         self.epoch = int(state["epoch"])
         self.skipped_shards = list(state.get("skipped_shards", []))
         self.skipped_samples = int(state.get("skipped_samples", 0))

@@ -9,6 +9,7 @@ in ``conv2former.data.dali_randaugment``: the same 15 ops and magnitude rules, e
 probability 0.5, magnitude noise of std 0.5, warps filled with the mean colour; the warps are bilinear (DALI has no
 bicubic warp) and Equalize is OpenCV's lookup table. That module's docstring lists exactly what matches and what not.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -34,17 +35,28 @@ READER_LAYOUT = "rank-slices"  # each rank's reader holds its own samples (a DAL
 
 # Decoder memory settings from NVIDIA's ImageNet examples: enough to decode full-size ImageNet JPEGs without
 # reallocating, and the share of images sent to the hardware JPEG decoder (A100/H100).
-GPU_DECODER_ARGS = dict(device_memory_padding=211025920, host_memory_padding=140544512,
-                        preallocate_width_hint=5980, preallocate_height_hint=6430, hw_decoder_load=0.65)
+GPU_DECODER_ARGS = dict(
+    device_memory_padding=211025920,
+    host_memory_padding=140544512,
+    preallocate_width_hint=5980,
+    preallocate_height_hint=6430,
+    hw_decoder_load=0.65,
+)
 
 
 def _reader(paths, index_paths, train: bool, buffer: int):
     """The webdataset reader over this rank's own samples (``DaliLoader._rank_files``): no DALI sharding."""
     return fn.readers.webdataset(
-        paths=paths, index_paths=index_paths, ext=[fmt.IMAGE_KEY, fmt.LABEL_KEY],
-        dtypes=[types.UINT8, types.INT64], missing_component_behavior="error",
-        random_shuffle=train, initial_fill=buffer,
-        pad_last_batch=not train, stick_to_shard=True, name=READER,
+        paths=paths,
+        index_paths=index_paths,
+        ext=[fmt.IMAGE_KEY, fmt.LABEL_KEY],
+        dtypes=[types.UINT8, types.INT64],
+        missing_component_behavior="error",
+        random_shuffle=train,
+        initial_fill=buffer,
+        pad_last_batch=not train,
+        stick_to_shard=True,
+        name=READER,
         dont_use_mmap=True,  # read(): a shard truncated during the epoch is an error we report, not a SIGBUS
     )
 
@@ -54,8 +66,13 @@ def _normalize(images, cfg: DataConfig, mirror=None, crop: Optional[Tuple[int, i
     if crop is not None:
         kwargs.update(crop=crop, crop_pos_y=crop_pos[0], crop_pos_x=crop_pos[1])
     return fn.crop_mirror_normalize(
-        images, dtype=types.FLOAT, output_layout="CHW", mirror=mirror if mirror is not None else 0,
-        mean=[m * 255 for m in cfg.mean], std=[s * 255 for s in cfg.std], **kwargs,
+        images,
+        dtype=types.FLOAT,
+        output_layout="CHW",
+        mirror=mirror if mirror is not None else 0,
+        mean=[m * 255 for m in cfg.mean],
+        std=[s * 255 for s in cfg.std],
+        **kwargs,
     )
 
 
@@ -63,23 +80,37 @@ def train_graph(cfg: DataConfig, paths, index_paths, gpu: bool):
     jpg, label = _reader(paths, index_paths, True, cfg.shuffle_buffer)
     aug = cfg.augment
     images = fn.decoders.image_random_crop(
-        jpg, device="mixed" if gpu else "cpu", output_type=types.RGB,
-        random_area=list(aug.scale), random_aspect_ratio=list(aug.ratio), num_attempts=10,
+        jpg,
+        device="mixed" if gpu else "cpu",
+        output_type=types.RGB,
+        random_area=list(aug.scale),
+        random_aspect_ratio=list(aug.ratio),
+        num_attempts=10,
         **(GPU_DECODER_ARGS if gpu else {}),
     )
-    images = fn.resize(images, resize_x=cfg.image_size, resize_y=cfg.image_size, interp_type=types.INTERP_CUBIC,
-                       antialias=True)
+    images = fn.resize(
+        images, resize_x=cfg.image_size, resize_y=cfg.image_size, interp_type=types.INTERP_CUBIC, antialias=True
+    )
     mirror = fn.random.coin_flip(probability=aug.hflip)
     if aug.randaugment:
-        images = rand_augment(images, n=aug.randaugment_n, m=aug.randaugment_m,
-                              shape=(cfg.image_size, cfg.image_size), fill=fill_colour(cfg.mean))
+        images = rand_augment(
+            images,
+            n=aug.randaugment_n,
+            m=aug.randaugment_m,
+            shape=(cfg.image_size, cfg.image_size),
+            fill=fill_colour(cfg.mean),
+        )
     return _normalize(images, cfg, mirror=mirror), label
 
 
 def eval_graph(cfg: DataConfig, paths, index_paths, gpu: bool):
     jpg, label = _reader(paths, index_paths, False, 1)
-    images = fn.decoders.image(jpg, device="mixed" if gpu else "cpu", output_type=types.RGB,
-                               **({k: v for k, v in GPU_DECODER_ARGS.items() if k != "hw_decoder_load"} if gpu else {}))
+    images = fn.decoders.image(
+        jpg,
+        device="mixed" if gpu else "cpu",
+        output_type=types.RGB,
+        **({k: v for k, v in GPU_DECODER_ARGS.items() if k != "hw_decoder_load"} if gpu else {}),
+    )
     size = cfg.image_size
     if cfg.crop_mode == "squash":
         images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_CUBIC, antialias=True)
@@ -104,8 +135,16 @@ def _center(length, crop: int):
 
 
 class DaliLoader(ShardLoader):
-    def __init__(self, cfg: DataConfig, shards: SplitShards, train: bool, rank: int, world_size: int,
-                 device: torch.device, gpu: bool) -> None:
+    def __init__(
+        self,
+        cfg: DataConfig,
+        shards: SplitShards,
+        train: bool,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        gpu: bool,
+    ) -> None:
         super().__init__(cfg, shards, train, rank, world_size, device, backend="dali-gpu" if gpu else "dali-cpu")
         self.gpu = gpu
         self._pipe = None
@@ -124,9 +163,13 @@ class DaliLoader(ShardLoader):
         with warnings.catch_warnings():  # some DALI operators call deprecated aliases of others internally
             warnings.simplefilter("ignore", DeprecationWarning)
             pipe = pipeline(
-                batch_size=self.batch_size, num_threads=max(1, cfg.workers),
-                device_id=self.device.index if gpu else None, seed=sample_seed(self.seed, self.epoch, rank),
-                enable_checkpointing=self.train, checkpoint=self._checkpoint, prefetch_queue_depth=2,
+                batch_size=self.batch_size,
+                num_threads=max(1, cfg.workers),
+                device_id=self.device.index if gpu else None,
+                seed=sample_seed(self.seed, self.epoch, rank),
+                enable_checkpointing=self.train,
+                checkpoint=self._checkpoint,
+                prefetch_queue_depth=2,
                 exec_dynamic=True,
             )
             pipe.build()
@@ -197,8 +240,10 @@ class DaliLoader(ShardLoader):
             return
         if self.train:
             if state.get("dali_reader") != READER_LAYOUT:  # a position in a reader set up another way
-                warnings.warn(f"the DALI position was saved by a reader laid out differently: epoch {self.epoch} "
-                              "restarts from its start")
+                warnings.warn(
+                    f"the DALI position was saved by a reader laid out differently: epoch {self.epoch} "
+                    "restarts from its start"
+                )
                 self.step = 0
                 return
             self._checkpoint = state.get("dali_checkpoint")  # same backend, checked by load_state_dict

@@ -1,5 +1,6 @@
 """``build_loader(cfg, split, rank, world_size)``: batches of (images, labels) from our shards, on any backend
 (``conv2former.data.base.ShardLoader`` describes what every loader does)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,21 +32,37 @@ def resolve_backend(name: str) -> str:
     if name not in BACKENDS:
         raise UserError(f"unknown data backend {name!r}: choose auto, {', '.join(BACKENDS)}")
     if name.startswith("dali") and not dali_available():
-        raise UserError(f"backend {name} needs NVIDIA DALI: pip install '.[dali]' (nvidia-dali-cuda120), or use --backend torch")
+        raise UserError(
+            f"backend {name} needs NVIDIA DALI: pip install '.[dali]' (nvidia-dali-cuda120), or use --backend torch"
+        )
     if name == "dali-gpu" and not torch.cuda.is_available():
-        raise UserError("backend dali-gpu needs a CUDA GPU and none is visible: use --backend dali-cpu or --backend torch")
+        raise UserError(
+            "backend dali-gpu needs a CUDA GPU and none is visible: use --backend dali-cpu or --backend torch"
+        )
     return name
 
 
-def build_loader(cfg: DataConfig, split: str, rank: int = 0, world_size: int = 1,
-                 device: Optional[torch.device] = None, train: Optional[bool] = None) -> ShardLoader:
+def build_loader(
+    cfg: DataConfig,
+    split: str,
+    rank: int = 0,
+    world_size: int = 1,
+    device: Optional[torch.device] = None,
+    train: Optional[bool] = None,
+) -> ShardLoader:
     """Batches of ``split`` for ``rank`` of ``world_size``; ``train`` defaults to ``split == "train"``."""
     backend = resolve_backend(cfg.backend)
     train = split == "train" if train is None else train
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if backend == "dali-gpu" else torch.device("cpu")
-    shards = open_split(cfg.root, split, cfg.cache_dir, keep_missing=bool(cfg.skip_bad_shards) and train,
-                        cache_limit=cfg.cache_limit, cache_workers=cfg.fetch_workers)
+    shards = open_split(
+        cfg.root,
+        split,
+        cfg.cache_dir,
+        keep_missing=bool(cfg.skip_bad_shards) and train,
+        cache_limit=cfg.cache_limit,
+        cache_workers=cfg.fetch_workers,
+    )
     if backend == "torch":
         from conv2former.data.torch_loader import TorchLoader
 

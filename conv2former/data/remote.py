@@ -41,6 +41,7 @@ PARTIAL = ".partial-"
 RESERVE = ".reserve"
 ROOM_WAIT_S = 120.0  # how long a fetch waits for room under data.cache_limit before it stops the run
 
+
 def is_remote(url: str) -> bool:
     fs, _ = fsspec.core.url_to_fs(url)
     return not isinstance(fs, fsspec.implementations.local.LocalFileSystem)

@@ -11,6 +11,7 @@ Each sample (key without dots) holds ``jpg`` (RGB JPEG that decodes with PIL and
 the webdataset/timm convention), ``lbl`` (the class index as 8 little-endian bytes, int64, for DALI, which returns
 ``cls`` as raw text) and ``json`` ({"synset", "width", "height", "source"}: the original size and source name).
 """
+
 from __future__ import annotations
 
 import json

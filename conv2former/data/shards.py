@@ -11,6 +11,7 @@ The rule (both backends follow it):
     ``ceil(ceil(N / W) / batch)`` steps; samples past a rank's range are padding with label -1, so each sample
     is counted exactly once across ranks.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -65,7 +66,9 @@ class Shard:
         with open(self.index) as f:
             lines = [line for line in f.read().split("\n")[1:] if line.strip()]
         if len(lines) < self.num_samples:
-            raise UserError(f"{self.index}: index announces {self.num_samples} samples but lists {len(lines)}; re-run shard.py")
+            raise UserError(
+                f"{self.index}: index announces {self.num_samples} samples but lists {len(lines)}; re-run shard.py"
+            )
         lines = lines[first:stop]
         parts = lines[0].split() if lines else []
         at = [parts.index(ext) if ext in parts else -1 for ext in exts]
@@ -87,7 +90,9 @@ class Shard:
         with open(self.index, "rb") as f:
             listed = sum(1 for line in f.read().split(b"\n")[1:] if line.strip())
         if listed < self.num_samples:
-            raise UserError(f"{self.index}: index announces {self.num_samples} samples but lists {listed}; re-run shard.py")
+            raise UserError(
+                f"{self.index}: index announces {self.num_samples} samples but lists {listed}; re-run shard.py"
+            )
 
 
 def shard_problem(shard: Shard) -> Optional[str]:
@@ -175,8 +180,10 @@ def check_member_names(tar_path: str, samples: Tuple[Dict[str, Component], ...],
             f.seek(offset - 512)
             name = f.read(100).split(b"\0", 1)[0].decode("utf-8", "replace")
             if not name.endswith("." + ext):
-                raise UserError(f"{where}: index does not match its tar (member {name!r} at {offset - 512}); "
-                                "re-run shard.py or recreate the index with wds2idx")
+                raise UserError(
+                    f"{where}: index does not match its tar (member {name!r} at {offset - 512}); "
+                    "re-run shard.py or recreate the index with wds2idx"
+                )
 
 
 def open_split(root: str, split: str, cache_dir: Optional[str] = None, keep_missing: bool = False,
@@ -277,8 +284,17 @@ def _open_remote_split(root: str, split: str, fs, path: str, cache_dir: Optional
     return SplitShards(root, split, int(info["num_classes"]), shards, cache)
 
 
-def _open_shard(tar_local: str, idx_local: str, length: int, tar_missing: bool, keep_missing: bool, tar_url: str,
-                idx_url: str, cache_dir: Optional[str], remote_size: Optional[int] = None) -> Optional[Shard]:
+def _open_shard(
+    tar_local: str,
+    idx_local: str,
+    length: int,
+    tar_missing: bool,
+    keep_missing: bool,
+    tar_url: str,
+    idx_url: str,
+    cache_dir: Optional[str],
+    remote_size: Optional[int] = None,
+) -> Optional[Shard]:
     """A shard checked against its index (head and tail of it, one stat, two tar headers), or None when it holds
     no readable sample. A truncated tar keeps its complete samples (a prefix) through a trimmed index; with
     ``keep_missing`` a missing or truncated one keeps its place whole, for the loader to skip."""
@@ -336,6 +352,7 @@ def _trimmed_index(idx_local: str, samples: List[Dict[str, Component]], cache_di
 # ----------------------------------------------------------------------------------------------------------------
 # The dealing rule
 # ----------------------------------------------------------------------------------------------------------------
+
 
 def epoch_shard_order(num_shards: int, seed: int, epoch: int) -> List[int]:
     order = list(range(num_shards))

@@ -5,6 +5,7 @@ exact and cheap to restore: the order of an epoch is computed up front from (see
 dealing rule, batch ``b`` is a fixed list of samples, and each batch seeds its own augmentation RNGs, so a resumed
 run reproduces the remaining batches bit for bit whatever the number of workers.
 """
+
 from __future__ import annotations
 
 import gc
@@ -50,11 +51,31 @@ def timm_transform(cfg: DataConfig, train: bool, uint8: bool = False):
     aug = cfg.augment
     if train:
         auto_augment = f"rand-m{aug.randaugment_m}-n{aug.randaugment_n}-mstd0.5-inc1" if aug.randaugment else None
-        return create_transform(cfg.image_size, is_training=True, scale=aug.scale, ratio=aug.ratio, hflip=aug.hflip,
-                                vflip=0.0, color_jitter=None, auto_augment=auto_augment, interpolation="bicubic",
-                                re_prob=0.0, mean=cfg.mean, std=cfg.std, use_prefetcher=uint8)
-    return create_transform(cfg.image_size, is_training=False, crop_pct=cfg.crop_pct, crop_mode=cfg.crop_mode,
-                            interpolation="bicubic", mean=cfg.mean, std=cfg.std, use_prefetcher=uint8)
+        return create_transform(
+            cfg.image_size,
+            is_training=True,
+            scale=aug.scale,
+            ratio=aug.ratio,
+            hflip=aug.hflip,
+            vflip=0.0,
+            color_jitter=None,
+            auto_augment=auto_augment,
+            interpolation="bicubic",
+            re_prob=0.0,
+            mean=cfg.mean,
+            std=cfg.std,
+            use_prefetcher=uint8,
+        )
+    return create_transform(
+        cfg.image_size,
+        is_training=False,
+        crop_pct=cfg.crop_pct,
+        crop_mode=cfg.crop_mode,
+        interpolation="bicubic",
+        mean=cfg.mean,
+        std=cfg.std,
+        use_prefetcher=uint8,
+    )
 
 
 def normalize_batch(images: torch.Tensor, mean, std) -> torch.Tensor:
@@ -93,8 +114,16 @@ class _Batches(Dataset):
     (shard, problem) for samples whose shard was unreadable (the main process reports them). When skipping, such a
     sample is replaced by the next readable one of the epoch; otherwise the batch ends there."""
 
-    def __init__(self, refs: List[Optional[SampleRef]], batch_size: int, transform, image_size: int, seed: int,
-                 skip: bool, normalize: Optional[Tuple[Sequence[float], Sequence[float]]]) -> None:
+    def __init__(
+        self,
+        refs: List[Optional[SampleRef]],
+        batch_size: int,
+        transform,
+        image_size: int,
+        seed: int,
+        skip: bool,
+        normalize: Optional[Tuple[Sequence[float], Sequence[float]]],
+    ) -> None:
         self.refs, self.batch_size, self.transform = refs, batch_size, transform
         self.image_size, self.seed, self.skip = image_size, seed, skip
         # given (mean, std): the transform's uint8 images are normalized here, each straight into its slot of the
@@ -176,8 +205,9 @@ class TorchLoader(ShardLoader):
 
     reads_previous_epoch_late = True  # (the early start): a remote root's files of the last epoch stay held
 
-    def __init__(self, cfg: DataConfig, shards: SplitShards, train: bool, rank: int, world_size: int,
-                 device: torch.device) -> None:
+    def __init__(
+        self, cfg: DataConfig, shards: SplitShards, train: bool, rank: int, world_size: int, device: torch.device
+    ) -> None:
         super().__init__(cfg, shards, train, rank, world_size, device, backend="torch")
         # timm's transform ending in uint8 images (its prefetcher form). GPU: uint8 batches (a quarter of the bytes
         # through shared memory and PCIe), normalized on the device; CPU: each image normalized in the worker straight
@@ -206,12 +236,24 @@ class TorchLoader(ShardLoader):
             # collection inside a worker runs their shutdown there, where their threads do not exist, and hangs
             # (a full collection takes ~0.2 s in a process with torch and timm loaded: only where DALI ran)
             gc.collect()
-        dataset = _Batches(self.epoch_refs(), self.batch_size, self.transform, self.cfg.image_size,
-                           sample_seed(self.seed, self.epoch, self.rank), self.skip_bad_shards,
-                           (self.cfg.mean, self.cfg.std) if self.normalize_at == "worker" else None)
-        return DataLoader(dataset, batch_size=None, sampler=range(self.step, self.steps),
-                          num_workers=self.cfg.workers, pin_memory=self.device.type == "cuda",
-                          prefetch_factor=PREFETCH if self.cfg.workers else None, persistent_workers=False)
+        dataset = _Batches(
+            self.epoch_refs(),
+            self.batch_size,
+            self.transform,
+            self.cfg.image_size,
+            sample_seed(self.seed, self.epoch, self.rank),
+            self.skip_bad_shards,
+            (self.cfg.mean, self.cfg.std) if self.normalize_at == "worker" else None,
+        )
+        return DataLoader(
+            dataset,
+            batch_size=None,
+            sampler=range(self.step, self.steps),
+            num_workers=self.cfg.workers,
+            pin_memory=self.device.type == "cuda",
+            prefetch_factor=PREFETCH if self.cfg.workers else None,
+            persistent_workers=False,
+        )
 
     def _next_batch(self) -> Tuple[torch.Tensor, torch.Tensor]:
         if self._iter is None:
