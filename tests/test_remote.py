@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import multiprocessing
 import os
 import re
 import shutil
@@ -116,19 +115,16 @@ def test_a_limit_below_one_epoch_is_a_one_line_error(s3, tmp_path):
 def test_two_processes_opening_the_same_split_at_once_never_fail(s3, tmp_path):
     """Two fresh processes (as two ranks of a node are) open the split and fetch it into an empty cache at the same
     moment, 20 times (a new cache each round): no failure, every shard in place, no temporary file left."""
-    from concurrent_open import open_and_fetch_rounds
-
-    context = multiprocessing.get_context("spawn")
     caches = [str(tmp_path / f"cache{round_}") for round_ in range(20)]
-    barrier, results = context.Barrier(2), context.Queue()
-    procs = [context.Process(target=open_and_fetch_rounds, args=("s3://c2f-remote/in1k", caches, barrier, results))
-             for _ in (0, 1)]  # fmt: skip
-    for proc in procs:
-        proc.start()
-    outcomes = [results.get(timeout=300) for _ in range(2 * len(caches))]
-    for proc in procs:
-        proc.join(timeout=60)
-    assert [result for _, result in outcomes] == ["ok"] * len(outcomes)
+    worker = str(Path(__file__).parent / "concurrent_open.py")
+    procs = [subprocess.Popen([sys.executable, worker, "s3://c2f-remote/in1k", str(w), "2", *caches], cwd=str(REPO),
+                              env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for w in (0, 1)]  # fmt: skip
+    outputs = [proc.communicate(timeout=400) for proc in procs]  # (a worker ends itself after 240 s, with stacks)
+    for proc, (out, err) in zip(procs, outputs):
+        assert proc.returncode == 0, err[-3000:]
+        results = [json.loads(line)["result"] for line in out.splitlines() if line.startswith("{")]
+        assert results == ["ok"] * len(caches), err[-3000:]
     names = json.loads((s3 / "_info.json").read_text())["splits"]["train"]["filenames"]
     for cache in map(Path, caches):
         assert len(cached_tars(cache)) == len(names) and not list(cache.glob(f"*{PARTIAL}*"))
