@@ -31,6 +31,18 @@ class RunFault(Exception):
     status = "failed"
 
 
+class Diverged(RunFault):
+    """A non-finite loss or gradient norm (``guard.max_bad_steps`` in a row), or non-finite weights at a save:
+    nothing was saved from them. ``status`` names the step where it happened."""
+
+    exit_code = EXIT_DIVERGED
+    status = "diverged"
+
+    def __init__(self, line: str, status: str) -> None:
+        super().__init__(line)
+        self.status = status
+
+
 class CheckpointFault(RunFault):
     """A checkpoint could not be written (disk full, quota, I/O error)."""
 

@@ -194,9 +194,11 @@ class CheckpointManager:
     DeepSpeed's universal format, which must be known before ``deepspeed.initialize`` (``configure``).
     """
 
-    def __init__(self, ckpt_dir: str, keep_last: int, rank: int, world_size: int) -> None:
+    def __init__(self, ckpt_dir: str, keep_last: int, rank: int, world_size: int, save_every: int = 0) -> None:
         self.dir, self.keep_last, self.rank, self.world_size = ckpt_dir, keep_last, rank, world_size
+        self.save_every = save_every  # steps between periodic checkpoints (0: only at epoch ends and the end)
         self.newest = newest_complete(ckpt_dir)
+        self.saved_at = 0  # the step of the newest checkpoint this run saved or resumed from
         self.universal: Optional[str] = None
         self.size_bytes = 0  # one checkpoint: estimated (expect), then measured after each save
 
@@ -215,8 +217,16 @@ class CheckpointManager:
     def load(self, engine) -> Optional[Dict[str, Any]]:
         """The client state of the checkpoint loaded into ``engine``, or None for a fresh run."""
         if self.universal is not None:
-            return resume_universal(engine, self.dir, self.universal)
-        return resume(engine, self.dir) if list_tags(self.dir) else None
+            state = resume_universal(engine, self.dir, self.universal)
+        else:
+            state = resume(engine, self.dir) if list_tags(self.dir) else None
+        if state is not None:
+            self.saved_at = int(state["step"])
+        return state
+
+    def due(self, step: int) -> bool:
+        """Whether optimizer step ``step`` ends with a periodic checkpoint (``checkpoint.save_every``)."""
+        return bool(self.save_every) and step % self.save_every == 0
 
     def expect(self, size: disk.CheckpointSize) -> List[str]:
         """Take the estimated size of a checkpoint; return the lines to log (rank 0): the size, and a warning with
@@ -237,6 +247,7 @@ class CheckpointManager:
             tag = save(engine, self.dir, step, client_state, self.keep_last)
         except SaveFailed as failure:
             raise CheckpointFault(self._failure_line(failure) if self.rank == 0 else "") from None
+        self.saved_at = step
         if self.rank == 0:
             self.size_bytes = disk.tree_bytes(os.path.join(self.dir, tag))  # measured: the next save's need
         return tag

@@ -9,6 +9,10 @@ import torch
 import torch.distributed as dist
 
 
+class Preempted(Exception):
+    """Every rank agreed to stop (SIGTERM/SIGUSR1) and a checkpoint was saved: the run ends with exit 0."""
+
+
 class Preemption:
     """The ranks agree to stop through an all-reduce of a flag.
 

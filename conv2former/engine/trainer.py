@@ -5,7 +5,10 @@ the loaders (``conv2former.data``), the model and DeepSpeed (ZeRO 0-3, fp32 on C
 per-step warmup + cosine schedule (``optim``), the EMA (``ema``), batch augmentation, the evaluator (``evaluator``),
 checkpoints (``checkpoint.CheckpointManager``: every ``save_every`` steps and at each epoch end, resume from the
 newest complete one), preemption (``preemption``: SIGTERM/SIGUSR1 checkpoint first) and metrics (``metrics``:
-TensorBoard, log.jsonl, the bar, the logger). ``fit()`` is the recipe: train epochs, evaluate, checkpoint, export.
+TensorBoard, log.jsonl, the bar, the logger). ``fit()`` is the recipe: train epochs, evaluate, checkpoint, export;
+``train_epoch()`` shows one optimizer step. A stop is an exception caught once, in ``fit()``: ``Preempted`` (after
+its checkpoint, exit 0) or a ``RunFault`` (``Diverged``, ``CheckpointFault``, ``RankFault``, ``DataFault``: one line
+on rank 0 and its exit code). docs/architecture.md maps the rest.
 """
 
 from __future__ import annotations
@@ -27,14 +30,12 @@ from conv2former.data.augment import BatchAugment
 from conv2former.data.loader import build_loader, resolve_backend
 from conv2former.data.shard_format import read_classes
 from conv2former.engine import checkpoint as ckpt
+from conv2former.engine.batchnorm import batchnorm_averaged, batchnorm_stats, load_batchnorm_stats
 from conv2former.engine.best import BestEvaluation, evaluation_record
 from conv2former.engine.disk import estimate_checkpoint
 from conv2former.engine.distributed import (
     announce_fault,
-    batchnorm_averaged,
-    batchnorm_stats,
     is_collective_failure,
-    load_batchnorm_stats,
     lost_ranks_line,
     pin_gloo_interface,
     set_collective_timeout,
@@ -46,9 +47,9 @@ from conv2former.engine.evaluator import Evaluator
 from conv2former.engine.guard import DivergenceGuard, weights_finite
 from conv2former.engine.metrics import Metrics, get_logger, memory_mb
 from conv2former.engine.optim import Schedule, build_optimizer, build_scheduler, derive_schedule
-from conv2former.engine.preemption import Preemption
+from conv2former.engine.preemption import Preempted, Preemption
 from conv2former.engine.run_output import RunOutput
-from conv2former.errors import EXIT_DIVERGED, RankFault, RunFault, UserError
+from conv2former.errors import Diverged, RankFault, RunFault, UserError
 from conv2former.export import write_export
 from conv2former.host_memory import freed_memory_kept, keep_freed_memory
 
@@ -94,7 +95,11 @@ class Trainer:
         self.output = RunOutput(cfg.output, cfg.checkpoint.staging_dir, self.rank, self.local_rank)
         self.output.restore()
         self.checkpoints = ckpt.CheckpointManager(
-            os.path.join(self.output.local, "checkpoints"), cfg.checkpoint.keep_last, self.rank, self.world_size
+            os.path.join(self.output.local, "checkpoints"),
+            cfg.checkpoint.keep_last,
+            self.rank,
+            self.world_size,
+            cfg.checkpoint.save_every,
         )
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.model = self._make_model()
@@ -191,6 +196,9 @@ class Trainer:
         self.config_dict = to_dict(cfg)
         self.log.info("config:\n" + json.dumps(self.config_dict, indent=1))
         self.log.info("schedule: " + json.dumps(self.schedule.as_dict()))
+        self.metrics = Metrics(self.output.local, self.rank, self.schedule.stop_step, self.step, cfg.stage)
+        self.last_loss, self.last_eval = float("nan"), {}  # the newest recorded loss and evaluation
+        self.step_loss: Optional[torch.Tensor] = None  # the newest step's loss, on the device
 
     # -- state ------------------------------------------------------------------------------------------------------
     def client_state(self) -> Dict[str, Any]:
@@ -287,28 +295,24 @@ class Trainer:
             self._warn(self.output.push_checkpoint(tag, self.cfg.checkpoint.keep_last))
             took["upload_seconds"] = time.perf_counter() - start
         self.metrics.scalars(self.step, took, kind="checkpoint")  # how long a save blocks training, and its size
-        self.saved_at = self.step
         return True
 
     # -- the recipe -------------------------------------------------------------------------------------------------
     def fit(self) -> Dict[str, Any]:
         """Train to ``stop_step`` (or the last epoch), evaluating and checkpointing on the way; export at the end.
-        A fault (divergence, a failed save, a lost rank, an unreadable shard) ends the run with one line on rank 0
-        and the summary's ``exit_code`` (docs/training.md "When things go wrong")."""
+        A stop (SIGTERM/SIGUSR1: ``Preempted``, after a checkpoint) or a fault (``Diverged``, a failed save, a lost
+        rank, an unreadable shard) ends the run here, with one line on rank 0 and the summary's ``exit_code``
+        (docs/training.md "When things go wrong")."""
         if self.export_only:
             return self._export_initial_model()
         start = time.time()
-        self.metrics = Metrics(self.output.local, self.rank, self.schedule.stop_step, self.step, self.cfg.stage)
-        self.last_loss, self.last_eval, self.saved_at = float("nan"), {}, self.step
-        self.step_loss: Optional[torch.Tensor] = None
-        exit_code, export_dir = 0, None
+        status, exit_code, export_dir = "finished", 0, None
         try:
             self._keep_best()  # (after a resume that found export/best/ behind the checkpoint)
-            status = self._train()
-            if status == "finished":
-                export_dir = self._finish()
-            if status == DIVERGED:
-                status, exit_code = self._report_divergence(), EXIT_DIVERGED
+            self._train()
+            export_dir = self._finish()
+        except Preempted:
+            status = STOPPED
         except Exception as err:
             fault = self._as_fault(err)
             self.metrics.bar.close()  # the line starts on its own line, not after the bar
@@ -316,6 +320,11 @@ class Trainer:
                 self.log.error(f"error: {fault}")
             status, exit_code = fault.status, fault.exit_code
         self.metrics.close()
+        summary = self._summary(status, exit_code, export_dir, time.time() - start)
+        self._publish(summary)
+        return summary
+
+    def _summary(self, status: str, exit_code: int, export_dir: Optional[str], seconds: float) -> Dict[str, Any]:
         summary: Dict[str, Any] = {
             "status": status,
             "exit_code": exit_code,
@@ -334,13 +343,12 @@ class Trainer:
             "loss": self.last_loss,
             "eval": self.last_eval,
             "best_eval": self.best.best,
-            "seconds": round(time.time() - start, 1),
+            "seconds": round(seconds, 1),
             "export": self.output.shown(export_dir),
             "output": self.cfg.output,
         }
         if self.output.remote:
             summary["upload"] = self.output.describe()
-        self._publish(summary)
         return summary
 
     def _publish(self, summary: Dict[str, Any]) -> None:
@@ -358,7 +366,7 @@ class Trainer:
     def _as_fault(self, err: Exception) -> RunFault:
         """``err`` as a run fault with its line (empty on the ranks that do not print it), or ``err`` re-raised."""
         if isinstance(err, RunFault):
-            if self.world_size > 1 and not isinstance(err, RankFault):
+            if self.world_size > 1 and not isinstance(err, (RankFault, Diverged)):  # (every rank diverges at once)
                 announce_fault(self.rank, err.status)  # the other ranks' roll call then stays quiet
             return err
         if is_collective_failure(err):
@@ -366,31 +374,35 @@ class Trainer:
             return RankFault(line)
         raise err
 
-    def _train(self) -> str:
-        """The epochs: train, evaluate at the epoch ends, checkpoint. Returns the status."""
+    def _train(self) -> None:
+        """The epochs: train, evaluate at the epoch ends, checkpoint (the last step too). Raises ``Diverged`` and
+        ``Preempted`` (after its checkpoint)."""
         self.engine.train()
-        status = self._epochs()
+        try:
+            while self.step < self.schedule.stop_step and self.epoch < self.cfg.schedule.epochs:
+                self.train_epoch()
+                if self._epoch_complete():
+                    self._end_epoch()
+        except (Diverged, Preempted):
+            self.preemption.wait()
+            self._end_training()
+            raise
+        self._end_training()
+        if self.checkpoints.saved_at != self.step:
+            self._checkpoint()
+
+    def _end_epoch(self) -> None:
+        self.epoch += 1
+        self.train_loader.set_epoch(self.epoch)
+        if self.epoch % self.cfg.schedule.eval_every_epochs == 0 or self.epoch == self.cfg.schedule.epochs:
+            self.last_eval = self.evaluate()
+        self._checkpoint()
+        self._keep_best()
+
+    def _end_training(self) -> None:
         self.metrics.bar.close()
         if self.step_loss is not None:
             self.last_loss = self.step_loss.item()
-        if status == "finished" and self.saved_at != self.step and self._checkpoint_if_good():
-            return DIVERGED
-        return status
-
-    def _epochs(self) -> str:
-        while self.step < self.schedule.stop_step and self.epoch < self.cfg.schedule.epochs:
-            status = self.train_epoch()
-            if status != "finished":
-                return status
-            if self._epoch_complete():
-                self.epoch += 1
-                self.train_loader.set_epoch(self.epoch)
-                if self.epoch % self.cfg.schedule.eval_every_epochs == 0 or self.epoch == self.cfg.schedule.epochs:
-                    self.last_eval = self.evaluate()
-                if self._checkpoint_if_good():
-                    return DIVERGED
-                self._keep_best()
-        return "finished"
 
     def _finish(self) -> Optional[str]:
         """The final evaluation (unless the last epoch end just ran one) and the export."""
@@ -401,40 +413,36 @@ class Trainer:
     def _epoch_complete(self) -> bool:
         return self.train_loader.step >= self.schedule.micro_steps_per_epoch or self.train_loader.step == 0
 
-    def train_epoch(self) -> str:
-        """The rest of the current epoch. Nothing in a step waits for the device: losses add up on the device and
-        are read (with the grad norm and timings) only every ``logging.print_every`` steps."""
+    def train_epoch(self) -> None:
+        """The rest of the current epoch, one optimizer step after another. Nothing in a step waits for the device:
+        losses add up on the device and are read (with the grad norm and timings) only every
+        ``logging.print_every`` steps; the divergence and preemption flags are read one step late."""
         loader, schedule = self.train_loader, self.schedule
         loader.set_epoch(self.epoch)
         loss_sum = torch.zeros((), device=self.device)
         self.metrics.restart_window()
-        status = "finished"
         t_data = time.perf_counter()
         for images, labels in loader:
             self.metrics.add_data_time(time.perf_counter() - t_data)
-            loss_sum += self.micro_step(images, labels)
+            images, targets = self.augment(images, labels)
+            loss = self.criterion(self.engine(images.to(dtype=self.dtype)).float(), targets)
+            if self.cfg.guard.inject_nan_at == self.step + 1 and self.rank == 0:  # test aid (docs/training.md)
+                loss = loss * float("nan")
+            self.engine.backward(loss)
+            self.engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary
+            loss_sum += loss.detach()
             if loader.step % schedule.grad_accum == 0:  # an optimizer step happened
-                status = self.after_optimizer_step(loss_sum / schedule.grad_accum)
+                self.after_optimizer_step(loss_sum / schedule.grad_accum)
                 loss_sum = torch.zeros((), device=self.device)
-                if status != "finished" or self.step >= schedule.stop_step:
+                if self.step >= schedule.stop_step:
                     break
             if loader.step >= schedule.micro_steps_per_epoch:
                 break
             t_data = time.perf_counter()
         self.preemption.wait()
-        return status
 
-    def micro_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        images, targets = self.augment(images, labels)
-        loss = self.criterion(self.engine(images.to(dtype=self.dtype)).float(), targets)
-        if self.cfg.guard.inject_nan_at == self.step + 1 and self.rank == 0:  # test aid (docs/training.md)
-            loss = loss * float("nan")
-        self.engine.backward(loss)
-        self.engine.step()
-        return loss.detach()
-
-    def after_optimizer_step(self, step_loss: torch.Tensor) -> str:
-        """Schedule, EMA, metrics, preemption and periodic checkpoints after optimizer step ``self.step + 1``."""
+    def after_optimizer_step(self, step_loss: torch.Tensor) -> None:
+        """Schedule, EMA, metrics, the guard, preemption and the periodic checkpoint after step ``self.step + 1``."""
         self.step += 1
         self.scheduler.step_update(self.step)
         if self.ema is not None:
@@ -444,38 +452,40 @@ class Trainer:
         if self.step % self.cfg.logging.print_every == 0 or self.step == 1:
             self._record_training()
             self._report_depthwise()
-        if self._bad_step_trips(self.guard.observe(self.step, step_loss, self.engine.get_global_grad_norm())):
-            return DIVERGED
+        self._check_bad_step(self.guard.observe(self.step, step_loss, self.engine.get_global_grad_norm()))
         if self.preemption.poll(self.device):
-            return self._checkpoint_if_good() or STOPPED
-        if self.cfg.checkpoint.save_every and self.step % self.cfg.checkpoint.save_every == 0:
-            self.preemption.wait()
-            if self._checkpoint_if_good():
-                return DIVERGED
+            self._checkpoint()
+            raise Preempted()
+        if self.checkpoints.due(self.step):
+            self._checkpoint()
             self.metrics.restart_window()  # time training only
-        return "finished"
 
-    def _bad_step_trips(self, bad: Optional[Dict[str, Any]]) -> bool:
-        """Record a bad step (log.jsonl, TensorBoard); whether the guard's limit of consecutive bad steps is hit."""
-        if bad is None:
-            return False
-        self.metrics.scalars(bad["step"], {"loss": bad["loss"], "grad_norm": bad["grad_norm"]}, kind="bad_step")
-        return self.guard.tripped
+    def _record_bad_step(self, bad: Optional[Dict[str, Any]]) -> None:
+        """A bad step in log.jsonl and TensorBoard."""
+        if bad is not None:
+            self.metrics.scalars(bad["step"], {"loss": bad["loss"], "grad_norm": bad["grad_norm"]}, kind="bad_step")
 
-    def _checkpoint_if_good(self) -> Optional[str]:
-        """Checkpoint unless this very step was bad (its flag is read now, one sync per checkpoint) or the weights are
-        not finite; DIVERGED when the run must stop, else None."""
+    def _check_bad_step(self, bad: Optional[Dict[str, Any]]) -> None:
+        """Record a bad step; raise ``Diverged`` when the guard's limit of consecutive bad steps is hit."""
+        self._record_bad_step(bad)
+        if bad is not None and self.guard.tripped:
+            raise self._diverged()
+
+    def _checkpoint(self) -> None:
+        """Checkpoint now, unless this very step was bad (its flag is read now, one sync per checkpoint: the save is
+        skipped with a warning) or the weights are not finite (``Diverged``)."""
+        self.preemption.wait()
         bad = self.guard.flush()
-        if self._bad_step_trips(bad):
-            return DIVERGED
+        self._check_bad_step(bad)
         if bad is not None:
             self.metrics.warn(f"warning: step {self.step} was not finite: its checkpoint is skipped")
-            return None
-        return None if self.save() else DIVERGED
+            return
+        if not self.save():
+            raise self._diverged()
 
-    def _report_divergence(self) -> str:
-        """The one line a diverged run ends with (rank 0), and the summary's status."""
-        self._bad_step_trips(self.guard.flush())  # the last step's flag, recorded like the others
+    def _diverged(self) -> Diverged:
+        """The fault a diverged run ends with: its one line (rank 0) and the summary's status."""
+        self._record_bad_step(self.guard.flush())  # the last step's flag, recorded like the others
         run = self.guard.last_run()
         what = f"step {self.step}: the weights are not finite"
         if run:
@@ -485,13 +495,12 @@ class Trainer:
                 what += f" (bad steps {seen['step']}-{run[-1]['step']})"
         newest = ckpt.newest_complete(self.checkpoints.dir)
         good = os.path.join(self.checkpoints.dir, newest["tag"]) if newest else "none (no checkpoint was written)"
-        if self.rank == 0:
-            self.log.error(
-                f"error: training diverged at {what}; nothing was saved from non-finite weights, the last "
-                f"good checkpoint is {good}; try a lower optim.base_lr, more schedule.warmup_epochs or "
-                "gradient clipping (--set optim.clip_grad=1.0)"
-            )
-        return f"{DIVERGED} at {what}"
+        line = (
+            f"training diverged at {what}; nothing was saved from non-finite weights, the last good checkpoint is "
+            f"{good}; try a lower optim.base_lr, more schedule.warmup_epochs or gradient clipping "
+            "(--set optim.clip_grad=1.0)"
+        )
+        return Diverged(line if self.rank == 0 else "", f"{DIVERGED} at {what}")
 
     def _record_training(self) -> None:
         window = self.metrics.window()
@@ -536,7 +545,9 @@ class Trainer:
     def _best_due(self) -> bool:
         best = self.best.best
         return bool(
-            self.cfg.checkpoint.keep_best and self.best.unwritten and best["step"] == self.saved_at == self.step
+            self.cfg.checkpoint.keep_best
+            and self.best.unwritten
+            and best["step"] == self.checkpoints.saved_at == self.step
         )
 
     def export(self) -> Optional[str]:
