@@ -169,7 +169,9 @@ class ShardCache:
                     os.utime(w.local)  # most recently used
                     break
                 fcntl.flock(fd, fcntl.LOCK_UN)
-                fcntl.flock(fd, fcntl.LOCK_EX)
+                if not self._lock_to_download(fd, w):  # another rank completed it meanwhile: now held shared
+                    self.stats.hits += 1
+                    break
                 if not self._complete(w):
                     self._download(w, background)
                 fcntl.flock(fd, fcntl.LOCK_UN)  # then shared, as a user (an evictor may slip in between: again)
@@ -185,6 +187,27 @@ class ShardCache:
             self._held[w.local] = fd
         if old is not None:
             os.close(old)
+
+    def _lock_to_download(self, fd: int, w: Wanted) -> bool:
+        """Lock ``w``'s file exclusively to download it (True), or hold it shared once another process completed it
+        (False). Never a blocking exclusive wait: a rank that downloaded a file goes on holding it shared for its
+        epoch, and the kernel may hand it that shared lock before a waiting exclusive one, which would then wait for
+        the whole epoch while the holder waits for it at the next collective."""
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                pass
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:  # being downloaded: look again in a moment
+                time.sleep(0.01)
+                continue
+            if self._complete(w):
+                return False
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            time.sleep(0.01)
 
     @staticmethod
     def _complete(w: Wanted) -> bool:
