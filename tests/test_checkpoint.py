@@ -18,6 +18,17 @@ import json, os, sys, warnings
 import deepspeed, torch
 from conv2former.engine.checkpoint import COMPLETE, CheckpointManager, list_tags, newest_complete, tag_for
 from conv2former.engine.distributed import single_process_env
+from conv2former.engine.state import CheckpointState
+
+
+class Step:  # the one component: the step a checkpoint was saved at
+    step = 0
+
+    def state_dict(self):
+        return {"step": self.step}
+
+    def load_state_dict(self, state):
+        self.step = state["step"]
 
 ckpt_dir = sys.argv[1]
 single_process_env()
@@ -27,19 +38,24 @@ model = torch.nn.Linear(4, 2)
 config = {"train_batch_size": 1, "zero_optimization": {"stage": 1}, "steps_per_print": 10 ** 9}
 engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=0.1), config=config)
 manager = CheckpointManager(ckpt_dir, keep_last=2, rank=0, world_size=1)
+progress = Step()
+state = CheckpointState(rank=0, world_size=1)
+state.register(None, progress, required=True)
 saved = {}
 for step in range(1, 5):
     engine.backward(engine(torch.ones(1, 4)).sum())
     engine.step()
-    manager.save(engine, step, {"step": step})
+    progress.step = step
+    manager.save(engine, step, state)
     saved[step] = engine.module.weight.detach().clone()
 
 
 def resume():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        state = CheckpointManager(ckpt_dir, keep_last=2, rank=0, world_size=1).load(engine)
-    return {"step": state["step"], "weights_match": bool(torch.equal(saved[state["step"]], engine.module.weight)),
+        progress.step = None
+        CheckpointManager(ckpt_dir, keep_last=2, rank=0, world_size=1).load(engine, state)
+    return {"step": progress.step, "weights_match": bool(torch.equal(saved[progress.step], engine.module.weight)),
             "newest": newest_complete(ckpt_dir)["tag"],
             "warnings": [str(w.message) for w in caught if "checkpoint" in str(w.message)]}
 

@@ -19,8 +19,8 @@ import timm
 import torch
 
 import conv2former  # noqa: F401
-from conv2former import host_memory
 from conv2former.config import DataConfig
+from conv2former.cpu import malloc as host_memory
 from conv2former.data.loader import build_loader
 from conv2former.engine import disk
 from conv2former.engine.evaluator import Evaluator
@@ -143,10 +143,39 @@ def test_stop_and_relaunch_resumes_exactly(reference_run, demo_shards, tmp_path)
     ref, _ = reference_run
     args = [*FAST, "--data", demo_shards, "--output", str(tmp_path), "--epochs", "2", "--save-every", "10"]
     # the interrupted part runs with glibc's default malloc: where freed memory lives changes no result
-    first = run_pretrain(*args, "--max-steps", "25", "--set", "keep_freed_memory=false")
+    first = run_pretrain(*args, "--max-steps", "25", "--set", "cpu.keep_freed_memory=false")
     assert first["step"] == 25 and first["freed_memory_kept"] is False
     second = run_pretrain(*args)
     assert second["step"] == 62 and second["freed_memory_kept"] is (host_memory._glibc() is not None)
+    assert exports_equal(ref, tmp_path)
+
+
+# The client state as checkpoints were written before the guard's bad steps were kept (the pinned older layout):
+# such a checkpoint must still resume exactly.
+OLDER_LAYOUT = {
+    "epoch", "step", "scheduler", "ema", "best", "data", "rng", "depthwise", "batchnorm", "config", "classes",
+    "schedule", "universal_checkpoint_info",
+}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_checkpoint_in_the_older_layout_resumes_exactly(reference_run, demo_shards, tmp_path):
+    """The reference run's checkpoint 60 rewritten without the newer "guard" state: the relaunch resumes from it
+    and ends bit for bit like the uninterrupted run."""
+    ref, _ = reference_run
+    tag = "step000000060"
+    shutil.copytree(ref / "checkpoints" / tag, tmp_path / "checkpoints" / tag)
+    (tmp_path / "checkpoints" / "latest").write_text(tag)
+    states = tmp_path / "checkpoints" / tag / "mp_rank_00_model_states.pt"
+    saved = torch.load(states, weights_only=False)
+    assert OLDER_LAYOUT | {"guard"} <= saved.keys()
+    assert len(saved["data"]) == len(saved["rng"]) == len(saved["batchnorm"]) == 2  # per rank
+    del saved["guard"]
+    torch.save(saved, states)
+    args = [*FAST, "--data", demo_shards, "--output", str(tmp_path), "--epochs", "2", "--save-every", "10"]
+    proc = subprocess.run(deepspeed_cmd(*args), env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"resumed from {tag}: epoch 1, step 60" in proc.stdout
     assert exports_equal(ref, tmp_path)
 
 
@@ -303,18 +332,21 @@ def test_bad_configs_are_one_line_errors(capsys, demo_shards, tmp_path):
     assert "expected int" in one_line_error(
         capsys, "--variant", "demo", "--data", demo_shards, "--set", "schedule.epochs=lots", *out
     )
-    assert "model.depthwise: unknown mode 'fastest'" in one_line_error(
-        capsys, "--variant", "demo", "--data", demo_shards, "--set", "model.depthwise=fastest", *out
+    assert "cpu.depthwise: unknown depthwise mode 'fastest'" in one_line_error(
+        capsys, "--variant", "demo", "--data", demo_shards, "--set", "cpu.depthwise=fastest", *out
+    )
+    assert "'model.depthwise' is now 'cpu.depthwise'" in one_line_error(
+        capsys, "--variant", "demo", "--data", demo_shards, "--set", "model.depthwise=fixed", *out
     )
     (tmp_path / "file").write_text("")
-    assert "model.depthwise_cache: cannot write the depthwise cache" in one_line_error(
+    assert "cpu.depthwise_cache: cannot write the depthwise cache" in one_line_error(
         capsys,
         "--variant",
         "demo",
         "--data",
         demo_shards,
         "--set",
-        f"model.depthwise_cache={tmp_path}/file/d.json",
+        f"cpu.depthwise_cache={tmp_path}/file/d.json",
         *out,
     )
 
@@ -600,13 +632,13 @@ def test_two_nodes_train_and_resume_exactly_after_both_are_killed(two_nodes, ref
 
 @pytest.mark.slow
 def test_measured_depthwise_choices_are_recorded_and_reused_on_resume(demo_shards, tmp_path):
-    """model.depthwise=measure (the default; the test session otherwise forces "fixed"): the ranks share one disk
+    """cpu.depthwise=measure (the default; the test session otherwise forces "fixed"): the ranks share one disk
     cache, the checkpoint records each rank's choices, a relaunch reuses them without measuring, and a fresh run
     given the same cache ends bit for bit where the interrupted-and-resumed one does."""
     environ = dict(env(), C2F_DEPTHWISE="")
     cache = tmp_path / "depthwise.json"
     args = [*FAST, "--data", demo_shards, "--epochs", "1", "--save-every", "10"]
-    with_cache = ["--set", f"model.depthwise_cache={cache}"]
+    with_cache = ["--set", f"cpu.depthwise_cache={cache}"]
     first = run_pretrain(*args, *with_cache, "--output", str(tmp_path / "a"), "--max-steps", "12", environ=environ)
     assert first["depthwise"]["mode"] == "measure"
     entries = json.loads(cache.read_text())

@@ -4,7 +4,7 @@ export see), and each rank's own again afterwards, so that a resumed run stays b
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterator
+from typing import Dict, Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -48,5 +48,33 @@ def sync_batchnorm_stats(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
             for buf in (module.running_mean, module.running_var):
+                assert buf is not None  # (running_var exists wherever running_mean does)
                 dist.all_reduce(buf)
                 buf /= dist.get_world_size()
+
+
+class BatchNormStats:
+    """The checkpointed part of BatchNorm: each rank's own running statistics of ``models`` (the model and the
+    EMA), kept beside the saved model that holds their average, so a resumed rank continues from its own.
+    ``averaged()`` is ``batchnorm_averaged`` over them; a ``state_dict()`` taken inside it is the statistics each
+    rank had before averaging."""
+
+    def __init__(self, models: List[torch.nn.Module]) -> None:
+        self.models = models
+        self._own: Optional[List[Dict[str, torch.Tensor]]] = None
+
+    @contextlib.contextmanager
+    def averaged(self) -> Iterator[None]:
+        self._own = [batchnorm_stats(model) for model in self.models]
+        try:
+            with batchnorm_averaged(*self.models):
+                yield
+        finally:
+            self._own = None
+
+    def state_dict(self) -> List[Dict[str, torch.Tensor]]:
+        return self._own if self._own is not None else [batchnorm_stats(model) for model in self.models]
+
+    def load_state_dict(self, state: List[Dict[str, torch.Tensor]]) -> None:
+        for model, own in zip(self.models, state):
+            load_batchnorm_stats(model, own)

@@ -1,25 +1,27 @@
-"""DeepSpeed checkpoints with our client state, complete-on-all-ranks markers, fallback, retention (the export
-folder is written by conv2former.export)."""
+"""Checkpoints: ``CheckpointManager`` saves DeepSpeed's engine with the registered components (``state``), marks a
+tag complete once every rank wrote its part, falls back to older tags, converts across world sizes and keeps the
+newest few. The layout (``tag_for``, ``list_tags``, ``newest_complete``, ``COMPLETE``) is what the readers of a
+run (export, weights, the remote output) rely on; the export folder is written by conv2former.export."""
 
 from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shutil
 import subprocess
 import sys
 import warnings
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
-import numpy as np
-import torch
 import torch.distributed as dist
 
 from conv2former.engine import disk
+from conv2former.engine.state import CheckpointState, gather
+from conv2former.units import human
 from conv2former.errors import CheckpointFault
 
+Engine = Any  # a deepspeed.DeepSpeedEngine
 COMPLETE = "complete"  # written into a tag after every rank has saved its part
 
 
@@ -31,35 +33,6 @@ def list_tags(ckpt_dir: str) -> List[str]:
     if not os.path.isdir(ckpt_dir):
         return []
     return sorted(t for t in os.listdir(ckpt_dir) if re.fullmatch(r"step\d{9}", t))
-
-
-def rng_state() -> Dict[str, Any]:
-    """This rank's RNG states, as tensors and plain lists only (loadable with weights_only=True)."""
-    np_state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "python": [list(random.getstate()[1]), random.getstate()[0], random.getstate()[2]],
-        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-    }
-
-
-def set_rng_state(state: Dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    values, version, gauss = state["python"]
-    random.setstate((version, tuple(values), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def gather(obj: Any) -> List[Any]:
-    if not dist.is_initialized():
-        return [obj]
-    out: List[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def _mark_complete(ckpt_dir: str, tag: str, step: int, world_size: int) -> None:
@@ -76,7 +49,7 @@ def _retain(ckpt_dir: str, keep_last: int) -> None:
         shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
 
 
-def _attempt(action) -> Optional[str]:
+def _attempt(action: Callable[[], object]) -> Optional[str]:
     """Run ``action``; return None, or what went wrong in one line (ENOSPC, EDQUOT, EIO: Python raises OSError,
     torch.save a RuntimeError from its writer)."""
     try:
@@ -87,7 +60,7 @@ def _attempt(action) -> Optional[str]:
         return f"{type(err).__name__}: {first}"
 
 
-def save(engine, ckpt_dir: str, step: int, client_state: Dict[str, Any], keep_last: int) -> str:
+def _save(engine: Engine, ckpt_dir: str, step: int, client_state: Dict[str, Any], keep_last: int) -> str:
     """Save on every rank; mark complete after a barrier; keep the newest ``keep_last`` complete tags. A rank that
     fails to write raises ``SaveFailed`` on every rank (after the others finished their part: no rank is left
     waiting in a collective), naming the failing ranks and their errors."""
@@ -129,7 +102,7 @@ def newest_complete(ckpt_dir: str) -> Optional[Dict[str, Any]]:
     return None
 
 
-def universal_tag(ckpt_dir: str, tag: str, rank: int) -> str:
+def _universal_tag(ckpt_dir: str, tag: str, rank: int) -> str:
     """Convert ``tag`` to DeepSpeed's universal format once (rank 0; others wait), for a different world size."""
     out = f"{tag}_universal"
     if rank == 0 and not os.path.exists(os.path.join(ckpt_dir, out, COMPLETE)):
@@ -153,7 +126,7 @@ def universal_tag(ckpt_dir: str, tag: str, rank: int) -> str:
     return out
 
 
-def resume_universal(engine, ckpt_dir: str, tag: str) -> Dict[str, Any]:
+def _resume_universal(engine: Engine, ckpt_dir: str, tag: str) -> Dict[str, Any]:
     path, client_state = engine.load_checkpoint(ckpt_dir, tag=tag)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load the universal checkpoint {tag}")
@@ -161,7 +134,7 @@ def resume_universal(engine, ckpt_dir: str, tag: str) -> Dict[str, Any]:
     return client_state
 
 
-def resume(engine, ckpt_dir: str) -> Optional[Dict[str, Any]]:
+def _resume(engine: Engine, ckpt_dir: str) -> Optional[Dict[str, Any]]:
     """Load the newest complete, loadable checkpoint; fall back to older ones with a warning."""
     for tag in reversed(list_tags(ckpt_dir)):
         tag_dir = os.path.join(ckpt_dir, tag)
@@ -207,22 +180,26 @@ class CheckpointManager:
         saved_by = self.newest.get("world_size", self.world_size) if self.newest else self.world_size
         if saved_by == self.world_size:
             return None
-        self.universal = universal_tag(self.dir, self.newest["tag"], self.rank)
+        assert self.newest is not None  # (saved_by came from it)
+        self.universal = _universal_tag(self.dir, self.newest["tag"], self.rank)
         ds_config["checkpoint"] = {"load_universal": True}
         return (
             f"checkpoint {self.newest['tag']} was saved by {saved_by} ranks: resuming on {self.world_size} "
             f"through {self.universal}"
         )
 
-    def load(self, engine) -> Optional[Dict[str, Any]]:
-        """The client state of the checkpoint loaded into ``engine``, or None for a fresh run."""
+    def load(self, engine: Engine, state: CheckpointState) -> Optional[str]:
+        """Load the newest good checkpoint into ``engine`` and the registered components of ``state``; returns its
+        tag, or None for a fresh run."""
         if self.universal is not None:
-            state = resume_universal(engine, self.dir, self.universal)
+            client = _resume_universal(engine, self.dir, self.universal)
         else:
-            state = resume(engine, self.dir) if list_tags(self.dir) else None
-        if state is not None:
-            self.saved_at = int(state["step"])
-        return state
+            client = _resume(engine, self.dir) if list_tags(self.dir) else None
+        if client is None:
+            return None
+        state.load_state_dict(client, where=os.path.join(self.dir, client["tag"]))
+        self.saved_at = int(client["step"])
+        return client["tag"]
 
     def due(self, step: int) -> bool:
         """Whether optimizer step ``step`` ends with a periodic checkpoint (``checkpoint.save_every``)."""
@@ -236,15 +213,15 @@ class CheckpointManager:
             return []
         os.makedirs(self.dir, exist_ok=True)
         existing = sum(disk.tree_bytes(os.path.join(self.dir, t)) for t in list_tags(self.dir))
-        lines = [f"checkpoints: about {size.describe()}, {disk.human(disk.free_bytes(self.dir))} free in {self.dir}"]
+        lines = [f"checkpoints: about {size.describe()}, {human(disk.free_bytes(self.dir))} free in {self.dir}"]
         warning = disk.space_warning(self.dir, size, self.keep_last, existing)
         return lines + ([f"warning: {warning}"] if warning else [])
 
-    def save(self, engine, step: int, client_state: Dict[str, Any]) -> str:
-        """Checkpoint ``step``; a failed write ends the run with a ``CheckpointFault`` on every rank (the message,
+    def save(self, engine: Engine, step: int, state: CheckpointState) -> str:
+        """Checkpoint ``step`` with the components of ``state``; a failed write ends the run with a ``CheckpointFault`` on every rank (the message,
         on rank 0: the path, the error, bytes needed and free, the newest complete checkpoint)."""
         try:
-            tag = save(engine, self.dir, step, client_state, self.keep_last)
+            tag = _save(engine, self.dir, step, state.state_dict(), self.keep_last)
         except SaveFailed as failure:
             raise CheckpointFault(self._failure_line(failure) if self.rank == 0 else "") from None
         self.saved_at = step
@@ -262,7 +239,7 @@ class CheckpointManager:
         ranks = ",".join(str(r) for r in failure.errors)
         return (
             f"{full}saving checkpoint {tag_dir} failed on rank {ranks} ({next(iter(failure.errors.values()))}); "
-            f"a checkpoint needs about {disk.human(self.size_bytes)}, {disk.human(free)} is free there; the "
+            f"a checkpoint needs about {human(self.size_bytes)}, {human(free)} is free there; the "
             f"incomplete checkpoint was removed and the newest complete one is {good}: free space (or lower "
             "checkpoint.keep_last) and relaunch the same command to resume from it"
         )

@@ -71,6 +71,14 @@ class DivergenceGuard:
             run.insert(0, record)
         return run
 
+    def state_dict(self) -> Dict[str, Any]:
+        """The bad steps so far (a checkpoint is written only after a good step, so none is outstanding)."""
+        return {"bad_steps": list(self.bad_steps), "consecutive": self.consecutive}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.bad_steps = [dict(record) for record in state["bad_steps"]]
+        self.consecutive = int(state["consecutive"])
+
     @property
     def tripped(self) -> bool:
         return self.consecutive >= self.max_bad_steps
