@@ -21,6 +21,7 @@ from results import machine, record, versions
 
 import conv2former  # noqa: F401  (registers the variants)
 from conv2former import depthwise as dw
+from conv2former.cpu.depthwise_tuner import DepthwiseTuner
 
 
 def depthwise_shapes(
@@ -42,13 +43,8 @@ def depthwise_shapes(
         if isinstance(module, torch.nn.Conv2d) and module.groups == module.in_channels == module.out_channels > 1:
             module.register_forward_pre_hook(hook)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    mode = dw.tuner().mode
-    dw.configure("off")  # a real forward (the layouts are the CPU kernels' own), nothing measured yet
-    try:
-        with torch.no_grad():
-            model(torch.zeros(batch, 3, resolution, resolution).contiguous(memory_format=fmt))
-    finally:
-        dw.configure(mode)
+    with torch.no_grad():  # a real forward (no tuner installed: the layouts are the CPU kernels' own)
+        model(torch.zeros(batch, 3, resolution, resolution).contiguous(memory_format=fmt))
     return list(found)
 
 
@@ -60,7 +56,7 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=224)
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--rounds", type=int, default=5, help="best of this many timings per candidate")
-    parser.add_argument("--record", action="store_true", help="add the rows to docs/performance.md")
+    parser.add_argument("--record", action="store_true", help="add the rows to benchmarks/results/")
     args = parser.parse_args()
     for name in (args.variant, args.baseline):
         if name not in timm.list_models():
@@ -69,12 +65,12 @@ def main() -> None:
     rows, where = [], machine(torch.get_num_threads())
     for name in (args.variant, args.baseline):
         for shape, k, channels_last in depthwise_shapes(name, args.batch, args.resolution, args.channels_last):
-            tuner = dw.DepthwiseTuner("measure", rounds=args.rounds)
+            tuner = DepthwiseTuner("measure", rounds=args.rounds)
             layout = "channels_last" if channels_last else "NCHW"
             x = torch.empty(shape).contiguous(
                 memory_format=torch.channels_last if channels_last else torch.contiguous_format
             )
-            choice = tuner.formulation(x, torch.empty(shape[1], 1, k, k))
+            choice = tuner(x, torch.empty(shape[1], 1, k, k))
             times = tuner.timings[dw.shape_key(x, torch.empty(shape[1], 1, k, k))]
             plain = sum(part[ref] for part, ref in zip(times.values(), dw.PLAIN))
             chosen = sum(part[c] for part, c in zip(times.values(), choice))

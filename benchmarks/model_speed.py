@@ -4,12 +4,12 @@
     python benchmarks/model_speed.py --variant conv2former_l --baseline convnext_large --batch 64 --compile   # GPU
 
 CPU: fp32, NCHW and channels_last, plus our model with the plain ``nn.Conv2d`` depthwise backward
-(``fast_depthwise=False``) so the gain of conv2former/depthwise.py is measured in the same run.
+(``fast_depthwise=False``) so the gain of the CPU depthwise tuner (conv2former/cpu) is measured in the same run.
 GPU: bf16 autocast, channels_last, cuDNN benchmark mode; MFU = images/s x 6 x MACs / the GPU's bf16 dense peak.
 ``--grad-checkpointing`` and ``--compile`` apply to both models. All models run in one process, alternating round
 by round, so the ratio is fair. On CPU the process keeps freed memory for reuse, as training does
-(conv2former/host_memory.py; ``--system-malloc`` measures glibc's default instead). ``--record`` adds the rows to
-docs/performance.md; ``--json`` prints one line each.
+(conv2former/cpu/malloc.py; ``--system-malloc`` measures glibc's default instead). ``--record`` adds the rows to
+benchmarks/results/model_speed.jsonl; ``--json`` prints one line each.
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ from results import machine, machine_info, record, versions
 
 import conv2former  # noqa: F401  (registers the variants)
 from conv2former.complexity import count_gmacs
-from conv2former.host_memory import keep_freed_memory
+from conv2former.config import CpuConfig
+from conv2former.cpu import CpuTuning
+from conv2former.cpu.malloc import freed_memory_kept
 
 # bf16 dense tensor-core peak (FLOP/s, no sparsity) by device-name fragment, from NVIDIA's data sheets.
 BF16_PEAK = {
@@ -128,7 +130,7 @@ def main() -> None:
         help="leave glibc's malloc as it is (by default freed memory is kept for reuse on CPU, as training does)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON line per measured model")
-    parser.add_argument("--record", action="store_true", help="add the rows to docs/performance.md")
+    parser.add_argument("--record", action="store_true", help="add the rows to benchmarks/results/")
     args = parser.parse_args()
     if args.variant not in timm.list_models("conv2former_*"):
         parser.error(f"unknown variant {args.variant!r}; choose from {', '.join(timm.list_models('conv2former_*'))}")
@@ -139,7 +141,9 @@ def main() -> None:
         parser.error("--device cuda but no CUDA device is visible; use --device cpu")
     if args.flush_denormal:
         torch.set_flush_denormal(True)
-    system_malloc = device.type == "cpu" and (args.system_malloc or not keep_freed_memory())
+    if device.type == "cpu":  # as training does: the depthwise tuner and (unless --system-malloc) kept memory
+        CpuTuning.install(CpuConfig(keep_freed_memory=not args.system_malloc))
+    system_malloc = device.type == "cpu" and not freed_memory_kept()
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     memory_format = args.memory_format or ("channels_last" if device.type == "cuda" else "both")

@@ -6,7 +6,7 @@
 One step = forward, backward and AdamW step, after warm-up steps; fp32 on CPU, bf16 autocast + channels_last on GPU.
 Ranks operators by self time (CPU time on CPU, CUDA kernel time on GPU) and prints the top ones with their share
 of the step. ``--plain-depthwise`` profiles the model with the plain nn.Conv2d depthwise backward (what
-conv2former/depthwise.py replaces on CPU). On CPU freed memory is kept for reuse, as training does
+conv2former/cpu tunes on CPU). On CPU freed memory is kept for reuse, as training does
 (``--system-malloc``: glibc's default). ``--trace DIR`` also writes a Chrome/TensorBoard trace.
 """
 
@@ -23,7 +23,9 @@ from results import machine, record, versions
 from torch.profiler import ProfilerActivity, profile
 
 import conv2former  # noqa: F401  (registers the variants)
-from conv2former.host_memory import keep_freed_memory
+from conv2former.config import CpuConfig
+from conv2former.cpu import CpuTuning
+from conv2former.cpu.malloc import freed_memory_kept
 
 
 def describe(event) -> str:
@@ -70,7 +72,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--system-malloc", action="store_true", help="leave glibc's malloc as it is (CPU)")
     parser.add_argument("--trace", type=Path, help="also write a trace viewable in TensorBoard / chrome://tracing")
-    parser.add_argument("--record", action="store_true", help="add the top operators to docs/performance.md")
+    parser.add_argument("--record", action="store_true", help="add the top operators to benchmarks/results/")
     args = parser.parse_args()
     if args.variant not in timm.list_models():
         parser.error(
@@ -84,7 +86,9 @@ def main() -> None:
     if gpu:
         torch.backends.cudnn.benchmark = True
     fmt = torch.channels_last if gpu or args.channels_last else torch.contiguous_format
-    system_malloc = not gpu and (args.system_malloc or not keep_freed_memory())
+    if not gpu:  # as training does: the depthwise tuner and (unless --system-malloc) kept memory
+        CpuTuning.install(CpuConfig(keep_freed_memory=not args.system_malloc))
+    system_malloc = not gpu and not freed_memory_kept()
     kwargs = {"fast_depthwise": False} if args.plain_depthwise else {}
     model = timm.create_model(args.variant, **kwargs).to(device).train().to(memory_format=fmt)
     if args.compile:

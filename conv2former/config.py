@@ -63,8 +63,15 @@ class ModelConfig:
     kernel_size: Optional[int] = None  # modulation kernel; None: the variant's own (11, or 7 for n and b_22k)
     grad_checkpointing: bool = False  # per-block activation checkpointing (memory for compute)
     compile: bool = False  # torch.compile the DeepSpeed engine
-    depthwise: str = "measure"  # measure | fixed | off: how depthwise convolutions choose their CPU formulation
+
+
+@dataclass
+class CpuConfig:
+    """CPU runs only (conv2former/cpu): a GPU run installs none of it."""
+
+    depthwise: str = "measure"  # measure | fixed | off: how depthwise convolutions choose their formulation
     depthwise_cache: Optional[str] = None  # JSON file keeping measured choices between runs (per processor)
+    keep_freed_memory: bool = True  # malloc reuses freed memory (no page faults each step)
 
 
 @dataclass
@@ -127,7 +134,6 @@ class TrainConfig:
     stage: str = "pretrain"  # a name for the run's logs and export tag
     output: str = "runs/default"  # run folder or fsspec URL: checkpoints/, export/, tb/, log.jsonl, summary.json
     seed: int = 0  # initial weights, dropout and (unless data.seed) the data order
-    keep_freed_memory: bool = True  # CPU runs: malloc reuses freed memory (no page faults each step)
     ema: bool = False  # keep an exponential moving average of the weights (timm ModelEmaV3)
     ema_decay: float = 0.9999  # the EMA's decay per optimizer step
     ema_warmup: bool = False  # timm's EMA warmup (decay ramps up from 0): for short runs, so BN stats catch up
@@ -140,6 +146,7 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    cpu: CpuConfig = field(default_factory=CpuConfig)
 
 
 def to_dict(cfg: Any) -> Dict[str, Any]:
@@ -187,12 +194,22 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     return value
 
 
+# keys that moved: a config or --set naming the old one is an error naming the new one
+MOVED = {
+    "model.depthwise": "cpu.depthwise",
+    "model.depthwise_cache": "cpu.depthwise_cache",
+    "keep_freed_memory": "cpu.keep_freed_memory",
+}
+
+
 def apply_overrides(cfg: Any, values: Dict[str, Any], prefix: str = "") -> None:
     """Set nested fields from a (possibly nested) dict; unknown keys are errors naming the valid ones."""
     hints = typing.get_type_hints(type(cfg))
     names = {f.name for f in dataclasses.fields(cfg)}
     for key, value in values.items():
         where = f"{prefix}{key}"
+        if where in MOVED:
+            raise UserError(f"config key {where!r} is now {MOVED[where]!r}: use --set {MOVED[where]}={value}")
         if key not in names:
             raise UserError(f"unknown config key {where!r}; valid keys here: {', '.join(sorted(names))}")
         current = getattr(cfg, key)

@@ -47,7 +47,9 @@ def default_crop(weights: str, resolution: int):
             cfg = json.load(f).get("pretrained_cfg", {})
         if list(cfg.get("input_size", []))[-1:] == [resolution] and "crop_pct" in cfg and "crop_mode" in cfg:
             return float(cfg["crop_pct"]), cfg["crop_mode"]
-    return (1.0, "squash") if resolution > 256 else (0.875, "center")
+    from conv2former.data.eval_crop import eval_crop, recipe_for
+
+    return eval_crop(recipe_for(resolution))
 
 
 @exit_on_user_error
@@ -81,9 +83,11 @@ def main(argv=None) -> int:
     import torch
 
     from conv2former.config import DataConfig
+    from conv2former.cpu import CpuTuning
     from conv2former.data.loader import build_loader
     from conv2former.data.shard_format import read_classes
     from conv2former.engine.cli import variant_name
+    from conv2former.engine.distributed import join_group, this_process
     from conv2former.engine.evaluator import Evaluator
     from conv2former.engine.metrics import get_logger
     from conv2former.weights import check_compatible, read_weights
@@ -102,18 +106,12 @@ def main(argv=None) -> int:
             f"the data's {len(classes)} (e.g. {', '.join(classes[:2])}): evaluate on the data it was "
             "trained for, or fine-tune first"
         )
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    gpu = torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if gpu else torch.device("cpu")
-    if gpu:
-        torch.cuda.set_device(device)  # NCCL collectives and DALI run on this rank's GPU, not all on GPU 0
+    process = this_process()
+    rank, world, device, gpu = process.rank, process.world_size, process.device, process.gpu
     if world > 1:
-        import deepspeed
-
-        from conv2former.engine.distributed import pin_gloo_interface
-
-        pin_gloo_interface("nccl" if gpu else "gloo")
-        deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo", verbose=False)
+        join_group(process)
+    if not gpu:  # the depthwise formulations measured fastest on this CPU, as training uses them
+        CpuTuning.install()
     model = timm.create_model(variant, num_classes=len(classes))
     check_compatible(model, weights.state_dict, path)
     model.load_state_dict(weights.state_dict, strict=True)

@@ -10,8 +10,8 @@ REPO = Path(__file__).resolve().parent.parent
 # Tests run on CPU, deterministically, with DeepSpeed's CPU accelerator.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
-# Depthwise convolutions use the fixed formulation rule, not timings, so separate runs compare bit for bit
-# (tests/test_depthwise.py and the resume test of the measured choices set their own mode).
+# CPU tuning (conv2former/cpu), where a run installs it, uses the fixed depthwise formulation rule, not timings, so
+# separate runs compare bit for bit (tests/test_cpu_tuning.py and the resume test of measured choices set their own).
 os.environ.setdefault("C2F_DEPTHWISE", "fixed")
 # The environment's own tools first (deepspeed, ninja): DeepSpeed JIT-builds its CPU shared-memory op with the first
 # `ninja` on PATH, and two ninja versions (the system's 1.11 and the venv's 1.13) hash commands differently, so

@@ -1,17 +1,17 @@
-"""conv2former/host_memory.py: after keep_freed_memory, a step's reallocated buffers are reused, not page-faulted in."""
+"""conv2former/cpu/malloc.py: after keep_freed_memory, a step's reallocated buffers are reused, not page-faulted in."""
 
 import subprocess
 import sys
 
 import pytest
 
-from conv2former import host_memory
+from conv2former.cpu import malloc as host_memory
 
 # One process: the page faults of allocating, filling and freeing buffers of a training step's sizes (a 37 MiB map, as
 # Conv2Former-T's 4C maps at batch 8; a 9 MiB one, below glibc's largest mmap threshold), before and after the call.
 PROBE = """
 import resource, sys, torch
-from conv2former.host_memory import freed_memory_kept, keep_freed_memory
+from conv2former.cpu.malloc import freed_memory_kept, keep_freed_memory
 
 def faults_per_round(rounds=5):
     for _ in range(2):  # warm-up: the heap grows to what a round needs

@@ -16,8 +16,8 @@ from conv2former.config import DataConfig
 from conv2former.data.loader import build_loader
 from conv2former.data.shards import epoch_shard_order
 from conv2former.engine import disk
-from conv2former.engine.distributed import is_collective_failure
 from conv2former.engine.guard import DivergenceGuard
+from conv2former.engine.lost_ranks import is_collective_failure
 from conv2former.errors import DataFault, UserError
 
 BACKENDS = ["torch", "dali-cpu"]

@@ -12,7 +12,6 @@ from timm.optim import param_groups_layer_decay
 
 import conv2former  # noqa: F401  (registers the variants with timm)
 from conv2former.complexity import count_gmacs, count_params
-from conv2former.depthwise import DepthwiseConv2d
 from conv2former.model import FUSIONS, PAPER_FIGURES, VARIANTS
 
 HIERARCHICAL = [
@@ -281,69 +280,6 @@ def test_table_cli_prints_every_requested_variant(capsys):
     assert "| conv2former_t | 26.70 | 27 | 4.36 | 4.4 |" in out and "conv2former_demo" in out
     with pytest.raises(SystemExit):
         main(["--variants", "conv2former_xl"])
-
-
-@pytest.mark.parametrize("k", [5, 7, 11])
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_fast_depthwise_backward_equals_pytorchs_conv(k, channels_last):
-    """The reformulated CPU backward gives PyTorch's own gradients (input, weight, bias) up to float rounding."""
-    gen = torch.Generator().manual_seed(k)
-    fast = DepthwiseConv2d(12, k)
-    native = torch.nn.Conv2d(12, 12, k, padding=k // 2, groups=12)
-    native.load_state_dict(fast.state_dict(), strict=True)  # same parameters, same names
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    x = torch.randn(3, 12, 17, 13, generator=gen).contiguous(memory_format=fmt)
-    grad_out = torch.randn(3, 12, 17, 13, generator=gen)
-    results = []
-    for layer in (fast, native):
-        xi = x.clone().requires_grad_()
-        out = layer(xi)
-        out.backward(grad_out)
-        results.append((out, xi.grad, layer.weight.grad, layer.bias.grad))
-    for got, expected, what in zip(results[0], results[1], ("output", "grad input", "grad weight", "grad bias")):
-        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4, msg=what)
-        assert expected.abs().max() > 0.1, what
-
-
-def test_fast_depthwise_model_trains_like_the_reference_formulation():
-    """Whole-model gradients with the fast depthwise backward equal those of plain nn.Conv2d layers."""
-    dims, depths = (16, 32, 64, 128), (1, 1, 2, 1)
-    fast = randomize(timm.create_model("conv2former_demo", dims=dims, depths=depths, kernel_size=11, num_classes=5))
-    native = timm.create_model(
-        "conv2former_demo", dims=dims, depths=depths, kernel_size=11, num_classes=5, fast_depthwise=False
-    )
-    native.load_state_dict(fast.state_dict(), strict=True)
-    assert (
-        type(native.stages[2][0].attn.att[2]) is DepthwiseConv2d and not native.stages[2][0].attn.att[2].fast_backward
-    )
-    x = torch.randn(4, 3, 96, 96, generator=torch.Generator().manual_seed(2))
-    grads = []
-    for model in (fast, native):
-        model.train()
-        model(x).square().mean().backward()
-        grads.append({n: p.grad for n, p in model.named_parameters()})
-    for name, expected in grads[1].items():
-        torch.testing.assert_close(grads[0][name], expected, rtol=1e-4, atol=1e-6, msg=name)
-    # the fast path is what actually ran: its backward node is the custom function
-    out = fast.stages[0][0].attn.att[2](torch.randn(1, 16, 8, 8, requires_grad=True))
-    assert "DepthwiseConv2dFunction" in type(out.grad_fn).__name__
-
-
-@pytest.mark.slow
-def test_torch_compile_traces_the_fast_depthwise_backward():
-    """torch.compile (inductor on CPU) compiles the model with the custom depthwise backward: same outputs, grads."""
-    model = randomize(timm.create_model("conv2former_demo", num_classes=10))
-    x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(3))
-    expected = model(x)
-    expected.square().mean().backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    compiled = torch.compile(model)
-    out = compiled(x)
-    out.square().mean().backward()
-    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
-    for name, grad in grads.items():
-        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-3, atol=1e-6, msg=name)
 
 
 def test_stem_batchnorm_runs_in_fp32_under_deepspeed_style_bf16():

@@ -108,6 +108,7 @@ def gradcam_command(args: argparse.Namespace) -> int:
     from conv2former.analysis.models import build, parse_model_kwargs
     from conv2former.analysis.plots import plot_grid
     from conv2former.config import DataConfig
+    from conv2former.data.eval_crop import eval_crop, recipe_for
     from conv2former.data.shard_format import read_classes
 
     if args.images < 1:
@@ -119,8 +120,7 @@ def gradcam_command(args: argparse.Namespace) -> int:
             f"{args.weights} has {model.num_classes} classes, the data {len(classes)}: give the data the "
             "model was trained on"
         )
-    high = args.resolution > 256
-    crop_pct, crop_mode = (1.0, "squash") if high else (0.875, "center")
+    crop_pct, crop_mode = eval_crop(recipe_for(args.resolution))
     batches = list(eval_images(args.data, args.split, args.images, args.resolution, args.images, crop_pct, crop_mode))
     images = torch.cat([b[0] for b in batches])
     labels = torch.cat([b[1] for b in batches]).tolist()
@@ -191,6 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
 @exit_on_user_error
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():  # the depthwise formulations measured fastest on this CPU, as training
+        from conv2former.cpu import CpuTuning
+
+        CpuTuning.install()
     return args.run(args)
 
 

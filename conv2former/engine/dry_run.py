@@ -12,7 +12,7 @@ import conv2former  # noqa: F401  (registers the variants)
 from conv2former.config import TrainConfig
 from conv2former.data.loader import build_loader, resolve_backend
 from conv2former.data.shard_format import read_classes
-from conv2former.engine.distributed import single_process_env, world_from_env
+from conv2former.engine.distributed import this_process
 from conv2former.engine.optim import Schedule, derive_schedule
 
 
@@ -48,10 +48,8 @@ def measure_step_time(cfg: TrainConfig, num_classes: int, device: torch.device, 
 
 def dry_run_report(cfg: TrainConfig) -> Dict[str, Any]:
     """What ``launch/pretrain.py --dry-run`` prints: the schedule, and the whole run's time at this step time."""
-    single_process_env()
-    rank, world_size, local_rank = world_from_env()
-    gpu = torch.cuda.is_available()
-    device = torch.device("cuda", local_rank) if gpu else torch.device("cpu")
+    process = this_process()
+    rank, world_size, device = process.rank, process.world_size, process.device
     cfg.data.backend = resolve_backend(cfg.data.backend)
     schedule = derive_schedule(cfg, world_size, len(build_loader(cfg.data, "train", rank, world_size, device)))
     classes = read_classes(cfg.data.root)

@@ -24,34 +24,27 @@ import torch.distributed as dist
 from timm.loss import SoftTargetCrossEntropy
 
 import conv2former  # noqa: F401  (registers the variants)
-from conv2former import depthwise
 from conv2former.config import TrainConfig, to_dict
+from conv2former.cpu import CpuTuning, not_installed_summary
 from conv2former.data.augment import BatchAugment
 from conv2former.data.loader import build_loader, resolve_backend
 from conv2former.data.shard_format import read_classes
 from conv2former.engine import checkpoint as ckpt
-from conv2former.engine.batchnorm import batchnorm_averaged, batchnorm_stats, load_batchnorm_stats
+from conv2former.engine.batchnorm import BatchNormStats
 from conv2former.engine.best import BestEvaluation, evaluation_record
 from conv2former.engine.disk import estimate_checkpoint
-from conv2former.engine.distributed import (
-    announce_fault,
-    is_collective_failure,
-    lost_ranks_line,
-    pin_gloo_interface,
-    set_collective_timeout,
-    single_process_env,
-    world_from_env,
-)
+from conv2former.engine.distributed import join_group, this_process
 from conv2former.engine.ema import WeightEma
 from conv2former.engine.evaluator import Evaluator
 from conv2former.engine.guard import DivergenceGuard, weights_finite
+from conv2former.engine.lost_ranks import announce_fault, is_collective_failure, lost_ranks_line
 from conv2former.engine.metrics import Metrics, get_logger, memory_mb
 from conv2former.engine.optim import Schedule, build_optimizer, build_scheduler, derive_schedule
 from conv2former.engine.preemption import Preempted, Preemption
 from conv2former.engine.run_output import RunOutput
+from conv2former.engine.state import CheckpointState, RngState
 from conv2former.errors import Diverged, RankFault, RunFault, UserError
 from conv2former.export import write_export
-from conv2former.host_memory import freed_memory_kept, keep_freed_memory
 
 InitWeights = Callable[[torch.nn.Module, List[str]], None]
 STOPPED = "stopped by signal (checkpoint saved)"
@@ -83,14 +76,7 @@ class Trainer:
         self.schedule = derive_schedule(cfg, self.world_size, len(self.train_loader))
         self.classes = read_classes(cfg.data.root)
         torch.manual_seed(cfg.seed + self.rank)
-        import deepspeed
-
-        pin_gloo_interface("nccl" if self.gpu else "gloo")  # across nodes: the interface that reaches MASTER_ADDR
-        deepspeed.init_distributed(
-            dist_backend="nccl" if self.gpu else "gloo",
-            verbose=False,
-            timeout=set_collective_timeout(cfg.deepspeed.timeout_minutes),  # a lost rank ends the run (exit 5)
-        )
+        join_group(self.process, cfg.deepspeed.timeout_minutes)  # a lost rank ends the run (exit 5)
         # a remote --output: the node's staging folder, agreeing with the remote run (its newest complete checkpoint)
         self.output = RunOutput(cfg.output, cfg.checkpoint.staging_dir, self.rank, self.local_rank)
         self.output.restore()
@@ -113,34 +99,19 @@ class Trainer:
             self._setup_training()
 
     def _setup_process(self) -> None:
-        single_process_env()
-        self.rank, self.world_size, self.local_rank = world_from_env()
+        self.process = this_process()
+        self.rank, self.world_size, self.local_rank = (
+            self.process.rank,
+            self.process.world_size,
+            self.process.local_rank,
+        )
+        self.gpu, self.device = self.process.gpu, self.process.device
         self.log = get_logger(self.rank)
-        self.gpu = torch.cuda.is_available()
-        self.device = torch.device("cuda", self.local_rank) if self.gpu else torch.device("cpu")
-        if self.gpu:
-            torch.cuda.set_device(self.device)
         self.cfg.data.backend = resolve_backend(self.cfg.data.backend)
         if self.cfg.data.seed is None:
             self.cfg.data.seed = self.cfg.seed  # documented default: the data follow the run's seed
-        model = self.cfg.model
-        if model.depthwise not in depthwise.MODES:
-            raise UserError(
-                f"model.depthwise: unknown mode {model.depthwise!r}: choose one of {', '.join(depthwise.MODES)}"
-            )
-        try:
-            cache = depthwise.writable_cache(model.depthwise_cache) if model.depthwise_cache is not None else None
-        except ValueError as err:
-            raise UserError(f"model.depthwise_cache: {err}") from None
-        try:
-            self.depthwise = depthwise.configure(model.depthwise, cache)
-        except ValueError as err:  # C2F_DEPTHWISE names an unknown mode
-            raise UserError(str(err)) from None
-        self.depthwise_reported = 0  # how many of its measurements the log has shown
-        # a CPU step reallocates its activations every step: keep freed memory for reuse (conv2former/host_memory.py)
-        if not self.gpu and self.cfg.keep_freed_memory:
-            keep_freed_memory()
-        self.freed_memory_kept = freed_memory_kept()  # the process's state (an earlier run in it may have set it)
+        # CPU runs: the depthwise formulations measured fastest and malloc keeping freed memory (conv2former/cpu)
+        self.cpu = None if self.gpu else CpuTuning.install(self.cfg.cpu)
 
     def _make_model(self) -> torch.nn.Module:
         kwargs: Dict[str, Any] = dict(num_classes=len(self.classes), drop_path_rate=self.cfg.model.drop_path_rate)
@@ -190,10 +161,12 @@ class Trainer:
                 self.log.warning(f"no evaluation: {err}")
         self.epoch, self.step = 0, 0
         self.best = BestEvaluation()
-        self._resume()
-        self.preemption = Preemption()
         self.guard = DivergenceGuard(cfg.guard.max_bad_steps, self.device)
+        self.batchnorm = BatchNormStats(self._models())
+        self.preemption = Preemption()
         self.config_dict = to_dict(cfg)
+        self.state = self._checkpoint_state()
+        self._resume()
         self.log.info("config:\n" + json.dumps(self.config_dict, indent=1))
         self.log.info("schedule: " + json.dumps(self.schedule.as_dict()))
         self.metrics = Metrics(self.output.local, self.rank, self.schedule.stop_step, self.step, cfg.stage)
@@ -201,45 +174,43 @@ class Trainer:
         self.step_loss: Optional[torch.Tensor] = None  # the newest step's loss, on the device
 
     # -- state ------------------------------------------------------------------------------------------------------
-    def client_state(self) -> Dict[str, Any]:
-        """What a checkpoint holds beside DeepSpeed's own model/optimizer state."""
-        return {
-            "epoch": self.epoch,
-            "step": self.step,
-            "scheduler": self.scheduler.state_dict(),
-            "ema": self.ema.state_dict() if self.ema is not None else None,
-            "best": self.best.state_dict(),
-            "data": ckpt.gather(self.train_loader.state_dict()),
-            "rng": ckpt.gather(ckpt.rng_state()),
-            "depthwise": ckpt.gather(self.depthwise.state_dict()),  # each rank's formulations, reused on resume
-            "config": self.config_dict,
-            "classes": self.classes,
-            "schedule": self.schedule.as_dict(),
-            # what DeepSpeed's ds_to_universal needs to convert this checkpoint for another world size
-            "universal_checkpoint_info": {"universal_checkpoint_version": 0.2},
-        }
+    def _checkpoint_state(self) -> CheckpointState:
+        """Everything a checkpoint holds beside DeepSpeed's model and optimizer state, one component per line, with
+        its scope (conv2former/engine/state.py applies the per-rank and other-world-size rules)."""
+        state = CheckpointState(self.rank, self.world_size)
+        state.register(None, self, required=True)  # "epoch", "step"
+        state.register("scheduler", self.scheduler, required=True)
+        if self.ema is not None:
+            state.register("ema", self.ema)
+        state.register("best", self.best)
+        state.register("guard", self.guard)
+        state.register("data", self.train_loader, per_rank=True, other_world="first", required=True)
+        state.register("rng", RngState(), per_rank=True)
+        if self.cpu is not None:  # each rank's depthwise formulations: the same bits on resume
+            state.register("depthwise", self.cpu, per_rank=True, other_world="first")
+        state.register("batchnorm", self.batchnorm, per_rank=True)  # (the saved model holds their average)
+        state.constant("config", self.config_dict)
+        state.constant("classes", self.classes)
+        state.constant("schedule", self.schedule.as_dict())
+        # what DeepSpeed's ds_to_universal needs to convert this checkpoint for another world size
+        state.constant("universal_checkpoint_info", {"universal_checkpoint_version": 0.2})
+        return state
+
+    def state_dict(self) -> Dict[str, int]:
+        return {"epoch": self.epoch, "step": self.step}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
 
     def _resume(self) -> None:
         start = time.perf_counter()
-        state = self.checkpoints.load(self.engine)
-        if state is not None:
-            self.epoch, self.step = int(state["epoch"]), int(state["step"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            if self.ema is not None and state.get("ema") is not None:
-                self.ema.load_state_dict(state["ema"])
-            data_states = state["data"]
-            same_world = len(data_states) == self.world_size
-            self.train_loader.load_state_dict(data_states[self.rank] if same_world else data_states[0])
-            if len(state["rng"]) == self.world_size:
-                ckpt.set_rng_state(state["rng"][self.rank])
-            self._reuse_depthwise(state.get("depthwise"))
-            self._reuse_batchnorm(state.get("batchnorm"))
-            self.best.load_state_dict(state.get("best"))
+        tag = self.checkpoints.load(self.engine, self.state)
+        if tag is not None:
+            if self.cpu is not None and self.cpu.tuner.loaded:
+                self.log.info(f"depthwise: reusing the {self.cpu.tuner.loaded} formulations recorded in the checkpoint")
             self._best_unwritten_at_resume()
             seconds = time.perf_counter() - start
-            self.log.info(
-                f"resumed from {state['tag']}: epoch {self.epoch}, step {self.step} (loaded in {seconds:.1f} s)"
-            )
+            self.log.info(f"resumed from {tag}: epoch {self.epoch}, step {self.step} (loaded in {seconds:.1f} s)")
         self.scheduler.step_update(self.step)
 
     def _best_unwritten_at_resume(self) -> None:
@@ -254,30 +225,13 @@ class Trainer:
             dist.broadcast_object_list(missing, src=0)
         self.best.unwritten = bool(missing[0])
 
-    def _reuse_depthwise(self, tables: Optional[List[Dict[str, List[str]]]]) -> None:
-        """The depthwise formulations the interrupted run used (so the resumed one computes the same bits)."""
-        if not tables:
-            return
-        table = tables[self.rank] if len(tables) == self.world_size else tables[0]
-        self.depthwise.load_state_dict(table)
-        if table:
-            self.log.info(f"depthwise: reusing the {len(table)} formulations recorded in the checkpoint")
-
     def _report_depthwise(self) -> None:
         """Log (rank 0) the formulations measured since the last report: shape, choice, each candidate's time."""
-        new = self.depthwise.measured[self.depthwise_reported :]
-        self.depthwise_reported += len(new)
-        for key in new:
-            self.metrics.note("depthwise measured " + self.depthwise.describe(key))
+        for line in self.cpu.new_measurements() if self.cpu is not None else []:
+            self.metrics.note("depthwise measured " + line)
 
     def _models(self) -> List[torch.nn.Module]:
         return [self.engine.module] + ([self.ema.module] if self.ema is not None else [])
-
-    def _reuse_batchnorm(self, stats: Optional[List[List[Dict[str, torch.Tensor]]]]) -> None:
-        """Each rank's own BatchNorm statistics as they were (the checkpoint's model holds their average)."""
-        if stats and len(stats) == self.world_size:
-            for model, own in zip(self._models(), stats[self.rank]):
-                load_batchnorm_stats(model, own)
 
     def save(self) -> bool:
         """Checkpoint now, unless the weights are not finite (then nothing is written and the newest checkpoint on
@@ -285,9 +239,8 @@ class Trainer:
         if not weights_finite(self.engine.module):
             return False
         start = time.perf_counter()
-        own_batchnorm = ckpt.gather([batchnorm_stats(model) for model in self._models()])
-        with batchnorm_averaged(*self._models()):  # the saved model (and EMA) hold the average over ranks
-            tag = self.checkpoints.save(self.engine, self.step, {**self.client_state(), "batchnorm": own_batchnorm})
+        with self.batchnorm.averaged():  # the saved model (and EMA) hold the average over ranks
+            tag = self.checkpoints.save(self.engine, self.step, self.state)
         took = {"seconds": time.perf_counter() - start, "bytes": float(self.checkpoints.size_bytes)}
         if self.output.remote:  # upload the tag (then mark it complete there) and the run's other files
             start = time.perf_counter()
@@ -331,13 +284,7 @@ class Trainer:
             "bad_steps": self.guard.bad_steps,
             "skipped_shards": self.train_loader.skipped_shards,  # this rank's (every rank warns for its own)
             "data_fetch": self.train_loader.fetch_stats(),  # a remote root: this rank's downloads and cache hits
-            "depthwise": {
-                "mode": self.depthwise.mode,
-                "formulations": len(self.depthwise.choices),
-                "measured": len(self.depthwise.measured),
-                "measure_seconds": round(self.depthwise.measure_seconds, 2),
-            },
-            "freed_memory_kept": self.freed_memory_kept,
+            **(self.cpu.summary() if self.cpu is not None else not_installed_summary()),
             "epoch": self.epoch,
             "step": self.step,
             "loss": self.last_loss,
@@ -524,7 +471,7 @@ class Trainer:
         top-1 so far (``eval/best_top1``, ``eval/best_epoch``)."""
         if self.val_loader is None:
             return {}
-        with batchnorm_averaged(*self._models()):
+        with self.batchnorm.averaged():
             self.val_loader.set_epoch(0)
             result = self.evaluator.run(self.engine, self.val_loader, input_dtype=self.dtype)
             out = {"top1": result.top1, "top5": result.top5, "num_samples": result.num_samples}
@@ -559,7 +506,7 @@ class Trainer:
         """Each of ``folders`` (under OUTPUT) from the newest checkpoint, read once; returns the first's path."""
         paths: List[str] = []
         dist.barrier()
-        with batchnorm_averaged(*self._models()):  # (all ranks take part) the EMA exported as checkpointed
+        with self.batchnorm.averaged():  # (all ranks take part) the EMA exported as checkpointed
             if self.rank == 0:
                 from conv2former.weights import read_weights
 
