@@ -1,4 +1,5 @@
-"""Carry a pretrained classifier over to the fine-tuning label space, by synset.
+"""The fine-tuning stage's start: a pretrained classifier carried over to the fine-tuning label space, by synset
+(``transfer_head``), and the engine's ``init_weights`` that does it (``pretrained_init``).
 
 ``synset`` (the default): row i of the new ``pred`` is the pretrained row of the same synset; classes the checkpoint
 never saw (ImageNet-1k's n04399382, teddy bear, is not in ImageNet-22k) get a fresh row, as ``reinit`` does.
@@ -8,12 +9,14 @@ never saw (ImageNet-1k's n04399382, teddy bear, is not in ImageNet-22k) get a fr
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn as nn
 
+from conv2former.config import TrainConfig
 from conv2former.data.shard_format import canonical_synsets
 from conv2former.errors import UserError
 
@@ -98,3 +101,34 @@ def transfer_head(
             bias[i] = state_dict["pred.bias"][j]
     state_dict["pred.weight"], state_dict["pred.bias"] = weight, bias
     return HeadReport("synset", len(mapped), [c for c in classes if c not in index], len(classes), init_scale)
+
+
+def pretrained_init(pretrained: str, cfg: TrainConfig, rank: int) -> Callable[[nn.Module, List[str]], None]:
+    """The fine-tuning stage's ``init_weights`` for the engine: the weights at ``pretrained`` (any format
+    conv2former.weights reads) with the head transferred to the data's classes. The weights are read and, where the
+    data's class list is at hand, the transfer and the compatibility checks are tried at once on a weightless
+    (meta-device) model, so a wrong path or a mismatched checkpoint fails in one line before any process group."""
+    import timm
+
+    from conv2former.data.shard_format import read_classes
+    from conv2former.engine.metrics import get_logger
+    from conv2former.weights import check_compatible, read_weights
+
+    weights = read_weights(pretrained)
+    head, scale = cfg.finetune.head, cfg.finetune.head_init_scale
+    if os.path.exists(os.path.join(cfg.data.root, "classes.txt")) or "://" in cfg.data.root:
+        data_classes = read_classes(cfg.data.root)
+        with torch.device("meta"):
+            probe = timm.create_model(cfg.model.variant, num_classes=len(data_classes))
+        state = {k: v.to("meta") for k, v in weights.state_dict.items()}
+        transfer_head(state, weights.classes, data_classes, probe, head, scale)
+        check_compatible(probe, state, pretrained)
+
+    def init_weights(model: nn.Module, classes: List[str]) -> None:
+        state = dict(weights.state_dict)
+        report = transfer_head(state, weights.classes, classes, model, head, scale)
+        check_compatible(model, state, pretrained)
+        model.load_state_dict(state, strict=True)
+        get_logger(rank).info(report.line())
+
+    return init_weights

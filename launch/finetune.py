@@ -17,6 +17,7 @@ import sys
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from conv2former.data.eval_crop import recipe_for  # noqa: E402
 from conv2former.engine.cli import add_train_arguments, resolve_config  # noqa: E402
 from conv2former.errors import exit_on_user_error  # noqa: E402
 
@@ -40,7 +41,7 @@ def configure(argv=None):
     args = parser.parse_args(argv)
     if args.head:  # a flag: below --set in the precedence
         args.overrides = [f"finetune.head={args.head}", *args.overrides]
-    recipe = args.recipe or ("384" if args.resolution > 256 else "224")
+    recipe = args.recipe or recipe_for(args.resolution)
     defaults = [os.path.join(CONFIGS, "finetune_224.yaml")]
     if recipe == "384":
         defaults.append(os.path.join(CONFIGS, "finetune_384.yaml"))
@@ -55,36 +56,9 @@ def configure(argv=None):
 @exit_on_user_error
 def main(argv=None) -> int:
     args, cfg = configure(argv)
-    from conv2former.engine.metrics import get_logger
-    from conv2former.weights import check_compatible, read_weights
-    from finetune.head_transfer import transfer_head
+    from conv2former.head_transfer import pretrained_init
 
-    weights = read_weights(args.pretrained)  # before any process group work: bad paths fail fast
-    rank = int(os.environ.get("RANK", 0))
-    import timm
-    import torch
-
-    from conv2former.data.shard_format import read_classes
-
-    data_classes = (
-        read_classes(cfg.data.root)
-        if os.path.exists(os.path.join(cfg.data.root, "classes.txt")) or "://" in cfg.data.root
-        else None
-    )
-    if data_classes is not None:  # the same transfer and checks on a weightless model: mistakes fail in one line now
-        with torch.device("meta"):
-            probe = timm.create_model(cfg.model.variant, num_classes=len(data_classes))
-        state = {k: v.to("meta") for k, v in weights.state_dict.items()}
-        transfer_head(state, weights.classes, data_classes, probe, cfg.finetune.head, cfg.finetune.head_init_scale)
-        check_compatible(probe, state, args.pretrained)
-
-    def init_weights(model, classes):
-        state = dict(weights.state_dict)
-        report = transfer_head(state, weights.classes, classes, model, cfg.finetune.head, cfg.finetune.head_init_scale)
-        check_compatible(model, state, args.pretrained)
-        model.load_state_dict(state, strict=True)
-        get_logger(rank).info(report.line())
-
+    init_weights = pretrained_init(args.pretrained, cfg, int(os.environ.get("RANK", 0)))  # bad paths fail fast
     from conv2former.engine.trainer import train
 
     result = train(cfg, dry_run=args.dry_run, init_weights=None if args.dry_run else init_weights)

@@ -17,8 +17,8 @@ from test_pretrain import BIN, PORT, REPO, env
 import conv2former  # noqa: F401
 from conv2former.data.shard_format import canonical_synsets
 from conv2former.errors import UserError
+from conv2former.head_transfer import HEAD_INIT_SCALE, transfer_head
 from conv2former.weights import check_compatible, read_weights
-from finetune.head_transfer import HEAD_INIT_SCALE, transfer_head
 
 FINETUNE = str(REPO / "launch" / "finetune.py")
 EVALUATE = str(REPO / "launch" / "evaluate.py")
