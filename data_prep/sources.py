@@ -34,7 +34,6 @@ from conv2former.errors import UserError
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 _IMAGE_EXTENSION_SET = frozenset(IMAGE_EXTENSIONS)
 SYNSET_RE = re.compile(r"^n\d{8}$")
-LAYOUTS_22K = ("synset-tars", "outer-tar", "outer-targz", "synset-folders")
 STREAMED = -2  # SourceItem.offset of a member inside a compressed archive: readable only by streaming it
 
 
@@ -176,9 +175,58 @@ def _list_each(fn: Callable[..., Listing], jobs: List[tuple], workers: int) -> I
         yield from pool.map(fn, *zip(*jobs), chunksize=max(1, min(64, len(jobs) // (workers * 8))))
 
 
+def _list_synset_tars(fs, path: str, table, skipped: List[Dict[str, str]], workers: int) -> None:
+    """A folder of nXXXXXXXX.tar files (the release unpacked once), listed in ``workers`` processes."""
+    jobs = []
+    for tar_path in sorted(fs.glob(posixpath.join(path, "*.tar"))):
+        synset = posixpath.basename(tar_path)[:-4]
+        shown = posixpath.basename(tar_path)
+        if not SYNSET_RE.match(synset):
+            skipped.append({"source": shown, "reason": "not a per-synset tar (name is not nXXXXXXXX.tar)"})
+            continue
+        jobs.append((fs, tar_path, synset, shown))
+    for (_, tar_path, synset, shown), listing in zip(jobs, _list_each(_items_from_tar, jobs, workers)):
+        table.add(listing.items, synset, tar_path, f"{shown}:")
+        skipped += listing.skipped
+
+
+def _list_outer_tar(fs, path: str, table, skipped: List[Dict[str, str]], workers: int) -> None:
+    """One uncompressed tar of per-synset tars (the release as downloaded, decompressed): read by offset."""
+    with fs.open(path, "rb") as outer:
+        try:
+            inner_tars = list(_tar_members(outer))
+        except (tarfile.TarError, EOFError, OSError) as err:
+            local = isinstance(fs, fsspec.implementations.local.LocalFileSystem)
+            shown = path if local else fs.unstrip_protocol(path)
+            raise UserError(f"cannot read {shown} as a tar archive: {err}") from None
+        for name, offset, size in inner_tars:
+            base = posixpath.basename(name)
+            synset = base[:-4] if base.endswith(".tar") else ""
+            if not SYNSET_RE.match(synset):
+                skipped.append({"source": name, "reason": "not a per-synset tar (name is not nXXXXXXXX.tar)"})
+                continue
+            window = io.BufferedReader(_RangeFile(outer, offset, size))
+            shown = f"{posixpath.basename(path)}:{name}"
+            listing = _items_from_tar(fs, path, synset, shown, window, offset)
+            table.add(listing.items, synset, path, f"{shown}:")
+            skipped += listing.skipped
+
+
+def _list_synset_folders(fs, path: str, table, skipped: List[Dict[str, str]], workers: int) -> None:
+    """A folder of nXXXXXXXX/ folders of image files, listed in ``workers`` processes."""
+    jobs = []
+    for folder in sorted(fs.ls(path, detail=False)):
+        synset = posixpath.basename(folder)
+        if SYNSET_RE.match(synset) and fs.isdir(folder):
+            jobs.append((fs, folder, synset, synset))
+    for (_, folder, synset, _), listing in zip(jobs, _list_each(_list_folder, jobs, workers)):
+        table.add(listing.items, synset, folder, f"{synset}/", files=True)
+        skipped += listing.skipped
+
+
 def list_22k(src: str, layout: Optional[str] = None, workers: int = 1) -> Tuple[str, Listing]:
-    """List an ImageNet-22k source; returns (layout, listing). Items are sorted by (synset, key). Per-synset tars and
-    folders are listed in ``workers`` processes."""
+    """List an ImageNet-22k source; returns (layout, listing). Items are sorted by (synset, key); the layout is
+    ``detect_22k_layout``'s unless given, and each layout's lister is in ``LISTERS_22K``."""
     layout = layout or detect_22k_layout(src)
     if layout not in LAYOUTS_22K:
         raise UserError(f"unknown ImageNet-22k layout {layout!r}: choose one of {', '.join(LAYOUTS_22K)}")
@@ -187,50 +235,11 @@ def list_22k(src: str, layout: Optional[str] = None, workers: int = 1) -> Tuple[
     fs, path = _open_fs(src)
     table = ItemTable()  # 14.2M images: columns, not one object each (data_prep/items.py)
     skipped: List[Dict[str, str]] = []
-    if layout == "synset-tars":
-        jobs = []
-        for tar_path in sorted(fs.glob(posixpath.join(path, "*.tar"))):
-            synset = posixpath.basename(tar_path)[:-4]
-            shown = posixpath.basename(tar_path)
-            if not SYNSET_RE.match(synset):
-                skipped.append({"source": shown, "reason": "not a per-synset tar (name is not nXXXXXXXX.tar)"})
-                continue
-            jobs.append((fs, tar_path, synset, shown))
-        for (_, tar_path, synset, shown), listing in zip(jobs, _list_each(_items_from_tar, jobs, workers)):
-            table.add(listing.items, synset, tar_path, f"{shown}:")
-            skipped += listing.skipped
-    elif layout == "outer-tar":
-        with fs.open(path, "rb") as outer:
-            try:
-                inner_tars = list(_tar_members(outer))
-            except (tarfile.TarError, EOFError, OSError) as err:
-                raise UserError(f"cannot read {src} as a tar archive: {err}") from None
-            for name, offset, size in inner_tars:
-                base = posixpath.basename(name)
-                synset = base[:-4] if base.endswith(".tar") else ""
-                if not SYNSET_RE.match(synset):
-                    skipped.append({"source": name, "reason": "not a per-synset tar (name is not nXXXXXXXX.tar)"})
-                    continue
-                window = io.BufferedReader(_RangeFile(outer, offset, size))
-                shown = f"{posixpath.basename(path)}:{name}"
-                listing = _items_from_tar(fs, path, synset, shown, window, offset)
-                table.add(listing.items, synset, path, f"{shown}:")
-                skipped += listing.skipped
-    elif layout == "outer-targz":
-        _list_targz(fs, path, table, skipped)
-    else:
-        jobs = []
-        for folder in sorted(fs.ls(path, detail=False)):
-            synset = posixpath.basename(folder)
-            if SYNSET_RE.match(synset) and fs.isdir(folder):
-                jobs.append((fs, folder, synset, synset))
-        for (_, folder, synset, _), listing in zip(jobs, _list_each(_list_folder, jobs, workers)):
-            table.add(listing.items, synset, folder, f"{synset}/", files=True)
-            skipped += listing.skipped
+    LISTERS_22K[layout](fs, path, table, skipped, workers)
     return layout, Listing(table.ordered(), skipped)
 
 
-def _list_targz(fs, path: str, table, skipped: List[Dict[str, str]]) -> None:
+def _list_targz(fs, path: str, table, skipped: List[Dict[str, str]], workers: int = 1) -> None:
     """The images of a gzip-compressed outer tar, in one streaming pass (their bytes are read later by streaming)."""
     base = posixpath.basename(path)
     try:
@@ -251,6 +260,16 @@ def _list_targz(fs, path: str, table, skipped: List[Dict[str, str]]) -> None:
             table.add(items, synset, path, f"{base}:{name}:")
     except (tarfile.TarError, EOFError, OSError) as err:
         skipped.append({"source": base, "reason": f"damaged archive, later members lost ({type(err).__name__}: {err})"})
+
+
+# The ImageNet-22k layouts shard.py reads, each with its lister (``detect_22k_layout`` tells them apart).
+LISTERS_22K: Dict[str, Callable[..., None]] = {
+    "synset-tars": _list_synset_tars,
+    "outer-tar": _list_outer_tar,
+    "outer-targz": _list_targz,  # one streaming pass; the images are read later by streaming again
+    "synset-folders": _list_synset_folders,
+}
+LAYOUTS_22K = tuple(LISTERS_22K)
 
 
 def _stream_inner_tars(fs, path: str, skipped: List[Dict[str, str]]):
