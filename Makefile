@@ -41,7 +41,7 @@ lint: $(STAMP)
 table: $(STAMP)
 	$(PY) -m conv2former.complexity --table
 
-# Benchmarks on this machine (7 min on 2 cores, measured); `make bench RECORD=1` adds the rows to docs/performance.md.
+# Benchmarks on this machine (7 min on 2 cores, measured); `make bench RECORD=1` adds the rows to benchmarks/results/.
 # On a GPU machine run benchmarks/gpu_suite.sh instead (DALI mixed decoding, bf16 Conv2Former-L, MFU, ZeRO 1/2/3).
 bench: $(STAMP)
 	OMP_NUM_THREADS=$$(nproc) $(PY) benchmarks/model_speed.py --variant conv2former_t --baseline convnext_tiny $(if $(RECORD),--record)

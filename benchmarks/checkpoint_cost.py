@@ -118,7 +118,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["demo", "t", "b", "l"])
     parser.add_argument("--stages", type=int, nargs="+", default=[1, 3])
     parser.add_argument("--data", default=str(REPO / "data" / "demo" / "in22k"), help="a shard root (the demo's)")
-    parser.add_argument("--record", action="store_true", help="add the rows to docs/performance.md")
+    parser.add_argument("--record", action="store_true", help="add the rows to benchmarks/results/")
     args = parser.parse_args()
     if not os.path.exists(os.path.join(args.data, "_info.json")):
         raise SystemExit(f"error: no shards at {args.data}: run `python data_prep/shard.py` (the demo) or pass --data")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmark suite in one command: run it on a GPU machine from the repository root.
 #
-#   benchmarks/gpu_suite.sh                 # everything, rows recorded in docs/performance.md
+#   benchmarks/gpu_suite.sh                 # everything, rows recorded in benchmarks/results/
 #   QUICK=1 benchmarks/gpu_suite.sh         # 224 only, no torch.compile, fewer steps (estimated ~10 min on one H100)
 #   DRY_RUN=1 benchmarks/gpu_suite.sh       # print the commands, run nothing (works without a GPU)
 #
@@ -16,7 +16,7 @@
 #    $OUT/report.md; every JSON result is kept in $OUT/results.jsonl.
 #
 # Settings (environment): OUT (runs/gpu_suite/<date>), BENCH_IMAGES (20000), BATCH_224 (128), BATCH_384 (32),
-# WORKERS (CPU cores), RECORD (1: add rows to docs/performance.md; 0: do not), PYTHON (.venv/bin/python if present).
+# WORKERS (CPU cores), RECORD (1: add rows to benchmarks/results/; 0: do not), PYTHON (.venv/bin/python if present).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -116,7 +116,7 @@ def main() -> None:
     parser.add_argument("--world", type=int, default=8, help="ranks the split is dealt to (rank 0 is measured)")
     parser.add_argument("--backends", nargs="+", default=["torch", "dali-cpu"])
     parser.add_argument("--root", help="where to generate the split (default: a temporary folder, removed after)")
-    parser.add_argument("--record", action="store_true", help="add the rows to docs/performance.md")
+    parser.add_argument("--record", action="store_true", help="add the rows to benchmarks/results/")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

@@ -145,7 +145,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--images", type=int, default=2000, help="images to generate when --data is not given")
     parser.add_argument("--json", action="store_true", help="print one JSON line per backend")
-    parser.add_argument("--record", action="store_true", help="append the rows to docs/performance.md")
+    parser.add_argument("--record", action="store_true", help="append the rows to benchmarks/results/")
     args = parser.parse_args()
     generated = prepare(args.images) if args.data is None else None
     backends = (

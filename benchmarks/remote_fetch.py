@@ -96,7 +96,7 @@ def main() -> int:
         default=1800.0,
         help="for the projection (docs/design.md: what the 90-epoch plan needs per GPU)",
     )
-    parser.add_argument("--record", action="store_true", help="add the row to docs/performance.md")
+    parser.add_argument("--record", action="store_true", help="add the row to benchmarks/results/")
     args = parser.parse_args()
     if not os.path.exists(os.path.join(args.data, "_info.json")):
         raise SystemExit(f"error: {args.data} is not a shard root (make demo builds data/demo/in22k)")

@@ -1,12 +1,13 @@
-"""Shared by the benchmarks: the machine's name, the versions in use, and writing rows into docs/performance.md.
+"""Shared by the benchmarks: the machine's name, the versions in use, and recording result rows.
 
-Each benchmark owns one table in docs/performance.md, found by the heading that names the script
-(e.g. ``## Model training throughput (`benchmarks/model_speed.py`)``). ``record`` inserts the new rows after the
-last row of that table, each ending with the command that produced it, so the document stays in sections.
+Each benchmark owns one data file, ``benchmarks/results/<script>.jsonl``: one JSON object per measured row, with the
+columns of the script's table (date, machine, ..., versions) and the command that produced it. ``record`` appends to
+it and never edits prose; docs/performance.md quotes the current numbers and links the files for the history.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shlex
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List
 
 REPO = Path(__file__).resolve().parent.parent
-PERFORMANCE_MD = REPO / "docs" / "performance.md"
+RESULTS = REPO / "benchmarks" / "results"
 
 PACKAGES = {
     "torch": "torch",
@@ -106,24 +107,38 @@ def command_line() -> str:
     return " ".join(["python", script] + [shlex.quote(a) for a in sys.argv[1:]])
 
 
-def record(script: str, rows: Iterable[str], path: Path = PERFORMANCE_MD) -> None:
-    """Insert ``rows`` ('| a | b |' strings without the command cell) into the table of ``script``'s section."""
-    rows = [row.rstrip().rstrip("|").rstrip() + f" | `{command_line()}` |" for row in rows]
-    lines = path.read_text().splitlines()
-    marker = f"`benchmarks/{script}`"
-    heading = next((i for i, line in enumerate(lines) if line.startswith("#") and marker in line), None)
-    if heading is None:
-        raise SystemExit(f"error: {path} has no section heading naming {marker}; add one with a table header")
-    last_row = None
-    for i in range(heading + 1, len(lines)):
-        if lines[i].startswith("#"):
-            break
-        if lines[i].startswith("|"):
-            last_row = i
-        elif last_row is not None and lines[i].strip() == "":
-            break
-    if last_row is None:
-        raise SystemExit(f"error: the section naming {marker} in {path} has no table header to add rows to")
-    new: List[str] = lines[: last_row + 1] + rows + lines[last_row + 1 :]
-    path.write_text("\n".join(new) + "\n")
-    print(f"recorded {len(rows)} row(s) in {os.path.relpath(path)}")
+def results_file(script: str, folder: Path = RESULTS) -> Path:
+    """``benchmarks/results/<script without its suffix>.jsonl``."""
+    return folder / f"{script.rsplit('.', 1)[0]}.jsonl"
+
+
+def read_results(script: str, folder: Path = RESULTS) -> List[Dict[str, str]]:
+    path = results_file(script, folder)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def record(script: str, rows: Iterable[str], folder: Path = RESULTS, columns: List[str] | None = None) -> None:
+    """Append ``rows`` ('| a | b |' strings, the cells of the script's table without the command) to the script's
+    results file as JSON objects, each with the command that produced it. The column names are ``columns``, or those
+    of the file's newest row; a row with another number of cells is refused (the table changed: pass ``columns``)."""
+    previous = read_results(script, folder)
+    if columns is None:
+        if not previous:
+            raise SystemExit(f"error: {results_file(script, folder)} is empty: give the column names (columns=...)")
+        columns = [key for key in previous[-1] if key not in ("section", "command")]
+    section = previous[-1].get("section") if previous else None
+    records = []
+    for row in rows:
+        cells = [cell.strip() for cell in row.strip().strip("|").split(" | ")]
+        if len(cells) != len(columns):
+            raise SystemExit(f"error: a row of {len(cells)} cells for the {len(columns)} columns {columns}: {row}")
+        records.append({**({"section": section} if section else {}), **dict(zip(columns, cells)),
+                        "command": f"`{command_line()}`"})  # fmt: skip
+    path = results_file(script, folder)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        for item in records:
+            f.write(json.dumps(item, ensure_ascii=False) + "\n")
+    print(f"recorded {len(records)} row(s) in {os.path.relpath(path)}")

@@ -64,7 +64,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--record", action="store_true", help="append the rows to docs/performance.md")
+    parser.add_argument("--record", action="store_true", help="append the rows to benchmarks/results/")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="shard-bench-", dir=REPO / "data" if (REPO / "data").is_dir() else None))
     try:

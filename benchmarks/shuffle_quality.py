@@ -96,7 +96,7 @@ def main() -> None:
     parser.add_argument("--world", type=int, default=8)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--buffers", type=int, nargs="+", default=[0, 1024, 4096, 16384])
-    parser.add_argument("--record", action="store_true", help="add the rows to docs/performance.md")
+    parser.add_argument("--record", action="store_true", help="add the rows to benchmarks/results/")
     args = parser.parse_args()
     start = time.perf_counter()
     labels = class_layout(args.samples, args.classes)

@@ -98,7 +98,7 @@ def main() -> None:
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="passed to pretrain.py")
     parser.add_argument("--json", action="store_true", help="print one JSON line per stage")
-    parser.add_argument("--record", action="store_true", help="add the rows to docs/performance.md")
+    parser.add_argument("--record", action="store_true", help="add the rows to benchmarks/results/")
     args = parser.parse_args()
     if not Path(args.data, "_info.json").exists():
         if Path(args.data).resolve() != (REPO / "data" / "demo" / "in22k").resolve():

@@ -36,20 +36,28 @@ def test_every_row_names_the_processor_its_isa_torch_dispatch_and_threads():
     assert f"torch {info['torch_cpu_capability']}" in row
 
 
-def test_record_inserts_rows_into_the_scripts_own_table(tmp_path):
-    doc = tmp_path / "performance.md"
-    doc.write_text(
-        "# Performance\n\n## A (`benchmarks/a.py`)\n\ntext\n\n| x | command |\n|---|---|\n| 1 | `old` |\n\n"
-        "after A\n\n## B (`benchmarks/b.py`)\n\n| y | command |\n|---|---|\n"
-    )
-    results.record("a.py", ["| 2 |"], path=doc)
-    results.record("b.py", ["| 3 |", "| 4 |"], path=doc)
-    lines = doc.read_text().splitlines()
-    assert lines[lines.index("| 1 | `old` |") + 1].startswith("| 2 | `python ")
-    assert lines[lines.index("after A") - 2].startswith("| 2 |")
-    assert [line[:5] for line in lines[-2:]] == ["| 3 |", "| 4 |"]
-    with pytest.raises(SystemExit, match="no section heading"):
-        results.record("c.py", ["| 5 |"], path=doc)
+def test_record_appends_rows_to_the_scripts_own_results_file(tmp_path):
+    (tmp_path / "a.jsonl").write_text(json.dumps({"section": "A", "x": "1", "y": "p", "command": "`old`"}) + "\n")
+    results.record("a.py", ["| 2 | q |", "| 3 | r |"], folder=tmp_path)
+    results.record("b.py", ["| 4 |"], folder=tmp_path, columns=["z"])
+    rows = results.read_results("a.py", folder=tmp_path)
+    assert [(r["section"], r["x"], r["y"]) for r in rows] == [("A", "1", "p"), ("A", "2", "q"), ("A", "3", "r")]
+    assert rows[-1]["command"].startswith("`python ")
+    assert [r["z"] for r in results.read_results("b.py", folder=tmp_path)] == ["4"]
+    with pytest.raises(SystemExit):  # another number of cells than the table's columns
+        results.record("a.py", ["| 5 |"], folder=tmp_path)
+    with pytest.raises(SystemExit):  # a new benchmark names its columns
+        results.record("c.py", ["| 5 |"], folder=tmp_path)
+    assert len(results.read_results("a.py", folder=tmp_path)) == 3
+
+
+def test_every_results_file_parses_and_its_newest_row_names_the_columns_record_uses():
+    files = sorted(results.RESULTS.glob("*.jsonl"))
+    assert {p.stem for p in files} >= {"model_speed", "profile_step", "loader_speed", "train_speed", "shard_speed"}
+    for path in files:
+        rows = results.read_results(path.name)
+        assert rows and all(isinstance(row, dict) for row in rows), path
+        assert {"date", "versions"} & set(rows[-1]) or "machine" in rows[-1], path
 
 
 @pytest.mark.slow  # runs a benchmark script end to end (seconds of measuring)
