@@ -15,7 +15,7 @@ Variants are registered with timm (``import conv2former; timm.create_model("conv
 ``python -m conv2former.complexity --table`` prints parameters and MACs of every variant next to the paper.
 """
 
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union, cast
 
 import torch
 import torch.nn as nn
@@ -159,8 +159,23 @@ def _classifier_head(in_dim: int, head_dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(in_dim, head_dim, 1), nn.GELU(), LayerNorm2d(head_dim, eps=1e-6))
 
 
-def _run_blocks(blocks: Iterable[nn.Module], x: torch.Tensor, checkpointing: bool) -> torch.Tensor:
-    """Run ``blocks`` in order; with ``checkpointing``, recompute each one's activations in the backward pass.
+def _conv_stem(in_chans: int, mid: int, out: int, middle_stride: int, patch: int) -> nn.Sequential:
+    """The three-convolution stem: conv3x3/2 -> GELU -> BN, conv3x3/``middle_stride`` -> GELU -> BN, then a
+    ``patch`` x ``patch`` convolution of that stride; no conv biases, fp32 BatchNorm. The hierarchical models' stem
+    (strides 2, 1, 2: to stride 4) and the isotropic "3 Convs" stem (2, 2, 4: to stride 16)."""
+    return nn.Sequential(
+        nn.Conv2d(in_chans, mid, 3, stride=2, padding=1, bias=False),
+        nn.GELU(),
+        BatchNorm2dFP32(mid),
+        nn.Conv2d(mid, mid, 3, stride=middle_stride, padding=1, bias=False),
+        nn.GELU(),
+        BatchNorm2dFP32(mid),
+        nn.Conv2d(mid, out, patch, stride=patch, bias=False),
+    )
+
+
+def _run_blocks(blocks: Any, x: torch.Tensor, checkpointing: bool) -> torch.Tensor:
+    """Run ``blocks`` (an ``nn.Sequential`` or a list of blocks) in order; with ``checkpointing``, recompute each one's activations in the backward pass.
 
     Checkpointing applies only where a backward pass will follow: not under no_grad, and not while torch.fx traces
     the model (a traced graph runs the blocks plainly: checkpointing is not a graph operation). Never compiled by
@@ -193,11 +208,66 @@ def _check_pool(global_pool: str) -> str:
 
 
 class _ClassifierMixin:
-    """The timm classifier interface shared by both model families (``head`` before pooling, then ``pred``).
+    """What both model families share: timm's classifier interface (``head`` before pooling, then ``pred``), the
+    feature interface (``forward_intermediates``, ``prune_intermediate_layers``) and activation checkpointing.
 
-    Subclasses set ``head`` (conv1x1, GELU, LayerNorm2d), ``pred``, ``num_classes``, ``head_hidden_size`` and
-    ``global_pool``.
+    Subclasses set ``head`` (conv1x1, GELU, LayerNorm2d), ``pred``, ``num_classes``, ``head_hidden_size``,
+    ``global_pool`` and ``grad_checkpointing``, and say what their feature levels are: ``_levels()`` (each level's
+    input module and its blocks, in order) and ``_keep_levels(n)`` (drop the levels after the first ``n``).
     """
+
+    if TYPE_CHECKING:  # what the subclasses provide (declared for the type checker only: TorchScript reads annotations)
+        grad_checkpointing: bool
+        global_pool: str
+        num_classes: int
+        head_hidden_size: int
+        head: nn.Module
+        pred: nn.Module
+
+        def forward_features(self, x: torch.Tensor) -> torch.Tensor: ...
+
+        def _levels(self) -> List[Tuple[Callable[[torch.Tensor], torch.Tensor], Any]]: ...
+
+        def _keep_levels(self, count: int) -> None: ...
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass (saves memory at large inputs)."""
+        self.grad_checkpointing = enable
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Each level's output (the stages: strides 4/8/16/32; the isotropic blocks: 16) for dense tasks;
+        ``indices`` as in timm."""
+        if output_fmt != "NCHW":
+            raise ValueError("Conv2Former features are NCHW")
+        levels = self._levels()
+        take, max_index = feature_take_indices(len(levels), indices)
+        intermediates = []
+        last = len(levels) - 1 if not stop_early else max_index
+        for i in range(last + 1):
+            before, blocks = levels[i]
+            x = _run_blocks(blocks, before(x), self.grad_checkpointing)
+            if i in take:
+                intermediates.append(x)
+        return intermediates if intermediates_only else (x, intermediates)
+
+    def prune_intermediate_layers(
+        self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> List[int]:
+        take, max_index = feature_take_indices(len(self._levels()), indices)
+        self._keep_levels(max_index + 1)
+        if prune_head:
+            self.head = nn.Sequential()
+            self.reset_classifier(0)
+        return take
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
@@ -228,8 +298,9 @@ class Conv2Former(_ClassifierMixin, nn.Module):
     """Hierarchical Conv2Former (variants N/T/S/B/L of the paper).
 
     ``fast_depthwise`` (default True) computes the depthwise convolutions (the k x k modulation and the MLP's 3x3)
-    the way conv2former/depthwise.py chose for this processor and shape (same parameters, same math); False is the
-    plain ``nn.Conv2d`` everywhere.
+    the way the process's depthwise chooser says, where one is installed (conv2former/depthwise.py; the engine
+    installs conv2former/cpu's tuner on CPU runs): same parameters, same math. False is the plain ``nn.Conv2d``
+    everywhere.
     """
 
     def __init__(
@@ -263,19 +334,7 @@ class Conv2Former(_ClassifierMixin, nn.Module):
         self.head_hidden_size = head_dim
         self.grad_checkpointing = False
 
-        stem_dim = dims[0] // 2
-        self.downsample_layers = nn.ModuleList()
-        self.downsample_layers.append(
-            nn.Sequential(
-                nn.Conv2d(in_chans, stem_dim, 3, stride=2, padding=1, bias=False),
-                nn.GELU(),
-                BatchNorm2dFP32(stem_dim),
-                nn.Conv2d(stem_dim, stem_dim, 3, stride=1, padding=1, bias=False),
-                nn.GELU(),
-                BatchNorm2dFP32(stem_dim),
-                nn.Conv2d(stem_dim, dims[0], 2, stride=2, bias=False),
-            )
-        )
+        self.downsample_layers = nn.ModuleList([_conv_stem(in_chans, dims[0] // 2, dims[0], middle_stride=1, patch=2)])
         for i in range(3):
             self.downsample_layers.append(
                 nn.Sequential(
@@ -325,11 +384,6 @@ class Conv2Former(_ClassifierMixin, nn.Module):
             ],
         )
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block's activations in the backward pass (saves memory at large inputs)."""
-        self.grad_checkpointing = enable
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         for downsample, stage in zip(self.downsample_layers, self.stages):
             x = downsample(x)
@@ -339,37 +393,12 @@ class Conv2Former(_ClassifierMixin, nn.Module):
                 x = stage(x)
         return x
 
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: Optional[Union[int, List[int]]] = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Stage outputs (strides 4/8/16/32) for dense tasks; ``indices`` as in timm."""
-        if output_fmt != "NCHW":
-            raise ValueError("Conv2Former features are NCHW")
-        take, max_index = feature_take_indices(len(self.stages), indices)
-        intermediates = []
-        last = len(self.stages) - 1 if not stop_early else max_index
-        for i in range(last + 1):
-            x = _run_blocks(self.stages[i], self.downsample_layers[i](x), self.grad_checkpointing)
-            if i in take:
-                intermediates.append(x)
-        return intermediates if intermediates_only else (x, intermediates)
+    def _levels(self) -> List[Tuple[Callable[[torch.Tensor], torch.Tensor], Any]]:
+        return list(zip(self.downsample_layers, self.stages))
 
-    def prune_intermediate_layers(
-        self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True
-    ) -> List[int]:
-        take, max_index = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[: max_index + 1]
-        self.downsample_layers = self.downsample_layers[: max_index + 1]
-        if prune_head:
-            self.head = nn.Sequential()
-            self.reset_classifier(0)
-        return take
+    def _keep_levels(self, count: int) -> None:
+        self.stages = self.stages[:count]
+        self.downsample_layers = self.downsample_layers[:count]
 
 
 class Conv2FormerIsotropic(_ClassifierMixin, nn.Module):
@@ -409,16 +438,7 @@ class Conv2FormerIsotropic(_ClassifierMixin, nn.Module):
         if stem == "patch":
             self.stem = nn.Sequential(nn.Conv2d(in_chans, dim, 16, stride=16))
         elif stem == "convs":
-            mid = dim // 4
-            self.stem = nn.Sequential(
-                nn.Conv2d(in_chans, mid, 3, stride=2, padding=1, bias=False),
-                nn.GELU(),
-                BatchNorm2dFP32(mid),
-                nn.Conv2d(mid, mid, 3, stride=2, padding=1, bias=False),
-                nn.GELU(),
-                BatchNorm2dFP32(mid),
-                nn.Conv2d(mid, dim, 4, stride=4, bias=False),
-            )
+            self.stem = _conv_stem(in_chans, dim // 4, dim, middle_stride=2, patch=4)
         else:
             raise ValueError(f"unknown isotropic stem {stem!r}: choose 'patch' or 'convs'")
         rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
@@ -437,46 +457,21 @@ class Conv2FormerIsotropic(_ClassifierMixin, nn.Module):
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
         return dict(stem=r"^stem\.", blocks=r"^blocks\.(\d+)\.")
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
             return _run_blocks(self.blocks, x, checkpointing=True)
         return self.blocks(x)
 
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: Optional[Union[int, List[int]]] = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        if output_fmt != "NCHW":
-            raise ValueError("Conv2Former features are NCHW")
-        take, max_index = feature_take_indices(len(self.blocks), indices)
-        intermediates = []
-        x = self.stem(x)
-        last = len(self.blocks) - 1 if not stop_early else max_index
-        for i in range(last + 1):
-            x = _run_blocks([self.blocks[i]], x, self.grad_checkpointing)
-            if i in take:
-                intermediates.append(x)
-        return intermediates if intermediates_only else (x, intermediates)
+    def _levels(self) -> List[Tuple[Callable[[torch.Tensor], torch.Tensor], Any]]:
+        return [(self.stem if i == 0 else _identity, [block]) for i, block in enumerate(self.blocks)]
 
-    def prune_intermediate_layers(
-        self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True
-    ) -> List[int]:
-        take, max_index = feature_take_indices(len(self.blocks), indices)
-        self.blocks = self.blocks[: max_index + 1]
-        if prune_head:
-            self.head = nn.Sequential()
-            self.reset_classifier(0)
-        return take
+    def _keep_levels(self, count: int) -> None:
+        self.blocks = self.blocks[:count]
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -548,7 +543,7 @@ def _variant_cfgs(name: str, spec: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
     """Three tags per variant: the 1k model at 224 (the default), the ImageNet-22k pretraining head (21,841 classes in
     timm's imagenet-22k order, so ``timm.data.ImageNetInfo`` names them) and the 1k model fine-tuned at 384 (our
     finetune_384 recipe: squash to 384, no crop)."""
-    extra = dict(first_conv="stem.0", reduction=16) if spec.get("isotropic") else {}
+    extra: Dict[str, Any] = dict(first_conv="stem.0", reduction=16) if spec.get("isotropic") else {}
     return {
         f"{name}.untrained": _cfg(**extra),
         f"{name}.in22k": _cfg(num_classes=21841, **extra),
@@ -601,55 +596,55 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
 
 @register_model
 def conv2former_n(pretrained: bool = False, **kwargs: Any) -> Conv2Former:
-    return _create("conv2former_n", pretrained, **kwargs)
+    return cast(Conv2Former, _create("conv2former_n", pretrained, **kwargs))
 
 
 @register_model
 def conv2former_t(pretrained: bool = False, **kwargs: Any) -> Conv2Former:
-    return _create("conv2former_t", pretrained, **kwargs)
+    return cast(Conv2Former, _create("conv2former_t", pretrained, **kwargs))
 
 
 @register_model
 def conv2former_s(pretrained: bool = False, **kwargs: Any) -> Conv2Former:
-    return _create("conv2former_s", pretrained, **kwargs)
+    return cast(Conv2Former, _create("conv2former_s", pretrained, **kwargs))
 
 
 @register_model
 def conv2former_b(pretrained: bool = False, **kwargs: Any) -> Conv2Former:
-    return _create("conv2former_b", pretrained, **kwargs)
+    return cast(Conv2Former, _create("conv2former_b", pretrained, **kwargs))
 
 
 @register_model
 def conv2former_b_22k(pretrained: bool = False, **kwargs: Any) -> Conv2Former:
-    return _create("conv2former_b_22k", pretrained, **kwargs)
+    return cast(Conv2Former, _create("conv2former_b_22k", pretrained, **kwargs))
 
 
 @register_model
 def conv2former_l(pretrained: bool = False, **kwargs: Any) -> Conv2Former:
-    return _create("conv2former_l", pretrained, **kwargs)
+    return cast(Conv2Former, _create("conv2former_l", pretrained, **kwargs))
 
 
 @register_model
 def conv2former_demo(pretrained: bool = False, **kwargs: Any) -> Conv2Former:
     """A tiny Conv2Former (same blocks) that trains at a few steps per second on 2 CPU cores."""
-    return _create("conv2former_demo", pretrained, **kwargs)
+    return cast(Conv2Former, _create("conv2former_demo", pretrained, **kwargs))
 
 
 @register_model
 def conv2former_is(pretrained: bool = False, **kwargs: Any) -> Conv2FormerIsotropic:
-    return _create("conv2former_is", pretrained, **kwargs)
+    return cast(Conv2FormerIsotropic, _create("conv2former_is", pretrained, **kwargs))
 
 
 @register_model
 def conv2former_is_convs(pretrained: bool = False, **kwargs: Any) -> Conv2FormerIsotropic:
-    return _create("conv2former_is_convs", pretrained, **kwargs)
+    return cast(Conv2FormerIsotropic, _create("conv2former_is_convs", pretrained, **kwargs))
 
 
 @register_model
 def conv2former_ib(pretrained: bool = False, **kwargs: Any) -> Conv2FormerIsotropic:
-    return _create("conv2former_ib", pretrained, **kwargs)
+    return cast(Conv2FormerIsotropic, _create("conv2former_ib", pretrained, **kwargs))
 
 
 @register_model
 def conv2former_ib_convs(pretrained: bool = False, **kwargs: Any) -> Conv2FormerIsotropic:
-    return _create("conv2former_ib_convs", pretrained, **kwargs)
+    return cast(Conv2FormerIsotropic, _create("conv2former_ib_convs", pretrained, **kwargs))
