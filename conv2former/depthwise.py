@@ -155,12 +155,7 @@ def use_chooser(chooser: Optional[Chooser]) -> Optional[Chooser]:
 
 
 def _formulation(x: torch.Tensor, weight: torch.Tensor) -> Formulation:
-    if (
-        _chooser is None
-        or x.dtype not in SUPPORTED_DTYPES
-        or weight.dtype != x.dtype
-        or _autocast_on(x.device.type)
-    ):
+    if _chooser is None or x.dtype not in SUPPORTED_DTYPES or weight.dtype != x.dtype or _autocast_on(x.device.type):
         return PLAIN
     return _chooser(x, weight) or PLAIN
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Optional
+from typing import Optional, Union
 
 from conv2former.errors import UserError
 
@@ -20,7 +20,7 @@ def human(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-def parse_bytes(value, key: str = "data.cache_limit") -> Optional[int]:
+def parse_bytes(value: Union[None, int, float, str], key: str = "data.cache_limit") -> Optional[int]:
     """None, a number of bytes, or a string such as ``200GB`` / ``1.5TiB``; anything else is a one-line error."""
     if value is None or value == "":
         return None

@@ -27,7 +27,7 @@ from nvidia.dali.plugin.pytorch import feed_ndarray
 from conv2former.config import DataConfig
 from conv2former.data import shard_format as fmt
 from conv2former.data.base import ShardLoader
-from conv2former.data.dali_randaugment import fill_colour, rand_augment
+from conv2former.data.dali_randaugment import Node, fill_colour, rand_augment
 from conv2former.data.shards import SplitShards, sample_seed, shard_problem, slice_index
 
 READER = "reader"
@@ -35,7 +35,7 @@ READER_LAYOUT = "rank-slices"  # each rank's reader holds its own samples (a DAL
 
 # Decoder memory settings from NVIDIA's ImageNet examples: enough to decode full-size ImageNet JPEGs without
 # reallocating, and the share of images sent to the hardware JPEG decoder (A100/H100).
-GPU_DECODER_ARGS = dict(
+GPU_DECODER_ARGS: Dict[str, Any] = dict(
     device_memory_padding=211025920,
     host_memory_padding=140544512,
     preallocate_width_hint=5980,
@@ -44,7 +44,7 @@ GPU_DECODER_ARGS = dict(
 )
 
 
-def _reader(paths, index_paths, train: bool, buffer: int):
+def _reader(paths: List[str], index_paths: List[str], train: bool, buffer: int) -> Any:
     """The webdataset reader over this rank's own samples (``DaliLoader._rank_files``): no DALI sharding."""
     return fn.readers.webdataset(
         paths=paths,
@@ -61,7 +61,13 @@ def _reader(paths, index_paths, train: bool, buffer: int):
     )
 
 
-def _normalize(images, cfg: DataConfig, mirror=None, crop: Optional[Tuple[int, int]] = None, crop_pos=(0.5, 0.5)):
+def _normalize(
+    images: Node,
+    cfg: DataConfig,
+    mirror: Optional[Node] = None,
+    crop: Optional[Tuple[int, int]] = None,
+    crop_pos: Tuple[Any, Any] = (0.5, 0.5),
+) -> Node:
     kwargs: Dict[str, Any] = {}
     if crop is not None:
         kwargs.update(crop=crop, crop_pos_y=crop_pos[0], crop_pos_x=crop_pos[1])
@@ -76,7 +82,7 @@ def _normalize(images, cfg: DataConfig, mirror=None, crop: Optional[Tuple[int, i
     )
 
 
-def train_graph(cfg: DataConfig, paths, index_paths, gpu: bool):
+def train_graph(cfg: DataConfig, paths: List[str], index_paths: List[str], gpu: bool) -> Tuple[Node, Node]:
     jpg, label = _reader(paths, index_paths, True, cfg.shuffle_buffer)
     aug = cfg.augment
     images = fn.decoders.image_random_crop(
@@ -103,7 +109,7 @@ def train_graph(cfg: DataConfig, paths, index_paths, gpu: bool):
     return _normalize(images, cfg, mirror=mirror), label
 
 
-def eval_graph(cfg: DataConfig, paths, index_paths, gpu: bool):
+def eval_graph(cfg: DataConfig, paths: List[str], index_paths: List[str], gpu: bool) -> Tuple[Node, Node]:
     jpg, label = _reader(paths, index_paths, False, 1)
     images = fn.decoders.image(
         jpg,
@@ -126,7 +132,7 @@ def eval_graph(cfg: DataConfig, paths, index_paths, gpu: bool):
     return _normalize(images, cfg, crop=(size, size), crop_pos=(_center(new_h, size), _center(new_w, size))), label
 
 
-def _center(length, crop: int):
+def _center(length: Node, crop: int) -> Node:
     """crop_pos giving torchvision's CenterCrop offset int(round((length - crop) / 2)) (round half to even)."""
     d = length - crop
     k = dmath.floor(d / 2)
@@ -147,7 +153,7 @@ class DaliLoader(ShardLoader):
     ) -> None:
         super().__init__(cfg, shards, train, rank, world_size, device, backend="dali-gpu" if gpu else "dali-cpu")
         self.gpu = gpu
-        self._pipe = None
+        self._pipe: Any = None  # the built DALI pipeline (None: built at the next batch)
         self._checkpoint: Optional[bytes] = None
         self._slice_dir: Optional[str] = None  # this rank's indexes of partly read shards
 
@@ -157,7 +163,7 @@ class DaliLoader(ShardLoader):
         cfg, rank, gpu = self.cfg, self.rank, self.gpu
 
         @pipeline_def(enable_conditionals=True)
-        def pipeline():
+        def pipeline() -> Tuple[Node, Node]:
             return graph(cfg, paths, index_paths, gpu)
 
         with warnings.catch_warnings():  # some DALI operators call deprecated aliases of others internally

@@ -25,7 +25,7 @@ per-image change).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Optional, Sequence, Tuple
 
 import numpy as np
 from nvidia.dali import fn, types
@@ -49,41 +49,42 @@ OPS = (
     "TranslateXRel",
     "TranslateYRel",
 )
+Node = Any  # a DALI DataNode (DALI's operators carry no static types)
 LUMA = np.array([19595, 38470, 7471], dtype=np.float32) / 65536  # PIL's convert("L"): (R*19595 + ... + 0x8000) >> 16
 SMOOTH = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], dtype=np.float32) / 13  # PIL's ImageFilter.SMOOTH
 
 
-def fill_colour(mean: Sequence[float]) -> tuple:
+def fill_colour(mean: Sequence[float]) -> Tuple[int, ...]:
     """timm's ``img_mean`` fill: the normalisation mean on the 0-255 scale, rounded."""
     return tuple(min(255, round(255 * m)) for m in mean)
 
 
-def _on(value, data):
+def _on(value: Node, data: Node) -> Node:
     """A per-sample CPU scalar ``value`` where arithmetic with ``data`` can use it (the GPU when data is there)."""
     return value.gpu() if getattr(data, "device", "cpu") == "gpu" else value
 
 
-def _u8(values):
+def _u8(values: Node) -> Node:
     """Float pixel values to uint8 the way PIL stores them: truncated, then clipped to 0..255."""
     return fn.cast(dmath.clamp(dmath.floor(values), 0.0, 255.0), dtype=types.UINT8)
 
 
-def _float(images):
+def _float(images: Node) -> Node:
     return fn.cast(images, dtype=types.FLOAT)
 
 
-def _gray(images_f):
+def _gray(images_f: Node) -> Node:
     """PIL's luma (``convert("L")``), rounded as PIL rounds it, one channel, float."""
     luma = fn.reductions.sum(images_f * types.Constant(LUMA), axis_names="C", keep_dims=True)
     return dmath.floor(luma + 0.5)
 
 
-def _blend(degenerate_f, images_f, factor, images):
+def _blend(degenerate_f: Node, images_f: Node, factor: Node, images: Node) -> Node:
     """PIL's ``Image.blend(degenerate, image, factor)``: degenerate + factor * (image - degenerate), truncated."""
     return _u8(degenerate_f + _on(factor, images) * (images_f - degenerate_f))
 
 
-def auto_contrast(images):
+def auto_contrast(images: Node) -> Node:
     lo = _float(fn.reductions.min(images, axis_names="HW", keep_dims=True))
     hi = _float(fn.reductions.max(images, axis_names="HW", keep_dims=True))
     spread = hi - lo
@@ -92,53 +93,55 @@ def auto_contrast(images):
     return _u8(stretched * (keep ^ True) + _float(images) * keep)
 
 
-def invert(images):
+def invert(images: Node) -> Node:
     return types.Constant(255, dtype=types.UINT8) - images
 
 
-def posterize(images, magnitude):
+def posterize(images: Node, magnitude: Node) -> Node:
     bits = 4.0 - dmath.floor(magnitude * 0.4)  # timm: 4 - int(m / 10 * 4) bits kept
     mask = fn.cast(256.0 - dmath.pow(2.0, 8.0 - bits), dtype=types.UINT8)
     return images & _on(mask, images)
 
 
-def solarize(images, magnitude):
+def solarize(images: Node, magnitude: Node) -> Node:
     threshold = _on(256.0 - dmath.min(dmath.floor(magnitude * 25.6), 256.0), images)
     f = _float(images)
     below = f < threshold
     return _u8(f * below + (255.0 - f) * (below ^ True))
 
 
-def solarize_add(images, magnitude):
+def solarize_add(images: Node, magnitude: Node) -> Node:
     add = _on(dmath.min(dmath.floor(magnitude * 11.0), 128.0), images)
     f = _float(images)
     below = f < 128.0
     return _u8(dmath.min(f + add, 255.0) * below + f * (below ^ True))
 
 
-def color(images, factor):
+def color(images: Node, factor: Node) -> Node:
     f = _float(images)
     return _blend(_gray(f), f, factor, images)
 
 
-def contrast(images, factor):
+def contrast(images: Node, factor: Node) -> Node:
     f = _float(images)
     mean = dmath.floor(fn.reductions.mean(_gray(f), axis_names="HWC", keep_dims=True) + 0.5)
     return _blend(mean, f, factor, images)
 
 
-def brightness(images, factor):
+def brightness(images: Node, factor: Node) -> Node:
     f = _float(images)
     return _u8(f * _on(factor, images))
 
 
-def sharpness(images, factor):
-    kernel = fn.constant(fdata=SMOOTH.ravel().tolist(), shape=[3, 3], dtype=types.FLOAT, device=images.device)
+def sharpness(images: Node, factor: Node) -> Node:
+    kernel = fn.constant(  # type: ignore[attr-defined]
+        fdata=SMOOTH.ravel().tolist(), shape=[3, 3], dtype=types.FLOAT, device=images.device
+    )
     smooth = _float(fn.filter(images, kernel, border="clamp"))  # the kernel where the images are (as DALI's auto_aug)
     return _blend(smooth, _float(images), factor, images)
 
 
-def _warp(images, fill, matrix=None, angle=None):
+def _warp(images: Node, fill: Node, matrix: Optional[Node] = None, angle: Optional[Node] = None) -> Node:
     """An affine warp (``matrix``: output -> input, as PIL's) or a rotation about the centre, bilinear, whose
     outside is ``fill``: the mean is taken off before the warp (filled with 0) and put back after it."""
     mean = types.Constant(np.array(fill, dtype=np.float32))
@@ -150,19 +153,19 @@ def _warp(images, fill, matrix=None, angle=None):
     return _u8(dmath.floor(out + mean + 0.5))
 
 
-def shear(images, amount, axis: int, fill):
+def shear(images: Node, amount: Node, axis: int, fill: Node) -> Node:
     # PIL's (1, f, 0, 0, 1, 0) for x: input x = out x + f * out y (the matrix maps output to input)
     pair = fn.stack(amount, amount * 0.0) if axis == 0 else fn.stack(amount * 0.0, amount)
     return _warp(images, fill, matrix=fn.transforms.shear(shear=pair))
 
 
-def translate(images, fraction, axis: int, side: int, fill):
+def translate(images: Node, fraction: Node, axis: int, side: int, fill: Node) -> Node:
     pixels = fraction * float(side)  # PIL's (1, 0, pixels, 0, 1, 0): input x = out x + pixels
     pair = fn.stack(pixels, pixels * 0.0) if axis == 0 else fn.stack(pixels * 0.0, pixels)
     return _warp(images, fill, matrix=fn.transforms.translation(offset=pair))
 
 
-def _apply(images, op, magnitude, sign, shape, fill):
+def _apply(images: Node, op: Node, magnitude: Node, sign: Node, shape: Node, fill: Node) -> Node:
     """The op with index ``op`` (a per-sample DataNode) at ``magnitude``; DALI runs each branch on its samples."""
     signed = magnitude * sign
     enhance = dmath.max(1.0 + signed * 0.09, 0.1)
@@ -199,7 +202,7 @@ def _apply(images, op, magnitude, sign, shape, fill):
     return images
 
 
-def rand_augment(images, n: int, m: float, shape, fill, mstd: float = 0.5, prob: float = 0.5):
+def rand_augment(images: Node, n: int, m: float, shape: Node, fill: Node, mstd: float = 0.5, prob: float = 0.5) -> Node:
     """timm's ``rand-m{m}-n{n}-mstd{mstd}-inc1`` (per-op probability ``prob``) on uint8 HWC ``images`` of
     ``shape`` (height, width), warps filled with ``fill`` (RGB, 0-255). Needs ``enable_conditionals=True``."""
     for _ in range(n):

@@ -28,7 +28,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 import fsspec
 
@@ -101,8 +101,8 @@ class ShardCache:
         self.stats = FetchStats()
         self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="c2f-fetch")
         self._held: Dict[str, int] = {}  # local path -> fd of its lock file, held shared
-        self._pinned: set = set()  # held for the whole run (the indexes)
-        self._inflight: Dict[str, Future] = {}
+        self._pinned: Set[str] = set()  # held for the whole run (the indexes)
+        self._inflight: Dict[str, "Future[None]"] = {}
         self._mutex = threading.Lock()
         self._evict_mutex = threading.Lock()
         try:
@@ -145,7 +145,7 @@ class ShardCache:
         for w in wanted:
             self._submit(w, background=True)
 
-    def _submit(self, w: Wanted, background: bool = False) -> Future:
+    def _submit(self, w: Wanted, background: bool = False) -> "Future[None]":
         with self._mutex:
             future = self._inflight.get(w.local)
             if future is not None and not (future.done() and future.exception() is not None and not background):
@@ -271,6 +271,7 @@ class ShardCache:
                 if os.path.exists(tmp):
                     os.remove(tmp)
             time.sleep(self.backoff * 2**attempt)
+        assert last is not None  # (every try ended in an error it kept)
         raise OSError(f"could not be fetched after {self.retries + 1} tries ({remote_problem(w.url, last)})")
 
     # -- the bound --------------------------------------------------------------------------------------------------
@@ -363,11 +364,11 @@ class _locked:
     def __init__(self, path: str) -> None:
         self.path = path
 
-    def __enter__(self):
+    def __enter__(self) -> None:
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         fcntl.flock(self.fd, fcntl.LOCK_EX)
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         os.close(self.fd)
 
 

@@ -18,8 +18,8 @@ import torch.distributed as dist
 
 from conv2former.engine import disk
 from conv2former.engine.state import CheckpointState, gather
-from conv2former.units import human
 from conv2former.errors import CheckpointFault
+from conv2former.units import human
 
 Engine = Any  # a deepspeed.DeepSpeedEngine
 COMPLETE = "complete"  # written into a tag after every rank has saved its part

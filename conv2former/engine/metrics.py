@@ -9,7 +9,7 @@ import os
 import resource
 import sys
 import time
-from typing import Dict, Optional
+from typing import Any, Dict, Optional, TextIO
 
 import torch
 from tqdm import tqdm
@@ -54,7 +54,8 @@ class Metrics:
 
     def __init__(self, output: str, rank: int, total_steps: int, initial_step: int, desc: str) -> None:
         self.rank = rank
-        self.tb = self.jsonl = None
+        self.tb: Optional[Any] = None  # TensorBoard's SummaryWriter, rank 0
+        self.jsonl: Optional[TextIO] = None
         if rank == 0:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -89,7 +90,7 @@ class Metrics:
 
     # records
     def scalars(self, step: int, values: Dict[str, float], kind: str = "train") -> None:
-        if self.rank:
+        if self.tb is None or self.jsonl is None:  # (the other ranks, or after close)
             return
         for key, value in values.items():
             self.tb.add_scalar(f"{kind}/{key}", value, step)
@@ -119,5 +120,7 @@ class Metrics:
         if self.tb is not None:
             self.tb.flush()
             self.tb.close()
+            self.tb = None
+        if self.jsonl is not None:
             self.jsonl.close()
-            self.tb = self.jsonl = None
+            self.jsonl = None

@@ -24,11 +24,11 @@ class Preemption:
     def __init__(self) -> None:
         self.requested = False
         self._flag: Optional[torch.Tensor] = None  # created at the first poll
-        self._work = None
+        self._work: Optional[dist.Work] = None
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handler)
 
-    def _handler(self, signum, frame) -> None:
+    def _handler(self, signum: int, frame: object) -> None:
         self.requested = True
 
     def poll(self, device: torch.device) -> bool:

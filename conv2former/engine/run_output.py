@@ -20,6 +20,7 @@ checkpoint being complete across ranks) mirrors a run to an object store.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -28,7 +29,7 @@ import re
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import fsspec
 import torch.distributed as dist
@@ -176,7 +177,7 @@ class RunOutput:
             local_path = os.path.join(self.local, *rel.split("/"))
             if not os.path.exists(local_path):
                 os.makedirs(os.path.dirname(local_path), exist_ok=True)
-                _retry(lambda r=remote_path, p=local_path: self.fs.get_file(r, p))
+                _retry(functools.partial(self.fs.get_file, remote_path, local_path))
                 self.stats["downloaded_bytes"] += os.path.getsize(local_path)
             st = os.stat(local_path)
             self.uploaded[rel] = (st.st_size, st.st_mtime_ns)
@@ -283,7 +284,7 @@ class RunOutput:
         self.uploaded.update(marks)
         return None
 
-    def write_summary(self, summary: Dict) -> None:
+    def write_summary(self, summary: Dict[str, Any]) -> None:
         """Rank 0: ``summary.json`` in the run folder (uploaded by the next push_files)."""
         if self.rank == 0:
             with open(os.path.join(self.local, "summary.json"), "w") as f:
