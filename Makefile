@@ -33,10 +33,12 @@ test-slow: $(STAMP)
 test-slurm: $(STAMP)
 	$(PYTEST) -m slurm
 
-# ruff: the formatter's check and the lint rules of pyproject.toml (CI runs this before the tests).
+# ruff: the formatter's check and the lint rules of pyproject.toml; mypy --strict on conv2former/ (CI runs this before
+# the tests).
 lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 table: $(STAMP)
 	$(PY) -m conv2former.complexity --table

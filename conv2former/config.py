@@ -152,7 +152,7 @@ class TrainConfig:
 def to_dict(cfg: Any) -> Dict[str, Any]:
     out = dataclasses.asdict(cfg)
 
-    def plain(value):
+    def plain(value: Any) -> Any:
         if isinstance(value, dict):
             return {k: plain(v) for k, v in value.items()}
         if isinstance(value, (list, tuple)):
@@ -251,7 +251,7 @@ def load_yaml(path: str) -> Dict[str, Any]:
     return data
 
 
-def field_docs(cls: type = None, prefix: str = "") -> Dict[str, str]:
+def field_docs(cls: Optional[type] = None, prefix: str = "") -> Dict[str, str]:
     """``{"section.key": the comment beside its declaration above}`` for every leaf field of ``TrainConfig``."""
     import inspect
     import re

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, cast
 
 import torch
 import torch.nn as nn
@@ -68,8 +68,9 @@ def transfer_head(
         raise UserError(f"unknown --head {mode!r}: choose synset or reinit")
     if not init_scale >= 0:
         raise UserError(f"finetune.head_init_scale must be >= 0 (ConvNeXt: 0.001), got {init_scale}")
-    fresh_w = model.pred.weight.detach().clone() * init_scale
-    fresh_b = torch.zeros_like(model.pred.bias.detach())
+    pred = cast(nn.Linear, model.pred)
+    fresh_w = pred.weight.detach().clone() * init_scale
+    fresh_b = torch.zeros_like(pred.bias.detach())
     if "pred.weight" not in state_dict:
         raise UserError("the pretrained weights have no classifier (pred.weight): pass --head reinit")
     rows = state_dict["pred.weight"].shape[0]

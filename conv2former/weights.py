@@ -78,7 +78,7 @@ def unwrap_state_dict(obj: Any) -> Dict[str, torch.Tensor]:
     return out
 
 
-def _looks_like_state_dict(obj: Mapping) -> bool:
+def _looks_like_state_dict(obj: Mapping[str, Any]) -> bool:
     return len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
@@ -231,7 +231,7 @@ def matching_variants(state_dict: Mapping[str, torch.Tensor]) -> List[str]:
     found = []
     kernel = state_dict.get("stages.0.0.attn.att.2.weight", state_dict.get("blocks.0.attn.att.2.weight"))
     for name in VARIANTS:
-        kwargs = {"kernel_size": kernel.shape[-1]} if kernel is not None else {}
+        kwargs: Dict[str, Any] = {"kernel_size": kernel.shape[-1]} if kernel is not None else {}
         with torch.device("meta"):
             model = timm.create_model(name, **kwargs)
         own = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith("pred.")}

@@ -15,12 +15,17 @@ import argparse
 import json
 import os
 import sys
-from typing import Dict, List
+from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Tuple
+
+if TYPE_CHECKING:
+    import torch
 
 from conv2former.errors import UserError, exit_on_user_error
 
 
-def eval_images(root: str, split: str, count: int, resolution: int, batch: int, crop_pct=1.0, crop_mode="squash"):
+def eval_images(
+    root: str, split: str, count: int, resolution: int, batch: int, crop_pct: float = 1.0, crop_mode: str = "squash"
+) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
     """(images, labels) batches of the split's first ``count`` images, by default squashed to resolution²."""
     from conv2former.config import DataConfig
     from conv2former.data.loader import first_eval_images
@@ -189,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 @exit_on_user_error
-def main(argv=None) -> int:
+def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     import torch
 

@@ -9,7 +9,7 @@ the model's prediction.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Any, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ import torch.nn as nn
 from conv2former.errors import UserError
 
 
-def _require_grad_cam():
+def _require_grad_cam() -> Any:
     try:
         import pytorch_grad_cam
     except ImportError:
@@ -58,12 +58,15 @@ def grad_cam(model: nn.Module, images: torch.Tensor, layer: Optional[str] = None
     return CamResult(np.asarray(maps), predicted, layer)
 
 
-def _fit(mask: np.ndarray, shape) -> np.ndarray:
+def _fit(mask: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     from PIL import Image
 
     if mask.shape == tuple(shape):
         return mask
-    return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(tuple(shape)[::-1], Image.NEAREST)) > 0
+    return (
+        np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((shape[1], shape[0]), Image.Resampling.NEAREST))
+        > 0
+    )
 
 
 def heat_inside(cam_map: np.ndarray, mask: np.ndarray) -> float:
@@ -82,10 +85,10 @@ def heat_ratio(cam_map: np.ndarray, mask: np.ndarray) -> float:
     return float(cam_map[mask].mean()) / outside if outside > 0 else float("inf")
 
 
-def overlays(images: torch.Tensor, maps: np.ndarray, mean, std) -> List[np.ndarray]:
+def overlays(images: torch.Tensor, maps: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> List[np.ndarray]:
     """The input images (un-normalised, RGB 0-1) with their maps blended over them (pytorch-grad-cam's colouring)."""
     from pytorch_grad_cam.utils.image import show_cam_on_image
 
     rgb = images.detach().cpu().float() * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
-    rgb = rgb.clamp(0, 1).permute(0, 2, 3, 1).numpy()
-    return [show_cam_on_image(img, cam_map, use_rgb=True) for img, cam_map in zip(rgb, maps)]
+    pictures = rgb.clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    return [show_cam_on_image(img, cam_map, use_rgb=True) for img, cam_map in zip(pictures, maps)]

@@ -3,7 +3,7 @@ sources, ablation keywords (``--model-kwargs kernel_size=21``)."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Sized, cast
 
 import timm
 import torch
@@ -36,7 +36,7 @@ def feature_stages(name: str, kwargs: Dict[str, Any]) -> List[int]:
         raise
     except Exception as err:  # timm raises several types for models without feature support or bad keywords
         raise UserError(f"{name} cannot give per-stage feature maps (timm features_only: {str(err)[:120]})") from None
-    return list(range(len(features.feature_info)))
+    return list(range(len(cast(Sized, features.feature_info))))
 
 
 class StageFeatures(nn.Module):
@@ -44,7 +44,8 @@ class StageFeatures(nn.Module):
 
     def __init__(self, model: nn.Module, stages: Sequence[int]) -> None:
         super().__init__()
-        self.model, self.stages = model, list(stages)
+        self.model: Any = model  # (a timm model: forward_intermediates)
+        self.stages = list(stages)
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         return self.model.forward_intermediates(x, indices=self.stages, intermediates_only=True)
@@ -69,7 +70,7 @@ def build(name: str, weights: Optional[str], kwargs: Dict[str, Any], log: Callab
         if name.startswith("conv2former_"):
             from conv2former.weights import check_compatible
 
-            check_compatible(model, state, weights, hint="give the --model these weights belong to")
+            check_compatible(model, state, str(weights), hint="give the --model these weights belong to")
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise UserError(

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import TYPE_CHECKING, Any, Dict, List, Sequence
 
 from conv2former.errors import UserError
 
+if TYPE_CHECKING:
+    from conv2former.analysis.erf import StageErf
 
-def _pyplot():
+
+def _pyplot() -> Any:
     try:
         import matplotlib
     except ImportError:
@@ -20,7 +23,7 @@ def _pyplot():
     return plt
 
 
-def plot_erf(results: Dict[str, List["StageErf"]], path: str, resolution: int) -> None:  # noqa: F821
+def plot_erf(results: Dict[str, List[StageErf]], path: str, resolution: int) -> None:
     """Fig. 4's layout: one row per model, one panel per stage, the log-scaled contribution map (1 = the peak)."""
     from conv2former.analysis.erf import normalised
 
@@ -46,7 +49,7 @@ def plot_erf(results: Dict[str, List["StageErf"]], path: str, resolution: int) -
     plt.close(fig)
 
 
-def plot_grid(pictures, captions, path: str, title: str, per_row: int = 4) -> None:
+def plot_grid(pictures: Sequence[Any], captions: Sequence[str], path: str, title: str, per_row: int = 4) -> None:
     """Pictures (H, W, 3 uint8) in a grid with a caption under each."""
     plt = _pyplot()
     rows = (len(pictures) + per_row - 1) // per_row

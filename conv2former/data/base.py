@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 import warnings
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Set, Tuple
 
 import torch
 
@@ -76,7 +76,7 @@ class ShardLoader(abc.ABC):
             )
         start, end = rank_range(total, rank, world_size)
         self.rank_samples = end - start
-        self._previous_files: set = set()  # remote roots: the files of the epoch served before (still being read)
+        self._previous_files: Set[str] = set()  # remote roots: the files of the epoch served before (still being read)
         self._fetched_once = False
         if shards.cache is not None and shards.cache.limit is not None:
             self._check_cache_limit()
@@ -178,7 +178,7 @@ class ShardLoader(abc.ABC):
         good = [s for s in good if s.tar not in self.skipped_shards and shard_problem(s) is None]
         return self.rank_slices(good) if good else []
 
-    def _fetch_bar(self, slices):
+    def _fetch_bar(self, slices: List[Tuple[Shard, int, int]]) -> Any:
         """A progress bar on each node's first rank for a first fetch with something to download."""
         missing = [shard for shard, _, _ in slices if not os.path.exists(shard.tar)]
         if self._fetched_once or not missing or os.environ.get("LOCAL_RANK", "0") != "0":
@@ -194,9 +194,11 @@ class ShardLoader(abc.ABC):
         share = sum(shard.size for shard, _, _ in self._quiet_slices(self.epoch))
         ranks = local_world_size()
         need = share * ranks * (2 if self.reads_previous_epoch_late else 1)
-        if self.shards.cache.limit < need:
+        cache = self.shards.cache
+        assert cache is not None and cache.limit is not None  # (checked only for a remote root with a limit)
+        if cache.limit < need:
             raise UserError(
-                f"data.cache_limit {human(self.shards.cache.limit)} is smaller than one epoch of the "
+                f"data.cache_limit {human(cache.limit)} is smaller than one epoch of the "
                 f"{self.shards.split} split for the {ranks} rank(s) of this node ({human(need)}): set it to at least "
                 f"{human(need)} ({human(2 * need)} lets the next epoch be fetched during this one)"
             )

@@ -21,7 +21,7 @@ import posixpath
 import random
 import warnings
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import fsspec
 
@@ -50,6 +50,7 @@ class Shard:
     def wanted(self) -> Wanted:
         """What fetching this remote shard means: its URL, cache path, bytes needed, the member-name check."""
         ends, url = self.ends, self.url
+        assert url is not None  # (a remote root's shard)
         return Wanted(url, self.tar, self.end, self.size, lambda path: check_member_names(path, ends, url))
 
     def __len__(self) -> int:
@@ -150,7 +151,7 @@ def sample_end(sample: Dict[str, Component]) -> int:
 
 
 def index_ends(
-    path: str, where: str, opener=open
+    path: str, where: str, opener: Callable[..., Any] = open
 ) -> Tuple[int, Optional[Dict[str, Component]], Optional[Dict[str, Component]]]:
     """(sample count, first sample, last sample) of a DALI index, reading its head and tail only (``opener``: the
     builtin ``open`` or an fsspec filesystem's)."""
@@ -170,7 +171,9 @@ def index_ends(
         raise UserError(f"{where}: not a DALI index (a sample line does not parse)") from None
 
 
-def check_member_names(tar_path: str, samples: Tuple[Dict[str, Component], ...], where: str, opener=open) -> None:
+def check_member_names(
+    tar_path: str, samples: Tuple[Dict[str, Component], ...], where: str, opener: Callable[..., Any] = open
+) -> None:
     """The tar header before each given sample's first member must name that member."""
     with opener(tar_path, "rb") as f:
         for sample in samples:
@@ -187,7 +190,7 @@ def check_member_names(tar_path: str, samples: Tuple[Dict[str, Component], ...],
 
 
 def open_split(root: str, split: str, cache_dir: Optional[str] = None, keep_missing: bool = False,
-               cache_limit=None, cache_workers: int = 8) -> SplitShards:  # fmt: skip
+               cache_limit: Union[None, int, str] = None, cache_workers: int = 8) -> SplitShards:  # fmt: skip
     """Read ``root``'s manifest for ``split`` and check every shard against its index. A remote root's indexes are
     fetched now and its tars by the loaders, per rank and epoch (``conv2former.data.remote``).
 
@@ -226,7 +229,7 @@ def open_split(root: str, split: str, cache_dir: Optional[str] = None, keep_miss
     return SplitShards(root, split, int(info["num_classes"]), shards)
 
 
-def _split_files(info: Dict, root: str, split: str) -> Tuple[List[str], List[int]]:
+def _split_files(info: Dict[str, Any], root: str, split: str) -> Tuple[List[str], List[int]]:
     """The split's shard file names and sample counts from the manifest ``info``, or a one-line error."""
     if split not in info.get("splits", {}):
         raise UserError(f"{root} has no {split!r} split (it has {', '.join(info.get('splits', {})) or 'none'})")
@@ -236,7 +239,7 @@ def _split_files(info: Dict, root: str, split: str) -> Tuple[List[str], List[int
     return split_info["filenames"], split_info["shard_lengths"]
 
 
-def _open_remote_split(root: str, split: str, fs, path: str, cache_dir: Optional[str], cache_limit,
+def _open_remote_split(root: str, split: str, fs: Any, path: str, cache_dir: Optional[str], cache_limit: Union[None, int, str],
                        workers: int, keep_missing: bool) -> SplitShards:  # fmt: skip
     """A remote split: one listing per folder gives every tar's size, the indexes are fetched into the cache (in
     parallel, one download per node), and each shard is checked against its index; the tars stay remote until a
@@ -303,6 +306,7 @@ def _open_shard(
         raise UserError(f"{idx_url}: index has {count} samples, {fmt.INFO_FILE} says {length}")
     if count == 0:
         return None
+    assert first is not None and last is not None  # (a non-empty index has both)
     end = sample_end(last)
     if remote_size is not None:  # a remote tar: checked against its index once fetched (Shard.wanted)
         if remote_size < end:

@@ -12,7 +12,7 @@ import gc
 import io
 import random
 import sys
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -32,7 +32,8 @@ SampleRef = Tuple[str, Tuple[int, int], Tuple[int, int]]  # (tar path, jpg (offs
 
 def buffer_shuffle(refs: List[SampleRef], buffer: int, rng: random.Random) -> List[SampleRef]:
     """The order a streaming shuffle buffer of ``buffer`` samples produces (what a sequential reader can do)."""
-    out, pool = [], []
+    out: List[SampleRef] = []
+    pool: List[SampleRef] = []
     for ref in refs:
         if len(pool) < buffer:
             pool.append(ref)
@@ -44,7 +45,7 @@ def buffer_shuffle(refs: List[SampleRef], buffer: int, rng: random.Random) -> Li
     return out + pool
 
 
-def timm_transform(cfg: DataConfig, train: bool, uint8: bool = False):
+def timm_transform(cfg: DataConfig, train: bool, uint8: bool = False) -> Callable[[Image.Image], torch.Tensor]:
     """timm's train or eval transform of the recipe. ``uint8``: ending in uint8 CHW tensors (timm's prefetcher
     form, ``use_prefetcher=True``), normalized later (in the worker, or on a whole batch by ``normalize_batch``);
     else float, normalized."""
@@ -58,7 +59,7 @@ def timm_transform(cfg: DataConfig, train: bool, uint8: bool = False):
             ratio=aug.ratio,
             hflip=aug.hflip,
             vflip=0.0,
-            color_jitter=None,
+            color_jitter=None,  # type: ignore[arg-type]  # no jitter (timm types the argument without None)
             auto_augment=auto_augment,
             interpolation="bicubic",
             re_prob=0.0,
@@ -78,7 +79,7 @@ def timm_transform(cfg: DataConfig, train: bool, uint8: bool = False):
     )
 
 
-def normalize_batch(images: torch.Tensor, mean, std) -> torch.Tensor:
+def normalize_batch(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """A uint8 (B, 3, H, W) batch as float32 ``(x - 255 mean) / (255 std)``, as timm's PrefetchLoader does on the
     device (equal to ToTensor + Normalize up to float rounding)."""
     scale = torch.tensor(std, device=images.device).view(1, 3, 1, 1) * 255
@@ -109,7 +110,7 @@ def read_sample(ref: SampleRef) -> Tuple[Image.Image, int]:
     return Image.open(io.BytesIO(data)).convert("RGB"), int(raw_label.decode("ascii"))
 
 
-class _Batches(Dataset):
+class _Batches(Dataset[Tuple[torch.Tensor, torch.Tensor, List[Tuple[str, str]]]]):
     """Item ``b`` = batch ``b`` of the epoch: decoded, transformed and stacked in a worker, with the list of
     (shard, problem) for samples whose shard was unreadable (the main process reports them). When skipping, such a
     sample is replaced by the next readable one of the epoch; otherwise the batch ends there."""
@@ -118,7 +119,7 @@ class _Batches(Dataset):
         self,
         refs: List[Optional[SampleRef]],
         batch_size: int,
-        transform,
+        transform: Callable[[Image.Image], torch.Tensor],
         image_size: int,
         seed: int,
         skip: bool,
@@ -128,7 +129,8 @@ class _Batches(Dataset):
         self.image_size, self.seed, self.skip = image_size, seed, skip
         # given (mean, std): the transform's uint8 images are normalized here, each straight into its slot of the
         # batch, as timm's ToTensor + Normalize; None: the batch stacks what the transform returns
-        self.mean = self.std = None
+        self.mean: Optional[torch.Tensor] = None
+        self.std: Optional[torch.Tensor] = None
         if normalize is not None:
             self.mean = torch.tensor(normalize[0], dtype=torch.float32).view(3, 1, 1)
             self.std = torch.tensor(normalize[1], dtype=torch.float32).view(3, 1, 1)
@@ -144,7 +146,8 @@ class _Batches(Dataset):
         torch.manual_seed(batch_seed)
         normalized = self._new_batch() if self.mean is not None else None
         images: List[Optional[torch.Tensor]] = []
-        labels, problems = [], []
+        labels: List[int] = []
+        problems: List[Tuple[str, str]] = []
         for k, i in enumerate(range(b * self.batch_size, (b + 1) * self.batch_size)):
             sample = self._sample(i, problems) if self.refs[i] is not None else None
             image = None if sample is None else self.transform(sample[0])  # None: eval padding, or an unreadable shard
@@ -165,6 +168,7 @@ class _Batches(Dataset):
         if image is None:
             slot.zero_()
         else:
+            assert self.mean is not None and self.std is not None  # (normalizing: given at construction)
             torch.div(image, 255, out=slot).sub_(self.mean).div_(self.std)
 
     def _stack(self, images: List[Optional[torch.Tensor]]) -> torch.Tensor:
@@ -175,8 +179,10 @@ class _Batches(Dataset):
         return default_collate([pad if x is None else x for x in images])
 
     def _sample(self, i: int, problems: List[Tuple[str, str]]) -> Optional[Tuple[Image.Image, int]]:
-        tar = self.refs[i][0]
-        sample = self._read(self.refs[i])
+        ref = self.refs[i]
+        assert ref is not None  # (padding is never read)
+        tar = ref[0]
+        sample = self._read(ref)
         if sample is not None:
             return sample
         problems.append((tar, self.bad[tar]))
@@ -215,22 +221,22 @@ class TorchLoader(ShardLoader):
         # (normalize_at None: the batches are stacked as the transform returns them, e.g. timm's float transform.)
         self.transform = timm_transform(cfg, train, uint8=True)
         self.normalize_at: Optional[str] = "device" if device.type == "cuda" else "worker"
-        self._iter = None
+        self._iter: Optional[Iterator[Tuple[torch.Tensor, torch.Tensor, List[Tuple[str, str]]]]] = None
         self._next_epoch: Optional[Tuple[int, Any]] = None  # (epoch, its iterator) started before this epoch ended
 
     def epoch_refs(self) -> List[Optional[SampleRef]]:
         """This rank's samples of the current epoch in order, cut (train) or padded (eval) to whole batches."""
-        refs: List[Optional[SampleRef]] = []
+        refs: List[SampleRef] = []
         for shard, first, stop in self.epoch_slices():
             refs += [(shard.tar, jpg, cls) for jpg, cls in shard.members((fmt.IMAGE_KEY, fmt.CLASS_KEY), first, stop)]
         if self.train:
             rng = random.Random(sample_seed(self.seed, self.epoch, self.rank))
             refs = buffer_shuffle(refs, self.cfg.shuffle_buffer, rng)
             need = self.steps * self.batch_size
-            return (refs * -(-need // len(refs)))[:need]  # shards skipped: the range is read again from its start
-        return refs + [None] * (self.steps * self.batch_size - len(refs))
+            return list((refs * -(-need // len(refs)))[:need])  # shards skipped: the range is read again from its start
+        return [*refs, *[None] * (self.steps * self.batch_size - len(refs))]
 
-    def _loader(self) -> DataLoader:
+    def _loader(self) -> "DataLoader[Tuple[torch.Tensor, torch.Tensor, List[Tuple[str, str]]]]":
         if self.cfg.workers and "nvidia.dali" in sys.modules:
             # the workers are forked: collect unreachable DALI pipelines (reference cycles) here first, or a
             # collection inside a worker runs their shutdown there, where their threads do not exist, and hangs
@@ -283,7 +289,7 @@ class TorchLoader(ShardLoader):
         finally:
             self.epoch, self.step = epoch, step
 
-    def _take_next_epoch(self):
+    def _take_next_epoch(self) -> Optional[Iterator[Tuple[torch.Tensor, torch.Tensor, List[Tuple[str, str]]]]]:
         started, self._next_epoch = self._next_epoch, None
         if started is not None and started[0] == self.epoch and self.step == 0:
             return started[1]

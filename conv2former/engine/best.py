@@ -49,6 +49,6 @@ class BestEvaluation:
             return None
 
 
-def evaluation_record(last: Dict[str, Any], best: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+def evaluation_record(last: Optional[Dict[str, Any]], best: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     """What ``evaluation.json`` holds: the last evaluation and the best one (each with its epoch and step)."""
     return {"last": last or None, "best": best}

@@ -191,6 +191,7 @@ class CheckpointManager:
     def load(self, engine: Engine, state: CheckpointState) -> Optional[str]:
         """Load the newest good checkpoint into ``engine`` and the registered components of ``state``; returns its
         tag, or None for a fresh run."""
+        client: Optional[Dict[str, Any]]
         if self.universal is not None:
             client = _resume_universal(engine, self.dir, self.universal)
         else:

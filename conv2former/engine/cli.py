@@ -82,13 +82,13 @@ def _merge(args: argparse.Namespace, files: Sequence[str]) -> TrainConfig:
         ("checkpoint", "save_every"): args.save_every,
         ("data", "workers"): args.workers,
     }
-    for path, value in flags.items():
+    for keys, value in flags.items():
         if value is None:
             continue
         target = cfg
-        for part in path[:-1]:
+        for part in keys[:-1]:
             target = getattr(target, part)
-        setattr(target, path[-1], value)
+        setattr(target, keys[-1], value)
     apply_overrides(cfg, parse_set(args.overrides))
     cfg.model.variant = variant_name(cfg.model.variant)
     return cfg

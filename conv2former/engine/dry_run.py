@@ -18,7 +18,7 @@ from conv2former.engine.optim import Schedule, derive_schedule
 
 def measure_step_time(cfg: TrainConfig, num_classes: int, device: torch.device, schedule: Schedule) -> float:
     """Seconds of one optimizer step of this model on this device (3 warm-up, 3 timed; synthetic batches)."""
-    model = timm.create_model(cfg.model.variant, num_classes=num_classes, drop_path_rate=cfg.model.drop_path_rate)
+    model: Any = timm.create_model(cfg.model.variant, num_classes=num_classes, drop_path_rate=cfg.model.drop_path_rate)
     model = model.to(device).train()
     if cfg.model.grad_checkpointing:
         model.set_grad_checkpointing(True)

@@ -17,7 +17,7 @@ class WeightEma:
 
     def __init__(
         self,
-        engine,
+        engine: Any,  # the deepspeed.DeepSpeedEngine
         make_model: Callable[[], torch.nn.Module],
         decay: float,
         warmup: bool,

@@ -19,7 +19,7 @@ Isotropic variants keep timm's grouping (stem, one group per block, head).
 from __future__ import annotations
 
 import re
-from typing import Dict, List, Sequence
+from typing import Any, Dict, List, Sequence, Tuple, cast
 
 import torch.nn as nn
 from timm.optim import param_groups_layer_decay
@@ -41,7 +41,7 @@ def depth_group(name: str, depths: Sequence[int]) -> int:
         stage, block = int(match.group(1)), int(match.group(2))
         if stage == 2:
             return 3 + block * MIDDLE_GROUPS // depths[2]
-        return (1, 2, None, 12)[stage]
+        return {0: 1, 1: 2, 3: 12}[stage]
     return NUM_GROUPS - 1
 
 
@@ -50,7 +50,7 @@ def group_scales(decay: float) -> List[float]:
     return [decay ** (NUM_GROUPS - 1 - g) for g in range(NUM_GROUPS)]
 
 
-def param_groups_depth_decay(model: nn.Module, weight_decay: float, decay: float) -> List[Dict]:
+def param_groups_depth_decay(model: nn.Module, weight_decay: float, decay: float) -> List[Dict[str, Any]]:
     """AdamW parameter groups: one per (depth group, decay or not), each with its ``lr_scale`` (timm's schedulers
     multiply the lr by it). No weight decay for 1-D parameters and biases, as timm and ConvNeXt."""
     depths = getattr(model, "depths", None)
@@ -58,7 +58,7 @@ def param_groups_depth_decay(model: nn.Module, weight_decay: float, decay: float
         return param_groups_layer_decay(model, weight_decay=weight_decay, layer_decay=decay)
     scales = group_scales(decay)
     skip = set(getattr(model, "no_weight_decay", lambda: ())())
-    groups: Dict[tuple, Dict] = {}
+    groups: Dict[Tuple[int, bool], Dict[str, Any]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
@@ -76,10 +76,10 @@ def param_groups_depth_decay(model: nn.Module, weight_decay: float, decay: float
     return [groups[key] for key in sorted(groups)]
 
 
-def scale_table(model: nn.Module, decay: float) -> List[Dict]:
+def scale_table(model: nn.Module, decay: float) -> List[Dict[str, Any]]:
     """Per depth group of ``model``: its scale, what it holds, and its share of the parameters (docs, --dry-run)."""
-    depths = model.depths
-    rows: Dict[int, Dict] = {}
+    depths = cast(Sequence[int], model.depths)
+    rows: Dict[int, Dict[str, Any]] = {}
     total = sum(p.numel() for p in model.parameters())
     for name, param in model.named_parameters():
         group = depth_group(name, depths)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Any, Dict, List
 
 import torch
 import torch.nn as nn
@@ -65,7 +65,7 @@ def derive_schedule(cfg: TrainConfig, world_size: int, loader_steps: int) -> Sch
     )
 
 
-def param_groups(model: nn.Module, cfg: TrainConfig) -> List[Dict]:
+def param_groups(model: nn.Module, cfg: TrainConfig) -> List[Dict[str, Any]]:
     """No weight decay for 1-D parameters (norms, biases, layer scales); optional layer-wise lr decay over
     ConvNeXt's 12 depth groups (conv2former/engine/layer_decay.py)."""
     if cfg.optim.layer_decay:
@@ -77,7 +77,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.opti
     return torch.optim.AdamW(
         param_groups(model, cfg),
         lr=lr,
-        betas=tuple(cfg.optim.betas),
+        betas=(cfg.optim.betas[0], cfg.optim.betas[1]),
         eps=cfg.optim.eps,
         weight_decay=cfg.optim.weight_decay,
     )

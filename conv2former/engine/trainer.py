@@ -113,7 +113,7 @@ class Trainer:
         # CPU runs: the depthwise formulations measured fastest and malloc keeping freed memory (conv2former/cpu)
         self.cpu = None if self.gpu else CpuTuning.install(self.cfg.cpu)
 
-    def _make_model(self) -> torch.nn.Module:
+    def _make_model(self) -> Any:  # a timm model (set_grad_checkpointing, group_matcher, ...)
         kwargs: Dict[str, Any] = dict(num_classes=len(self.classes), drop_path_rate=self.cfg.model.drop_path_rate)
         if self.cfg.model.kernel_size:
             kwargs["kernel_size"] = self.cfg.model.kernel_size
@@ -170,7 +170,8 @@ class Trainer:
         self.log.info("config:\n" + json.dumps(self.config_dict, indent=1))
         self.log.info("schedule: " + json.dumps(self.schedule.as_dict()))
         self.metrics = Metrics(self.output.local, self.rank, self.schedule.stop_step, self.step, cfg.stage)
-        self.last_loss, self.last_eval = float("nan"), {}  # the newest recorded loss and evaluation
+        self.last_loss = float("nan")  # the newest recorded loss
+        self.last_eval: Dict[str, float] = {}  # the newest evaluation
         self.step_loss: Optional[torch.Tensor] = None  # the newest step's loss, on the device
 
     # -- state ------------------------------------------------------------------------------------------------------
@@ -451,6 +452,7 @@ class Trainer:
 
     def _record_training(self) -> None:
         window = self.metrics.window()
+        assert self.step_loss is not None  # (recorded after a step)
         self.last_loss = self.step_loss.item()
         grad_norm = self.engine.get_global_grad_norm()
         values = {
@@ -494,6 +496,7 @@ class Trainer:
         return bool(
             self.cfg.checkpoint.keep_best
             and self.best.unwritten
+            and best is not None
             and best["step"] == self.checkpoints.saved_at == self.step
         )
 
