@@ -25,8 +25,9 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from conv2former.checkout import checkout_first
+
+REPO = checkout_first(__file__)
 from results import machine, record, versions  # noqa: E402  (benchmarks/results.py)
 
 

@@ -20,14 +20,15 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import sys
 import time
 import warnings
 from typing import Callable, Optional
 
-from results import REPO, machine, record, versions
+from results import machine, record, versions
 
-sys.path.insert(0, str(REPO))
+from conv2former.checkout import checkout_first
+
+checkout_first(__file__)
 
 
 def pipeline_rate(stage: str, extra: Optional[str], args: argparse.Namespace, paths, index_paths) -> float:

@@ -25,8 +25,9 @@ from typing import Dict
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from conv2former.checkout import checkout_first
+
+REPO = checkout_first(__file__)
 from results import machine, machine_info, record, versions  # noqa: E402  (benchmarks/results.py)
 
 BENCH_DIR = Path(os.environ.get("C2F_BENCH_DIR", REPO / "data" / "bench"))  # generated benchmark data

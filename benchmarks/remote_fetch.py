@@ -19,8 +19,9 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from conv2former.checkout import checkout_first
+
+checkout_first(__file__)  # tests/moto_s3.py
 
 from results import machine, record, versions  # noqa: E402
 

@@ -17,15 +17,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import random
-import sys
 import time
-from pathlib import Path
 from typing import Dict, List
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from conv2former.checkout import checkout_first
+
+REPO = checkout_first(__file__)
 from results import machine, record  # noqa: E402  (benchmarks/results.py)
 
 

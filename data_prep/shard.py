@@ -17,8 +17,9 @@ import re
 import sys
 from typing import List, Optional, Sequence
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from conv2former.checkout import checkout_first
+
+checkout_first(__file__)  # data_prep runs from the checkout
 
 from conv2former.data.shard_format import canonical_synsets  # noqa: E402
 from conv2former.errors import UserError, exit_on_user_error  # noqa: E402

@@ -17,9 +17,9 @@ import sys
 from pathlib import Path
 from typing import Dict, List
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from conv2former.checkout import checkout_first
+
+REPO = checkout_first(__file__)  # launch and data_prep run from the checkout
 
 from conv2former.data.eval_crop import eval_crop  # noqa: E402
 

@@ -10,16 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import posixpath
 import sys
 import time
 from typing import Optional
 
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from conv2former.errors import UserError, exit_on_user_error  # noqa: E402
+from conv2former.errors import UserError, exit_on_user_error
 
 
 def _beside(weights: str, name: str) -> Optional[str]:

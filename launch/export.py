@@ -20,10 +20,7 @@ import json
 import os
 import sys
 
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from conv2former.errors import UserError, exit_on_user_error  # noqa: E402
+from conv2former.errors import UserError, exit_on_user_error
 
 ONNX_TOLERANCE = 1e-3
 """Largest accepted |onnxruntime - PyTorch| of a logit, relative to the largest logit (at least 1): fp32 kernels

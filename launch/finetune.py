@@ -14,12 +14,9 @@ import json
 import os
 import sys
 
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from conv2former.data.eval_crop import recipe_for  # noqa: E402
-from conv2former.engine.cli import add_train_arguments, resolve_config  # noqa: E402
-from conv2former.errors import exit_on_user_error  # noqa: E402
+from conv2former.data.eval_crop import recipe_for
+from conv2former.engine.cli import add_train_arguments, resolve_config
+from conv2former.errors import exit_on_user_error
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "finetune", "configs")
 
