@@ -63,12 +63,16 @@ def test_every_formulation_equals_conv2d_in_value_and_gradients(formulation, k, 
 
 
 def test_without_a_chooser_the_layer_is_exactly_conv2d():
-    assert dw.use_chooser(None) is None  # nothing installs one at import: the model is plain unless the engine does
-    layer, plain = DepthwiseConv2d(8, 5), torch.nn.Conv2d(8, 8, 5, padding=2, groups=8)
-    plain.load_state_dict(layer.state_dict())
-    x = torch.randn(2, 8, 9, 9)
-    a, b = layer(x.clone().requires_grad_()), plain(x.clone().requires_grad_())
-    assert torch.equal(a, b) and a.grad_fn.name() == b.grad_fn.name()
+    """(That importing the model installs none: tests/test_cpu_tuning.py, in a fresh process.)"""
+    previous = dw.use_chooser(None)  # an in-process command earlier in the session may have installed one
+    try:
+        layer, plain = DepthwiseConv2d(8, 5), torch.nn.Conv2d(8, 8, 5, padding=2, groups=8)
+        plain.load_state_dict(layer.state_dict())
+        x = torch.randn(2, 8, 9, 9)
+        a, b = layer(x.clone().requires_grad_()), plain(x.clone().requires_grad_())
+        assert torch.equal(a, b) and a.grad_fn.name() == b.grad_fn.name()
+    finally:
+        dw.use_chooser(previous)
 
 
 def test_the_layer_runs_the_chosen_formulation(chooser):
