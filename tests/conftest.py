@@ -59,3 +59,34 @@ def demo_shards(demo_root) -> str:
 def demo_in1k(demo_root) -> str:
     """The demo "1k" shard root (10 classes)."""
     return str(demo_root / "in1k")
+
+
+# -- helpers shared by the tests that run the stages as users do (import them: ``from conftest import ...``) ----------
+BIN = Path(sys.executable).parent  # the environment's deepspeed, torchrun, ninja
+_PORT = [29700]
+
+
+def next_port() -> int:
+    """A rendezvous port of its own for each launch of the session."""
+    _PORT[0] += 1
+    return _PORT[0]
+
+
+def stage_env() -> dict:
+    """The environment a stage runs in: one OpenMP thread per rank, DeepSpeed's CPU accelerator, this checkout."""
+    return dict(
+        os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PATH=f"{BIN}:{os.environ['PATH']}", PYTHONPATH=str(REPO)
+    )
+
+
+def deepspeed_launch(script: str, *args: str, ranks: int = 2) -> list:
+    """The command that runs ``script`` on ``ranks`` CPU ranks under the deepspeed launcher."""
+    return [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(next_port()), script, *args]
+
+
+def summary_from(stdout: str) -> dict:
+    """The run summary a training stage logs last (``summary: {...}``), parsed."""
+    import json
+
+    line = [line for line in stdout.splitlines() if line.startswith("summary: ")][-1]
+    return json.loads(line[len("summary: ") :])

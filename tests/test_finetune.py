@@ -10,9 +10,9 @@ import sys
 import pytest
 import timm
 import torch
+from conftest import REPO, deepspeed_launch, stage_env, summary_from
 from safetensors.torch import load_file
 from test_export import timm_top1
-from test_pretrain import BIN, PORT, REPO, env
 
 import conv2former  # noqa: F401
 from conv2former.data.shard_format import canonical_synsets
@@ -25,10 +25,9 @@ EVALUATE = str(REPO / "launch" / "evaluate.py")
 
 
 def launch(script: str, *args: str, ranks: int = 2) -> subprocess.CompletedProcess:
-    PORT[0] += 1
     proc = subprocess.run(
-        [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(PORT[0]), script, *args],
-        env=env(),
+        deepspeed_launch(script, *args, ranks=ranks),
+        env=stage_env(),
         capture_output=True,
         text=True,
         errors="replace",
@@ -39,9 +38,7 @@ def launch(script: str, *args: str, ranks: int = 2) -> subprocess.CompletedProce
 
 
 def summary_of(proc) -> dict:
-    return json.loads(
-        [line for line in proc.stdout.splitlines() if line.startswith("summary: ")][-1][len("summary: ") :]
-    )
+    return summary_from(proc.stdout)
 
 
 def test_head_rows_follow_synsets_and_unknown_classes_stay_fresh():
@@ -131,7 +128,7 @@ def demo_small(demo_root, tmp_path_factory):
     proc = subprocess.run(
         [sys.executable, str(REPO / "launch" / "demo.py"), "--size", "small", "--out", str(runs), "--data",
          str(demo_root)],
-        env=env(), capture_output=True, text=True, errors="replace", timeout=1200,
+        env=stage_env(), capture_output=True, text=True, errors="replace", timeout=1200,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return runs
@@ -399,7 +396,7 @@ def test_demo_pipeline_small_writes_the_report(demo_small, demo_root):
             "--data",
             str(demo_root),
         ],
-        env=env(),
+        env=stage_env(),
         capture_output=True,
         text=True,
         errors="replace",

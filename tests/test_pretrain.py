@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from conftest import BIN, REPO, deepspeed_launch, next_port, stage_env, summary_from
 
 import conv2former  # noqa: F401
 from conv2former.config import DataConfig
@@ -26,9 +27,7 @@ from conv2former.engine import disk
 from conv2former.engine.evaluator import Evaluator
 from conv2former.weights import load_checkpoint
 
-REPO = Path(__file__).resolve().parent.parent
 PRETRAIN = str(REPO / "launch" / "pretrain.py")
-BIN = Path(sys.executable).parent
 FAST = [
     "--variant",
     "demo",
@@ -43,18 +42,11 @@ FAST = [
     "--set",
     "data.eval_batch_size=50",
 ]
-PORT = [29700]
-
-
-def env() -> dict:
-    return dict(
-        os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PATH=f"{BIN}:{os.environ['PATH']}", PYTHONPATH=str(REPO)
-    )
+env = stage_env
 
 
 def deepspeed_cmd(*args: str, ranks: int = 2) -> list:
-    PORT[0] += 1
-    return [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(PORT[0]), PRETRAIN, *args]
+    return deepspeed_launch(PRETRAIN, *args, ranks=ranks)
 
 
 def start(command: list, stderr=subprocess.STDOUT) -> subprocess.Popen:
@@ -69,12 +61,18 @@ def run_pretrain(*args: str, launcher: str = "deepspeed", ranks: int = 2, enviro
     if launcher == "deepspeed":
         cmd = deepspeed_cmd(*args, ranks=ranks)
     else:
-        PORT[0] += 1
-        cmd = [str(BIN / "torchrun"), "--nproc_per_node", str(ranks), "--master_port", str(PORT[0]), PRETRAIN, *args]
+        cmd = [
+            str(BIN / "torchrun"),
+            "--nproc_per_node",
+            str(ranks),
+            "--master_port",
+            str(next_port()),
+            PRETRAIN,
+            *args,
+        ]
     proc = subprocess.run(cmd, env=environ or env(), capture_output=True, text=True, errors="replace", timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    line = [line for line in proc.stdout.splitlines() if line.startswith("summary: ")][-1]
-    return json.loads(line[len("summary: ") :])
+    return summary_from(proc.stdout)
 
 
 def read_log(run: Path, kind: str = "train"):
@@ -175,7 +173,9 @@ def test_a_checkpoint_in_the_older_layout_resumes_exactly(reference_run, demo_sh
     args = [*FAST, "--data", demo_shards, "--output", str(tmp_path), "--epochs", "2", "--save-every", "10"]
     proc = subprocess.run(deepspeed_cmd(*args), env=env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert f"resumed from {tag}: epoch 1, step 60" in proc.stdout
+    assert summary_from(proc.stdout)["resumed_from"] == {
+        "tag": tag, "epoch": 1, "step": 60, "passed_over": [], "depthwise_reused": 0
+    }  # fmt: skip
     assert exports_equal(ref, tmp_path)
 
 
@@ -201,7 +201,11 @@ def test_kill_minus_9_then_a_corrupt_newest_checkpoint_falls_back(reference_run,
         deepspeed_cmd(*args), env=env(), capture_output=True, text=True, errors="replace", timeout=600
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "could not be loaded" in proc.stderr and "resumed from step000000010" in proc.stdout
+    resumed = summary_from(proc.stdout)["resumed_from"]
+    assert resumed["tag"] == "step000000010" and resumed["passed_over"] == [
+        {"tag": "step000000020", "reason": "unloadable"}
+    ]
+    assert "could not be loaded" in proc.stderr  # the warning (its wording: the one test of that message)
     assert exports_equal(ref, tmp_path)
 
 
@@ -220,7 +224,7 @@ def test_sigusr1_checkpoints_and_exits_zero(demo_shards, tmp_path):
             os.kill(int(child), signal.SIGUSR1)  # the training ranks, as Slurm's --signal does
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0
-    summary = json.loads([line for line in out.splitlines() if line.startswith("summary: ")][-1][len("summary: ") :])
+    summary = summary_from(out)
     assert summary["status"].startswith("stopped by signal")
     tag = f"step{summary['step']:09d}"
     assert (tmp_path / "checkpoints" / tag / "complete").exists()
@@ -388,31 +392,9 @@ def test_export_script_rebuilds_the_export(reference_run, tmp_path):
 def test_resume_on_one_rank_from_a_two_rank_checkpoint(demo_shards, tmp_path):
     args = [*FAST, "--data", demo_shards, "--output", str(tmp_path), "--epochs", "2", "--save-every", "10"]
     two = run_pretrain(*args, "--max-steps", "20")
-    PORT[0] += 1
-    proc = subprocess.run(
-        [
-            str(BIN / "deepspeed"),
-            "--num_gpus",
-            "1",
-            "--master_port",
-            str(PORT[0]),
-            PRETRAIN,
-            *args,
-            "--max-steps",
-            "30",
-        ],
-        env=env(),
-        capture_output=True,
-        text=True,
-        errors="replace",
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "saved by 2 ranks: resuming on 1 through step000000020_universal" in proc.stdout
-    assert "resumed from step000000020_universal: epoch 0, step 20" in proc.stdout
-    one = json.loads(
-        [line for line in proc.stdout.splitlines() if line.startswith("summary: ")][-1][len("summary: ") :]
-    )
+    one = run_pretrain(*args, "--max-steps", "30", ranks=1)
+    assert one["resumed_from"]["tag"] == "step000000020_universal"  # converted for the other world size
+    assert (one["resumed_from"]["epoch"], one["resumed_from"]["step"]) == (0, 20)
     assert one["step"] == 30 and math.isfinite(one["loss"])
     assert one["eval"]["top1"] >= two["eval"]["top1"] - 0.05  # the weights came across, not a fresh model
 
@@ -449,7 +431,7 @@ def test_injected_nan_stops_at_once_and_keeps_the_last_good_checkpoint(demo_shar
     [line] = error_lines(proc.stdout + proc.stderr)
     assert f"training diverged at step {bad_step}: loss nan" in line, line
     assert "step000000005" in line and "optim.base_lr" in line, line
-    summary = json.loads([r for r in proc.stdout.splitlines() if r.startswith("summary: ")][-1][len("summary: ") :])
+    summary = summary_from(proc.stdout)
     assert summary["status"].startswith(f"diverged at step {bad_step}") and summary["exit_code"] == 3
     assert [b["step"] for b in summary["bad_steps"]] == [bad_step] and summary["export"] is None
     assert [r["step"] for r in read_log(tmp_path, "bad_step")] == [bad_step]  # log.jsonl records the bad step
@@ -611,8 +593,7 @@ def test_two_nodes_train_and_resume_exactly_after_both_are_killed(two_nodes, ref
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
     out = tmp_path / "out"
     args = [*FAST, "--data", demo_shards, "--output", str(out), "--epochs", "2", "--save-every", "10"]
-    PORT[0] += 1
-    procs = start_nodes(two_nodes, hostfile, PORT[0], *args)
+    procs = start_nodes(two_nodes, hostfile, next_port(), *args)
     deadline = time.time() + 300
     while time.time() < deadline and not (out / "checkpoints" / "step000000020" / "complete").exists():
         assert all(p.poll() is None for p in procs), procs[0].communicate()[0][-3000:]
@@ -620,13 +601,12 @@ def test_two_nodes_train_and_resume_exactly_after_both_are_killed(two_nodes, ref
     for proc in procs:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    PORT[0] += 1
-    procs = start_nodes(two_nodes, hostfile, PORT[0], *args)
+    procs = start_nodes(two_nodes, hostfile, next_port(), *args)
     outputs = [proc.communicate(timeout=600)[0] for proc in procs]
     for proc, text in zip(procs, outputs):
         assert proc.returncode == 0, text[-3000:]
     assert '"world_size": 2' in outputs[0] and "resumed from step0000000" in outputs[0], outputs[0][-3000:]
-    summary = json.loads([r for r in outputs[0].splitlines() if r.startswith("summary: ")][-1][len("summary: ") :])
+    summary = summary_from(outputs[0])
     assert summary["step"] == 62 and exports_equal(ref, out)
 
 
@@ -655,8 +635,8 @@ def test_measured_depthwise_choices_are_recorded_and_reused_on_resume(demo_shard
         deepspeed_cmd(*args, "--output", str(tmp_path / "a")), env=environ, capture_output=True, text=True, timeout=900
     )
     assert proc.returncode == 0, proc.stdout[-3000:]
-    assert f"depthwise: reusing the {len(recorded[0])} formulations recorded in the checkpoint" in proc.stdout
-    resumed = json.loads([line for line in proc.stdout.splitlines() if line.startswith("summary: ")][-1][9:])
+    resumed = summary_from(proc.stdout)
+    assert resumed["resumed_from"]["depthwise_reused"] == len(recorded[0])
     assert resumed["step"] == 31
     fresh = run_pretrain(*args, *with_cache, "--output", str(tmp_path / "c"), environ=environ)
     assert fresh["depthwise"]["measured"] == 0 and fresh["step"] == 31

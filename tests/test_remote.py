@@ -17,6 +17,7 @@ from pathlib import Path
 import fsspec
 import pytest
 import torch
+from conftest import summary_from
 from moto_s3 import moto_s3
 
 from conv2former.config import DataConfig
@@ -232,7 +233,7 @@ def test_output_to_s3_killed_then_relaunched_on_a_fresh_node_resumes_bit_for_bit
                           env=env(), capture_output=True, text=True, errors="replace", timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert re.search(r"resumed from step0000000(10|15)", proc.stdout)
-    summary = json.loads([x for x in proc.stdout.splitlines() if x.startswith("summary: ")][-1][len("summary: ") :])
+    summary = summary_from(proc.stdout)
     assert summary["step"] == 17 and summary["loss"] == want["loss"] and summary["eval"] == want["eval"]
     assert summary["export"] == f"{url}/export" and summary["upload"]["uploaded"]["files"] > 0
     fs.invalidate_cache()

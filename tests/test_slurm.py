@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import summary_from
 from slurm_cluster import SlurmCluster, ensure_installed
 
 REPO = Path(__file__).resolve().parent.parent
@@ -63,7 +64,7 @@ def test_pretrain_sbatch_two_tasks(cluster, demo_root, tmp_path):
     log = (tmp_path / f"slurm-{job}.out").read_text(errors="replace")  # tasks interleave bytes
     assert info["JobState"] == "COMPLETED", log[-3000:]
     assert "2 task(s)" in log
-    summary = json.loads([line for line in log.splitlines() if line.startswith("summary: ")][-1][len("summary: ") :])
+    summary = summary_from(log)
     assert summary["step"] == 12
     assert (out / "checkpoints" / "step000000012" / "complete").exists()
     assert json.loads((out / "checkpoints" / "step000000012" / "complete").read_text())["world_size"] == 2

@@ -134,13 +134,15 @@ def _resume_universal(engine: Engine, ckpt_dir: str, tag: str) -> Dict[str, Any]
     return client_state
 
 
-def _resume(engine: Engine, ckpt_dir: str) -> Optional[Dict[str, Any]]:
-    """Load the newest complete, loadable checkpoint; fall back to older ones with a warning."""
+def _resume(engine: Engine, ckpt_dir: str, passed_over: List[Dict[str, str]]) -> Optional[Dict[str, Any]]:
+    """Load the newest complete, loadable checkpoint; fall back to older ones with a warning (each tag passed over
+    goes into ``passed_over`` with the reason: "incomplete" or "unloadable")."""
     for tag in reversed(list_tags(ckpt_dir)):
         tag_dir = os.path.join(ckpt_dir, tag)
         if not os.path.exists(os.path.join(tag_dir, COMPLETE)):
             if engine.global_rank == 0:
                 warnings.warn(f"checkpoint {tag_dir} is incomplete (no '{COMPLETE}' marker): trying an older one")
+            passed_over.append({"tag": tag, "reason": "incomplete"})
             continue
         try:
             path, client_state = engine.load_checkpoint(ckpt_dir, tag=tag)
@@ -150,6 +152,7 @@ def _resume(engine: Engine, ckpt_dir: str) -> Optional[Dict[str, Any]]:
                     f"checkpoint {tag_dir} could not be loaded ({type(err).__name__}: "
                     f"{str(err).splitlines()[0][:120]}): trying an older one"
                 )
+            passed_over.append({"tag": tag, "reason": "unloadable"})
             continue
         if path is None:
             continue
@@ -173,6 +176,7 @@ class CheckpointManager:
         self.newest = newest_complete(ckpt_dir)
         self.saved_at = 0  # the step of the newest checkpoint this run saved or resumed from
         self.universal: Optional[str] = None
+        self.passed_over: List[Dict[str, str]] = []  # newer tags the last load could not use, and why
         self.size_bytes = 0  # one checkpoint: estimated (expect), then measured after each save
 
     def configure(self, ds_config: Dict[str, Any]) -> Optional[str]:
@@ -195,7 +199,7 @@ class CheckpointManager:
         if self.universal is not None:
             client = _resume_universal(engine, self.dir, self.universal)
         else:
-            client = _resume(engine, self.dir) if list_tags(self.dir) else None
+            client = _resume(engine, self.dir, self.passed_over) if list_tags(self.dir) else None
         if client is None:
             return None
         state.load_state_dict(client, where=os.path.join(self.dir, client["tag"]))

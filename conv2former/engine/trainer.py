@@ -166,6 +166,7 @@ class Trainer:
         self.preemption = Preemption()
         self.config_dict = to_dict(cfg)
         self.state = self._checkpoint_state()
+        self.resumed_from: Optional[Dict[str, Any]] = None  # the checkpoint this run resumed from (the summary's)
         self._resume()
         self.log.info("config:\n" + json.dumps(self.config_dict, indent=1))
         self.log.info("schedule: " + json.dumps(self.schedule.as_dict()))
@@ -204,14 +205,19 @@ class Trainer:
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
 
     def _resume(self) -> None:
+        """Load the newest good checkpoint, if any; ``resumed_from`` (in the summary) says which and what was
+        passed over."""
         start = time.perf_counter()
         tag = self.checkpoints.load(self.engine, self.state)
         if tag is not None:
-            if self.cpu is not None and self.cpu.tuner.loaded:
-                self.log.info(f"depthwise: reusing the {self.cpu.tuner.loaded} formulations recorded in the checkpoint")
+            reused = self.cpu.tuner.loaded if self.cpu is not None else 0
+            if reused:
+                self.log.info(f"depthwise: reusing the {reused} formulations recorded in the checkpoint")
             self._best_unwritten_at_resume()
             seconds = time.perf_counter() - start
             self.log.info(f"resumed from {tag}: epoch {self.epoch}, step {self.step} (loaded in {seconds:.1f} s)")
+            self.resumed_from = {"tag": tag, "epoch": self.epoch, "step": self.step,
+                                 "passed_over": self.checkpoints.passed_over, "depthwise_reused": reused}  # fmt: skip
         self.scheduler.step_update(self.step)
 
     def _best_unwritten_at_resume(self) -> None:
@@ -286,6 +292,7 @@ class Trainer:
             "skipped_shards": self.train_loader.skipped_shards,  # this rank's (every rank warns for its own)
             "data_fetch": self.train_loader.fetch_stats(),  # a remote root: this rank's downloads and cache hits
             **(self.cpu.summary() if self.cpu is not None else not_installed_summary()),
+            "resumed_from": self.resumed_from,
             "epoch": self.epoch,
             "step": self.step,
             "loss": self.last_loss,
