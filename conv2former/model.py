@@ -344,28 +344,15 @@ class Conv2Former(_ClassifierMixin, nn.Module):
             )
 
         rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()  # as the official code
-        self.stages = nn.ModuleList()
-        self.feature_info: List[Dict[str, Any]] = []
-        first = 0
-        for i, (depth, dim) in enumerate(zip(depths, dims)):
-            self.stages.append(
-                nn.Sequential(
-                    *[
-                        Block(
-                            dim,
-                            kernel_size,
-                            mlp_ratio,
-                            rates[first + j],
-                            layer_scale_init_value,
-                            fusion,
-                            fast_depthwise,
-                        )
-                        for j in range(depth)
-                    ]
-                )
-            )
-            first += depth
-            self.feature_info.append(dict(num_chs=dim, reduction=2 ** (i + 2), module=f"stages.{i}"))
+        starts = [sum(depths[:i]) for i in range(4)]
+        self.stages = nn.ModuleList(
+            nn.Sequential(*[Block(dim, kernel_size, mlp_ratio, rate, layer_scale_init_value, fusion, fast_depthwise)
+                            for rate in rates[start : start + depth]])
+            for depth, dim, start in zip(depths, dims, starts)
+        )  # fmt: skip
+        self.feature_info: List[Dict[str, Any]] = [
+            dict(num_chs=dim, reduction=2 ** (i + 2), module=f"stages.{i}") for i, dim in enumerate(dims)
+        ]
 
         self.head = _classifier_head(dims[-1], head_dim)
         self.pred = nn.Linear(head_dim, num_classes) if num_classes > 0 else nn.Identity()
