@@ -47,14 +47,9 @@ def widened_copy(data: str, dest: Path) -> str:
 def pretrain(data: str, out: Path, variant: str, stage: int, steps: int) -> str:
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
-    from conv2former.engine.distributed import free_port
+    from conv2former.engine.distributed import deepspeed_command
 
-    command = [
-        str(Path(sys.executable).parent / "deepspeed"),
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(free_port()),
+    command = deepspeed_command(
         str(REPO / "launch" / "pretrain.py"),
         "--variant",
         variant,
@@ -78,7 +73,7 @@ def pretrain(data: str, out: Path, variant: str, stage: int, steps: int) -> str:
         "data.eval_batch_size=2",
         "--set",
         "schedule.eval_every_epochs=1000",
-    ]
+    )
     done = subprocess.run(command, env=env, capture_output=True, text=True, errors="replace")
     if done.returncode != 0:
         raise SystemExit(f"error: {variant} ZeRO {stage} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")

@@ -27,16 +27,12 @@ import torch
 import yaml
 from results import REPO, machine, machine_info, record, versions
 
+from conv2former.engine.distributed import deepspeed_command
+
 
 def run_stage(stage: int, args: argparse.Namespace, env: dict) -> dict:
-    bin_dir = Path(sys.executable).parent
     with tempfile.TemporaryDirectory() as out:
-        cmd = [
-            str(bin_dir / "deepspeed"),
-            "--num_gpus",
-            str(args.ranks),
-            "--master_port",
-            str(29800 + stage),
+        cmd = deepspeed_command(
             str(REPO / "launch" / "pretrain.py"),
             "--variant",
             args.variant,
@@ -60,7 +56,9 @@ def run_stage(stage: int, args: argparse.Namespace, env: dict) -> dict:
             "logging.print_every=5",
             "--set",
             "schedule.eval_every_epochs=1000",
-        ]
+            ranks=args.ranks,
+            port=29800 + stage,
+        )
         if args.micro_batch:
             cmd += ["--micro-batch", str(args.micro_batch)]
         if args.global_batch:

@@ -33,7 +33,7 @@ from conv2former.checkout import checkout_first
 REPO = checkout_first(__file__)  # launch and data_prep run from the checkout
 
 from conv2former.data.eval_crop import eval_crop  # noqa: E402
-from conv2former.engine.distributed import free_port  # noqa: E402
+from conv2former.engine.distributed import deepspeed_command as deepspeed  # noqa: E402
 from launch.demo_report import COMMANDS, ERF_PX  # noqa: E402
 
 CAM_PX = 96  # Grad-CAM input side: the last stage is then a 3 x 3 map
@@ -49,11 +49,6 @@ class Stage:
     title: str
     command: List[str]
     done: Optional[Path] = None  # when this file exists, the stage's earlier result is reused
-
-
-def deepspeed(script: str, *args: str, ranks: int = 2) -> List[str]:
-    launcher = str(Path(sys.executable).parent / "deepspeed")
-    return [launcher, "--num_gpus", str(ranks), "--master_port", str(free_port()), script, *args]
 
 
 def plan(size_name: str, data: Path, out: Path) -> List[Stage]:

@@ -81,7 +81,9 @@ def stage_env() -> dict:
 
 def deepspeed_launch(script: str, *args: str, ranks: int = 2) -> list:
     """The command that runs ``script`` on ``ranks`` CPU ranks under the deepspeed launcher."""
-    return [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(next_port()), script, *args]
+    from conv2former.engine.distributed import deepspeed_command
+
+    return deepspeed_command(script, *args, ranks=ranks, port=next_port())
 
 
 def summary_from(stdout: str) -> dict:

@@ -6,11 +6,20 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
+
+
+def deepspeed_command(script: str, *args: str, ranks: int = 2, port: Optional[int] = None) -> List[str]:
+    """The command line that runs ``script`` on ``ranks`` local ranks under the deepspeed launcher of this Python's
+    environment, on a free rendezvous port unless ``port`` is given (the demo, the benchmarks and the tests)."""
+    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    port = free_port() if port is None else port
+    return [launcher, "--num_gpus", str(ranks), "--master_port", str(port), script, *args]
 
 
 def free_port() -> int:
