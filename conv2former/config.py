@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -97,7 +97,10 @@ class ScheduleConfig:
 @dataclass
 class DeepSpeedConfig:
     zero_stage: int = 1  # DeepSpeed ZeRO stage 0-3
-    bf16: bool = True  # on GPU; CPU runs are fp32
+    precision: str = "auto"  # auto | bf16 | fp16 | fp32; auto: bf16 on GPU, fp32 on CPU (engine/precision.py)
+    grad_accum_dtype: str = "fp32"  # fp32 | model: how bf16/fp16 gradients add up over micro-batches (ZeRO 1-3)
+    communication_data_type: Optional[str] = None  # fp32 | bf16 | fp16 for gradient reduction; None: DeepSpeed's
+    fp16_initial_scale_power: int = 16  # fp16: the dynamic loss scale starts at 2**this
     overlap_comm: bool = True  # reduce gradients during the backward pass (DeepSpeed's default: ZeRO-3 only)
     timeout_minutes: float = 10.0  # collective timeout: a dead or hung rank ends the run after this (exit 5)
 
@@ -113,6 +116,7 @@ class CheckpointConfig:
 @dataclass
 class GuardConfig:
     max_bad_steps: int = 1  # consecutive steps with a non-finite loss or grad norm before the run stops (exit 3)
+    max_overflow_skips: int = 20  # fp16: consecutive loss-scaler skips tolerated before that counts as a bad step
     inject_nan_at: Optional[int] = None  # test aid: rank 0's loss is NaN at this optimizer step (1-based)
 
 
@@ -194,11 +198,12 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     return value
 
 
-# keys that moved: a config or --set naming the old one is an error naming the new one
-MOVED = {
-    "model.depthwise": "cpu.depthwise",
-    "model.depthwise_cache": "cpu.depthwise_cache",
-    "keep_freed_memory": "cpu.keep_freed_memory",
+# keys that moved: a config or --set naming the old one is an error naming the new one (and the value to give it)
+MOVED: Dict[str, Tuple[str, Callable[[Any], Any]]] = {
+    "model.depthwise": ("cpu.depthwise", lambda value: value),
+    "model.depthwise_cache": ("cpu.depthwise_cache", lambda value: value),
+    "keep_freed_memory": ("cpu.keep_freed_memory", lambda value: str(value).lower()),
+    "deepspeed.bf16": ("deepspeed.precision", lambda value: "bf16" if value else "fp32"),
 }
 
 
@@ -209,7 +214,8 @@ def apply_overrides(cfg: Any, values: Dict[str, Any], prefix: str = "") -> None:
     for key, value in values.items():
         where = f"{prefix}{key}"
         if where in MOVED:
-            raise UserError(f"config key {where!r} is now {MOVED[where]!r}: use --set {MOVED[where]}={value}")
+            new, translate = MOVED[where]
+            raise UserError(f"config key {where!r} is now {new!r}: use --set {new}={translate(value)}")
         if key not in names:
             raise UserError(f"unknown config key {where!r}; valid keys here: {', '.join(sorted(names))}")
         current = getattr(cfg, key)

@@ -17,6 +17,8 @@ import io
 import os
 import posixpath
 import re
+import subprocess
+import sys
 import tempfile
 from collections import Counter
 from dataclasses import dataclass
@@ -186,7 +188,12 @@ def _read_deepspeed_dir(fs: fsspec.AbstractFileSystem, ds_dir: str, shown: str) 
         if has_zero_partitions:
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-            state_dict = get_fp32_state_dict_from_zero_checkpoint(local_root, tag=tag)
+            try:
+                state_dict = get_fp32_state_dict_from_zero_checkpoint(local_root, tag=tag)
+            except ValueError as err:  # "... is not a zero checkpoint": BF16_Optimizer's (bf16 + fp32 accumulation)
+                if "not a zero checkpoint" not in str(err):
+                    raise
+                state_dict = _fp32_from_bf16_optimizer(local_tag, states["module"], shown)
         else:  # ZeRO stage 0 (no partitions): the module states hold the weights
             state_dict = states["module"]
         state_dict = unwrap_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()})
@@ -194,6 +201,31 @@ def _read_deepspeed_dir(fs: fsspec.AbstractFileSystem, ds_dir: str, shown: str) 
         if classes is None and isinstance(client_classes, list):
             classes = [str(c) for c in client_classes]
     return Weights(state_dict, classes, shown)
+
+
+def _fp32_from_bf16_optimizer(tag_dir: str, module: Dict[str, torch.Tensor], shown: str) -> Dict[str, torch.Tensor]:
+    """The fp32 master weights of a checkpoint written by DeepSpeed's ``BF16_Optimizer`` (bf16 training with fp32
+    gradient accumulation at ZeRO-1), whose files ``zero_to_fp32`` cannot read: DeepSpeed's own universal-checkpoint
+    converter turns them into one fp32 tensor per parameter; the buffers (BatchNorm statistics, fp32) come from the
+    module states."""
+    with tempfile.TemporaryDirectory(prefix="c2f-universal-") as out:
+        done = subprocess.run(
+            [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", tag_dir,
+             "--output_folder", out, "--num_extract_workers", "1", "--num_merge_workers", "1"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["no message"])[-1][:200]
+            raise UserError(f"{shown}: DeepSpeed could not convert its bf16 optimizer state to fp32 weights ({last})")
+        zero = os.path.join(out, "zero")
+        params = {}
+        for name in os.listdir(zero):
+            path = os.path.join(zero, name, "fp32.pt")
+            if os.path.isfile(path):  # (beside them: optimizer_state.pt)
+                saved = torch.load(path, map_location="cpu", weights_only=True)
+                params[name] = saved["param"] if isinstance(saved, dict) else saved
+    # (the converter writes every entry as fp32: integer buffers such as BatchNorm's batch count keep the module's)
+    return {**module, **{k: v for k, v in params.items() if k not in module or module[k].is_floating_point()}}
 
 
 def describe_architecture(state_dict: Mapping[str, torch.Tensor]) -> str:

@@ -117,7 +117,7 @@ def test_evaluation_never_skips(shards_copy):
 def test_checkpoint_estimate_and_free_space_warning(tmp_path):
     model = torch.nn.Linear(1000, 1000)  # 1,001,000 parameters
     params = 1_001_000
-    fp32 = disk.estimate_checkpoint(model, zero_stage=1, bf16=False, ema=True, world_size=2)
+    fp32 = disk.estimate_checkpoint(model, zero_stage=1, half=False, ema=True, world_size=2)
     assert (fp32.weights, fp32.optimizer, fp32.ema) == (4 * params, 12 * params, 4 * params)
     assert disk.estimate_checkpoint(model, 0, False, False, 2).total == 12 * params  # torch AdamW: no master copy
     zero3 = disk.estimate_checkpoint(model, 3, True, True, 4)

@@ -137,6 +137,35 @@ def test_export_loads_strictly_and_reproduces_eval_accuracy(reference_run, demo_
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 3])
+def test_bf16_on_cpu_trains_resumes_bitwise_and_exports_fp32(demo_shards, tmp_path, stage):
+    """deepspeed.precision=bf16 on 2 CPU ranks (DeepSpeed's CPU accelerator has bf16): 12 steps whole, and 6 + a
+    relaunch to 12, export the same fp32 weights; the EMA and the stem BatchNorm statistics are fp32 and updated; at
+    ZeRO-1 the loss stays within 0.25 of the fp32 run's."""
+    from safetensors.torch import load_file
+
+    args = [*FAST, "--data", demo_shards, "--zero-stage", str(stage), "--save-every", "6", "--set", "ema=true"]
+    bf16 = [*args, "--set", "deepspeed.precision=bf16"]
+    whole = run_pretrain(*bf16, "--output", str(tmp_path / "whole"), "--max-steps", "12")
+    run_pretrain(*bf16, "--output", str(tmp_path / "parts"), "--max-steps", "6")
+    resumed = run_pretrain(*bf16, "--output", str(tmp_path / "parts"), "--max-steps", "12")
+    assert whole["precision"] == resumed["precision"] == "bf16" and whole["bad_steps"] == []
+    assert resumed["resumed_from"]["step"] == 6 and resumed["step"] == 12
+    assert exports_equal(tmp_path / "whole", tmp_path / "parts")
+    export = tmp_path / "whole" / "export"
+    weights, ema = load_file(export / "model.safetensors"), load_file(export / "model_ema.safetensors")
+    for tensors in (weights, ema):
+        assert {v.dtype for v in tensors.values() if v.is_floating_point()} == {torch.float32}
+    stem_mean = "downsample_layers.0.2.running_mean"  # the stem BatchNorm (initialised at 0)
+    assert weights[stem_mean].abs().sum() > 0 and ema[stem_mean].abs().sum() > 0
+    assert not torch.equal(ema["pred.weight"], weights["pred.weight"])  # the EMA moved, lagging the weights
+    if stage == 1:
+        fp32 = run_pretrain(*args, "--output", str(tmp_path / "fp32"), "--max-steps", "12")
+        assert fp32["precision"] == "fp32"
+        assert abs(whole["loss"] - fp32["loss"]) < 0.25, (whole["loss"], fp32["loss"])
+
+
+@pytest.mark.slow
 def test_stop_and_relaunch_resumes_exactly(reference_run, demo_shards, tmp_path):
     ref, _ = reference_run
     args = [*FAST, "--data", demo_shards, "--output", str(tmp_path), "--epochs", "2", "--save-every", "10"]
@@ -342,6 +371,18 @@ def test_bad_configs_are_one_line_errors(capsys, demo_shards, tmp_path):
     assert "'model.depthwise' is now 'cpu.depthwise'" in one_line_error(
         capsys, "--variant", "demo", "--data", demo_shards, "--set", "model.depthwise=fixed", *out
     )
+    assert "use --set deepspeed.precision=bf16" in one_line_error(
+        capsys, "--variant", "demo", "--data", demo_shards, "--set", "deepspeed.bf16=true", *out
+    )
+    assert "deepspeed.precision: unknown 'fp8'" in one_line_error(
+        capsys, "--variant", "demo", "--data", demo_shards, "--set", "deepspeed.precision=fp8", *out
+    )
+    from deepspeed.accelerator import get_accelerator
+
+    if not get_accelerator().is_fp16_supported():  # (this CPU: no AVX-512 FP16 / AMX-FP16)
+        assert "does not support fp16 on this machine" in one_line_error(
+            capsys, "--variant", "demo", "--data", demo_shards, "--set", "deepspeed.precision=fp16", *out
+        )
     (tmp_path / "file").write_text("")
     assert "cpu.depthwise_cache: cannot write the depthwise cache" in one_line_error(
         capsys,

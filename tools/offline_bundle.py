@@ -257,7 +257,9 @@ def write_manifest(args, out: Path, wheels_dir: Path, roots_: list[str], host: l
         "cuda": args.cuda,
         "host_torch": args.host_torch,
         "roots": roots_,
-        "always_install": [PROJECT],
+        # this project (its version string does not change with every commit), and the two libraries whose exact
+        # release the bf16 path was tested with (a GPU image's older copy may satisfy the range and still differ)
+        "always_install": [PROJECT, "deepspeed", "timm"],
         "host_provided": host,
         "wheels": wheels,
         "parts": parts,

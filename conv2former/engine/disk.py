@@ -1,10 +1,10 @@
 """Disk space for checkpoints: what one checkpoint takes, whether ``keep_last + 1`` of them fit, and sizes in words.
 
 A checkpoint holds (DeepSpeed's layout, summed over ranks):
-  * the model weights in the module's dtype (fp32 on CPU, bf16 on GPU), once (ZeRO 0-2: rank 0's model file;
+  * the model weights in the module's dtype (fp32, or bf16/fp16: ``deepspeed.precision``), once (ZeRO 0-2: rank 0's model file;
     ZeRO-3 keeps only partitions, so the weights are counted with the optimizer);
   * the optimizer state: AdamW's two moments in fp32, plus an fp32 master copy of the weights wherever DeepSpeed
-    keeps one (ZeRO 1-3, and bf16 at ZeRO 0) — 12 bytes per parameter, or 8 for fp32 ZeRO 0;
+    keeps one (ZeRO 1-3, and bf16/fp16 at ZeRO 0) — 12 bytes per parameter, or 8 for fp32 ZeRO 0;
   * our client state: the EMA weights in fp32 (written by every rank at ZeRO-3, by rank 0 otherwise), the data
     positions and RNG states (small).
 During a save the newest ``keep_last`` complete checkpoints stay on disk while the next one is written, so a run
@@ -46,13 +46,14 @@ class CheckpointSize:
 
 
 def estimate_checkpoint(
-    model: torch.nn.Module, zero_stage: int, bf16: bool, ema: bool, world_size: int
+    model: torch.nn.Module, zero_stage: int, half: bool, ema: bool, world_size: int
 ) -> CheckpointSize:
-    """The size of one checkpoint of ``model`` (see the module docstring for what is counted)."""
-    params = sum(p.numel() for p in model.parameters())
+    """The size of one checkpoint of ``model`` (see the module docstring for what is counted); ``half``: bf16 or
+    fp16 weights. A ZeRO-3 model's parameters count whole (``ds_numel``: DeepSpeed leaves them empty on each rank)."""
+    params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
-    weights = 0 if zero_stage == 3 else params * (2 if bf16 else 4) + buffers
-    master = 4 if (zero_stage > 0 or bf16) else 0
+    weights = 0 if zero_stage == 3 else params * (2 if half else 4) + buffers
+    master = 4 if (zero_stage > 0 or half) else 0
     optimizer = params * (8 + master)
     ema_copies = world_size if zero_stage == 3 else 1
     ema_bytes = (params * 4 + buffers) * ema_copies if ema else 0

@@ -14,6 +14,7 @@ from conv2former.data.loader import build_loader, resolve_backend
 from conv2former.data.shard_format import read_classes
 from conv2former.engine.distributed import this_process
 from conv2former.engine.optim import Schedule, derive_schedule
+from conv2former.engine.precision import DTYPES, resolve_precision
 
 
 def measure_step_time(cfg: TrainConfig, num_classes: int, device: torch.device, schedule: Schedule) -> float:
@@ -25,10 +26,10 @@ def measure_step_time(cfg: TrainConfig, num_classes: int, device: torch.device, 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randn(schedule.micro_batch, 3, cfg.data.image_size, cfg.data.image_size, device=device)
     y = torch.randint(0, num_classes, (schedule.micro_batch,), device=device)
-    use_bf16 = device.type == "cuda" and cfg.deepspeed.bf16
+    precision = resolve_precision(cfg.deepspeed, device.type == "cuda")
 
     def micro_step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        with torch.autocast(device.type, dtype=DTYPES[precision], enabled=precision != "fp32"):
             loss = torch.nn.functional.cross_entropy(model(x), y)
         loss.backward()
 

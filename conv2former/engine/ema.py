@@ -8,7 +8,9 @@ import torch
 
 
 class WeightEma:
-    """timm's ``ModelEmaV3`` over the engine's module.
+    """timm's ``ModelEmaV3`` over the engine's module (its decay and warmup), with the update written here: the
+    average is fp32 and the model bf16/fp16 under DeepSpeed, a mix timm's own update rejects before 1.0.29
+    (``_foreach_lerp_`` of fp32 with bf16); here each model value is cast to the average's dtype first.
 
     Under ZeRO-3 the parameters are partitioned, so the average is a full copy built from the gathered weights and
     updated inside ``GatheredParameters``. The average lives in fp32 whatever the training precision: in bf16 (8-bit
@@ -42,13 +44,29 @@ class WeightEma:
         return self.ema.module
 
     def update(self, step: int) -> None:
+        decay = self.ema.get_decay(step)
         if not self.zero3:
-            self.ema.update(self.engine.module, step=step)
+            self._apply(self.engine.module, decay)
             return
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(self.engine.module.parameters())):
-            self.ema.update(self.engine.module, step=step)
+            self._apply(self.engine.module, decay)
+
+    @torch.no_grad()
+    def _apply(self, model: torch.nn.Module, decay: float) -> None:
+        """ema = ema + (1 - decay) (model - ema) for floating-point values (in the average's dtype, fp32); other
+        buffers (BatchNorm's batch count) copied, as timm does."""
+        averaged, current = [], []
+        for ema_v, model_v in zip(self.ema.module.state_dict().values(), model.state_dict().values()):
+            model_v = model_v.to(device=ema_v.device)
+            if ema_v.is_floating_point():
+                averaged.append(ema_v)
+                current.append(model_v.to(dtype=ema_v.dtype))
+            else:
+                ema_v.copy_(model_v)
+        if averaged:
+            torch._foreach_lerp_(averaged, current, weight=1.0 - decay)
 
     def state_dict(self) -> Dict[str, Any]:
         return self.ema.module.state_dict()

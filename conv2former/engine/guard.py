@@ -6,6 +6,10 @@ bad steps at the same time. By then the bad step's update may already be applied
 detects the overflow itself, as ZeRO 1/2 do for an infinite gradient norm), so after ``guard.max_bad_steps``
 consecutive bad steps (default 1) the run stops. Checkpoints are never written from non-finite weights
 (``weights_finite``), so the newest checkpoint on disk stays the last good one and ``keep_last`` never removes it.
+
+Under fp16 an overflowing gradient is expected now and then: DeepSpeed's loss scaler skips that step and halves the
+scale. Such a skip (``overflow_skipped``, known on the host) is not a bad step; only a non-finite loss is, or more than
+``max_overflow_skips`` skips in a row (the scale has then reached its floor and the gradients still overflow).
 """
 
 from __future__ import annotations
@@ -17,25 +21,34 @@ import torch.distributed as dist
 
 
 class DivergenceGuard:
-    def __init__(self, max_bad_steps: int, device: torch.device) -> None:
+    def __init__(self, max_bad_steps: int, device: torch.device, max_overflow_skips: int = 20) -> None:
         self.max_bad_steps = max(1, int(max_bad_steps))
+        self.max_overflow_skips = max(1, int(max_overflow_skips))
         self.device = device
+        self.overflow_skips = 0  # fp16 steps DeepSpeed's loss scaler skipped, in all
+        self.overflow_run = 0  # ... in a row up to the newest step
         self.bad_steps: List[Dict[str, Any]] = []  # every bad step seen: step, loss, grad_norm
         self.consecutive = 0
         self._pending: Optional[Dict[str, Any]] = None  # the previous step: its flag, work handle, values
 
-    def observe(self, step: int, loss: torch.Tensor, grad_norm: Any) -> Optional[Dict[str, Any]]:
-        """Start step ``step``'s check; return the previous step's record when it was bad (read one step late)."""
+    def observe(
+        self, step: int, loss: torch.Tensor, grad_norm: Any, overflow_skipped: bool = False
+    ) -> Optional[Dict[str, Any]]:
+        """Start step ``step``'s check; return the previous step's record when it was bad (read one step late).
+        ``overflow_skipped``: fp16's loss scaler skipped this step (its gradient norm is then not judged)."""
         bad_record = self._read_previous()
         norm = (
             grad_norm
             if isinstance(grad_norm, torch.Tensor)
             else torch.tensor(float("nan") if grad_norm is None else float(grad_norm), device=self.device)
         )
-        finite_norm = (
-            torch.isfinite(norm) if grad_norm is not None else torch.ones((), dtype=torch.bool, device=self.device)
-        )
+        judged = grad_norm is not None and not overflow_skipped
+        finite_norm = torch.isfinite(norm) if judged else torch.ones((), dtype=torch.bool, device=self.device)
+        self.overflow_skips += int(overflow_skipped)
+        self.overflow_run = self.overflow_run + 1 if overflow_skipped else 0
         flag = (~(torch.isfinite(loss) & finite_norm)).float().reshape(1)
+        if self.overflow_run > self.max_overflow_skips:  # (known on the host: no device round trip)
+            flag = torch.ones_like(flag)
         work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True) if dist.is_initialized() else None
         self._pending = {"step": step, "flag": flag, "work": work, "loss": loss, "grad_norm": norm}
         return bad_record
@@ -73,11 +86,14 @@ class DivergenceGuard:
 
     def state_dict(self) -> Dict[str, Any]:
         """The bad steps so far (a checkpoint is written only after a good step, so none is outstanding)."""
-        return {"bad_steps": list(self.bad_steps), "consecutive": self.consecutive}
+        return {"bad_steps": list(self.bad_steps), "consecutive": self.consecutive,
+                "overflow_skips": self.overflow_skips, "overflow_run": self.overflow_run}  # fmt: skip
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.bad_steps = [dict(record) for record in state["bad_steps"]]
         self.consecutive = int(state["consecutive"])
+        self.overflow_skips = int(state.get("overflow_skips", 0))  # (checkpoints before fp16 have neither)
+        self.overflow_run = int(state.get("overflow_run", 0))
 
     @property
     def tripped(self) -> bool:

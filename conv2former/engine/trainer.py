@@ -40,6 +40,7 @@ from conv2former.engine.guard import DivergenceGuard, weights_finite
 from conv2former.engine.lost_ranks import announce_fault, is_collective_failure, lost_ranks_line
 from conv2former.engine.metrics import Metrics, get_logger, memory_mb
 from conv2former.engine.optim import Schedule, build_optimizer, build_scheduler, derive_schedule
+from conv2former.engine.precision import DTYPES, precision_config, resolve_precision
 from conv2former.engine.preemption import Preempted, Preemption
 from conv2former.engine.run_output import RunOutput
 from conv2former.engine.state import CheckpointState, RngState
@@ -51,13 +52,13 @@ STOPPED = "stopped by signal (checkpoint saved)"
 DIVERGED = "diverged"
 
 
-def deepspeed_config(cfg: TrainConfig, schedule: Schedule, gpu: bool) -> Dict[str, Any]:
+def deepspeed_config(cfg: TrainConfig, schedule: Schedule, precision: str) -> Dict[str, Any]:
     return {
         "train_batch_size": schedule.global_batch,
         "train_micro_batch_size_per_gpu": schedule.micro_batch,
         "gradient_accumulation_steps": schedule.grad_accum,
         "zero_optimization": {"stage": cfg.deepspeed.zero_stage, "overlap_comm": bool(cfg.deepspeed.overlap_comm)},
-        "bf16": {"enabled": bool(gpu and cfg.deepspeed.bf16)},
+        **precision_config(precision, cfg.deepspeed),
         "gradient_clipping": float(cfg.optim.clip_grad),  # explicit: DeepSpeed >= 0.19.3 clips at 1.0 otherwise
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
@@ -110,6 +111,7 @@ class Trainer:
         self.cfg.data.backend = resolve_backend(self.cfg.data.backend)
         if self.cfg.data.seed is None:
             self.cfg.data.seed = self.cfg.seed  # documented default: the data follow the run's seed
+        self.precision = resolve_precision(self.cfg.deepspeed, self.gpu)  # bf16 | fp16 | fp32 (a mistake fails here)
         # CPU runs: the depthwise formulations measured fastest and malloc keeping freed memory (conv2former/cpu)
         self.cpu = None if self.gpu else CpuTuning.install(self.cfg.cpu)
 
@@ -129,7 +131,7 @@ class Trainer:
             model = model.to(device=self.device)
             torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels once
         optimizer = build_optimizer(model, cfg, self.schedule.lr)
-        ds_config = deepspeed_config(cfg, self.schedule, self.gpu)
+        ds_config = deepspeed_config(cfg, self.schedule, self.precision)
         note = self.checkpoints.configure(ds_config)
         if note:
             self.log.info(note)
@@ -137,7 +139,7 @@ class Trainer:
         if cfg.model.compile:
             self.engine.compile()
         self.scheduler = build_scheduler(self.optimizer, cfg, self.schedule)
-        self.dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float32
+        self.dtype = DTYPES[self.precision]  # the model's (and so the batches') dtype under DeepSpeed
         self.ema = (
             WeightEma(
                 self.engine, self._make_model, cfg.ema_decay, cfg.ema_warmup, self.device, cfg.deepspeed.zero_stage == 3
@@ -146,7 +148,7 @@ class Trainer:
             else None
         )
         size = estimate_checkpoint(
-            model, cfg.deepspeed.zero_stage, self.dtype == torch.bfloat16, bool(cfg.ema), self.world_size
+            model, cfg.deepspeed.zero_stage, self.precision != "fp32", bool(cfg.ema), self.world_size
         )
         for line in self.checkpoints.expect(size):
             self.log.info(line)
@@ -161,7 +163,7 @@ class Trainer:
                 self.log.warning(f"no evaluation: {err}")
         self.epoch, self.step = 0, 0
         self.best = BestEvaluation()
-        self.guard = DivergenceGuard(cfg.guard.max_bad_steps, self.device)
+        self.guard = DivergenceGuard(cfg.guard.max_bad_steps, self.device, cfg.guard.max_overflow_skips)
         self.batchnorm = BatchNormStats(self._models())
         self.preemption = Preemption()
         self.config_dict = to_dict(cfg)
@@ -289,6 +291,8 @@ class Trainer:
             "status": status,
             "exit_code": exit_code,
             "bad_steps": self.guard.bad_steps,
+            "precision": self.precision,
+            "overflow_skips": self.guard.overflow_skips,  # fp16: steps the loss scaler skipped
             "skipped_shards": self.train_loader.skipped_shards,  # this rank's (every rank warns for its own)
             "data_fetch": self.train_loader.fetch_stats(),  # a remote root: this rank's downloads and cache hits
             **(self.cpu.summary() if self.cpu is not None else not_installed_summary()),
@@ -407,7 +411,8 @@ class Trainer:
         if self.step % self.cfg.logging.print_every == 0 or self.step == 1:
             self._record_training()
             self._report_depthwise()
-        self._check_bad_step(self.guard.observe(self.step, step_loss, self.engine.get_global_grad_norm()))
+        skipped = self.precision == "fp16" and not self.engine.was_step_applied()  # the loss scaler's (host) flag
+        self._check_bad_step(self.guard.observe(self.step, step_loss, self.engine.get_global_grad_norm(), skipped))
         if self.preemption.poll(self.device):
             self._checkpoint()
             raise Preempted()
@@ -486,8 +491,8 @@ class Trainer:
             out = {"top1": result.top1, "top5": result.top5, "num_samples": result.num_samples}
             if self.ema is not None:
                 self.val_loader.set_epoch(0)
-                bf16 = torch.bfloat16 if self.dtype == torch.bfloat16 else None  # fp32 weights, bf16 compute
-                ema_result = self.evaluator.run(self.ema.module, self.val_loader, autocast_dtype=bf16)
+                half = self.dtype if self.precision != "fp32" else None  # fp32 weights, half-precision compute
+                ema_result = self.evaluator.run(self.ema.module, self.val_loader, autocast_dtype=half)
                 out.update(ema_top1=ema_result.top1, ema_top5=ema_result.top5)
         self.best.observe(out, self.epoch, self.step)
         self.metrics.scalars(self.step, {**out, "epoch": self.epoch, **self.best.scalars()}, kind="eval")
