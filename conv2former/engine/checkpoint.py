@@ -178,6 +178,7 @@ class CheckpointManager:
         self.universal: Optional[str] = None
         self.passed_over: List[Dict[str, str]] = []  # newer tags the last load could not use, and why
         self.size_bytes = 0  # one checkpoint: estimated (expect), then measured after each save
+        self.estimated_bytes = 0  # the estimate alone (expect)
 
     def configure(self, ds_config: Dict[str, Any]) -> Optional[str]:
         """Prepare a resume across world sizes; returns a line to show when that happens."""
@@ -213,7 +214,7 @@ class CheckpointManager:
     def expect(self, size: disk.CheckpointSize) -> List[str]:
         """Take the estimated size of a checkpoint; return the lines to log (rank 0): the size, and a warning with
         the numbers when ``keep_last + 1`` checkpoints do not fit in the free space."""
-        self.size_bytes = size.total
+        self.size_bytes = self.estimated_bytes = size.total
         if self.rank != 0:
             return []
         os.makedirs(self.dir, exist_ok=True)

@@ -44,12 +44,14 @@ class Evaluator:
             for images, labels in loader:
                 logits = model(images.to(device=self.device, dtype=input_dtype)).float()
                 labels = labels.to(self.device)
-                valid = labels >= 0
-                hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels.view(-1, 1)
-                index = labels[valid]
-                counts[:, 0].index_add_(0, index, hits[valid, 0].double())
-                counts[:, 1].index_add_(0, index, hits[valid].any(1).double())
-                counts[:, 2].index_add_(0, index, torch.ones_like(index, dtype=torch.float64))
+                # padding (label -1) is weighted 0 rather than masked out: boolean indexing would wait for the
+                # device every batch (its result's size is data-dependent)
+                weight = (labels >= 0).double()
+                index = labels.clamp(min=0)
+                hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == index.view(-1, 1)
+                counts[:, 0].index_add_(0, index, hits[:, 0].double() * weight)
+                counts[:, 1].index_add_(0, index, hits.any(1).double() * weight)
+                counts[:, 2].index_add_(0, index, weight)
         if dist.is_initialized():
             dist.all_reduce(counts)
         model.train(was_training)

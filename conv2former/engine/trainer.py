@@ -297,6 +297,8 @@ class Trainer:
             "data_fetch": self.train_loader.fetch_stats(),  # a remote root: this rank's downloads and cache hits
             **(self.cpu.summary() if self.cpu is not None else not_installed_summary()),
             "resumed_from": self.resumed_from,
+            # the estimate the disk-space warning used, and the newest checkpoint's measured size (rank 0)
+            "checkpoint_bytes": {"estimated": self.checkpoints.estimated_bytes, "written": self.checkpoints.size_bytes},
             "epoch": self.epoch,
             "step": self.step,
             "loss": self.last_loss,
