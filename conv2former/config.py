@@ -42,6 +42,7 @@ class DataConfig:
     batch_size: int = 32  # micro-batch per rank (training)
     eval_batch_size: Optional[int] = None  # per rank; None: batch_size
     workers: int = 4  # DALI threads, or DataLoader workers
+    hw_decoder_load: float = 0.65  # dali-gpu train: share of JPEGs for the GPU hardware decoder (A100/H100)
     seed: Optional[int] = None  # shard order and augmentation draws; None: the run's top-level seed
     shuffle_buffer: int = 4096  # per-rank sample shuffle buffer (in addition to the per-epoch shard order)
     crop_pct: float = 0.875  # eval: resize the shorter side to image_size / crop_pct, then center crop
@@ -138,6 +139,7 @@ class TrainConfig:
     stage: str = "pretrain"  # a name for the run's logs and export tag
     output: str = "runs/default"  # run folder or fsspec URL: checkpoints/, export/, tb/, log.jsonl, summary.json
     seed: int = 0  # initial weights, dropout and (unless data.seed) the data order
+    deterministic: bool = False  # the same bits run to run on a GPU (cuDNN deterministic, no benchmark; slower)
     ema: bool = False  # keep an exponential moving average of the weights (timm ModelEmaV3)
     ema_decay: float = 0.9999  # the EMA's decay per optimizer step
     ema_warmup: bool = False  # timm's EMA warmup (decay ramps up from 0): for short runs, so BN stats catch up

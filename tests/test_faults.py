@@ -7,6 +7,8 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -168,3 +170,35 @@ def test_gloo_is_pinned_to_the_interface_that_reaches_the_rendezvous(monkeypatch
     assert pin_gloo_interface("gloo") == "lo" and os.environ["GLOO_SOCKET_IFNAME"] == "lo"
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth7")
     assert pin_gloo_interface("gloo") is None and os.environ["GLOO_SOCKET_IFNAME"] == "eth7"
+
+
+def test_the_deterministic_setting_asks_torch_and_cudnn_for_repeatable_kernels():
+    """``deterministic: true`` (what tests/test_gpu.py's bitwise checks use on a GPU), in a process of its own."""
+    script = (
+        "import os, torch; from conv2former.engine.distributed import make_deterministic; make_deterministic(); "
+        "print(torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(), "
+        "torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, os.environ['CUBLAS_WORKSPACE_CONFIG'])"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["True", "True", "True", "False", ":4096:8"]
+
+
+def test_fp16_loss_scaler_skips_are_not_bad_steps_until_too_many_in_a_row():
+    """Under fp16 an overflow skip (inf gradient norm, step not applied) is the loss scaler at work; a non-finite loss
+    is still bad, and so is a run of skips longer than max_overflow_skips."""
+    guard = DivergenceGuard(max_bad_steps=1, device=torch.device("cpu"), max_overflow_skips=3)
+    finite, inf = torch.tensor(2.0), torch.tensor(float("inf"))
+    for step in range(1, 4):  # three skips in a row: tolerated
+        assert guard.observe(step, finite, inf, overflow_skipped=True) is None
+    assert guard.flush() is None and guard.overflow_skips == 3
+    guard.observe(4, finite, torch.tensor(1.0))  # an applied step ends the run of skips
+    assert guard.flush() is None and guard.overflow_run == 0
+    for step in range(5, 9):  # four in a row: the fourth is one too many
+        guard.observe(step, finite, inf, overflow_skipped=True)
+    assert guard.flush()["step"] == 8 and guard.tripped
+    nan_loss = DivergenceGuard(max_bad_steps=1, device=torch.device("cpu"))
+    nan_loss.observe(1, torch.tensor(float("nan")), inf, overflow_skipped=True)
+    assert nan_loss.flush()["step"] == 1  # a non-finite loss is bad whatever the scaler did
+    restored = DivergenceGuard(max_bad_steps=1, device=torch.device("cpu"))
+    restored.load_state_dict(guard.state_dict())
+    assert (restored.overflow_skips, restored.overflow_run) == (7, 4)

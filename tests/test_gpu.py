@@ -53,6 +53,8 @@ def args_for(variant: str, stage: int, data: str, out: Path) -> list[str]:
         "--set",
         "ema=true",
         "--set",
+        "deterministic=true",  # the bitwise comparison after stop + resume (cuDNN's benchmark search may differ)
+        "--set",
         f"data.batch_size={batch}",
         "--set",
         f"schedule.global_batch={batch}",

@@ -33,14 +33,14 @@ from conv2former.data.shards import SplitShards, sample_seed, shard_problem, sli
 READER = "reader"
 READER_LAYOUT = "rank-slices"  # each rank's reader holds its own samples (a DALI position is only valid in the same)
 
-# Decoder memory settings from NVIDIA's ImageNet examples: enough to decode full-size ImageNet JPEGs without
-# reallocating, and the share of images sent to the hardware JPEG decoder (A100/H100).
+# Decoder memory settings from NVIDIA's ImageNet examples (enough to decode full-size ImageNet JPEGs without
+# reallocating); the training decoder's share for the hardware JPEG decoder is data.hw_decoder_load.
 GPU_DECODER_ARGS: Dict[str, Any] = dict(
     device_memory_padding=211025920,
     host_memory_padding=140544512,
     preallocate_width_hint=5980,
     preallocate_height_hint=6430,
-    hw_decoder_load=0.65,
+    jpeg_fancy_upsampling=True,  # chroma upsampled as libjpeg-turbo does: the CPU backends' pixels (PIL, DALI cpu)
 )
 
 
@@ -92,7 +92,7 @@ def train_graph(cfg: DataConfig, paths: List[str], index_paths: List[str], gpu: 
         random_area=list(aug.scale),
         random_aspect_ratio=list(aug.ratio),
         num_attempts=10,
-        **(GPU_DECODER_ARGS if gpu else {}),
+        **({**GPU_DECODER_ARGS, "hw_decoder_load": cfg.hw_decoder_load} if gpu else {}),
     )
     images = fn.resize(
         images, resize_x=cfg.image_size, resize_y=cfg.image_size, interp_type=types.INTERP_CUBIC, antialias=True
@@ -115,7 +115,7 @@ def eval_graph(cfg: DataConfig, paths: List[str], index_paths: List[str], gpu: b
         jpg,
         device="mixed" if gpu else "cpu",
         output_type=types.RGB,
-        **({k: v for k, v in GPU_DECODER_ARGS.items() if k != "hw_decoder_load"} if gpu else {}),
+        **(GPU_DECODER_ARGS if gpu else {}),
     )
     size = cfg.image_size
     if cfg.crop_mode == "squash":

@@ -104,6 +104,16 @@ class Process:
         return "nccl" if self.gpu else "gloo"
 
 
+def make_deterministic() -> None:
+    """The same bits run to run (``deterministic: true``): cuDNN's deterministic kernels and no benchmark search,
+    PyTorch's deterministic algorithms (a warning, not an error, for an op that has none: our evaluator's
+    ``index_add_`` of whole counts is exact in any order), cuBLAS with a fixed workspace. Call before any CUDA work."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 def this_process() -> Process:
     """Where this process sits, from the launcher's variables (a one-rank job without one), with its GPU made the
     current device (so that NCCL collectives and DALI run on the rank's own GPU, not all on GPU 0)."""

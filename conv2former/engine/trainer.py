@@ -33,7 +33,7 @@ from conv2former.engine import checkpoint as ckpt
 from conv2former.engine.batchnorm import BatchNormStats
 from conv2former.engine.best import BestEvaluation, evaluation_record
 from conv2former.engine.disk import estimate_checkpoint
-from conv2former.engine.distributed import join_group, this_process
+from conv2former.engine.distributed import join_group, make_deterministic, this_process
 from conv2former.engine.ema import WeightEma
 from conv2former.engine.evaluator import Evaluator
 from conv2former.engine.guard import DivergenceGuard, weights_finite
@@ -112,6 +112,8 @@ class Trainer:
         if self.cfg.data.seed is None:
             self.cfg.data.seed = self.cfg.seed  # documented default: the data follow the run's seed
         self.precision = resolve_precision(self.cfg.deepspeed, self.gpu)  # bf16 | fp16 | fp32 (a mistake fails here)
+        if self.cfg.deterministic:
+            make_deterministic()
         # CPU runs: the depthwise formulations measured fastest and malloc keeping freed memory (conv2former/cpu)
         self.cpu = None if self.gpu else CpuTuning.install(self.cfg.cpu)
 
@@ -129,7 +131,8 @@ class Trainer:
             # Parameters stay contiguous: DeepSpeed broadcasts them as bytes (channels_last weights fail there) and
             # ZeRO re-flattens them anyway. The loader hands channels_last batches, so cuDNN runs NHWC kernels.
             model = model.to(device=self.device)
-            torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels once
+            # fixed input sizes: let cuDNN pick the fastest kernels once, unless the bits must repeat run to run
+            torch.backends.cudnn.benchmark = not cfg.deterministic
         optimizer = build_optimizer(model, cfg, self.schedule.lr)
         ds_config = deepspeed_config(cfg, self.schedule, self.precision)
         note = self.checkpoints.configure(ds_config)
