@@ -10,8 +10,8 @@ never saw (ImageNet-1k's n04399382, teddy bear, is not in ImageNet-22k) get a fr
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, cast
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Dict, List, Optional, cast
 
 import torch
 import torch.nn as nn
@@ -104,7 +104,9 @@ def transfer_head(
     return HeadReport("synset", len(mapped), [c for c in classes if c not in index], len(classes), init_scale)
 
 
-def pretrained_init(pretrained: str, cfg: TrainConfig, rank: int) -> Callable[[nn.Module, List[str]], None]:
+def pretrained_init(
+    pretrained: str, cfg: TrainConfig, rank: int
+) -> Callable[[nn.Module, List[str]], Optional[Dict[str, Any]]]:
     """The fine-tuning stage's ``init_weights`` for the engine: the weights at ``pretrained`` (any format
     conv2former.weights reads) with the head transferred to the data's classes. The weights are read and, where the
     data's class list is at hand, the transfer and the compatibility checks are tried at once on a weightless
@@ -125,11 +127,12 @@ def pretrained_init(pretrained: str, cfg: TrainConfig, rank: int) -> Callable[[n
         transfer_head(state, weights.classes, data_classes, probe, head, scale)
         check_compatible(probe, state, pretrained)
 
-    def init_weights(model: nn.Module, classes: List[str]) -> None:
+    def init_weights(model: nn.Module, classes: List[str]) -> Optional[Dict[str, Any]]:
         state = dict(weights.state_dict)
         report = transfer_head(state, weights.classes, classes, model, head, scale)
         check_compatible(model, state, pretrained)
         model.load_state_dict(state, strict=True)
         get_logger(rank).info(report.line())
+        return {"weights": pretrained, "head": asdict(report)}  # the run summary's "initialized_from"
 
     return init_weights

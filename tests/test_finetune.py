@@ -162,7 +162,8 @@ def test_finetune_chain_transfers_the_head_and_evaluates_through_the_commands(de
         "0",
         ranks=1,
     )
-    assert "head: 10 of 10 rows mapped by synset" in mapped.stdout
+    head = summary_of(mapped)["initialized_from"]["head"]
+    assert (head["mode"], head["mapped"], head["fresh"], head["total"]) == ("synset", 10, [], 10)
     pre_w, pre_classes = (
         load_file(pre / "export" / "model.safetensors"),
         (pre / "export" / "classes.txt").read_text().split(),

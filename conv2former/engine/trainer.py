@@ -47,7 +47,8 @@ from conv2former.engine.state import CheckpointState, RngState
 from conv2former.errors import Diverged, RankFault, RunFault, UserError
 from conv2former.export import write_export
 
-InitWeights = Callable[[torch.nn.Module, List[str]], None]
+# fills a fresh model for the data's classes (fine-tuning's start) and returns a record of it for the summary
+InitWeights = Callable[[torch.nn.Module, List[str]], Optional[Dict[str, Any]]]
 STOPPED = "stopped by signal (checkpoint saved)"
 DIVERGED = "diverged"
 
@@ -93,8 +94,9 @@ class Trainer:
         if cfg.model.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
         self.export_only = False
+        self.initialized_from: Optional[Dict[str, Any]] = None  # what init_weights did (the summary's)
         if init_weights is not None and self.checkpoints.newest is None:
-            init_weights(self.model, self.classes)
+            self.initialized_from = init_weights(self.model, self.classes)
             self.export_only = self.schedule.stop_step == 0  # --max-steps 0: the initial (transferred) model
         if not self.export_only:
             self._setup_training()
@@ -299,6 +301,7 @@ class Trainer:
             "skipped_shards": self.train_loader.skipped_shards,  # this rank's (every rank warns for its own)
             "data_fetch": self.train_loader.fetch_stats(),  # a remote root: this rank's downloads and cache hits
             **(self.cpu.summary() if self.cpu is not None else not_installed_summary()),
+            "initialized_from": self.initialized_from,
             "resumed_from": self.resumed_from,
             # the estimate the disk-space warning used, and the newest checkpoint's measured size (rank 0)
             "checkpoint_bytes": {"estimated": self.checkpoints.estimated_bytes, "written": self.checkpoints.size_bytes},
@@ -555,8 +558,8 @@ class Trainer:
         export_dir = None
         if self.rank == 0:
             export_dir = write_export(self.output.local, self.model.state_dict(), self.classes, to_dict(self.cfg))
-        summary = {"status": "exported without training", "step": 0, "export": self.output.shown(export_dir),
-                   "output": self.cfg.output}  # fmt: skip
+        summary = {"status": "exported without training", "step": 0, "initialized_from": self.initialized_from,
+                   "export": self.output.shown(export_dir), "output": self.cfg.output}  # fmt: skip
         self._publish(summary)
         return summary
 
