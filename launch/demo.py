@@ -33,7 +33,7 @@ from conv2former.checkout import checkout_first
 REPO = checkout_first(__file__)  # launch and data_prep run from the checkout
 
 from conv2former.data.eval_crop import eval_crop  # noqa: E402
-from conv2former.engine.distributed import deepspeed_command as deepspeed  # noqa: E402
+from conv2former.engine.distributed import deepspeed_command, free_port  # noqa: E402
 from launch.demo_report import COMMANDS, ERF_PX  # noqa: E402
 
 CAM_PX = 96  # Grad-CAM input side: the last stage is then a 3 x 3 map
@@ -49,6 +49,13 @@ class Stage:
     title: str
     command: List[str]
     done: Optional[Path] = None  # when this file exists, the stage's earlier result is reused
+
+
+PORT_AT_START = 0  # a deepspeed stage's rendezvous port: a free one is picked when the stage starts (run)
+
+
+def deepspeed(script: str, *args: str) -> List[str]:
+    return deepspeed_command(script, *args, port=PORT_AT_START)
 
 
 def plan(size_name: str, data: Path, out: Path) -> List[Stage]:
@@ -100,6 +107,9 @@ def plan(size_name: str, data: Path, out: Path) -> List[Stage]:
 
 def run(stage: Stage, number: str, log: Path, commands: Path) -> None:
     """Run one stage's command (its output appended to ``log``; the report stage's shown too), recorded first."""
+    if "--master_port" in stage.command:  # the port is chosen now, not when the plan was made minutes ago
+        at = stage.command.index("--master_port") + 1
+        stage.command[at] = str(free_port())
     printable = "OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu " + " ".join(shlex.quote(c) for c in stage.command)
     with open(commands, "a") as f:
         f.write(printable + "\n")
