@@ -104,6 +104,7 @@ class DeepSpeedConfig:
     fp16_initial_scale_power: int = 16  # fp16: the dynamic loss scale starts at 2**this
     overlap_comm: bool = True  # reduce gradients during the backward pass (DeepSpeed's default: ZeRO-3 only)
     timeout_minutes: float = 10.0  # collective timeout: a dead or hung rank ends the run after this (exit 5)
+    rank0_work_timeout_minutes: float = 60.0  # others wait this long for rank 0's export / conversion (gloo)
 
 
 @dataclass

@@ -202,3 +202,61 @@ def test_fp16_loss_scaler_skips_are_not_bad_steps_until_too_many_in_a_row():
     restored = DivergenceGuard(max_bad_steps=1, device=torch.device("cpu"))
     restored.load_state_dict(guard.state_dict())
     assert (restored.overflow_skips, restored.overflow_run) == (7, 4)
+
+
+RANK0_WORK = """
+import os, sys, time
+from datetime import timedelta
+import torch.distributed as dist
+from conv2former.engine.rank0_work import on_rank0
+dist.init_process_group("gloo", timeout=timedelta(seconds=2))  # the collective timeout
+rank = dist.get_rank()
+if sys.argv[1] == "rank0_work":
+    for round in range(2):
+        result = on_rank0(lambda: time.sleep(5) or f"exported {round}", timeout_minutes=1)
+        print(rank, result)
+    dist.barrier()
+else:  # a plain barrier while rank 0 works: bounded by the collective timeout
+    if rank == 0:
+        time.sleep(5)
+    try:
+        dist.barrier()
+        print(rank, "passed")
+    except RuntimeError:
+        print(rank, "timed out")
+        os._exit(0)
+"""
+
+
+@pytest.mark.parametrize("wait", ["rank0_work", "plain_barrier"])
+def test_the_ranks_wait_for_rank0s_long_work_past_the_collective_timeout(tmp_path, wait):
+    """Rank 0 works 5 s (twice) under a 2 s collective timeout: the others wait for it through engine/rank0_work.py
+    (the rendezvous store, a timeout of its own) and all go on; a plain barrier there times out."""
+    from conftest import next_port
+
+    port = str(next_port())
+    procs = []
+    for rank in range(2):
+        environ = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        command = [sys.executable, "-c", RANK0_WORK, wait]
+        procs.append(subprocess.Popen(command, env=environ, stdout=subprocess.PIPE, text=True, cwd=tmp_path))
+    outputs = [p.communicate(timeout=60)[0].splitlines() for p in procs]
+    if wait == "rank0_work":
+        assert outputs == [["0 exported 0", "0 exported 1"], ["1 None", "1 None"]]
+    else:
+        assert outputs[1] == ["1 timed out"]
+
+
+def test_nccl_runs_keep_torchs_teardown_and_dump_the_flight_recorder_into_the_run(monkeypatch, tmp_path):
+    """Before an NCCL group starts: torch's watchdog teardown, the flight recorder on, dumping each rank's last
+    collectives into OUTPUT/nccl_trace/ on a timeout; a value the user set is kept."""
+    from conv2former.engine.distributed import NCCL_FAULT_SETTINGS, nccl_fault_settings
+
+    for key in (*NCCL_FAULT_SETTINGS, "TORCH_FR_DUMP_TEMP_FILE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("TORCH_NCCL_TRACE_BUFFER_SIZE", "50")
+    chosen = nccl_fault_settings(str(tmp_path / "nccl_trace"))
+    assert os.environ["TORCH_NCCL_TRACE_BUFFER_SIZE"] == "50" and "TORCH_NCCL_TRACE_BUFFER_SIZE" not in chosen
+    assert os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "3" and os.environ["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1"
+    assert os.environ["TORCH_FR_DUMP_TEMP_FILE"] == str(tmp_path / "nccl_trace" / "rank_")
+    assert (tmp_path / "nccl_trace").is_dir()

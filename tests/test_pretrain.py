@@ -166,6 +166,59 @@ def test_bf16_on_cpu_trains_resumes_bitwise_and_exports_fp32(reference_run, demo
         assert abs(whole["loss"] - fp32_loss) < 0.25, (whole["loss"], fp32_loss)
 
 
+def fp16_env() -> dict:
+    """The stage environment with tests/fp16_cpu first on PYTHONPATH: DeepSpeed's CPU accelerator then accepts fp16
+    on this CPU (it reports fp16 only with oneDNN's AVX-512 FP16 / AMX kernels; PyTorch computes fp16 on any CPU)."""
+    environ = env()
+    environ["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests" / "fp16_cpu"), environ["PYTHONPATH"]])
+    return environ
+
+
+@pytest.mark.slow
+def test_fp16_on_cpu_trains_resumes_bitwise_and_exports_fp32(reference_run, demo_shards, tmp_path):
+    """deepspeed.precision=fp16 at ZeRO-1 on 2 CPU ranks: 12 steps whole, and 6 + a relaunch to 12, export the same
+    fp32 weights; the EMA and the stem BatchNorm statistics are fp32 and updated; the loss stays within 0.25 of
+    fp32's (a loss scale of 2**12: no overflow on these steps, so both runs take the same optimizer steps)."""
+    from safetensors.torch import load_file
+
+    args = [*FAST, "--data", demo_shards, "--save-every", "6", "--epochs", "2", "--set", "deepspeed.precision=fp16"]
+    args += ["--set", "deepspeed.fp16_initial_scale_power=12"]
+    whole = run_pretrain(*args, "--output", str(tmp_path / "whole"), "--max-steps", "12", environ=fp16_env())
+    run_pretrain(*args, "--output", str(tmp_path / "parts"), "--max-steps", "6", environ=fp16_env())
+    resumed = run_pretrain(*args, "--output", str(tmp_path / "parts"), "--max-steps", "12", environ=fp16_env())
+    assert whole["precision"] == resumed["precision"] == "fp16" and whole["bad_steps"] == []
+    assert whole["overflow_skips"] == 0 and resumed["resumed_from"]["step"] == 6 and resumed["step"] == 12
+    assert exports_equal(tmp_path / "whole", tmp_path / "parts")
+    export = tmp_path / "whole" / "export"
+    weights, ema = load_file(export / "model.safetensors"), load_file(export / "model_ema.safetensors")
+    for tensors in (weights, ema):
+        assert {v.dtype for v in tensors.values() if v.is_floating_point()} == {torch.float32}
+    stem_mean = "downsample_layers.0.2.running_mean"
+    assert weights[stem_mean].abs().sum() > 0 and ema[stem_mean].abs().sum() > 0
+    assert not torch.equal(ema["pred.weight"], weights["pred.weight"])
+    fp32_loss = next(r["loss"] for r in read_log(reference_run[0]) if r["step"] == 12)
+    assert abs(whole["loss"] - fp32_loss) < 0.25, (whole["loss"], fp32_loss)
+    assert {r["loss_scale"] for r in read_log(tmp_path / "whole")} == {2.0**12}
+
+
+@pytest.mark.slow
+def test_fp16_overflow_steps_are_skipped_the_scale_halved_and_the_run_goes_on(demo_shards, tmp_path):
+    """A loss scale of 2**20 overflows fp16 gradients: DeepSpeed skips those steps and halves the scale (after its
+    hysteresis of 2) until the gradients fit; the guard does not count the skips as bad steps and the run finishes."""
+    args = [*FAST, "--data", demo_shards, "--epochs", "2", "--max-steps", "9", "--output", str(tmp_path)]
+    args += ["--set", "deepspeed.precision=fp16", "--set", "deepspeed.fp16_initial_scale_power=20"]
+    summary = run_pretrain(*args, environ=fp16_env())
+    assert summary["status"] == "finished" and summary["step"] == 9 and summary["bad_steps"] == []
+    records = read_log(tmp_path)
+    skipped = [r for r in records if not math.isfinite(r["grad_norm"])]
+    assert summary["overflow_skips"] == len(skipped) >= 3
+    scales = [r["loss_scale"] for r in records]
+    assert scales[0] == 2.0**20 and scales == sorted(scales, reverse=True) and scales[-1] <= 2.0**17
+    for before, after in zip(skipped, skipped[1:]):  # each skip after the first halves the scale
+        assert after["loss_scale"] == before["loss_scale"] / 2
+    assert math.isfinite(records[-1]["grad_norm"])  # the scale came down far enough: steps are applied again
+
+
 @pytest.mark.slow
 def test_stop_and_relaunch_resumes_exactly(reference_run, demo_shards, tmp_path):
     ref, _ = reference_run

@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch.distributed as dist
 
 from conv2former.engine import disk
+from conv2former.engine.rank0_work import on_rank0
 from conv2former.engine.state import CheckpointState, gather
 from conv2former.errors import CheckpointFault
 from conv2former.units import human
@@ -60,7 +61,9 @@ def _attempt(action: Callable[[], object]) -> Optional[str]:
         return f"{type(err).__name__}: {first}"
 
 
-def _save(engine: Engine, ckpt_dir: str, step: int, client_state: Dict[str, Any], keep_last: int) -> str:
+def _save(
+    engine: Engine, ckpt_dir: str, step: int, client_state: Dict[str, Any], keep_last: int, timeout_minutes: float
+) -> str:
     """Save on every rank; mark complete after a barrier; keep the newest ``keep_last`` complete tags. A rank that
     fails to write raises ``SaveFailed`` on every rank (after the others finished their part: no rank is left
     waiting in a collective), naming the failing ranks and their errors."""
@@ -73,10 +76,7 @@ def _save(engine: Engine, ckpt_dir: str, step: int, client_state: Dict[str, Any]
         _attempt(lambda: _mark_complete(ckpt_dir, tag, step, engine.world_size)) if engine.global_rank == 0 else None
     )
     _raise_if_failed(tag, gather(error))
-    if engine.global_rank == 0:
-        _retain(ckpt_dir, keep_last)
-    if dist.is_initialized():
-        dist.barrier()
+    on_rank0(lambda: _retain(ckpt_dir, keep_last), timeout_minutes)  # (deleting old tags from a bucket takes a while)
     return tag
 
 
@@ -102,27 +102,21 @@ def newest_complete(ckpt_dir: str) -> Optional[Dict[str, Any]]:
     return None
 
 
-def _universal_tag(ckpt_dir: str, tag: str, rank: int) -> str:
-    """Convert ``tag`` to DeepSpeed's universal format once (rank 0; others wait), for a different world size."""
+def _universal_tag(ckpt_dir: str, tag: str, timeout_minutes: float) -> str:
+    """Convert ``tag`` to DeepSpeed's universal format once (rank 0; the others wait up to ``timeout_minutes``), for
+    a different world size."""
     out = f"{tag}_universal"
-    if rank == 0 and not os.path.exists(os.path.join(ckpt_dir, out, COMPLETE)):
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "deepspeed.checkpoint.ds_to_universal",
-                "--input_folder",
-                os.path.join(ckpt_dir, tag),
-                "--output_folder",
-                os.path.join(ckpt_dir, out),
-            ],
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )
+
+    def convert() -> None:
+        if os.path.exists(os.path.join(ckpt_dir, out, COMPLETE)):
+            return
+        command = ["-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", os.path.join(ckpt_dir, tag)]
+        command += ["--output_folder", os.path.join(ckpt_dir, out)]
+        subprocess.run([sys.executable, *command], check=True, stdout=subprocess.DEVNULL)
         with open(os.path.join(ckpt_dir, out, COMPLETE), "w") as f:
             f.write("{}")
-    if dist.is_initialized():
-        dist.barrier()
+
+    on_rank0(convert, timeout_minutes)
     return out
 
 
@@ -170,8 +164,17 @@ class CheckpointManager:
     DeepSpeed's universal format, which must be known before ``deepspeed.initialize`` (``configure``).
     """
 
-    def __init__(self, ckpt_dir: str, keep_last: int, rank: int, world_size: int, save_every: int = 0) -> None:
+    def __init__(
+        self,
+        ckpt_dir: str,
+        keep_last: int,
+        rank: int,
+        world_size: int,
+        save_every: int = 0,
+        rank0_timeout_minutes: float = 60.0,
+    ) -> None:
         self.dir, self.keep_last, self.rank, self.world_size = ckpt_dir, keep_last, rank, world_size
+        self.rank0_timeout_minutes = rank0_timeout_minutes  # how long the others wait for rank 0's conversion
         self.save_every = save_every  # steps between periodic checkpoints (0: only at epoch ends and the end)
         self.newest = newest_complete(ckpt_dir)
         self.saved_at = 0  # the step of the newest checkpoint this run saved or resumed from
@@ -186,7 +189,7 @@ class CheckpointManager:
         if saved_by == self.world_size:
             return None
         assert self.newest is not None  # (saved_by came from it)
-        self.universal = _universal_tag(self.dir, self.newest["tag"], self.rank)
+        self.universal = _universal_tag(self.dir, self.newest["tag"], self.rank0_timeout_minutes)
         ds_config["checkpoint"] = {"load_universal": True}
         return (
             f"checkpoint {self.newest['tag']} was saved by {saved_by} ranks: resuming on {self.world_size} "
@@ -227,7 +230,7 @@ class CheckpointManager:
         """Checkpoint ``step`` with the components of ``state``; a failed write ends the run with a ``CheckpointFault`` on every rank (the message,
         on rank 0: the path, the error, bytes needed and free, the newest complete checkpoint)."""
         try:
-            tag = _save(engine, self.dir, step, state.state_dict(), self.keep_last)
+            tag = _save(engine, self.dir, step, state.state_dict(), self.keep_last, self.rank0_timeout_minutes)
         except SaveFailed as failure:
             raise CheckpointFault(self._failure_line(failure) if self.rank == 0 else "") from None
         self.saved_at = step

@@ -9,7 +9,7 @@ import socket
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -126,11 +126,37 @@ def this_process() -> Process:
     return Process(rank, world_size, local_rank, device)
 
 
-def join_group(process: Process, timeout_minutes: Optional[float] = None) -> None:
-    """Start the process group through DeepSpeed: NCCL on GPU, gloo on CPU pinned to the interface that reaches
-    MASTER_ADDR (across nodes), every group's collectives bounded by ``timeout_minutes`` (a lost rank ends the run)."""
+# On NCCL a failed or timed-out collective is handled by torch's watchdog thread, not in Python (docs/training.md "A
+# dead or hung rank"): it tears the process down (SIGABRT) after the collective timeout, or at once when NCCL reports
+# the peer's connection lost. That is torch's default and kept: after an NCCL abort the CUDA stream may never finish,
+# so no Python code could safely take a roll call. What the engine adds is the flight recorder: each rank's last
+# collectives dumped on a timeout, for torch.distributed.flight_recorder.fr_trace to name the rank that did not join.
+NCCL_FAULT_SETTINGS = {
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING": "3",  # torch's default: tear the process down (no NCCL clean-up)
+    "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000",  # the flight recorder: the last 2000 collectives of each rank
+    "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",  # ... written out when a collective times out
+}
+
+
+def nccl_fault_settings(trace_dir: str) -> Dict[str, str]:
+    """Set (unless already set) the NCCL fault settings above, the flight recorder dumping into ``trace_dir``
+    (``rank_<N>`` files); returns what was set. Must run before the process group starts."""
+    wanted = {**NCCL_FAULT_SETTINGS, "TORCH_FR_DUMP_TEMP_FILE": os.path.join(trace_dir, "rank_")}
+    chosen = {key: value for key, value in wanted.items() if key not in os.environ}
+    if "TORCH_FR_DUMP_TEMP_FILE" in chosen:
+        os.makedirs(trace_dir, exist_ok=True)
+    os.environ.update(chosen)
+    return chosen
+
+
+def join_group(process: Process, timeout_minutes: Optional[float] = None, trace_dir: Optional[str] = None) -> None:
+    """Start the process group through DeepSpeed: NCCL on GPU (its fault settings, the flight recorder dumping into
+    ``trace_dir``), gloo on CPU pinned to the interface that reaches MASTER_ADDR (across nodes), every group's
+    collectives bounded by ``timeout_minutes`` (a lost rank ends the run)."""
     import deepspeed
 
+    if process.backend == "nccl" and trace_dir is not None:
+        nccl_fault_settings(trace_dir)
     pin_gloo_interface(process.backend)
     timeout = set_collective_timeout(timeout_minutes) if timeout_minutes is not None else None
     kwargs = {"timeout": timeout} if timeout is not None else {}

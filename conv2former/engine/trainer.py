@@ -42,6 +42,7 @@ from conv2former.engine.metrics import Metrics, get_logger, memory_mb
 from conv2former.engine.optim import Schedule, build_optimizer, build_scheduler, derive_schedule
 from conv2former.engine.precision import DTYPES, precision_config, resolve_precision
 from conv2former.engine.preemption import Preempted, Preemption
+from conv2former.engine.rank0_work import on_rank0, store_barrier
 from conv2former.engine.run_output import RunOutput
 from conv2former.engine.state import CheckpointState, RngState
 from conv2former.errors import Diverged, RankFault, RunFault, UserError
@@ -78,9 +79,10 @@ class Trainer:
         self.schedule = derive_schedule(cfg, self.world_size, len(self.train_loader))
         self.classes = read_classes(cfg.data.root)
         torch.manual_seed(cfg.seed + self.rank)
-        join_group(self.process, cfg.deepspeed.timeout_minutes)  # a lost rank ends the run (exit 5)
         # a remote --output: the node's staging folder, agreeing with the remote run (its newest complete checkpoint)
         self.output = RunOutput(cfg.output, cfg.checkpoint.staging_dir, self.rank, self.local_rank)
+        trace_dir = os.path.join(self.output.local, "nccl_trace")  # (NCCL's flight recorder, on a timeout)
+        join_group(self.process, cfg.deepspeed.timeout_minutes, trace_dir)  # a lost rank ends the run
         self.output.restore()
         self.checkpoints = ckpt.CheckpointManager(
             os.path.join(self.output.local, "checkpoints"),
@@ -88,6 +90,7 @@ class Trainer:
             self.rank,
             self.world_size,
             cfg.checkpoint.save_every,
+            cfg.deepspeed.rank0_work_timeout_minutes,
         )
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.model = self._make_model()
@@ -484,6 +487,8 @@ class Trainer:
             "memory_mb": memory_mb(self.device),
             "epoch": self.epoch,
         }
+        if self.precision == "fp16":  # DeepSpeed's dynamic loss scale (halved at each overflow skip)
+            values["loss_scale"] = float(self.engine.optimizer.loss_scale)
         self.metrics.scalars(self.step, values)
         self.metrics.show(loss=f"{self.last_loss:.3f}", img_s=f"{values['images_per_s']:.0f}", epoch=str(self.epoch))
         self.metrics.restart_window()
@@ -526,33 +531,29 @@ class Trainer:
         return self._write_exports(["export"] + (["export/best"] if self._best_due() else []))
 
     def _write_exports(self, folders: List[str]) -> Optional[str]:
-        """Each of ``folders`` (under OUTPUT) from the newest checkpoint, read once; returns the first's path."""
-        paths: List[str] = []
+        """Each of ``folders`` (under OUTPUT) from the newest checkpoint, read once, on rank 0 while the others wait
+        (engine/rank0_work.py: their own timeout, not the collective one); returns the first's path (rank 0)."""
         dist.barrier()
         with self.batchnorm.averaged():  # (all ranks take part) the EMA exported as checkpointed
-            if self.rank == 0:
-                from conv2former.weights import read_weights
-
-                weights = read_weights(self.checkpoints.dir)
-                last = {**self.last_eval, "epoch": self.epoch, "step": self.step} if self.last_eval else None
-                ema = self.ema.state_dict() if self.ema is not None else None
-                for folder in folders:
-                    paths.append(
-                        write_export(
-                            self.output.local,
-                            weights.state_dict,
-                            self.classes,
-                            self.config_dict,
-                            ema,
-                            evaluation_record(last, self.best.best),
-                            folder,
-                        )
-                    )
+            paths = on_rank0(lambda: self._export_to(folders), self.cfg.deepspeed.rank0_work_timeout_minutes)
         self._warn(self.output.push_files())
-        dist.barrier()
+        store_barrier(self.cfg.deepspeed.rank0_work_timeout_minutes)  # (rank 0 pushed the exports to a remote root)
         if "export/best" in folders:
             self.best.unwritten = False
         return paths[0] if paths else None
+
+    def _export_to(self, folders: List[str]) -> List[str]:
+        """(rank 0) The weights of the newest checkpoint, consolidated by zero_to_fp32, written to each folder."""
+        from conv2former.weights import read_weights
+
+        weights = read_weights(self.checkpoints.dir)
+        last = {**self.last_eval, "epoch": self.epoch, "step": self.step} if self.last_eval else None
+        record = evaluation_record(last, self.best.best)
+        ema = self.ema.state_dict() if self.ema is not None else None
+        return [
+            write_export(self.output.local, weights.state_dict, self.classes, self.config_dict, ema, record, folder)
+            for folder in folders
+        ]
 
     def _export_initial_model(self) -> Dict[str, Any]:
         export_dir = None
