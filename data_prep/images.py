@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 from PIL import Image
 
@@ -23,6 +23,7 @@ class CleanImage:
     width: int  # original size, before any downscale
     height: int
     reencoded: bool
+    stored: Tuple[int, int] = (0, 0)  # (width, height) of the JPEG stored (after a downscale)
 
 
 def _has_jpeg_end(data: bytes) -> bool:
@@ -51,13 +52,13 @@ def clean_image(data: bytes, max_side: Optional[int] = None, min_side: int = 32,
     too_big = max_side is not None and max(width, height) > max_side
     keep = fmt == "JPEG" and mode == "RGB" and not too_big
     if keep and check == "header" and _has_jpeg_end(data):
-        return CleanImage(data, width, height, reencoded=False)
+        return CleanImage(data, width, height, reencoded=False, stored=(width, height))
     try:
         img.load()
     except Exception as err:
         raise SkipImage(f"undecodable or truncated image ({type(err).__name__}: {str(err)[:80]})") from None
     if keep:
-        return CleanImage(data, width, height, reencoded=False)
+        return CleanImage(data, width, height, reencoded=False, stored=(width, height))
     if img.mode != "RGB":
         img = img.convert("RGBA").convert("RGB") if img.mode in ("P", "LA", "PA") else img.convert("RGB")
     if too_big:
@@ -65,4 +66,4 @@ def clean_image(data: bytes, max_side: Optional[int] = None, min_side: int = 32,
         img = img.resize((max(1, round(width * scale)), max(1, round(height * scale))), RESAMPLE)
     out = io.BytesIO()
     img.save(out, format="JPEG", quality=JPEG_QUALITY)
-    return CleanImage(out.getvalue(), width, height, reencoded=True)
+    return CleanImage(out.getvalue(), width, height, reencoded=True, stored=img.size)

@@ -55,6 +55,7 @@ class ShardResult:
     skipped: List[Dict[str, str]] = field(default_factory=list)
     reencoded: int = 0
     images_in: int = 0
+    largest: List[int] = field(default_factory=lambda: [0, 0])  # [width, height] of the stored image with most pixels
 
     def to_json(self) -> Dict:
         return dict(
@@ -65,6 +66,7 @@ class ShardResult:
             skipped=self.skipped,
             reencoded=self.reencoded,
             images_in=self.images_in,
+            largest=list(self.largest),
         )
 
 
@@ -201,6 +203,8 @@ def write_shard(task: ShardTask) -> ShardResult:
                 )
                 result.num_samples += 1
                 result.reencoded += int(clean.reencoded)
+                if clean.stored[0] * clean.stored[1] > result.largest[0] * result.largest[1]:
+                    result.largest = list(clean.stored)
             writer.close()
         if index.exact:  # the positions the writer reported (checked per sample), without reading the tar back
             index_text, count = fmt.format_index(index.samples), len(index.samples)

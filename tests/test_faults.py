@@ -260,3 +260,12 @@ def test_nccl_runs_keep_torchs_teardown_and_dump_the_flight_recorder_into_the_ru
     assert os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "3" and os.environ["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1"
     assert os.environ["TORCH_FR_DUMP_TEMP_FILE"] == str(tmp_path / "nccl_trace" / "rank_")
     assert (tmp_path / "nccl_trace").is_dir()
+
+
+def test_a_late_read_on_cpu_is_the_tensor_after_its_collective():
+    """engine/late_read.py on CPU (gloo, one rank here): the value is the tensor itself once the work is done."""
+    from conv2former.engine.late_read import LateRead
+
+    flag = torch.tensor([3.0])
+    late = LateRead(flag)
+    assert late.ready() and late.value() is flag

@@ -98,3 +98,20 @@ def test_bf16_zero_run_stops_resumes_bitwise_and_exports(demo_shards, tmp_path, 
 
     model = timm.create_model(f"conv2former_{variant}", num_classes=a["pred.weight"].shape[0])
     load_checkpoint(model, str(tmp_path / "whole" / "export" / "model.safetensors"))  # strict
+
+
+def test_a_late_read_flag_waits_for_its_own_copy_not_for_the_work_queued_after_it():
+    """engine/late_read.py on CUDA: the flag reaches pinned host memory behind a CUDA event; reading it waits for that
+    event only, while a long kernel queued afterwards is still running (``.item()`` would have waited for it)."""
+    import time
+
+    from conv2former.engine.late_read import LateRead
+
+    flag = torch.ones(1, device="cuda")
+    late = LateRead(flag)
+    torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU work queued after the flag's copy
+    start = time.perf_counter()
+    value = late.value()
+    assert value.item() == 1.0 and value.device.type == "cpu" and value.is_pinned()
+    assert time.perf_counter() - start < 0.3 and not torch.cuda.current_stream().query()
+    torch.cuda.synchronize()

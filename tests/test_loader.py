@@ -90,6 +90,20 @@ def test_batches_shapes_dtypes_and_normalization(unique_shards, backend):
         assert 0.3 < images.std() < 2.0 and abs(images.mean()) < 1.5
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.startswith("dali")])
+def test_dali_channels_last_batches_are_the_same_pixels_without_a_copy(unique_shards, backend):
+    """data.channels_last with DALI: the pipeline writes HWC and the loader hands the NCHW view of it (channels_last
+    strides, no copy of the batch); the values equal the CHW pipeline's, train and eval."""
+    for split in ("train", "val"):
+        nchw, nhwc = (
+            next(iter(build_loader(cfg_for(unique_shards, backend, channels_last=last), split)))
+            for last in (False, True)
+        )
+        assert nhwc[0].shape == nchw[0].shape == (16, 3, 32, 32)
+        assert nhwc[0].is_contiguous(memory_format=torch.channels_last) and nhwc[0]._base is not None  # a view
+        assert torch.equal(nhwc[0], nchw[0]) and torch.equal(nhwc[1], nchw[1])
+
+
 def fmt_mean():
     return DataConfig().mean
 

@@ -110,6 +110,26 @@ def test_22k_round_trip(tree_22k, shards_22k):
     assert any("damaged tar" in s["reason"] and fake.SYNSETS_22K[3] in s["source"] for s in skipped)
 
 
+def test_the_manifest_records_each_splits_largest_stored_image_for_the_gpu_decoder(shards_22k):
+    """``largest_image`` ([width, height] of the stored JPEG with the most pixels) per split; the loader reads it and
+    sizes the mixed decoder's buffers from it (full-resolution ImageNet's when a manifest lacks it)."""
+    from conv2former.data.dali_loader import FULL_RESOLUTION, MIN_PADDING, decoder_buffers
+    from conv2former.data.shards import open_split
+
+    for split in ("train", "val"):
+        info, samples = read_split(str(shards_22k), split)
+        sizes = [Image.open(io.BytesIO(data)).size for *_, data in samples]
+        largest = max(sizes, key=lambda wh: wh[0] * wh[1])
+        assert info["splits"][split]["largest_image"] == list(largest)
+        assert open_split(str(shards_22k), split).largest_image == largest
+    small = decoder_buffers((80, 64))
+    assert small["device_memory_padding"] == small["host_memory_padding"] == MIN_PADDING
+    assert (small["preallocate_width_hint"], small["preallocate_height_hint"]) == (80, 64)
+    full = decoder_buffers(None)  # NVIDIA's settings for full-resolution ImageNet
+    assert full["device_memory_padding"] == 211025920 and full["host_memory_padding"] == 140544512
+    assert (full["preallocate_width_hint"], full["preallocate_height_hint"]) == FULL_RESOLUTION
+
+
 def test_verify_passes_with_pil_and_dali(shards_22k):
     assert verify(str(shards_22k), use_dali=True, quiet=True) == []
     assert run("verify", str(shards_22k / "train"), "--quiet") == 0

@@ -33,15 +33,31 @@ from conv2former.data.shards import SplitShards, sample_seed, shard_problem, sli
 READER = "reader"
 READER_LAYOUT = "rank-slices"  # each rank's reader holds its own samples (a DALI position is only valid in the same)
 
-# Decoder memory settings from NVIDIA's ImageNet examples (enough to decode full-size ImageNet JPEGs without
-# reallocating); the training decoder's share for the hardware JPEG decoder is data.hw_decoder_load.
+# The mixed decoder's fixed arguments; its buffers follow the split's largest image (decoder_buffers), and the training
+# decoder's share for the hardware JPEG decoder is data.hw_decoder_load.
 GPU_DECODER_ARGS: Dict[str, Any] = dict(
-    device_memory_padding=211025920,
-    host_memory_padding=140544512,
-    preallocate_width_hint=5980,
-    preallocate_height_hint=6430,
     jpeg_fancy_upsampling=True,  # chroma upsampled as libjpeg-turbo does: the CPU backends' pixels (PIL, DALI cpu)
 )
+# nvJPEG's buffers for full-resolution ImageNet (NVIDIA's DALI ResNet-50 example: its biggest sample, 5980x6430 px),
+# taken when the manifest does not say how large the stored images are (shards made before it recorded that)
+FULL_RESOLUTION = (5980, 6430)
+DEVICE_PADDING_PER_PIXEL = 211025920 / (5980 * 6430)  # bytes of nvJPEG device buffer per pixel of the largest image
+HOST_PADDING_PER_PIXEL = 140544512 / (5980 * 6430)  # ... of pinned host buffer
+MIN_PADDING = 8 << 20  # bytes: never below 8 MiB (small images, many threads)
+
+
+def decoder_buffers(largest_image: Optional[Tuple[int, int]]) -> Dict[str, Any]:
+    """The mixed decoder's buffer sizes for the largest stored image of the split (``largest_image``, from the shard
+    manifest; None: full-resolution ImageNet): for shards downscaled by ``shard.py --max-side 512`` the floor of
+    8 MiB instead of 201 MiB of device buffer (and 134 MiB of pinned host buffer) per decoder thread."""
+    width, height = largest_image or FULL_RESOLUTION
+    pixels = width * height
+    return dict(
+        device_memory_padding=max(MIN_PADDING, int(pixels * DEVICE_PADDING_PER_PIXEL)),
+        host_memory_padding=max(MIN_PADDING, int(pixels * HOST_PADDING_PER_PIXEL)),
+        preallocate_width_hint=width,
+        preallocate_height_hint=height,
+    )
 
 
 def _reader(paths: List[str], index_paths: List[str], train: bool, buffer: int) -> Any:
@@ -67,6 +83,7 @@ def _normalize(
     mirror: Optional[Node] = None,
     crop: Optional[Tuple[int, int]] = None,
     crop_pos: Tuple[Any, Any] = (0.5, 0.5),
+    layout: str = "CHW",
 ) -> Node:
     kwargs: Dict[str, Any] = {}
     if crop is not None:
@@ -74,7 +91,7 @@ def _normalize(
     return fn.crop_mirror_normalize(
         images,
         dtype=types.FLOAT,
-        output_layout="CHW",
+        output_layout=layout,  # HWC for channels_last batches: the loader hands an NCHW view, no copy
         mirror=mirror if mirror is not None else 0,
         mean=[m * 255 for m in cfg.mean],
         std=[s * 255 for s in cfg.std],
@@ -82,17 +99,25 @@ def _normalize(
     )
 
 
-def train_graph(cfg: DataConfig, paths: List[str], index_paths: List[str], gpu: bool) -> Tuple[Node, Node]:
+def train_graph(
+    cfg: DataConfig,
+    paths: List[str],
+    index_paths: List[str],
+    gpu_decoder: Optional[Dict[str, Any]] = None,
+    layout: str = "CHW",
+) -> Tuple[Node, Node]:
+    """Training: ``gpu_decoder``: the mixed (nvJPEG) decoder's arguments, None for CPU decoding;
+    ``layout``: CHW, or HWC for channels_last batches."""
     jpg, label = _reader(paths, index_paths, True, cfg.shuffle_buffer)
     aug = cfg.augment
     images = fn.decoders.image_random_crop(
         jpg,
-        device="mixed" if gpu else "cpu",
+        device="cpu" if gpu_decoder is None else "mixed",
         output_type=types.RGB,
         random_area=list(aug.scale),
         random_aspect_ratio=list(aug.ratio),
         num_attempts=10,
-        **({**GPU_DECODER_ARGS, "hw_decoder_load": cfg.hw_decoder_load} if gpu else {}),
+        **({**gpu_decoder, "hw_decoder_load": cfg.hw_decoder_load} if gpu_decoder is not None else {}),
     )
     images = fn.resize(
         images, resize_x=cfg.image_size, resize_y=cfg.image_size, interp_type=types.INTERP_CUBIC, antialias=True
@@ -106,21 +131,29 @@ def train_graph(cfg: DataConfig, paths: List[str], index_paths: List[str], gpu: 
             shape=(cfg.image_size, cfg.image_size),
             fill=fill_colour(cfg.mean),
         )
-    return _normalize(images, cfg, mirror=mirror), label
+    return _normalize(images, cfg, mirror=mirror, layout=layout), label
 
 
-def eval_graph(cfg: DataConfig, paths: List[str], index_paths: List[str], gpu: bool) -> Tuple[Node, Node]:
+def eval_graph(
+    cfg: DataConfig,
+    paths: List[str],
+    index_paths: List[str],
+    gpu_decoder: Optional[Dict[str, Any]] = None,
+    layout: str = "CHW",
+) -> Tuple[Node, Node]:
+    """Evaluation: ``gpu_decoder``: the mixed (nvJPEG) decoder's arguments, None for CPU decoding;
+    ``layout``: CHW, or HWC for channels_last batches."""
     jpg, label = _reader(paths, index_paths, False, 1)
     images = fn.decoders.image(
         jpg,
-        device="mixed" if gpu else "cpu",
+        device="cpu" if gpu_decoder is None else "mixed",
         output_type=types.RGB,
-        **(GPU_DECODER_ARGS if gpu else {}),
+        **(gpu_decoder or {}),
     )
     size = cfg.image_size
     if cfg.crop_mode == "squash":
         images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_CUBIC, antialias=True)
-        return _normalize(images, cfg), label
+        return _normalize(images, cfg, layout=layout), label
     # timm/torchvision geometry, exactly: the shorter side to floor(size / crop_pct), the longer to
     # int(scale * long / short), and a center crop whose offset rounds half to even like Python's round().
     scale = int(size / cfg.crop_pct)
@@ -129,7 +162,8 @@ def eval_graph(cfg: DataConfig, paths: List[str], index_paths: List[str], gpu: b
     short = dmath.min(h, w)
     new_h, new_w = dmath.floor(scale * h / short), dmath.floor(scale * w / short)
     images = fn.resize(images, resize_y=new_h, resize_x=new_w, interp_type=types.INTERP_CUBIC, antialias=True)
-    return _normalize(images, cfg, crop=(size, size), crop_pos=(_center(new_h, size), _center(new_w, size))), label
+    position = (_center(new_h, size), _center(new_w, size))
+    return _normalize(images, cfg, crop=(size, size), crop_pos=position, layout=layout), label
 
 
 def _center(length: Node, crop: int) -> Node:
@@ -161,10 +195,12 @@ class DaliLoader(ShardLoader):
         paths, index_paths = self._rank_files()
         graph = train_graph if self.train else eval_graph
         cfg, rank, gpu = self.cfg, self.rank, self.gpu
+        layout = "HWC" if self.channels_last else "CHW"
+        decoder = {**GPU_DECODER_ARGS, **decoder_buffers(self.shards.largest_image)} if gpu else None
 
         @pipeline_def(enable_conditionals=True)
         def pipeline() -> Tuple[Node, Node]:
-            return graph(cfg, paths, index_paths, gpu)
+            return graph(cfg, paths, index_paths, decoder, layout)
 
         with warnings.catch_warnings():  # some DALI operators call deprecated aliases of others internally
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -215,6 +251,8 @@ class DaliLoader(ShardLoader):
         images = images.as_tensor()
         out = torch.empty(images.shape(), dtype=torch.float32, device=self.device if self.gpu else "cpu")
         feed_ndarray(images, out, cuda_stream=stream)
+        if self.channels_last:  # NHWC memory seen as NCHW: a channels_last batch without a copy
+            out = out.permute(0, 3, 1, 2)
         labels_cpu = labels.as_cpu() if hasattr(labels, "as_cpu") else labels
         label_tensor = torch.empty((self.batch_size, 1), dtype=torch.int64, pin_memory=self.gpu)  # async copy below
         feed_ndarray(labels_cpu.as_tensor(), label_tensor)

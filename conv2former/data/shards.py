@@ -119,6 +119,7 @@ class SplitShards:
     num_classes: int
     shards: List[Shard]
     cache: Optional[ShardCache] = None  # remote roots: where this process's ranks fetch the shards they read
+    largest_image: Optional[Tuple[int, int]] = None  # (width, height) from the manifest (shards made before: None)
 
     @property
     def num_samples(self) -> int:
@@ -226,7 +227,13 @@ def open_split(root: str, split: str, cache_dir: Optional[str] = None, keep_miss
             shards.append(shard)
     if not shards:
         raise UserError(f"{root}: split {split!r} holds no readable samples")
-    return SplitShards(root, split, int(info["num_classes"]), shards)
+    return SplitShards(root, split, int(info["num_classes"]), shards, largest_image=_largest_image(info, split))
+
+
+def _largest_image(info: Dict[str, Any], split: str) -> Optional[Tuple[int, int]]:
+    """The manifest's ``largest_image`` of ``split`` ([width, height] of the stored image with the most pixels)."""
+    largest = info["splits"].get(split, {}).get("largest_image")
+    return (int(largest[0]), int(largest[1])) if largest else None
 
 
 def _split_files(info: Dict[str, Any], root: str, split: str) -> Tuple[List[str], List[int]]:
@@ -284,7 +291,7 @@ def _open_remote_split(root: str, split: str, fs: Any, path: str, cache_dir: Opt
             shards.append(shard)
     if not shards:
         raise UserError(f"{root}: split {split!r} holds no readable samples")
-    return SplitShards(root, split, int(info["num_classes"]), shards, cache)
+    return SplitShards(root, split, int(info["num_classes"]), shards, cache, _largest_image(info, split))
 
 
 def _open_shard(

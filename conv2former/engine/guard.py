@@ -19,6 +19,8 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from conv2former.engine.late_read import LateRead
+
 
 class DivergenceGuard:
     def __init__(self, max_bad_steps: int, device: torch.device, max_overflow_skips: int = 20) -> None:
@@ -50,7 +52,7 @@ class DivergenceGuard:
         if self.overflow_run > self.max_overflow_skips:  # (known on the host: no device round trip)
             flag = torch.ones_like(flag)
         work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True) if dist.is_initialized() else None
-        self._pending = {"step": step, "flag": flag, "work": work, "loss": loss, "grad_norm": norm}
+        self._pending = {"step": step, "flag": LateRead(flag, work), "loss": loss, "grad_norm": norm}
         return bad_record
 
     def flush(self) -> Optional[Dict[str, Any]]:
@@ -61,9 +63,7 @@ class DivergenceGuard:
         pending, self._pending = self._pending, None
         if pending is None:
             return None
-        if pending["work"] is not None:
-            pending["work"].wait()
-        if not pending["flag"].item():
+        if not pending["flag"].value().item():  # (CUDA: waits for that step's flag only; engine/late_read.py)
             self.consecutive = 0
             return None
         self.consecutive += 1

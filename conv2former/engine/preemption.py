@@ -8,6 +8,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from conv2former.engine.late_read import LateRead
+
 
 class Preempted(Exception):
     """Every rank agreed to stop (SIGTERM/SIGUSR1) and a checkpoint was saved: the run ends with exit 0."""
@@ -24,7 +26,7 @@ class Preemption:
     def __init__(self) -> None:
         self.requested = False
         self._flag: Optional[torch.Tensor] = None  # created at the first poll
-        self._work: Optional[dist.Work] = None
+        self._read: Optional[LateRead] = None  # the outstanding agreement
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handler)
 
@@ -33,17 +35,17 @@ class Preemption:
 
     def poll(self, device: torch.device) -> bool:
         """Whether every rank had agreed to stop by the previous call; starts this step's agreement."""
+        agreed = False
         if self._flag is None:
-            agreed, self._flag = False, torch.zeros(1, device=device)
-        else:
-            self.wait()
-            agreed = bool(self._flag.item())
+            self._flag = torch.zeros(1, device=device)
+        elif self._read is not None:
+            agreed = bool(self._read.value().item())  # (CUDA: waits for that flag's copy only)
         self._flag.fill_(1.0 if self.requested else 0.0)  # a kernel on GPU, not a host-to-device copy
-        self._work = dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, async_op=True) if dist.is_initialized() else None
+        work = dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, async_op=True) if dist.is_initialized() else None
+        self._read = LateRead(self._flag, work)
         return agreed
 
     def wait(self) -> None:
         """Let the outstanding agreement finish (before other collectives such as a checkpoint)."""
-        if self._work is not None:
-            self._work.wait()
-            self._work = None
+        if self._read is not None:
+            self._read.wait()
