@@ -2,7 +2,7 @@
 # The GPU benchmark suite in one command: run it on a GPU machine from the repository root.
 #
 #   benchmarks/gpu_suite.sh                 # everything, rows recorded in benchmarks/results/
-#   QUICK=1 benchmarks/gpu_suite.sh         # 224 only, no torch.compile, fewer steps (estimated ~10 min on one H100)
+#   QUICK=1 benchmarks/gpu_suite.sh         # 224 only, no torch.compile, fewer steps, 10 s per loader (~3 min, est.)
 #   DRY_RUN=1 benchmarks/gpu_suite.sh       # print the commands, run nothing (works without a GPU)
 #
 # 1. DALI `mixed` (GPU) decoding next to dali-cpu, the torch loader and torchvision ImageFolder, train and eval
@@ -16,7 +16,8 @@
 #    $OUT/report.md; every JSON result is kept in $OUT/results.jsonl.
 #
 # Settings (environment): OUT (runs/gpu_suite/<date>), BENCH_IMAGES (20000), BATCH_224 (128), BATCH_384 (32),
-# WORKERS (CPU cores), RECORD (1: add rows to benchmarks/results/; 0: do not), PYTHON (.venv/bin/python if present).
+# WORKERS (CPU cores), RECORD (1: add rows to benchmarks/results/; 0: do not), PYTHON (.venv/bin/python if present),
+# LOADER_SECONDS (30; QUICK: 10).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -62,13 +63,13 @@ run() {
 }
 
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-RESOLUTIONS="224 384"; COMPILE="off on"; STEPS=40
-if [ "$QUICK" = 1 ]; then RESOLUTIONS="224"; COMPILE="off"; STEPS=25; fi
+RESOLUTIONS="224 384"; COMPILE="off on"; STEPS=40; LOADER_SECONDS=${LOADER_SECONDS:-30}
+if [ "$QUICK" = 1 ]; then RESOLUTIONS="224"; COMPILE="off"; STEPS=25; LOADER_SECONDS=${LOADER_SECONDS_QUICK:-10}; fi
 
 # 1. the data path (the loader benchmark generates data/bench/{tree,shards} once)
 for mode in train eval; do
     run "loader-$mode" "$PYTHON" benchmarks/loader_speed.py --backend all --mode "$mode" --images "$BENCH_IMAGES" \
-        --workers "$WORKERS" --batch 128 --seconds 30 --json $REC
+        --workers "$WORKERS" --batch 128 --seconds "$LOADER_SECONDS" --json $REC
 done
 
 # 2. the model, side by side with ConvNeXt-L

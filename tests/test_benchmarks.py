@@ -139,8 +139,10 @@ def test_gpu_suite_lists_its_commands_and_refuses_to_run_without_a_gpu(tmp_path)
 def test_gpu_checklist_lists_the_issue_steps_in_order_and_refuses_to_run_without_a_gpu(tmp_path):
     env = dict(ENV, OUT=str(tmp_path / "list"), PYTHON=sys.executable)
     plan = run("bash", "benchmarks/gpu_checklist.sh", env=dict(env, DRY_RUN="1")).stdout
-    steps = [line.split(":")[0][3:] for line in plan.splitlines() if line.startswith("== ")]
-    assert steps == ["1-environment", "2-loader-dali-gpu", "3-pretrain-smoke", "4-gpu-suite"]
+    heads = [line.split(":")[0][3:].split() for line in plan.splitlines() if line.startswith("== ")]
+    assert [head[0] for head in heads] == ["1-environment", "2-loader-dali-gpu", "3-gpu-tests", "4-gpu-suite"]
+    budgets = [int(head[1].strip("(")) for head in heads]  # seconds each step may take (timeout enforces them)
+    assert all(budgets) and sum(budgets) <= 540  # the whole checklist fits one 10-minute GPU job
     assert (
         "tests/test_loader.py tests/test_dali_randaugment.py -k dali-gpu" in plan
         and "tests/test_gpu.py" in plan
