@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import yaml
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -39,7 +39,8 @@ class DataConfig:
     root: str = ""  # shard root holding _info.json, train/, val/ (any fsspec URL)
     backend: str = "auto"  # auto | dali-gpu | dali-cpu | torch
     image_size: int = 224  # training and evaluation input side, pixels
-    batch_size: int = 32  # micro-batch per rank (training)
+    batch_size: Union[int, str] = 32  # micro-batch per rank (training); auto: the largest that fits (memory_budget)
+    memory_budget: Optional[str] = None  # what batch_size=auto plans for per rank, e.g. 80GB; None: the GPU's free
     eval_batch_size: Optional[int] = None  # per rank; None: batch_size
     workers: int = 4  # DALI threads, or DataLoader workers
     hw_decoder_load: float = 0.65  # dali-gpu train: share of JPEGs for the GPU hardware decoder (A100/H100)
@@ -55,6 +56,14 @@ class DataConfig:
     fetch_workers: int = 8  # parallel downloads per rank from a remote root
     skip_bad_shards: bool = False  # a shard unreadable mid-epoch: skip it with a warning (True) or stop (exit 6)
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # training augmentation
+
+    def micro_batch(self) -> int:
+        """``batch_size`` as a number (``auto`` is replaced by one when a run starts: engine/memory_plan.py)."""
+        if isinstance(self.batch_size, int):
+            return self.batch_size
+        if self.batch_size == "auto":
+            raise UserError("data.batch_size=auto is decided by the training launchers; give a number here")
+        raise UserError(f"data.batch_size: expected an integer or auto, got {self.batch_size!r}")
 
 
 @dataclass
@@ -172,10 +181,16 @@ def to_dict(cfg: Any) -> Dict[str, Any]:
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
-    if origin is typing.Union:  # Optional[X]
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+    if origin is typing.Union:  # Optional[X], Union[int, str]: the first type that takes the value
+        if type(None) in args and (value is None or (isinstance(value, str) and value.lower() in ("none", "null"))):
             return None
-        return _coerce(value, next(a for a in args if a is not type(None)), where)
+        options = [a for a in args if a is not type(None)]
+        for option in options[:-1]:
+            try:
+                return _coerce(value, option, where)
+            except UserError:
+                continue
+        return _coerce(value, options[-1], where)
     if origin in (tuple, Tuple, list, List):
         if isinstance(value, str):
             value = yaml.safe_load(value)

@@ -30,6 +30,11 @@ def configure(argv=None):
 @exit_on_user_error
 def main(argv=None) -> int:
     args, cfg = configure(argv)
+    if args.plan_memory:
+        from conv2former.engine.memory_plan import plan_memory_report
+
+        print(json.dumps(plan_memory_report(cfg, args.ranks or 1, args.gpu_memory), indent=1))
+        return 0
     from conv2former.engine.trainer import train
 
     result = train(cfg, dry_run=args.dry_run)

@@ -61,7 +61,7 @@ class ShardLoader(abc.ABC):
         self.cfg, self.shards, self.train = cfg, shards, train
         self.seed = 0 if cfg.seed is None else cfg.seed  # shard order and augmentation draws
         self.rank, self.world_size, self.device = rank, world_size, device
-        self.batch_size = cfg.batch_size if train else (cfg.eval_batch_size or cfg.batch_size)
+        self.batch_size = cfg.micro_batch() if train else (cfg.eval_batch_size or cfg.micro_batch())
         self.num_classes = shards.num_classes
         self.epoch, self.step = 0, 0
         self.skip_bad_shards = bool(cfg.skip_bad_shards) and train  # evaluation never skips: its counts would lie

@@ -53,6 +53,21 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, help="loader threads/workers per rank")
     parser.add_argument("--dry-run", action="store_true", help="print the derived schedule and exit")
     parser.add_argument(
+        "--plan-memory",
+        action="store_true",
+        help="print what one rank's GPU holds for this config (weights, gradients, optimizer, EMA, activations "
+        "measured on the real model) and the largest micro-batch that fits, without a GPU; exit",
+    )
+    parser.add_argument(
+        "--gpu-memory",
+        help="with --plan-memory: the GPU memory per rank to plan for, e.g. 80GB (default: this GPU's free)",
+    )
+    parser.add_argument(
+        "--ranks",
+        type=int,
+        help="with --plan-memory: how many ranks the run will have (ZeRO shards over them; default 1)",
+    )
+    parser.add_argument(
         "--help-config",
         action="store_true",
         help="print every config field as this command line resolves it (key = value  # meaning), exit",

@@ -13,6 +13,7 @@ from conv2former.config import TrainConfig
 from conv2former.data.loader import build_loader, resolve_backend
 from conv2former.data.shard_format import read_classes
 from conv2former.engine.distributed import this_process
+from conv2former.engine.memory_plan import resolve_auto_batch
 from conv2former.engine.optim import Schedule, derive_schedule
 from conv2former.engine.precision import DTYPES, resolve_precision
 
@@ -52,11 +53,14 @@ def dry_run_report(cfg: TrainConfig) -> Dict[str, Any]:
     process = this_process()
     rank, world_size, device = process.rank, process.world_size, process.device
     cfg.data.backend = resolve_backend(cfg.data.backend)
+    precision = resolve_precision(cfg.deepspeed, device.type == "cuda")
+    memory_plan = resolve_auto_batch(cfg, world_size, device.type == "cuda", precision)
     schedule = derive_schedule(cfg, world_size, len(build_loader(cfg.data, "train", rank, world_size, device)))
     classes = read_classes(cfg.data.root)
     step_s = measure_step_time(cfg, len(classes), device, schedule)
     return {
         "schedule": schedule.as_dict(),
+        **({"memory_plan": memory_plan} if memory_plan is not None else {}),
         "classes": len(classes),
         "measured_step_seconds": round(step_s, 4),
         "projected_hours": round(step_s * schedule.total_steps / 3600, 2),

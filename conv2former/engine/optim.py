@@ -35,7 +35,7 @@ class Schedule:
 
 
 def derive_schedule(cfg: TrainConfig, world_size: int, loader_steps: int) -> Schedule:
-    micro = cfg.data.batch_size
+    micro = cfg.data.micro_batch()
     per_step = micro * world_size
     if cfg.schedule.global_batch % per_step:
         raise UserError(

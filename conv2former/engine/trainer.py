@@ -38,6 +38,7 @@ from conv2former.engine.ema import WeightEma
 from conv2former.engine.evaluator import Evaluator
 from conv2former.engine.guard import DivergenceGuard, weights_finite
 from conv2former.engine.lost_ranks import announce_fault, is_collective_failure, lost_ranks_line
+from conv2former.engine.memory_plan import resolve_auto_batch
 from conv2former.engine.metrics import Metrics, get_logger, memory_mb
 from conv2former.engine.optim import Schedule, build_optimizer, build_scheduler, derive_schedule
 from conv2former.engine.precision import DTYPES, precision_config, resolve_precision
@@ -75,6 +76,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, init_weights: Optional[InitWeights] = None) -> None:
         self.cfg = cfg
         self._setup_process()
+        # data.batch_size=auto: the largest micro-batch that fits (the global batch, so the schedule, unchanged)
+        self.memory_plan = resolve_auto_batch(cfg, self.world_size, self.gpu, self.precision)
         self.train_loader = build_loader(cfg.data, "train", self.rank, self.world_size, self.device)
         self.schedule = derive_schedule(cfg, self.world_size, len(self.train_loader))
         self.classes = read_classes(cfg.data.root)
@@ -300,6 +303,8 @@ class Trainer:
             "exit_code": exit_code,
             "bad_steps": self.guard.bad_steps,
             "precision": self.precision,
+            "micro_batch": self.schedule.micro_batch,
+            "memory_plan": self.memory_plan,  # data.batch_size=auto: the plan that chose micro_batch (else null)
             "overflow_skips": self.guard.overflow_skips,  # fp16: steps the loss scaler skipped
             "skipped_shards": self.train_loader.skipped_shards,  # this rank's (every rank warns for its own)
             "data_fetch": self.train_loader.fetch_stats(),  # a remote root: this rank's downloads and cache hits
