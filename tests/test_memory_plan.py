@@ -75,7 +75,9 @@ def test_the_optimizer_state_follows_zeros_memory_model():
 
 
 def run_launcher(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    environ = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="2")
+    launched = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # (an in-process run set them)
+    environ = {k: v for k, v in os.environ.items() if k not in launched}
+    environ.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="2")
     done = subprocess.run([sys.executable, str(REPO / "launch" / "pretrain.py"), *args], env=environ,
                           capture_output=True, text=True)  # fmt: skip
     assert not check or done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
