@@ -63,13 +63,14 @@ def test_activations_grow_linearly_with_the_batch_and_shrink_with_checkpointing(
 
 def test_the_optimizer_state_follows_zeros_memory_model():
     """Per rank, bf16: 2 bytes of weights, 2 of gradients, 12 of fp32 master + AdamW moments per parameter; stage 1
-    shards the 12, stage 2 the gradients too, stage 3 the weights too; the EMA is a full fp32 copy."""
+    shards the 12, stage 2 the gradients too, stage 3 the weights and the fp32 EMA too."""
     n, world = 1_000_000, 8
     assert state_bytes(n, "bf16", 0, world, ema=True) == {"weights": 2 * n, "gradients": 2 * n,
                                                           "optimizer": 12 * n, "ema": 4 * n}  # fmt: skip
     assert state_bytes(n, "bf16", 1, world, ema=False)["optimizer"] == 12 * n // world
     assert state_bytes(n, "bf16", 2, world, ema=False)["gradients"] == 2 * n // world
     assert state_bytes(n, "bf16", 3, world, ema=False)["weights"] == 2 * n // world
+    assert state_bytes(n, "bf16", 3, world, ema=True)["ema"] == 4 * n // world  # the sharded ZeRO-3 EMA
     assert sum(state_bytes(n, "fp32", 0, 1, ema=False).values()) == 16 * n
     assert parse_memory("80GB") == 80 * GiB == parse_memory("80GiB") and parse_memory("512m") == 512 << 20
 

@@ -6,7 +6,7 @@ torch's ``MemTracker``, which follows every tensor's storage and reports the pea
 bytes per sample and the fixed part. What the optimizer keeps follows ZeRO's memory model (the ZeRO paper, as
 DeepSpeed implements it): with bf16/fp16, 2 bytes per parameter of weights and 2 of gradients in the training dtype
 and 12 of fp32 master weights and AdamW moments; with fp32, 4 + 4 + 8. Stage 1 shards the 12 (8) over the ranks,
-stage 2 the gradients too, stage 3 the weights too. The EMA is a full fp32 copy. ``RESERVE_BYTES`` stands for what
+stage 2 the gradients too, stage 3 the weights (and the fp32 EMA, engine/ema.py ShardedEma) too. ``RESERVE_BYTES`` stands for what
 no tensor accounts for (the CUDA context, cuDNN/cuBLAS workspaces, NCCL buffers, DALI's decoder, fragmentation).
 """
 
@@ -136,7 +136,7 @@ class MemoryPlan:
 
 def state_bytes(parameters: int, precision: str, zero_stage: int, world_size: int, ema: bool) -> Dict[str, int]:
     """Per rank: the bytes of weights, gradients, optimizer state (fp32 master weights and AdamW's two moments) and
-    the EMA, under ZeRO ``zero_stage`` on ``world_size`` ranks."""
+    the EMA (fp32; sharded at ZeRO-3), under ZeRO ``zero_stage`` on ``world_size`` ranks."""
     low = precision != "fp32"
     weight_b, grad_b, optim_b = (2, 2, 12) if low else (4, 4, 8)
     shard = max(1, world_size)
@@ -144,7 +144,7 @@ def state_bytes(parameters: int, precision: str, zero_stage: int, world_size: in
         "weights": parameters * weight_b // (shard if zero_stage >= 3 else 1),
         "gradients": parameters * grad_b // (shard if zero_stage >= 2 else 1),
         "optimizer": parameters * optim_b // (shard if zero_stage >= 1 else 1),
-        "ema": parameters * 4 if ema else 0,
+        "ema": parameters * 4 // (shard if zero_stage >= 3 else 1) if ema else 0,  # (ZeRO-3: each rank's partition)
     }
 
 

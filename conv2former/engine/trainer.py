@@ -34,7 +34,7 @@ from conv2former.engine.batchnorm import BatchNormStats
 from conv2former.engine.best import BestEvaluation, evaluation_record
 from conv2former.engine.disk import estimate_checkpoint
 from conv2former.engine.distributed import join_group, make_deterministic, this_process
-from conv2former.engine.ema import WeightEma
+from conv2former.engine.ema import make_ema
 from conv2former.engine.evaluator import Evaluator
 from conv2former.engine.guard import DivergenceGuard, weights_finite
 from conv2former.engine.lost_ranks import announce_fault, is_collective_failure, lost_ranks_line
@@ -152,7 +152,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg, self.schedule)
         self.dtype = DTYPES[self.precision]  # the model's (and so the batches') dtype under DeepSpeed
         self.ema = (
-            WeightEma(
+            make_ema(
                 self.engine, self._make_model, cfg.ema_decay, cfg.ema_warmup, self.device, cfg.deepspeed.zero_stage == 3
             )
             if cfg.ema
@@ -510,7 +510,8 @@ class Trainer:
             if self.ema is not None:
                 self.val_loader.set_epoch(0)
                 half = self.dtype if self.precision != "fp32" else None  # fp32 weights, half-precision compute
-                ema_result = self.evaluator.run(self.ema.module, self.val_loader, autocast_dtype=half)
+                with self.ema.gathered() as ema_module:  # (ZeRO-3: the ranks' partitions, gathered for this)
+                    ema_result = self.evaluator.run(ema_module, self.val_loader, autocast_dtype=half)
                 out.update(ema_top1=ema_result.top1, ema_top5=ema_result.top5)
         self.best.observe(out, self.epoch, self.step)
         self.metrics.scalars(self.step, {**out, "epoch": self.epoch, **self.best.scalars()}, kind="eval")
@@ -540,21 +541,21 @@ class Trainer:
         (engine/rank0_work.py: their own timeout, not the collective one); returns the first's path (rank 0)."""
         dist.barrier()
         with self.batchnorm.averaged():  # (all ranks take part) the EMA exported as checkpointed
-            paths = on_rank0(lambda: self._export_to(folders), self.cfg.deepspeed.rank0_work_timeout_minutes)
+            ema = self.ema.state_dict() if self.ema is not None else None  # (ZeRO-3: a collective)
+            paths = on_rank0(lambda: self._export_to(folders, ema), self.cfg.deepspeed.rank0_work_timeout_minutes)
         self._warn(self.output.push_files())
         store_barrier(self.cfg.deepspeed.rank0_work_timeout_minutes)  # (rank 0 pushed the exports to a remote root)
         if "export/best" in folders:
             self.best.unwritten = False
         return paths[0] if paths else None
 
-    def _export_to(self, folders: List[str]) -> List[str]:
+    def _export_to(self, folders: List[str], ema: Optional[Dict[str, Any]]) -> List[str]:
         """(rank 0) The weights of the newest checkpoint, consolidated by zero_to_fp32, written to each folder."""
         from conv2former.weights import read_weights
 
         weights = read_weights(self.checkpoints.dir)
         last = {**self.last_eval, "epoch": self.epoch, "step": self.step} if self.last_eval else None
         record = evaluation_record(last, self.best.best)
-        ema = self.ema.state_dict() if self.ema is not None else None
         return [
             write_export(self.output.local, weights.state_dict, self.classes, self.config_dict, ema, record, folder)
             for folder in folders
