@@ -15,6 +15,8 @@ Variants are registered with timm (``import conv2former; timm.create_model("conv
 ``python -m conv2former.complexity --table`` prints parameters and MACs of every variant next to the paper.
 """
 
+import contextlib
+import functools
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union, cast
 
 import torch
@@ -86,6 +88,37 @@ class BatchNorm2dFP32(nn.BatchNorm2d):
             self.eps,
         )
         return out.to(x.dtype)
+
+
+def _cast_floating(model: nn.Module, dtype: torch.dtype) -> None:
+    """Floating parameters and buffers to ``dtype``, except the fp32 BatchNorm's statistics (BatchNorm2dFP32)."""
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if param.is_floating_point():
+                param.data = param.data.to(dtype)
+        if isinstance(module, BatchNorm2dFP32):
+            continue
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer.is_floating_point():
+                module._buffers[name] = buffer.to(dtype)
+
+
+def factory_kwargs(init: Callable[..., None]) -> Callable[..., None]:
+    """timm's factory arguments for a model class's ``__init__``: ``device`` (parameters and buffers are created
+    there, ``"meta"`` included: the construction runs under ``torch.device(device)``) and ``dtype`` (floating
+    parameters and buffers in it, the stem BatchNorm's statistics kept fp32). Any other unknown keyword is
+    Python's TypeError, as for timm's own models."""
+
+    @functools.wraps(init)
+    def wrapped(
+        self: nn.Module, *args: Any, device: Any = None, dtype: Optional[torch.dtype] = None, **kwargs: Any
+    ) -> None:
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            init(self, *args, **kwargs)
+        if dtype is not None:
+            _cast_floating(self, dtype)
+
+    return wrapped
 
 
 class MLP(nn.Module):
@@ -303,6 +336,7 @@ class Conv2Former(_ClassifierMixin, nn.Module):
     everywhere.
     """
 
+    @factory_kwargs
     def __init__(
         self,
         in_chans: int = 3,
@@ -395,6 +429,7 @@ class Conv2FormerIsotropic(_ClassifierMixin, nn.Module):
     (3x3/2 -> GELU -> BN, 3x3/2 -> GELU -> BN, 4x4/4), the "3 Convs" row of Table 8.
     """
 
+    @factory_kwargs
     def __init__(
         self,
         in_chans: int = 3,

@@ -188,3 +188,44 @@ def test_tags_build_their_heads_and_name_their_labels():
     labels = ImageNetInfo(infer_imagenet_subset(model.pretrained_cfg)).label_names()
     assert len(labels) == 21841 and labels[0].startswith("n")
     assert resolve_data_config({}, model=timm.create_model("conv2former_demo")) == EVAL_224
+
+
+@pytest.mark.parametrize("name", sorted(conv2former.model.VARIANTS))
+def test_factory_device_and_dtype_place_every_tensor(name):
+    """timm's factory arguments (``create_model(name, device=..., dtype=...)``, which timm's own model tests pass):
+    every parameter and buffer is created on the device (``meta`` here: no memory, no init cost), floating ones in
+    the dtype, except the stem BatchNorm's statistics, which stay fp32 (docs/model.md); the architecture is the
+    default one's, and features_only takes them too."""
+    with torch.device("meta"):
+        reference = timm.create_model(name)
+    model = timm.create_model(name, device="meta", dtype=torch.bfloat16)
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    assert {t.device.type for t in tensors.values()} == {"meta"}
+    assert [(n, t.shape) for n, t in tensors.items()] == [
+        (n, t.shape) for n, t in (dict(reference.named_parameters()) | dict(reference.named_buffers())).items()
+    ]
+    fp32_norms = {n for n, m in model.named_modules() if isinstance(m, conv2former.model.BatchNorm2dFP32)}
+    assert fp32_norms or not isinstance(model, conv2former.model.Conv2Former)  # (the 3-conv stems have them)
+    for tensor_name, tensor in tensors.items():
+        if tensor.is_floating_point():
+            statistic = tensor_name.rsplit(".", 1)[0] in fp32_norms and "running_" in tensor_name
+            assert tensor.dtype == (torch.float32 if statistic else torch.bfloat16), tensor_name
+    features = timm.create_model(name, features_only=True, device="meta")
+    assert {p.device.type for p in features.parameters()} == {"meta"}
+
+
+def test_factory_dtype_trains_and_unknown_arguments_fail_as_timms_do():
+    """A bf16 model built by the factory runs forward and backward on the CPU with its fp32 stem BatchNorm; an
+    argument the model does not take is the same TypeError as for timm's own models."""
+    model = timm.create_model("conv2former_demo", num_classes=5, dtype=torch.bfloat16).train()
+    out = model(torch.randn(2, 3, 64, 64, dtype=torch.bfloat16))
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16 and all(p.grad is not None for p in model.parameters())
+    assert model.downsample_layers[0][2].running_mean.dtype == torch.float32
+    assert model.downsample_layers[0][2].running_mean.abs().sum() > 0  # updated in fp32
+    errors = []
+    for factory in ("conv2former_demo", "convnext_atto"):
+        with pytest.raises(TypeError) as info:
+            timm.create_model(factory, not_an_argument=1)
+        errors.append(str(info.value).split("()", 1)[-1])
+    assert errors[0] == errors[1] == " got an unexpected keyword argument 'not_an_argument'"
