@@ -5,7 +5,8 @@
 
 CPU: fp32, NCHW and channels_last, plus our model with the plain ``nn.Conv2d`` depthwise backward
 (``fast_depthwise=False``) so the gain of the CPU depthwise tuner (conv2former/cpu) is measured in the same run.
-GPU: bf16 autocast, channels_last, cuDNN benchmark mode; MFU = images/s x 6 x MACs / the GPU's bf16 dense peak.
+GPU: bf16 autocast, channels_last, cuDNN benchmark mode; MFU = images/s x 6 x MACs / the GPU's bf16 dense peak (an
+architecture comparison: the engine's own step, DeepSpeed bf16 + ZeRO, is measured by train_speed.py).
 ``--grad-checkpointing`` and ``--compile`` apply to both models. All models run in one process, alternating round
 by round, so the ratio is fair. On CPU the process keeps freed memory for reuse, as training does
 (conv2former/cpu/malloc.py; ``--system-malloc`` measures glibc's default instead). ``--record`` adds the rows to
