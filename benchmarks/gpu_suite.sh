@@ -10,7 +10,8 @@
 # 2. Conv2Former-L next to timm's ConvNeXt-L: training images/s, MFU and memory, bf16 + channels_last, at 224 and
 #    384, activation checkpointing off/on, torch.compile off/on.
 # 3. End to end: launch/pretrain.py with the DALI loader feeding the engine, ZeRO 1/2/3, one rank per visible GPU:
-#    images/s, the share of each step spent waiting for data, MFU, memory per rank.
+#    images/s, the share of each step spent waiting for data, MFU, memory per rank; and ZeRO-1 with
+#    deterministic=true (its cost).
 # 4. The top CUDA kernels of one Conv2Former-L step (torch.profiler; is the 11x11 depthwise conv the bottleneck?).
 # 5. A report (table + projected wall time of 90 epochs of ImageNet-22k on 8/64/256 GPUs) printed and written to
 #    $OUT/report.md; every JSON result is kept in $OUT/results.jsonl.
@@ -95,6 +96,12 @@ run "profile-224" "$PYTHON" benchmarks/profile_step.py --variant conv2former_l -
 run "train-224" "$PYTHON" benchmarks/train_speed.py --variant l --image-size 224 --data data/bench/shards \
     --stages 1 2 3 --ranks "$NGPU" --micro-batch "$BATCH_224" --global-batch $((BATCH_224 * NGPU)) \
     --backend dali-gpu --steps "$STEPS" --set data.workers="$((WORKERS / NGPU > 0 ? WORKERS / NGPU : 1))" --json $REC
+
+# 3b. the cost of deterministic=true (cuDNN deterministic algorithms, no benchmark search: the bitwise-resume tests' setting)
+run "train-224-deterministic" "$PYTHON" benchmarks/train_speed.py --variant l --image-size 224 --data data/bench/shards \
+    --stages 1 --ranks "$NGPU" --micro-batch "$BATCH_224" --global-batch $((BATCH_224 * NGPU)) \
+    --backend dali-gpu --steps "$STEPS" --set data.workers="$((WORKERS / NGPU > 0 ? WORKERS / NGPU : 1))" \
+    --set deterministic=true --json $REC
 
 # 4. the report
 run "report" "$PYTHON" benchmarks/suite_report.py "$RESULTS" --output "$OUT/report.md"
