@@ -137,6 +137,12 @@ class LoggingConfig:
 
 
 @dataclass
+class ProfileConfig:
+    steps: Optional[str] = None  # A-B: a torch.profiler trace of optimizer steps A..B per rank in OUTPUT/profile/
+    memory: bool = False  # with steps: allocations in the trace, and a CUDA memory snapshot on a GPU
+
+
+@dataclass
 class FinetuneConfig:
     """How launch/finetune.py starts from pretrained weights (ignored by pretraining)."""
 
@@ -160,6 +166,7 @@ class TrainConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     cpu: CpuConfig = field(default_factory=CpuConfig)

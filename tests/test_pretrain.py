@@ -412,6 +412,20 @@ def test_torchrun_launch(demo_shards, tmp_path):
     assert summary["status"] == "finished" and summary["step"] == 5
 
 
+@pytest.mark.slow
+def test_a_profile_window_traces_those_steps_of_the_real_run_per_rank(demo_shards, tmp_path):
+    """profile.steps=3-4: each rank writes a Chrome trace of optimizer steps 3 and 4 (labelled, with the loader waits
+    labelled data_wait) into OUTPUT/profile/, and nothing of the other steps."""
+    summary = run_pretrain(*FAST, "--data", demo_shards, "--output", str(tmp_path), "--epochs", "1", "--max-steps", "6",
+                           "--set", "profile.steps=3-4", "--set", "profile.memory=true")  # fmt: skip
+    assert summary["status"] == "finished" and summary["profile"] == str(tmp_path / "profile" / "rank0.json")
+    for rank in (0, 1):
+        events = json.loads((tmp_path / "profile" / f"rank{rank}.json").read_text())["traceEvents"]
+        names = {event.get("name") for event in events}
+        assert {"step 3", "step 4", "data_wait"} <= names and not {"step 2", "step 5"} & names
+        assert any(event.get("name") == "[memory]" for event in events)  # profile.memory: the allocations
+
+
 def one_line_error(capsys, *argv) -> str:
     from launch.pretrain import main
 
@@ -445,6 +459,9 @@ def test_bad_configs_are_one_line_errors(capsys, demo_shards, tmp_path):
     )
     assert "use --set deepspeed.precision=bf16" in one_line_error(
         capsys, "--variant", "demo", "--data", demo_shards, "--set", "deepspeed.bf16=true", *out
+    )
+    assert "profile.steps: '5-2' is not a range" in one_line_error(
+        capsys, "--variant", "demo", "--data", demo_shards, "--set", "profile.steps=5-2", *out
     )
     assert "deepspeed.precision: unknown 'fp8'" in one_line_error(
         capsys, "--variant", "demo", "--data", demo_shards, "--set", "deepspeed.precision=fp8", *out

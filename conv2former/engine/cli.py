@@ -144,6 +144,10 @@ def resolve_config(
         raise UserError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {cfg.deepspeed.zero_stage}")
     if cfg.schedule.epochs <= 0:
         raise UserError(f"schedule.epochs must be positive, got {cfg.schedule.epochs}")
+    if cfg.profile.steps:
+        from conv2former.engine.profiling import parse_steps
+
+        parse_steps(cfg.profile.steps)  # (a bad window fails before anything starts)
     return cfg
 
 

@@ -43,6 +43,7 @@ from conv2former.engine.metrics import Metrics, get_logger, memory_mb
 from conv2former.engine.optim import Schedule, build_optimizer, build_scheduler, derive_schedule
 from conv2former.engine.precision import DTYPES, precision_config, resolve_precision
 from conv2former.engine.preemption import Preempted, Preemption
+from conv2former.engine.profiling import StepProfiler
 from conv2former.engine.rank0_work import on_rank0, store_barrier
 from conv2former.engine.run_output import RunOutput
 from conv2former.engine.state import CheckpointState, RngState
@@ -177,6 +178,9 @@ class Trainer:
         self.guard = DivergenceGuard(cfg.guard.max_bad_steps, self.device, cfg.guard.max_overflow_skips)
         self.batchnorm = BatchNormStats(self._models())
         self.preemption = Preemption()
+        self.profiler = StepProfiler(
+            cfg.profile.steps, cfg.profile.memory, os.path.join(self.output.local, "profile"), self.rank, self.device
+        )
         self.config_dict = to_dict(cfg)
         self.state = self._checkpoint_state()
         self.resumed_from: Optional[Dict[str, Any]] = None  # the checkpoint this run resumed from (the summary's)
@@ -292,6 +296,7 @@ class Trainer:
             if str(fault):
                 self.log.error(f"error: {fault}")
             status, exit_code = fault.status, fault.exit_code
+        self.profiler.close()  # (a run that ended inside the profile window: its trace so far)
         self.metrics.close()
         summary = self._summary(status, exit_code, export_dir, time.time() - start)
         self._publish(summary)
@@ -304,7 +309,10 @@ class Trainer:
             "bad_steps": self.guard.bad_steps,
             "precision": self.precision,
             "micro_batch": self.schedule.micro_batch,
-            "memory_plan": self.memory_plan,  # data.batch_size=auto: the plan that chose micro_batch (else null)
+            "memory_plan": self.memory_plan,
+            "profile": self.output.shown(self.profiler.written)
+            if self.profiler.written
+            else None,  # data.batch_size=auto: the plan that chose micro_batch (else null)
             "overflow_skips": self.guard.overflow_skips,  # fp16: steps the loss scaler skipped
             "skipped_shards": self.train_loader.skipped_shards,  # this rank's (every rank warns for its own)
             "data_fetch": self.train_loader.fetch_stats(),  # a remote root: this rank's downloads and cache hits
@@ -397,7 +405,15 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         self.metrics.restart_window()
         t_data = time.perf_counter()
-        for images, labels in loader:
+        batches = iter(loader)
+        while True:
+            if loader.step % schedule.grad_accum == 0:
+                self.profiler.step_starts(self.step + 1)
+            with self.profiler.region("data_wait"):
+                batch = next(batches, None)
+            if batch is None:
+                break
+            images, labels = batch
             self.metrics.add_data_time(time.perf_counter() - t_data)
             images, targets = self.augment(images, labels)
             loss = self.criterion(self.engine(images.to(dtype=self.dtype)).float(), targets)
@@ -424,6 +440,7 @@ class Trainer:
             self.ema.update(self.step)
         self.step_loss = step_loss
         self.metrics.step_done()
+        self.profiler.step_done(self.step)
         if self.step % self.cfg.logging.print_every == 0 or self.step == 1:
             self._record_training()
             self._report_depthwise()
