@@ -134,6 +134,9 @@ class GuardConfig:
 @dataclass
 class LoggingConfig:
     print_every: int = 20  # steps between recorded training scalars
+    backends: Tuple[str, ...] = ("tensorboard", "jsonl")  # also wandb, mlflow (optional extras): the same scalars
+    project: str = "conv2former"  # the W&B project / MLflow experiment
+    mlflow_tracking_uri: Optional[str] = None  # None: MLflow's own (MLFLOW_TRACKING_URI, or ./mlruns)
 
 
 @dataclass

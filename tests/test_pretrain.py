@@ -426,6 +426,58 @@ def test_a_profile_window_traces_those_steps_of_the_real_run_per_rank(demo_shard
         assert any(event.get("name") == "[memory]" for event in events)  # profile.memory: the allocations
 
 
+def wandb_history(run_dir: Path) -> list:
+    """The history rows ({key: value}, with "_step") an offline W&B run wrote to its ``run-<id>.wandb`` file: a
+    LevelDB-style log (after a 7-byte W&B header, 32 KiB blocks of records, each with a 7-byte header: checksum, length,
+    type full/first/middle/last) of wandb's ``Record`` protobufs. wandb 0.31 has no Python reader for it."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = next(run_dir.glob("run-*.wandb")).read_bytes()
+    pos, block, pieces, rows = 7, 32768, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # (a block's tail too short for a header is padding)
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        pieces += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a full record, or the last piece of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pieces)
+            pieces = b""
+            if record.WhichOneof("record_type") == "history":
+                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                             for item in record.history.item})  # fmt: skip
+    return rows
+
+
+@pytest.mark.slow
+def test_wandb_and_mlflow_get_the_scalars_and_a_resume_continues_the_same_runs(demo_shards, tmp_path, monkeypatch):
+    """logging.backends with wandb (offline) and mlflow (a file store): the train and eval scalars at their steps and
+    the config as the run's parameters; stopped at step 6 and relaunched to 9, the same W&B and MLflow runs go on."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # (MLflow 3 keeps its file store behind this switch)
+    store = (tmp_path / "mlruns").as_uri()
+    args = [*FAST, "--data", demo_shards, "--output", str(tmp_path / "run"), "--epochs", "1", "--save-every", "3",
+            "--set", "logging.backends=[tensorboard,jsonl,wandb,mlflow]", "--set", f"logging.mlflow_tracking_uri={store}"]  # fmt: skip
+    environ = dict(env(), WANDB_MODE="offline", WANDB_SILENT="true", MLFLOW_ALLOW_FILE_STORE="true")
+    run_pretrain(*args, "--max-steps", "6", environ=environ)
+    ids = {b: (tmp_path / "run" / f"{b}_run_id").read_text().strip() for b in ("wandb", "mlflow")}
+    resumed = run_pretrain(*args, "--max-steps", "9", environ=environ)
+    assert resumed["resumed_from"]["step"] == 6 and resumed["step"] == 9
+    assert {b: (tmp_path / "run" / f"{b}_run_id").read_text().strip() for b in ids} == ids
+    client = MlflowClient(tracking_uri=store)
+    assert [m.step for m in client.get_metric_history(ids["mlflow"], "train/loss")] == list(range(1, 10))
+    assert [m.step for m in client.get_metric_history(ids["mlflow"], "eval/top1")] == [6, 9]  # (each run ends with one)
+    assert client.get_run(ids["mlflow"]).data.params["schedule.global_batch"] == "64"
+    runs = sorted((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(ids["wandb"]) for r in runs)  # one W&B run, continued
+    history = [wandb_history(run) for run in runs]
+    assert [row["_step"] for row in history[0] + history[1] if "train/loss" in row] == list(range(1, 10))
+    assert [row["_step"] for row in history[0] + history[1] if "eval/top1" in row] == [6, 9]
+
+
 def one_line_error(capsys, *argv) -> str:
     from launch.pretrain import main
 
@@ -459,6 +511,9 @@ def test_bad_configs_are_one_line_errors(capsys, demo_shards, tmp_path):
     )
     assert "use --set deepspeed.precision=bf16" in one_line_error(
         capsys, "--variant", "demo", "--data", demo_shards, "--set", "deepspeed.bf16=true", *out
+    )
+    assert "logging.backends: unknown 'neptune'" in one_line_error(
+        capsys, "--variant", "demo", "--data", demo_shards, "--set", "logging.backends=[jsonl,neptune]", *out
     )
     assert "profile.steps: '5-2' is not a range" in one_line_error(
         capsys, "--variant", "demo", "--data", demo_shards, "--set", "profile.steps=5-2", *out

@@ -144,6 +144,9 @@ def resolve_config(
         raise UserError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {cfg.deepspeed.zero_stage}")
     if cfg.schedule.epochs <= 0:
         raise UserError(f"schedule.epochs must be positive, got {cfg.schedule.epochs}")
+    from conv2former.engine.sinks import check_backends
+
+    check_backends(cfg.logging.backends)  # (an unknown backend, or one whose package is missing: one line now)
     if cfg.profile.steps:
         from conv2former.engine.profiling import parse_steps
 

@@ -3,16 +3,17 @@ and the timing window behind images/s, step time and data time."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import resource
 import sys
 import time
-from typing import Any, Dict, Optional, TextIO
+from typing import Dict, List, Optional
 
 import torch
 from tqdm import tqdm
+
+from conv2former.engine.sinks import JsonlSink, Sink, TensorBoardSink
 
 LOGGER_NAME = "conv2former"
 
@@ -49,18 +50,17 @@ def memory_mb(device: torch.device) -> float:
 
 
 class Metrics:
-    """Rank 0 writes TensorBoard scalars (``OUTPUT/tb``) and JSON lines (``OUTPUT/log.jsonl``) and draws the bar;
-    other ranks write nothing. Training scalars are averaged over a window: the steps since the last record."""
+    """Rank 0 sends the scalars to the sinks (conv2former/engine/sinks.py: TensorBoard ``OUTPUT/tb`` and JSON lines
+    ``OUTPUT/log.jsonl`` by default) and draws the bar; other ranks write nothing. Training scalars are averaged over
+    a window: the steps since the last record."""
 
-    def __init__(self, output: str, rank: int, total_steps: int, initial_step: int, desc: str) -> None:
+    def __init__(
+        self, output: str, rank: int, total_steps: int, initial_step: int, desc: str, sinks: Optional[List[Sink]] = None
+    ) -> None:
         self.rank = rank
-        self.tb: Optional[Any] = None  # TensorBoard's SummaryWriter, rank 0
-        self.jsonl: Optional[TextIO] = None
-        if rank == 0:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(os.path.join(output, "tb"))
-            self.jsonl = open(os.path.join(output, "log.jsonl"), "a")
+        if sinks is None and rank == 0:
+            sinks = [TensorBoardSink(output), JsonlSink(output)]
+        self.sinks: List[Sink] = list(sinks or []) if rank == 0 else []
         self.bar = tqdm(
             total=total_steps,
             initial=initial_step,
@@ -90,12 +90,8 @@ class Metrics:
 
     # records
     def scalars(self, step: int, values: Dict[str, float], kind: str = "train") -> None:
-        if self.tb is None or self.jsonl is None:  # (the other ranks, or after close)
-            return
-        for key, value in values.items():
-            self.tb.add_scalar(f"{kind}/{key}", value, step)
-        self.jsonl.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
-        self.jsonl.flush()
+        for sink in self.sinks:  # (none on the other ranks, or after close)
+            sink.log(kind, step, values)
 
     def warn(self, message: str) -> None:
         """A warning on rank 0 on a line of its own above the bar (every rank sees the same thing here)."""
@@ -112,15 +108,11 @@ class Metrics:
 
     def flush(self) -> None:
         """TensorBoard's events on disk now (log.jsonl is flushed at every line)."""
-        if self.tb is not None:
-            self.tb.flush()
+        for sink in self.sinks:
+            sink.flush()
 
     def close(self) -> None:
         self.bar.close()
-        if self.tb is not None:
-            self.tb.flush()
-            self.tb.close()
-            self.tb = None
-        if self.jsonl is not None:
-            self.jsonl.close()
-            self.jsonl = None
+        sinks, self.sinks = self.sinks, []
+        for sink in sinks:
+            sink.close()

@@ -46,6 +46,7 @@ from conv2former.engine.preemption import Preempted, Preemption
 from conv2former.engine.profiling import StepProfiler
 from conv2former.engine.rank0_work import on_rank0, store_barrier
 from conv2former.engine.run_output import RunOutput
+from conv2former.engine.sinks import open_sinks
 from conv2former.engine.state import CheckpointState, RngState
 from conv2former.errors import Diverged, RankFault, RunFault, UserError
 from conv2former.export import write_export
@@ -187,7 +188,13 @@ class Trainer:
         self._resume()
         self.log.info("config:\n" + json.dumps(self.config_dict, indent=1))
         self.log.info("schedule: " + json.dumps(self.schedule.as_dict()))
-        self.metrics = Metrics(self.output.local, self.rank, self.schedule.stop_step, self.step, cfg.stage)
+        sinks = (
+            open_sinks(cfg.logging.backends, self.output.local, cfg.logging.project,
+                       os.path.basename(cfg.output.rstrip("/")), self.config_dict, cfg.logging.mlflow_tracking_uri)
+            if self.rank == 0
+            else []
+        )  # fmt: skip
+        self.metrics = Metrics(self.output.local, self.rank, self.schedule.stop_step, self.step, cfg.stage, sinks)
         self.last_loss = float("nan")  # the newest recorded loss
         self.last_eval: Dict[str, float] = {}  # the newest evaluation
         self.step_loss: Optional[torch.Tensor] = None  # the newest step's loss, on the device
