@@ -367,7 +367,7 @@ class ShardBuild:
                 "filenames": [f"{split}/{fmt.shard_name(split, i)}" for i in range(len(shards))],
                 "shard_lengths": [r.num_samples for r in split_results],
             }
-            if all(r.largest[0] for r in split_results if r.num_samples):  # (shards written before it: unknown)
+            if split_results and all(r.largest[0] for r in split_results if r.num_samples):  # (older shards: unknown)
                 # [width, height] of the stored image with the most pixels: the GPU decoder's buffers are sized to it
                 entry["largest_image"] = max((r.largest for r in split_results), key=lambda wh: wh[0] * wh[1])
             splits[split] = entry

@@ -20,6 +20,18 @@ os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.g
 sys.path.insert(0, os.path.dirname(__file__))
 
 
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """Each test leaves the process environment as it found it: a stage run in-process (``main([...])``: a dry run,
+    a config error) sets the launcher's variables (RANK, MASTER_PORT, ...) for itself, and a later test's
+    subprocesses must not inherit them (they would rendezvous on a port this process still listens on)."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``gpu`` are skipped, saying why, where no CUDA GPU is visible (CI)."""
     import pytest
