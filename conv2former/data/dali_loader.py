@@ -141,8 +141,7 @@ def eval_graph(
     gpu_decoder: Optional[Dict[str, Any]] = None,
     layout: str = "CHW",
 ) -> Tuple[Node, Node]:
-    """Evaluation: ``gpu_decoder``: the mixed (nvJPEG) decoder's arguments, None for CPU decoding;
-    ``layout``: CHW, or HWC for channels_last batches."""
+    """Evaluation (timm's resize and center crop); the arguments are ``train_graph``'s."""
     jpg, label = _reader(paths, index_paths, False, 1)
     images = fn.decoders.image(
         jpg,

@@ -6,6 +6,7 @@ continues the same W&B run / MLflow run: its id is kept in ``OUTPUT/<backend>_ru
 
 from __future__ import annotations
 
+import abc
 import json
 import os
 from typing import Any, Dict, List, Optional, Sequence, TextIO
@@ -16,15 +17,17 @@ BACKENDS = ("tensorboard", "jsonl", "wandb", "mlflow")
 EXTRAS = {"wandb": ("wandb", "wandb"), "mlflow": ("mlflow", "mlflow")}  # backend -> (module, pip extra)
 
 
-class Sink:
-    def log(self, kind: str, step: int, values: Dict[str, float]) -> None:
-        raise NotImplementedError
+class Sink(abc.ABC):
+    """One destination of the scalars; ``flush`` and ``close`` do nothing unless the destination needs them."""
+
+    @abc.abstractmethod
+    def log(self, kind: str, step: int, values: Dict[str, float]) -> None: ...
 
     def flush(self) -> None:
-        pass
+        return None
 
     def close(self) -> None:
-        pass
+        return None
 
 
 class TensorBoardSink(Sink):
