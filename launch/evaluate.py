@@ -4,6 +4,11 @@
 
 Prints top-1/top-5 and images/s; ``--json FILE`` writes {"top1", "top5", "num_samples", ...}; ``--per-class FILE``
 writes one line per class (synset, correct, total, accuracy). Each sample is counted exactly once across ranks.
+
+The ImageNet robustness and relabelled sets, in the layouts they are distributed in
+(``conv2former/data/eval_sets.py``): ``--eval-set real|v2|a|r|sketch --eval-root DIR``, several comma-separated, or
+``--eval-set all --eval-root DIR`` with DIR holding real/, v2/, a/, r/, sketch/ (or the sets' own folder names); with
+``--data`` too, the shard split is the table's first row. ``--record`` adds the results to the export's README.md.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import json
 import posixpath
 import sys
 import time
-from typing import Optional
+from typing import Dict, List, Optional, Tuple
 
 from conv2former.errors import UserError, exit_on_user_error
 
@@ -48,15 +53,22 @@ def default_crop(weights: str, resolution: int):
     return eval_crop(recipe_for(resolution))
 
 
-@exit_on_user_error
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variant", required=True)
     parser.add_argument(
         "--weights", required=True, help="model.safetensors, export dir, run dir, DeepSpeed dir or .pth"
     )
-    parser.add_argument("--data", required=True, help="shard root")
+    parser.add_argument("--data", help="shard root (required unless --eval-set is given)")
     parser.add_argument("--split", default="val")
+    parser.add_argument(
+        "--eval-set",
+        help="robustness/relabelled sets: real, v2, a, r, sketch (comma-separated) or all; read from --eval-root",
+    )
+    parser.add_argument(
+        "--eval-root", help="the set's folder; with several sets or all, the folder holding them (real/, v2/, ...)"
+    )
+    parser.add_argument("--record", action="store_true", help="add the results to the export's README.md")
     parser.add_argument("--resolution", type=int, default=224)
     parser.add_argument(
         "--crop-pct", type=float, help="default: the export's own (config.json), else 0.875 at <=256 px, 1.0 above"
@@ -73,48 +85,154 @@ def main(argv=None) -> int:
     parser.add_argument("--json", dest="json_path", help="write the result as JSON here")
     parser.add_argument("--per-class", help="write per-class accuracy (synset correct total accuracy) here")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser
 
+
+def requested_sets(args: argparse.Namespace) -> List[str]:
+    """The --eval-set names in order ([] without the flag); one-line errors for unknown names or a missing root."""
+    from conv2former.data.eval_sets import EVAL_SETS
+
+    if not args.eval_set:
+        if args.data is None:
+            raise UserError("give --data SHARD_ROOT (a shard split to evaluate) or --eval-set with --eval-root")
+        return []
+    names = list(EVAL_SETS) if args.eval_set == "all" else [n.strip() for n in args.eval_set.split(",")]
+    unknown = [n for n in names if n not in EVAL_SETS]
+    if unknown:
+        raise UserError(f"--eval-set {unknown[0]}: unknown set; choose from {', '.join(EVAL_SETS)} or all")
+    if not args.eval_root:
+        raise UserError("--eval-set needs --eval-root DIR, the folder the set (or the sets) lie in")
+    if args.backend not in ("auto", "torch"):
+        raise UserError(
+            f"--backend {args.backend}: the evaluation sets are image folders, read with the torch backend "
+            "(PIL, timm's eval transform); leave --backend out"
+        )
+    return names
+
+
+def head_classes(weights, data: Optional[str]) -> List[str]:
+    """The head's synsets: the weights' classes.txt, else the shard root's, else timm's 1k or 22k order when the
+    head has exactly that many outputs."""
+    from conv2former.data.shard_format import canonical_synsets, read_classes
+
+    if weights.classes is not None:
+        return list(weights.classes)
+    if data is not None:
+        return read_classes(data)
+    outputs = weights.state_dict["pred.weight"].shape[0] if "pred.weight" in weights.state_dict else 0
+    for dataset in ("imagenet1k", "imagenet22k"):
+        if outputs == len(canonical_synsets(dataset)):
+            return list(canonical_synsets(dataset))
+    raise UserError(
+        f"{weights.source} has no classes.txt beside it and a {outputs}-class head: give --data SHARD_ROOT "
+        "(its classes.txt names the head's classes)"
+    )
+
+
+def load_model(args: argparse.Namespace, device):
+    """(model on the device in eval mode, weights path, the head's synsets)."""
     import timm
-    import torch
 
-    from conv2former.config import DataConfig
-    from conv2former.cpu import CpuTuning
-    from conv2former.data.loader import build_loader
     from conv2former.data.shard_format import read_classes
     from conv2former.engine.cli import variant_name
-    from conv2former.engine.distributed import join_group, this_process
-    from conv2former.engine.evaluator import Evaluator
-    from conv2former.engine.metrics import get_logger
     from conv2former.weights import check_compatible, read_weights
 
-    variant = variant_name(args.variant)
     path = args.weights
     if args.ema:
         path = _beside(path, "model_ema.safetensors")
         if path is None:
             raise UserError(f"--ema: no model_ema.safetensors beside {args.weights}")
     weights = read_weights(path)
-    classes = read_classes(args.data)
-    if weights.classes is not None and weights.classes != classes:
-        raise UserError(
-            f"the weights' {len(weights.classes)} classes (e.g. {', '.join(weights.classes[:2])}) are not "
-            f"the data's {len(classes)} (e.g. {', '.join(classes[:2])}): evaluate on the data it was "
-            "trained for, or fine-tune first"
-        )
-    process = this_process()
-    rank, world, device, gpu = process.rank, process.world_size, process.device, process.gpu
-    if world > 1:
-        join_group(process)
-    if not gpu:  # the depthwise formulations measured fastest on this CPU, as training uses them
-        CpuTuning.install()
-    model = timm.create_model(variant, num_classes=len(classes))
+    classes = head_classes(weights, args.data)
+    if args.data is not None:
+        data_classes = read_classes(args.data)
+        if data_classes != classes:
+            raise UserError(
+                f"the weights' {len(classes)} classes (e.g. {', '.join(classes[:2])}) are not "
+                f"the data's {len(data_classes)} (e.g. {', '.join(data_classes[:2])}): evaluate on the data it was "
+                "trained for, or fine-tune first"
+            )
+    model = timm.create_model(variant_name(args.variant), num_classes=len(classes))
     check_compatible(model, weights.state_dict, path)
     model.load_state_dict(weights.state_dict, strict=True)
-    model = model.to(device).eval()
+    return model.to(device).eval(), path, classes
+
+
+def evaluate_sets(args, names: List[str], model, classes, cfg, process) -> Tuple[List[Dict], Dict[str, str]]:
+    """One row per set found: top-1/top-5 over the set's classes; the sets not found, with where they were looked
+    for."""
+    import torch
+
+    from conv2former.data.eval_set_loader import eval_set_batches
+    from conv2former.data.eval_sets import FOLDER_NAMES, find_set_root, load_eval_set, logit_columns
+    from conv2former.engine.evaluator import Evaluator
+
+    rows: List[Dict] = []
+    missing: Dict[str, str] = {}
+    for name in names:
+        root = args.eval_root if len(names) == 1 and args.eval_set != "all" else find_set_root(name, args.eval_root)
+        if root is None:
+            missing[name] = f"no {' or '.join(FOLDER_NAMES[name])} folder in {args.eval_root}"
+            continue
+        eval_set = load_eval_set(name, root)
+        evaluator = Evaluator(len(eval_set.synsets), process.device, logit_columns(eval_set, classes))
+        start = time.perf_counter()
+        batches = eval_set_batches(eval_set, cfg, process.rank, process.world_size)
+        result = evaluator.run(model, batches, autocast_dtype=torch.bfloat16 if process.gpu else None)
+        rows.append(_row(name, result, time.perf_counter() - start, eval_set.note))
+    if names and not rows:
+        raise UserError(f"none of {', '.join(names)} found in {args.eval_root}: " + "; ".join(missing.values()))
+    return rows, missing
+
+
+def _row(name: str, result, seconds: float, note: str = "") -> Dict:
+    n = result.num_samples
+    return {
+        "set": name,
+        "top1": result.top1,
+        "top5": result.top5,
+        "num_samples": n,
+        "images_per_s": round(n / seconds, 1),
+        "note": note,
+    }
+
+
+def evaluate_split(args, model, classes, cfg, process):
+    """The shard split's row and its per-class counts."""
+    import torch
+
+    from conv2former.data.loader import build_loader
+    from conv2former.engine.evaluator import Evaluator
+
+    loader = build_loader(cfg, args.split, process.rank, process.world_size, process.device, train=False)
+    start = time.perf_counter()
+    result = Evaluator(len(classes), process.device).run(
+        model, loader, autocast_dtype=torch.bfloat16 if process.gpu else None
+    )
+    return _row(args.split, result, time.perf_counter() - start), result.per_class
+
+
+@exit_on_user_error
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    names = requested_sets(args)
+    if args.record and _beside(args.weights, "config.json") is None:
+        raise UserError(f"--record: {args.weights} is not an export folder (no config.json beside the weights)")
+
+    from conv2former.config import DataConfig
+    from conv2former.cpu import CpuTuning
+    from conv2former.engine.distributed import join_group, this_process
+    from conv2former.engine.metrics import get_logger
+
+    process = this_process()
+    if process.world_size > 1:
+        join_group(process)
+    if not process.gpu:  # the depthwise formulations measured fastest on this CPU, as training uses them
+        CpuTuning.install()
+    model, path, classes = load_model(args, process.device)
     crop_pct, crop_mode = default_crop(path, args.resolution)
     cfg = DataConfig(
-        root=args.data,
+        root=args.data or "",
         backend=args.backend,
         image_size=args.resolution,
         batch_size=args.batch,
@@ -122,35 +240,51 @@ def main(argv=None) -> int:
         crop_pct=args.crop_pct or crop_pct,
         crop_mode=args.crop_mode or crop_mode,
     )
-    loader = build_loader(cfg, args.split, rank, world, device, train=False)
-    start = time.perf_counter()
-    evaluation = Evaluator(len(classes), device).run(model, loader, autocast_dtype=torch.bfloat16 if gpu else None)
-    seconds = time.perf_counter() - start
-    n = evaluation.num_samples
-    result = {
-        "top1": evaluation.top1,
-        "top5": evaluation.top5,
-        "num_samples": n,
-        "images_per_s": round(n / seconds, 1),
+    rows, per_class = [], None
+    if args.data is not None:
+        split_row, per_class = evaluate_split(args, model, classes, cfg, process)
+        rows.append(split_row)
+    set_rows, missing = evaluate_sets(args, names, model, classes, cfg, process)
+    rows += set_rows
+    setting = {
         "weights": path,
         "resolution": args.resolution,
         "crop_pct": cfg.crop_pct,
         "crop_mode": cfg.crop_mode,
-        "ranks": world,
+        "ranks": process.world_size,
     }
-    if rank == 0:
-        get_logger(rank).info(
-            f"top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  on {n} images "
-            f"({result['images_per_s']} img/s, {world} rank(s))"
-        )
-        if args.json_path:
-            with open(args.json_path, "w") as f:
-                json.dump(result, f, indent=1)
-        if args.per_class:
-            with open(args.per_class, "w") as f:
-                for synset, (c1, _, total) in zip(classes, evaluation.per_class.tolist()):
-                    f.write(f"{synset} {int(c1)} {int(total)} {c1 / total if total else 0:.4f}\n")
+    if process.rank == 0:
+        report(args, rows, missing, setting, classes, per_class, get_logger(0))
     return 0
+
+
+def report(args, rows, missing, setting, classes, per_class, logger) -> None:
+    """Print the results; write --json, --per-class and (--record) the export's README.md."""
+    from conv2former.eval_report import format_table, record_in_export
+
+    if not args.eval_set:  # one shard split: the flat result of earlier releases
+        row = rows[0]
+        result = {**{k: row[k] for k in ("top1", "top5", "num_samples", "images_per_s")}, **setting}
+        logger.info(
+            f"top-1 {100 * row['top1']:.2f}%  top-5 {100 * row['top5']:.2f}%  on {row['num_samples']} images "
+            f"({row['images_per_s']} img/s, {setting['ranks']} rank(s))"
+        )
+    else:
+        result = {**setting, "sets": {row["set"]: row for row in rows}, "missing": missing}
+        logger.info(f"{setting['resolution']} px, crop {setting['crop_mode']} {setting['crop_pct']}:")
+        logger.info(format_table(rows, missing))
+    if args.json_path:
+        with open(args.json_path, "w") as f:
+            json.dump(result, f, indent=1)
+    if args.per_class and per_class is not None:
+        with open(args.per_class, "w") as f:
+            for synset, (c1, _, total) in zip(classes, per_class.tolist()):
+                f.write(f"{synset} {int(c1)} {int(total)} {c1 / total if total else 0:.4f}\n")
+    if args.record:
+        export = str(_beside(setting["weights"], "config.json"))  # checked before evaluating
+        if "sets" not in result:
+            result = {**setting, "sets": {row["set"]: row for row in rows}}
+        logger.info(f"recorded in {record_in_export(posixpath.dirname(export), result)}")
 
 
 if __name__ == "__main__":

@@ -21,11 +21,17 @@ class EvalResult:
 class Evaluator:
     """Counts hits per class on the device (no host sync per batch) and all-reduces them once at the end.
 
-    Padding samples (label -1, see ``conv2former.data.base``) are not counted.
+    Labels are ``(B,)`` class indices, or ``(B, L)`` label sets padded with -1 (ImageNet-ReaL: a prediction is right
+    when it is any of the sample's labels; per-class counts go to the first label). Padding samples (label -1, see
+    ``conv2former.data.base``) are not counted. ``columns``: the logits scored, in label order (a set over a subset
+    of the head's classes, e.g. ImageNet-A's 200 synsets, or a 1k set through a 22k head); all of them by default.
     """
 
-    def __init__(self, num_classes: int, device: torch.device) -> None:
+    def __init__(self, num_classes: int, device: torch.device, columns: Optional[torch.Tensor] = None) -> None:
         self.num_classes, self.device = num_classes, device
+        self.columns = None if columns is None else columns.to(device)
+        if self.columns is not None and len(self.columns) != num_classes:
+            raise ValueError(f"{len(self.columns)} columns for {num_classes} classes")
 
     @torch.no_grad()
     def run(
@@ -43,18 +49,26 @@ class Evaluator:
         ):
             for images, labels in loader:
                 logits = model(images.to(device=self.device, dtype=input_dtype)).float()
-                labels = labels.to(self.device)
-                # padding (label -1) is weighted 0 rather than masked out: boolean indexing would wait for the
-                # device every batch (its result's size is data-dependent)
-                weight = (labels >= 0).double()
-                index = labels.clamp(min=0)
-                hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == index.view(-1, 1)
-                counts[:, 0].index_add_(0, index, hits[:, 0].double() * weight)
-                counts[:, 1].index_add_(0, index, hits.any(1).double() * weight)
-                counts[:, 2].index_add_(0, index, weight)
+                if self.columns is not None:
+                    logits = logits.index_select(1, self.columns)
+                self._count(counts, logits, labels.to(self.device))
         if dist.is_initialized():
             dist.all_reduce(counts)
         model.train(was_training)
         totals = counts.sum(0)
         n = int(totals[2].item())
         return EvalResult(totals[0].item() / max(n, 1), totals[1].item() / max(n, 1), n, counts.cpu())
+
+    @staticmethod
+    def _count(counts: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        label_sets = labels.view(-1, 1) if labels.dim() == 1 else labels
+        first = label_sets[:, 0]
+        # padding (label -1) is weighted 0 rather than masked out: boolean indexing would wait for the
+        # device every batch (its result's size is data-dependent)
+        weight = (first >= 0).double()
+        index = first.clamp(min=0)
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = (top.unsqueeze(2) == label_sets.unsqueeze(1)).any(2)  # (B, k): prediction j is one of the labels
+        counts[:, 0].index_add_(0, index, hits[:, 0].double() * weight)
+        counts[:, 1].index_add_(0, index, hits.any(1).double() * weight)
+        counts[:, 2].index_add_(0, index, weight)
