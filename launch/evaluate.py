@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--record", action="store_true", help="add the results to the export's README.md")
     parser.add_argument("--resolution", type=int, default=224)
     parser.add_argument(
+        "--resolutions", help="several sizes, e.g. 224,256,288: evaluates at each and reports the best (FixRes)"
+    )
+    parser.add_argument(
         "--crop-pct", type=float, help="default: the export's own (config.json), else 0.875 at <=256 px, 1.0 above"
     )
     parser.add_argument(
@@ -212,14 +215,29 @@ def evaluate_split(args, model, classes, cfg, process):
     return _row(args.split, result, time.perf_counter() - start), result.per_class
 
 
+def parse_resolutions(args: argparse.Namespace) -> List[int]:
+    """--resolutions 224,256,288 (or the one --resolution) as sizes; a one-line error for anything else."""
+    if not args.resolutions:
+        return [args.resolution]
+    try:
+        sizes = [int(r) for r in args.resolutions.split(",") if r.strip()]
+    except ValueError:
+        raise UserError(f"--resolutions {args.resolutions}: give sizes in px separated by commas, e.g. 224,256,288")
+    if not sizes or any(s <= 0 for s in sizes) or len(set(sizes)) != len(sizes):
+        raise UserError(f"--resolutions {args.resolutions}: give distinct positive sizes, e.g. 224,256,288")
+    if args.per_class:
+        raise UserError("--per-class takes one --resolution, not --resolutions")
+    return sizes
+
+
 @exit_on_user_error
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     names = requested_sets(args)
+    resolutions = parse_resolutions(args)
     if args.record and _beside(args.weights, "config.json") is None:
         raise UserError(f"--record: {args.weights} is not an export folder (no config.json beside the weights)")
 
-    from conv2former.config import DataConfig
     from conv2former.cpu import CpuTuning
     from conv2former.engine.distributed import join_group, this_process
     from conv2former.engine.metrics import get_logger
@@ -230,11 +248,25 @@ def main(argv=None) -> int:
     if not process.gpu:  # the depthwise formulations measured fastest on this CPU, as training uses them
         CpuTuning.install()
     model, path, classes = load_model(args, process.device)
-    crop_pct, crop_mode = default_crop(path, args.resolution)
+    results = [evaluate_at(args, names, model, path, classes, process, size) for size in resolutions]
+    if process.rank == 0:
+        logger = get_logger(0)
+        if len(results) == 1:
+            report(args, results[0], classes, logger)
+        else:
+            report_resolutions(args, results, logger)
+    return 0
+
+
+def evaluate_at(args, names: List[str], model, path: str, classes: List[str], process, size: int) -> Dict:
+    """Every requested evaluation at one resolution: {"setting", "rows", "missing", "per_class"}."""
+    from conv2former.config import DataConfig
+
+    crop_pct, crop_mode = default_crop(path, size)
     cfg = DataConfig(
         root=args.data or "",
         backend=args.backend,
-        image_size=args.resolution,
+        image_size=size,
         batch_size=args.batch,
         workers=args.workers,
         crop_pct=args.crop_pct or crop_pct,
@@ -245,46 +277,81 @@ def main(argv=None) -> int:
         split_row, per_class = evaluate_split(args, model, classes, cfg, process)
         rows.append(split_row)
     set_rows, missing = evaluate_sets(args, names, model, classes, cfg, process)
-    rows += set_rows
-    setting = {
-        "weights": path,
-        "resolution": args.resolution,
-        "crop_pct": cfg.crop_pct,
-        "crop_mode": cfg.crop_mode,
-        "ranks": process.world_size,
-    }
-    if process.rank == 0:
-        report(args, rows, missing, setting, classes, per_class, get_logger(0))
-    return 0
+    setting = {"weights": path, "resolution": size, "crop_pct": cfg.crop_pct, "crop_mode": cfg.crop_mode,
+               "ranks": process.world_size}  # fmt: skip
+    return {"setting": setting, "rows": rows + set_rows, "missing": missing, "per_class": per_class}
 
 
-def report(args, rows, missing, setting, classes, per_class, logger) -> None:
-    """Print the results; write --json, --per-class and (--record) the export's README.md."""
-    from conv2former.eval_report import format_table, record_in_export
+def report(args, result: Dict, classes, logger) -> None:
+    """Print one resolution's results; write --json, --per-class and (--record) the export's README.md."""
+    from conv2former.eval_report import format_table
 
+    rows, setting, missing = result["rows"], result["setting"], result["missing"]
     if not args.eval_set:  # one shard split: the flat result of earlier releases
         row = rows[0]
-        result = {**{k: row[k] for k in ("top1", "top5", "num_samples", "images_per_s")}, **setting}
+        out = {**{k: row[k] for k in ("top1", "top5", "num_samples", "images_per_s")}, **setting}
         logger.info(
             f"top-1 {100 * row['top1']:.2f}%  top-5 {100 * row['top5']:.2f}%  on {row['num_samples']} images "
             f"({row['images_per_s']} img/s, {setting['ranks']} rank(s))"
         )
     else:
-        result = {**setting, "sets": {row["set"]: row for row in rows}, "missing": missing}
+        out = {**setting, "sets": {row["set"]: row for row in rows}, "missing": missing}
         logger.info(f"{setting['resolution']} px, crop {setting['crop_mode']} {setting['crop_pct']}:")
         logger.info(format_table(rows, missing))
+    _write_json(args, out)
+    if args.per_class and result["per_class"] is not None:
+        with open(args.per_class, "w") as f:
+            for synset, (c1, _, total) in zip(classes, result["per_class"].tolist()):
+                f.write(f"{synset} {int(c1)} {int(total)} {c1 / total if total else 0:.4f}\n")
+    _record(args, [result], logger)
+
+
+def report_resolutions(args, results: List[Dict], logger) -> None:
+    """--resolutions: a table of top-1 per resolution and the best one (by the first row: the shard split, else the
+    first set; ties go to the smaller size)."""
+    from conv2former.eval_report import format_table
+
+    first = results[0]["rows"][0]["set"]
+    best = max(results, key=lambda r: (r["rows"][0]["top1"], -r["setting"]["resolution"]))
+    for result in results:
+        setting = result["setting"]
+        logger.info(f"{setting['resolution']} px, crop {setting['crop_mode']} {setting['crop_pct']}:")
+        logger.info(format_table(result["rows"], result["missing"]))
+    chosen = best["setting"]["resolution"]
+    logger.info(f"best: {chosen} px ({first} top-1 {100 * best['rows'][0]['top1']:.2f}%)")
+    out = {
+        "weights": best["setting"]["weights"],
+        "ranks": best["setting"]["ranks"],
+        "resolutions": [
+            {
+                **{k: r["setting"][k] for k in ("resolution", "crop_pct", "crop_mode")},
+                "sets": {row["set"]: row for row in r["rows"]},
+                "missing": r["missing"],
+            }
+            for r in results
+        ],  # fmt: skip
+        "best": {"resolution": chosen, "set": first, "top1": best["rows"][0]["top1"]},
+    }
+    _write_json(args, out)
+    _record(args, results, logger)
+
+
+def _write_json(args, out: Dict) -> None:
     if args.json_path:
         with open(args.json_path, "w") as f:
-            json.dump(result, f, indent=1)
-    if args.per_class and per_class is not None:
-        with open(args.per_class, "w") as f:
-            for synset, (c1, _, total) in zip(classes, per_class.tolist()):
-                f.write(f"{synset} {int(c1)} {int(total)} {c1 / total if total else 0:.4f}\n")
-    if args.record:
-        export = str(_beside(setting["weights"], "config.json"))  # checked before evaluating
-        if "sets" not in result:
-            result = {**setting, "sets": {row["set"]: row for row in rows}}
-        logger.info(f"recorded in {record_in_export(posixpath.dirname(export), result)}")
+            json.dump(out, f, indent=1)
+
+
+def _record(args, results: List[Dict], logger) -> None:
+    """--record: each resolution's rows into the export's evaluation_sets.json and README.md."""
+    if not args.record:
+        return
+    from conv2former.eval_report import record_in_export
+
+    for result in results:
+        export = str(_beside(result["setting"]["weights"], "config.json"))  # checked before evaluating
+        recorded = {**result["setting"], "sets": {row["set"]: row for row in result["rows"]}}
+        logger.info(f"recorded in {record_in_export(posixpath.dirname(export), recorded)}")
 
 
 if __name__ == "__main__":

@@ -285,3 +285,27 @@ def test_a_corrupt_image_names_the_file(trees, export_1k, tmp_path, capsys):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_several_resolutions_are_each_evaluated_and_the_best_reported(trees, tmp_path, capsys):
+    """--resolutions: one entry per size with its crop (0.875 center up to 256 px, squash above), the best by the
+    first row's top-1 (a tie here: the weights ignore the image, so the smallest size), each recorded."""
+    from launch.evaluate import main
+
+    export = _export(tmp_path / "run", list(SYNSETS))
+    out = tmp_path / "res.json"
+    argv = ["--variant", "demo", "--weights", str(export), "--eval-set", "a,r", "--eval-root", str(trees),
+            "--resolutions", "64,32,288", "--batch", "4", "--workers", "0", "--record", "--json", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    assert [(r["resolution"], r["crop_mode"]) for r in result["resolutions"]] == [
+        (64, "center"), (32, "center"), (288, "squash")
+    ]  # fmt: skip
+    assert all(r["sets"]["a"]["top1"] == pytest.approx(EXPECTED["a"][0]) for r in result["resolutions"])
+    assert result["best"] == {"resolution": 32, "set": "a", "top1": pytest.approx(EXPECTED["a"][0])}
+    assert set(json.loads((export / "evaluation_sets.json").read_text())) == {
+        f"{s}@{r}" for s in ("a", "r") for r in (32, 64, 288)
+    }
+    with pytest.raises(SystemExit) as e:
+        main([*argv[:-5], "--resolutions", "224,x"])
+    assert e.value.code == 2

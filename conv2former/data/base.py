@@ -11,11 +11,12 @@ mark padding with label -1 (see ``conv2former.data.shards`` for the exact dealin
 from __future__ import annotations
 
 import abc
+import dataclasses
 import logging
 import os
 import sys
 import warnings
-from typing import Any, Dict, Iterator, List, Set, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
 
 import torch
 
@@ -29,6 +30,7 @@ from conv2former.data.shards import (
     shard_problem,
     train_steps,
 )
+from conv2former.data.size_schedule import SizeSchedule
 from conv2former.errors import DataFault, UserError
 from conv2former.units import human
 
@@ -56,9 +58,11 @@ class ShardLoader(abc.ABC):
         world_size: int,
         device: torch.device,
         backend: str,
+        sizes: Optional[SizeSchedule] = None,
     ) -> None:
         self.backend = backend  # "dali-gpu", "dali-cpu" or "torch": recorded in the data position
         self.cfg, self.shards, self.train = cfg, shards, train
+        self.sizes = sizes if train else None  # progressive resizing (training only; evaluation: cfg.image_size)
         self.seed = 0 if cfg.seed is None else cfg.seed  # shard order and augmentation draws
         self.rank, self.world_size, self.device = rank, world_size, device
         self.batch_size = cfg.micro_batch() if train else (cfg.eval_batch_size or cfg.micro_batch())
@@ -87,6 +91,15 @@ class ShardLoader(abc.ABC):
     def __len__(self) -> int:
         return self.steps
 
+    def image_size(self, epoch: Optional[int] = None) -> int:
+        """The crop side of ``epoch`` (default: the current one): the size schedule's, else ``cfg.image_size``."""
+        return self.sizes.size(self.epoch if epoch is None else epoch) if self.sizes else self.cfg.image_size
+
+    def epoch_cfg(self) -> DataConfig:
+        """``cfg`` with the current epoch's crop size: what the backends build the epoch's transforms from."""
+        size = self.image_size()
+        return self.cfg if size == self.cfg.image_size else dataclasses.replace(self.cfg, image_size=size)
+
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
             self.epoch, self.step = epoch, 0
@@ -113,6 +126,7 @@ class ShardLoader(abc.ABC):
             "rank": self.rank,
             "world_size": self.world_size,
             "seed": self.seed,
+            "image_size": self.image_size(),
             "skipped_shards": list(self.skipped_shards),
             "skipped_samples": self.skipped_samples,
             **self._extra_state(),
@@ -244,6 +258,13 @@ class ShardLoader(abc.ABC):
             self.backend,
         )
         self.epoch = int(state["epoch"])
+        saved_size = state.get("image_size")
+        if saved_size is not None and int(saved_size) != self.image_size():
+            warnings.warn(
+                f"the data position was saved at {saved_size} px in epoch {self.epoch}; the size schedule now gives "
+                f"{self.image_size()} px there (data.size_schedule or data.image_size changed): the rest of the "
+                "epoch is cropped at the new size"
+            )
         self.skipped_shards = list(state.get("skipped_shards", []))
         self.skipped_samples = int(state.get("skipped_samples", 0))
         if not same_dealing:

@@ -29,6 +29,7 @@ from conv2former.data import shard_format as fmt
 from conv2former.data.base import ShardLoader
 from conv2former.data.dali_randaugment import Node, fill_colour, rand_augment
 from conv2former.data.shards import SplitShards, sample_seed, shard_problem, slice_index
+from conv2former.data.size_schedule import SizeSchedule
 
 READER = "reader"
 READER_LAYOUT = "rank-slices"  # each rank's reader holds its own samples (a DALI position is only valid in the same)
@@ -183,8 +184,10 @@ class DaliLoader(ShardLoader):
         world_size: int,
         device: torch.device,
         gpu: bool,
+        sizes: Optional[SizeSchedule] = None,
     ) -> None:
-        super().__init__(cfg, shards, train, rank, world_size, device, backend="dali-gpu" if gpu else "dali-cpu")
+        backend = "dali-gpu" if gpu else "dali-cpu"
+        super().__init__(cfg, shards, train, rank, world_size, device, backend, sizes)
         self.gpu = gpu
         self._pipe: Any = None  # the built DALI pipeline (None: built at the next batch)
         self._checkpoint: Optional[bytes] = None
@@ -193,7 +196,7 @@ class DaliLoader(ShardLoader):
     def _build(self) -> None:
         paths, index_paths = self._rank_files()
         graph = train_graph if self.train else eval_graph
-        cfg, rank, gpu = self.cfg, self.rank, self.gpu
+        cfg, rank, gpu = self.epoch_cfg(), self.rank, self.gpu  # the epoch's crop size (progressive resizing)
         layout = "HWC" if self.channels_last else "CHW"
         decoder = {**GPU_DECODER_ARGS, **decoder_buffers(self.shards.largest_image)} if gpu else None
 

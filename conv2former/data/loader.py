@@ -11,6 +11,7 @@ import torch
 from conv2former.config import DataConfig
 from conv2former.data.base import ShardLoader
 from conv2former.data.shards import open_split
+from conv2former.data.size_schedule import SizeSchedule
 from conv2former.errors import UserError
 
 BACKENDS = ("dali-gpu", "dali-cpu", "torch")
@@ -49,8 +50,10 @@ def build_loader(
     world_size: int = 1,
     device: Optional[torch.device] = None,
     train: Optional[bool] = None,
+    sizes: Optional[SizeSchedule] = None,
 ) -> ShardLoader:
-    """Batches of ``split`` for ``rank`` of ``world_size``; ``train`` defaults to ``split == "train"``."""
+    """Batches of ``split`` for ``rank`` of ``world_size``; ``train`` defaults to ``split == "train"``; ``sizes``:
+    the training crop size per epoch (progressive resizing)."""
     backend = resolve_backend(cfg.backend)
     train = split == "train" if train is None else train
     if device is None:
@@ -66,10 +69,10 @@ def build_loader(
     if backend == "torch":
         from conv2former.data.torch_loader import TorchLoader
 
-        return TorchLoader(cfg, shards, train, rank, world_size, device)
+        return TorchLoader(cfg, shards, train, rank, world_size, device, sizes)
     from conv2former.data.dali_loader import DaliLoader
 
-    return DaliLoader(cfg, shards, train, rank, world_size, device, gpu=backend == "dali-gpu")
+    return DaliLoader(cfg, shards, train, rank, world_size, device, gpu=backend == "dali-gpu", sizes=sizes)
 
 
 def first_eval_images(cfg: DataConfig, split: str, count: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:

@@ -24,6 +24,7 @@ from conv2former.config import DataConfig
 from conv2former.data import shard_format as fmt
 from conv2former.data.base import ShardLoader
 from conv2former.data.shards import SplitShards, sample_seed
+from conv2former.data.size_schedule import SizeSchedule
 from conv2former.errors import DataFault
 
 PREFETCH = 2  # batches each DataLoader worker works ahead
@@ -212,14 +213,22 @@ class TorchLoader(ShardLoader):
     reads_previous_epoch_late = True  # (the early start): a remote root's files of the last epoch stay held
 
     def __init__(
-        self, cfg: DataConfig, shards: SplitShards, train: bool, rank: int, world_size: int, device: torch.device
+        self,
+        cfg: DataConfig,
+        shards: SplitShards,
+        train: bool,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        sizes: Optional[SizeSchedule] = None,
     ) -> None:
-        super().__init__(cfg, shards, train, rank, world_size, device, backend="torch")
+        super().__init__(cfg, shards, train, rank, world_size, device, "torch", sizes)
         # timm's transform ending in uint8 images (its prefetcher form). GPU: uint8 batches (a quarter of the bytes
         # through shared memory and PCIe), normalized on the device; CPU: each image normalized in the worker straight
         # into the shared batch (cache-resident, no stacking copy), so the training process does none of it.
         # (normalize_at None: the batches are stacked as the transform returns them, e.g. timm's float transform.)
-        self.transform = timm_transform(cfg, train, uint8=True)
+        self.transform = timm_transform(cfg, train, uint8=True)  # at cfg.image_size
+        self._sized_transforms: Dict[int, Callable[[Image.Image], torch.Tensor]] = {}  # the schedule's other sizes
         self.normalize_at: Optional[str] = "device" if device.type == "cuda" else "worker"
         self._iter: Optional[Iterator[Tuple[torch.Tensor, torch.Tensor, List[Tuple[str, str]]]]] = None
         self._next_epoch: Optional[Tuple[int, Any]] = None  # (epoch, its iterator) started before this epoch ended
@@ -242,11 +251,12 @@ class TorchLoader(ShardLoader):
             # collection inside a worker runs their shutdown there, where their threads do not exist, and hangs
             # (a full collection takes ~0.2 s in a process with torch and timm loaded: only where DALI ran)
             gc.collect()
+        cfg = self.epoch_cfg()  # the epoch's crop size (progressive resizing)
         dataset = _Batches(
             self.epoch_refs(),
             self.batch_size,
-            self.transform,
-            self.cfg.image_size,
+            self._transform(cfg),
+            cfg.image_size,
             sample_seed(self.seed, self.epoch, self.rank),
             self.skip_bad_shards,
             (self.cfg.mean, self.cfg.std) if self.normalize_at == "worker" else None,
@@ -260,6 +270,13 @@ class TorchLoader(ShardLoader):
             prefetch_factor=PREFETCH if self.cfg.workers else None,
             persistent_workers=False,
         )
+
+    def _transform(self, cfg: DataConfig) -> Callable[[Image.Image], torch.Tensor]:
+        if cfg.image_size == self.cfg.image_size:
+            return self.transform
+        if cfg.image_size not in self._sized_transforms:
+            self._sized_transforms[cfg.image_size] = timm_transform(cfg, self.train, uint8=True)
+        return self._sized_transforms[cfg.image_size]
 
     def _next_batch(self) -> Tuple[torch.Tensor, torch.Tensor]:
         if self._iter is None:

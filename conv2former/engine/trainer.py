@@ -29,6 +29,7 @@ from conv2former.cpu import CpuTuning, not_installed_summary
 from conv2former.data.augment import BatchAugment
 from conv2former.data.loader import build_loader, resolve_backend
 from conv2former.data.shard_format import read_classes
+from conv2former.data.size_schedule import SizeSchedule
 from conv2former.engine import checkpoint as ckpt
 from conv2former.engine.batchnorm import BatchNormStats
 from conv2former.engine.best import BestEvaluation, evaluation_record
@@ -80,7 +81,10 @@ class Trainer:
         self._setup_process()
         # data.batch_size=auto: the largest micro-batch that fits (the global batch, so the schedule, unchanged)
         self.memory_plan = resolve_auto_batch(cfg, self.world_size, self.gpu, self.precision)
-        self.train_loader = build_loader(cfg.data, "train", self.rank, self.world_size, self.device)
+        self.sizes = SizeSchedule.from_config(
+            cfg.data.size_schedule, cfg.data.size_schedule_mode, cfg.schedule.epochs, cfg.data.image_size
+        )  # progressive resizing: the crop size of each epoch (evaluation stays at data.image_size)
+        self.train_loader = build_loader(cfg.data, "train", self.rank, self.world_size, self.device, sizes=self.sizes)
         self.schedule = derive_schedule(cfg, self.world_size, len(self.train_loader))
         self.classes = read_classes(cfg.data.root)
         torch.manual_seed(cfg.seed + self.rank)
@@ -108,6 +112,14 @@ class Trainer:
             self.export_only = self.schedule.stop_step == 0  # --max-steps 0: the initial (transferred) model
         if not self.export_only:
             self._setup_training()
+
+    def _compile(self) -> None:
+        """torch.compile through DeepSpeed with static shapes: one graph per input shape (each training size of the
+        size schedule, the evaluation batch), never a dynamic-shape graph; the recompile limit admits them all."""
+        import torch._dynamo.config as dynamo_config
+
+        dynamo_config.recompile_limit = compile_limit(self.sizes.sizes() or [self.cfg.data.image_size])
+        self.engine.compile(compile_kwargs={"dynamic": False})
 
     def _setup_process(self) -> None:
         self.process = this_process()
@@ -150,7 +162,7 @@ class Trainer:
             self.log.info(note)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         if cfg.model.compile:
-            self.engine.compile()
+            self._compile()
         self.scheduler = build_scheduler(self.optimizer, cfg, self.schedule)
         self.dtype = DTYPES[self.precision]  # the model's (and so the batches') dtype under DeepSpeed
         self.ema = (
@@ -188,6 +200,8 @@ class Trainer:
         self._resume()
         self.log.info("config:\n" + json.dumps(self.config_dict, indent=1))
         self.log.info("schedule: " + json.dumps(self.schedule.as_dict()))
+        if self.sizes.points:
+            self.log.info("size schedule: " + json.dumps(self.sizes.as_dict()))
         sinks = (
             open_sinks(cfg.logging.backends, self.output.local, cfg.logging.project,
                        os.path.basename(cfg.output.rstrip("/")), self.config_dict, cfg.logging.mlflow_tracking_uri)
@@ -384,6 +398,8 @@ class Trainer:
     def _end_epoch(self) -> None:
         self.epoch += 1
         self.train_loader.set_epoch(self.epoch)
+        if self.epoch < self.cfg.schedule.epochs and self.sizes.size(self.epoch) != self.sizes.size(self.epoch - 1):
+            self.log.info(f"epoch {self.epoch}: training crop {self.sizes.size(self.epoch)} px (data.size_schedule)")
         if self.epoch % self.cfg.schedule.eval_every_epochs == 0 or self.epoch == self.cfg.schedule.epochs:
             self.last_eval = self.evaluate()
         self._checkpoint()
@@ -515,6 +531,7 @@ class Trainer:
             **window,
             "memory_mb": memory_mb(self.device),
             "epoch": self.epoch,
+            "image_size": self.train_loader.image_size(),
         }
         if self.precision == "fp16":  # DeepSpeed's dynamic loss scale (halved at each overflow skip)
             values["loss_scale"] = float(self.engine.optimizer.loss_scale)
@@ -593,6 +610,14 @@ class Trainer:
                    "export": self.output.shown(export_dir), "output": self.cfg.output}  # fmt: skip
         self._publish(summary)
         return summary
+
+
+def compile_limit(sizes: List[int]) -> int:
+    """torch.compile's recompile limit for a run training at ``sizes``: a graph per size, plus the evaluation's
+    (its batch, no gradients) and two spare, never below torch's own limit."""
+    import torch._dynamo.config as dynamo_config
+
+    return max(int(dynamo_config.recompile_limit), len(sizes) + 4)
 
 
 def train(cfg: TrainConfig, dry_run: bool = False, init_weights: Optional[InitWeights] = None) -> Dict[str, Any]:
