@@ -107,3 +107,23 @@ def test_compile_specialises_once_per_size_and_never_goes_dynamic():
     images = {s for graph in compiles for s in graph if len(s) == 4 and s[:2] == (2, 3)}
     assert {s[-1] for s in images} == set(sizes)
     assert all(isinstance(d, int) for graph in compiles for s in graph for d in s)  # no symbolic sizes
+
+
+def test_dry_run_projects_the_wall_time_with_the_schedule(capsys, demo_shards, tmp_path):
+    """--dry-run times the engine's step at each size of the schedule and projects each epoch at its own size."""
+    import json
+
+    from launch.pretrain import main
+
+    argv = ["--variant", "demo", "--data", demo_shards, "--output", str(tmp_path), "--dry-run", "--image-size", "64",
+            "--set", "data.size_schedule=[[0.0, 32], [0.6, 64]]"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out[out.index("{") :])
+    sized = result["size_schedule"]
+    seconds = {int(k): v for k, v in sized["measured_step_seconds"].items()}
+    assert set(seconds) == {32, 64} and sized["epochs_at_size"] == {"32": 6, "64": 4}
+    steps = result["schedule"]["steps_per_epoch"]  # 10 epochs: 6 at 32 px, 4 at 64 px
+    expected = steps * (6 * seconds[32] + 4 * seconds[64]) / 3600
+    assert result["projected_hours"] == pytest.approx(expected, abs=0.01)
+    assert sized["projected_hours_at_final_size"] == pytest.approx(10 * steps * seconds[64] / 3600, abs=0.01)
