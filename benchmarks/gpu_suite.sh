@@ -92,6 +92,9 @@ done
 run "profile-224" "$PYTHON" benchmarks/profile_step.py --variant conv2former_l --batch "$BATCH_224" --top 12 \
     --trace "$OUT/trace" $REC
 
+# 2c. progressive resizing: one Conv2Former-L step at 160/192/224 px, the paper schedule's time against 224 throughout
+run "progressive-resizing" "$PYTHON" benchmarks/progressive_resizing.py speed --variant l --batch "$BATCH_224" $REC
+
 # 3. end to end: DALI on the GPU feeding the DeepSpeed engine, ZeRO 1/2/3
 run "train-224" "$PYTHON" benchmarks/train_speed.py --variant l --image-size 224 --data data/bench/shards \
     --stages 1 2 3 --ranks "$NGPU" --micro-batch "$BATCH_224" --global-batch $((BATCH_224 * NGPU)) \

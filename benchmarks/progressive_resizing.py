@@ -19,8 +19,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,7 +40,7 @@ DEMO_SCHEDULE = [[0.0, 32], [0.5, 64]]
 
 
 def step_seconds(variant: str, size: int, batch: int, device: torch.device) -> float:
-    """Median seconds of one training step (2 warm-up, 3 timed) of ``variant`` at ``size`` px."""
+    """Median seconds of one training step (2 warm-up, 5 timed) of ``variant`` at ``size`` px."""
     import timm
 
     from conv2former.cpu import CpuTuning
@@ -50,7 +52,7 @@ def step_seconds(variant: str, size: int, batch: int, device: torch.device) -> f
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 1000, (batch,), device=device)
     times = []
-    for i in range(5):
+    for i in range(7):
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss = torch.nn.functional.cross_entropy(model(x).float(), y)
@@ -91,7 +93,10 @@ def demo_run(data: str, out: Path, seed: int, epochs: int, schedule: bool) -> Di
     ]  # fmt: skip
     if schedule:
         args += ["--set", f"data.size_schedule={json.dumps(DEMO_SCHEDULE)}"]
-    proc = subprocess.run(deepspeed_command(str(REPO / "launch" / "pretrain.py"), *args, ranks=2),
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", PYTHONPATH=str(REPO))
+    if not torch.cuda.is_available():
+        env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")  # 2 CPU ranks, one thread each
+    proc = subprocess.run(deepspeed_command(str(REPO / "launch" / "pretrain.py"), *args, ranks=2), env=env,
                           capture_output=True, text=True, errors="replace")  # fmt: skip
     if proc.returncode != 0:
         raise SystemExit(proc.stdout[-2000:] + proc.stderr[-2000:])
@@ -109,7 +114,7 @@ def accuracy(args: argparse.Namespace) -> List[Dict[str, Any]]:
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data
         if data is None:
-            subprocess.run(["python", str(REPO / "data_prep" / "shard.py"), "demo", "--out", tmp, "--quiet"],
+            subprocess.run([sys.executable, str(REPO / "data_prep" / "shard.py"), "demo", "--out", tmp, "--quiet"],
                            check=True, stdout=subprocess.DEVNULL)  # fmt: skip
             data = str(Path(tmp) / "in22k")
         runs = {

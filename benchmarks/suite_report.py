@@ -156,6 +156,16 @@ def report(results: List[dict], gpus: List[int], net: Optional[Network] = None) 
         out += table(
             ["model", "res", "ranks", "ZeRO", "images/s", "per GPU", "data wait", "MFU", "peak MB/rank"], rows
         ) + [""]
+    resizing = [r for r in results if "time_vs_224" in r]
+    if resizing:
+        out += ["## Progressive resizing (the paper run's schedule: 60/20/20% of the epochs at 160/192/224 px)", ""]
+        rows = [
+            [f"conv2former_{r['variant']}", str(r["batch"]), *(str(r.get(f"img_s_{s}", "—")) for s in (160, 192, 224)),
+             f"{r['pixels_vs_224']:.3f}", f"{r['time_vs_224']:.3f}", r["saving"]]
+            for r in resizing
+        ]  # fmt: skip
+        header = ["model", "batch", "img/s 160", "img/s 192", "img/s 224", "pixels vs 224", "time vs 224", "saving"]
+        out += table(header, rows) + [""]
     rate, source = per_gpu_rate(results)
     out += [f"## Projected wall time: {EPOCHS} epochs of ImageNet-22k ({IMAGENET_22K_IMAGES:,} images)", ""]
     if rate is None:

@@ -41,6 +41,9 @@ class DataConfig:
     image_size: int = 224  # training and evaluation input side, pixels (with size_schedule: the final size)
     size_schedule: Tuple[Tuple[float, float], ...] = ()  # progressive resizing: [[fraction of the run, px], ...]
     size_schedule_mode: str = "step"  # step: each size from its fraction on | linear: FFCV's ramp (32-px steps)
+    # EfficientNetV2's progressive learning: RandAugment m and the Mixup/CutMix alphas at this share of their values
+    # at the schedule's smallest size, growing linearly with the size to the full values; None: off
+    size_schedule_regularization: Optional[float] = None
     batch_size: Union[int, str] = 32  # micro-batch per rank (training); auto: the largest that fits (memory_budget)
     memory_budget: Optional[str] = None  # what batch_size=auto plans for per rank, e.g. 80GB; None: the GPU's free
     eval_batch_size: Optional[int] = None  # per rank; None: batch_size

@@ -20,8 +20,9 @@ PRETRAIN = str(REPO / "launch" / "pretrain.py")
 STEPS_PER_EPOCH = 31
 
 
-def _args(shards: str, out: Path, backend: str) -> list:
-    return [
+def _args(shards: str, out: Path, backend: str, regularization: bool) -> list:
+    grow = ["--set", "data.size_schedule_regularization=0.5"] if regularization else []
+    return [*grow,
         "--variant", "demo", "--image-size", "64", "--set", "data.size_schedule=[[0.0, 32], [0.5, 64]]",
         "--backend", backend, "--set", "schedule.warmup_epochs=0.2", "--set", "logging.print_every=1",
         "--set", "data.eval_batch_size=50", "--data", shards, "--output", str(out), "--epochs", "2",
@@ -44,16 +45,20 @@ def _data_positions(run: Path, step: int) -> list:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["dali-cpu", "torch"])
-def test_kill_in_the_low_resolution_epoch_and_a_stop_at_the_size_change_resume_bitwise(demo_shards, tmp_path, backend):
+@pytest.mark.parametrize("backend, regularization", [("dali-cpu", False), ("torch", True)])
+def test_kill_in_the_low_resolution_epoch_and_a_stop_at_the_size_change_resume_bitwise(
+    demo_shards, tmp_path, backend, regularization
+):
+    """(torch: with progressive regularization too, RandAugment m and Mixup/CutMix at half strength at 32 px)"""
     reference = tmp_path / "reference"
-    _run(_args(demo_shards, reference, backend))
-    sizes = {(r["epoch"], r["image_size"]) for r in map(json.loads, (reference / "log.jsonl").read_text().splitlines())
-             if r["kind"] == "train"}  # fmt: skip
-    assert sizes == {(0, 32), (1, 64)}
+    _run(_args(demo_shards, reference, backend, regularization))
+    records = [r for r in map(json.loads, (reference / "log.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+    assert {(r["epoch"], r["image_size"]) for r in records} == {(0, 32), (1, 64)}
+    if regularization:
+        assert {(r["epoch"], r["augment_strength"]) for r in records} == {(0, 0.5), (1, 1.0)}
 
     run = tmp_path / "interrupted"
-    args = _args(demo_shards, run, backend)
+    args = _args(demo_shards, run, backend, regularization)
     proc = subprocess.Popen(
         deepspeed_launch(PRETRAIN, *args), env=stage_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True,

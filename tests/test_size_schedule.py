@@ -31,6 +31,37 @@ def test_linear_ramp_rounds_down_to_32_px_like_ffcv():
     assert all(s % 32 == 0 for s in sizes.epoch_sizes())
 
 
+def test_progressive_regularization_grows_with_the_size():
+    """EfficientNetV2's progressive learning: the augmentation strength is the given share at the smallest size and
+    grows linearly with the size to 1 at the final; off, it is 1 throughout."""
+    sizes = SizeSchedule.from_config(PAPER, "step", 90, 224, regularization=0.5)
+    assert [sizes.strength(e) for e in (0, 53, 54, 71, 72, 89)] == [0.5, 0.5, 0.75, 0.75, 1.0, 1.0]
+    assert sizes.as_dict()["augment_strength_at_size"] == {160: 0.5, 192: 0.75, 224: 1.0}
+    assert SizeSchedule.from_config(PAPER, "step", 90, 224).strength(0) == 1.0
+    for bad in (0.0, 1.5):
+        with pytest.raises(UserError):
+            SizeSchedule.from_config(PAPER, "step", 90, 224, regularization=bad)
+    with pytest.raises(UserError):
+        SizeSchedule.from_config((), "step", 90, 224, regularization=0.5)
+
+
+def test_the_loader_and_the_batch_augment_take_the_epochs_strength(demo_shards):
+    from conv2former.config import AugmentConfig
+    from conv2former.data.augment import BatchAugment
+
+    cfg = DataConfig(root=demo_shards, backend="torch", image_size=64, batch_size=8, workers=0)
+    sizes = SizeSchedule.from_config([[0.0, 32], [0.5, 64]], "step", 2, 64, regularization=0.5)
+    loader = build_loader(cfg, "train", 0, 1, torch.device("cpu"), sizes=sizes)
+    assert loader.epoch_cfg().augment.randaugment_m == round(9 * 0.5) and loader.epoch_cfg().image_size == 32
+    loader.set_epoch(1)
+    assert loader.epoch_cfg() is cfg  # the final size at full strength: the configured transform itself
+    augment = BatchAugment(AugmentConfig(), 40, torch.device("cpu"))
+    augment.set_strength(0.5)
+    assert (augment.mixup.mixup_alpha, augment.mixup.cutmix_alpha) == (0.4, 0.5)
+    augment.set_strength(1.0)
+    assert (augment.mixup.mixup_alpha, augment.mixup.cutmix_alpha) == (0.8, 1.0)
+
+
 def test_no_schedule_is_the_final_size_throughout():
     sizes = SizeSchedule.from_config((), "step", 5, 224)
     assert sizes.epoch_sizes() == [224] * 5 and sizes.relative_cost() == 1.0 and not sizes.points

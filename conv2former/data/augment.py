@@ -25,6 +25,7 @@ class BatchAugment:
             RandomErasing(cfg.random_erasing, mode="pixel", device=str(device)) if cfg.random_erasing > 0 else None
         )
         self.mixup: Optional[Mixup] = None
+        self.alphas = (cfg.mixup, cfg.cutmix)  # the configured Mixup and CutMix alphas (strength 1)
         self.smoothing = cfg.label_smoothing
         if cfg.mixup > 0 or cfg.cutmix > 0:
             self.mixup = Mixup(
@@ -36,6 +37,12 @@ class BatchAugment:
                 label_smoothing=cfg.label_smoothing,
                 num_classes=num_classes,
             )
+
+    def set_strength(self, strength: float) -> None:
+        """Mixup and CutMix alphas at ``strength`` times the configured ones (progressive regularization)."""
+        if self.mixup is not None:
+            self.mixup.mixup_alpha = self.alphas[0] * strength
+            self.mixup.cutmix_alpha = self.alphas[1] * strength
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         if self.erase is not None:

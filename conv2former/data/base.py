@@ -96,9 +96,17 @@ class ShardLoader(abc.ABC):
         return self.sizes.size(self.epoch if epoch is None else epoch) if self.sizes else self.cfg.image_size
 
     def epoch_cfg(self) -> DataConfig:
-        """``cfg`` with the current epoch's crop size: what the backends build the epoch's transforms from."""
+        """``cfg`` with the current epoch's crop size (and, with progressive regularization, its RandAugment
+        magnitude, rounded as timm parses it): what the backends build the epoch's transforms from."""
+        cfg = self.cfg
         size = self.image_size()
-        return self.cfg if size == self.cfg.image_size else dataclasses.replace(self.cfg, image_size=size)
+        if size != cfg.image_size:
+            cfg = dataclasses.replace(cfg, image_size=size)
+        strength = self.sizes.strength(self.epoch) if self.sizes else 1.0
+        if strength != 1.0:
+            magnitude = round(cfg.augment.randaugment_m * strength)
+            cfg = dataclasses.replace(cfg, augment=dataclasses.replace(cfg.augment, randaugment_m=magnitude))
+        return cfg
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:

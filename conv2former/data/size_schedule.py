@@ -15,7 +15,7 @@ and FFCV's inside its loader; ours is the one rule both backends and the resume 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from conv2former.errors import UserError
 
@@ -31,14 +31,26 @@ class SizeSchedule:
     mode: str
     epochs: int
     final: int
+    regularization: Optional[float] = None  # the augmentation strength at the smallest size (None: always full)
 
     @classmethod
-    def from_config(cls, points: Sequence[Sequence[float]], mode: str, epochs: int, final: int) -> "SizeSchedule":
+    def from_config(
+        cls,
+        points: Sequence[Sequence[float]],
+        mode: str,
+        epochs: int,
+        final: int,
+        regularization: Optional[float] = None,
+    ) -> "SizeSchedule":
         """Checked: one-line errors for sizes off the 32-px grid, fractions out of order, or a last size other than
         the final (evaluation) size."""
         where = "data.size_schedule"
         if mode not in MODES:
             raise UserError(f"data.size_schedule_mode {mode!r}: choose {' or '.join(MODES)}")
+        if regularization is not None and not 0.0 < regularization <= 1.0:
+            raise UserError(f"data.size_schedule_regularization {regularization}: give a share in (0, 1], or none")
+        if regularization is not None and not points:
+            raise UserError("data.size_schedule_regularization needs a data.size_schedule to grow with")
         parsed: List[Tuple[float, int]] = []
         for point in points:
             if len(point) != 2 or float(point[1]) != int(point[1]):
@@ -57,7 +69,7 @@ class SizeSchedule:
                 f"{where} ends at {parsed[-1][1]} px but data.image_size is {final}: evaluation runs at "
                 "data.image_size, so the schedule's last size must equal it"
             )
-        return cls(tuple(parsed), mode, epochs, final)
+        return cls(tuple(parsed), mode, epochs, final, regularization)
 
     def size(self, epoch: int) -> int:
         """The training crop side of ``epoch`` (0-based)."""
@@ -71,6 +83,18 @@ class SizeSchedule:
                 exact = s0 + (s1 - s0) * (fraction - f0) / (f1 - f0)
                 return max(MULTIPLE, int(exact) // MULTIPLE * MULTIPLE)
         return self.points[-1][1]
+
+    def strength(self, epoch: int) -> float:
+        """The share of the configured RandAugment magnitude and Mixup/CutMix alphas that ``epoch`` trains with:
+        ``regularization`` at the smallest size, growing linearly with the size to 1 at the final (EfficientNetV2's
+        progressive learning); 1 when off."""
+        if self.regularization is None or not self.points:
+            return 1.0
+        smallest = min(s for _, s in self.points)
+        if self.final == smallest:
+            return 1.0
+        grown = (self.size(epoch) - smallest) / (self.final - smallest)
+        return self.regularization + (1.0 - self.regularization) * grown
 
     def epoch_sizes(self) -> List[int]:
         """The size of every epoch of the run."""
@@ -94,4 +118,12 @@ class SizeSchedule:
         epochs_at: Dict[int, int] = {}
         for size in self.epoch_sizes():
             epochs_at[size] = epochs_at.get(size, 0) + 1
-        return {"mode": self.mode, "epochs_at_size": epochs_at, "relative_pixels": round(self.relative_cost(), 4)}
+        out: Dict[str, Any] = {
+            "mode": self.mode,
+            "epochs_at_size": epochs_at,
+            "relative_pixels": round(self.relative_cost(), 4),
+        }
+        if self.regularization is not None:
+            first_epoch = {size: self.epoch_sizes().index(size) for size in self.sizes()}
+            out["augment_strength_at_size"] = {s: round(self.strength(e), 3) for s, e in first_epoch.items()}
+        return out

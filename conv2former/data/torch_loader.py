@@ -228,7 +228,8 @@ class TorchLoader(ShardLoader):
         # into the shared batch (cache-resident, no stacking copy), so the training process does none of it.
         # (normalize_at None: the batches are stacked as the transform returns them, e.g. timm's float transform.)
         self.transform = timm_transform(cfg, train, uint8=True)  # at cfg.image_size
-        self._sized_transforms: Dict[int, Callable[[Image.Image], torch.Tensor]] = {}  # the schedule's other sizes
+        # the size schedule's other (size, RandAugment magnitude) pairs
+        self._sized_transforms: Dict[Tuple[int, int], Callable[[Image.Image], torch.Tensor]] = {}
         self.normalize_at: Optional[str] = "device" if device.type == "cuda" else "worker"
         self._iter: Optional[Iterator[Tuple[torch.Tensor, torch.Tensor, List[Tuple[str, str]]]]] = None
         self._next_epoch: Optional[Tuple[int, Any]] = None  # (epoch, its iterator) started before this epoch ended
@@ -272,11 +273,12 @@ class TorchLoader(ShardLoader):
         )
 
     def _transform(self, cfg: DataConfig) -> Callable[[Image.Image], torch.Tensor]:
-        if cfg.image_size == self.cfg.image_size:
+        if cfg is self.cfg:
             return self.transform
-        if cfg.image_size not in self._sized_transforms:
-            self._sized_transforms[cfg.image_size] = timm_transform(cfg, self.train, uint8=True)
-        return self._sized_transforms[cfg.image_size]
+        key = (cfg.image_size, cfg.augment.randaugment_m)
+        if key not in self._sized_transforms:
+            self._sized_transforms[key] = timm_transform(cfg, self.train, uint8=True)
+        return self._sized_transforms[key]
 
     def _next_batch(self) -> Tuple[torch.Tensor, torch.Tensor]:
         if self._iter is None:

@@ -82,7 +82,11 @@ class Trainer:
         # data.batch_size=auto: the largest micro-batch that fits (the global batch, so the schedule, unchanged)
         self.memory_plan = resolve_auto_batch(cfg, self.world_size, self.gpu, self.precision)
         self.sizes = SizeSchedule.from_config(
-            cfg.data.size_schedule, cfg.data.size_schedule_mode, cfg.schedule.epochs, cfg.data.image_size
+            cfg.data.size_schedule,
+            cfg.data.size_schedule_mode,
+            cfg.schedule.epochs,
+            cfg.data.image_size,
+            cfg.data.size_schedule_regularization,
         )  # progressive resizing: the crop size of each epoch (evaluation stays at data.image_size)
         self.train_loader = build_loader(cfg.data, "train", self.rank, self.world_size, self.device, sizes=self.sizes)
         self.schedule = derive_schedule(cfg, self.world_size, len(self.train_loader))
@@ -425,6 +429,7 @@ class Trainer:
         ``logging.print_every`` steps; the divergence and preemption flags are read one step late."""
         loader, schedule = self.train_loader, self.schedule
         loader.set_epoch(self.epoch)
+        self.augment.set_strength(self.sizes.strength(self.epoch))  # a function of the epoch: resumes exactly
         loss_sum = torch.zeros((), device=self.device)
         self.metrics.restart_window()
         t_data = time.perf_counter()
@@ -533,6 +538,8 @@ class Trainer:
             "epoch": self.epoch,
             "image_size": self.train_loader.image_size(),
         }
+        if self.sizes.regularization is not None:
+            values["augment_strength"] = self.sizes.strength(self.epoch)
         if self.precision == "fp16":  # DeepSpeed's dynamic loss scale (halved at each overflow skip)
             values["loss_scale"] = float(self.engine.optimizer.loss_scale)
         self.metrics.scalars(self.step, values)
