@@ -88,6 +88,18 @@ for res in $RESOLUTIONS; do
     done
 done
 
+# 2a. the depthwise convolutions: every CUDA candidate (cuDNN, native, Triton, ...) on every depthwise shape of
+# Conv2Former-L (and ConvNeXt-L's 7x7) in bf16 channels_last, the chosen one; then the whole model with bf16 weights (as
+# DeepSpeed trains) with PyTorch's depthwise convolutions against the measured choice (gpu.depthwise=measure)
+for res in $RESOLUTIONS; do
+    batch=$([ "$res" = 224 ] && echo "$BATCH_224" || echo "$BATCH_384")
+    run "depthwise-$res" "$PYTHON" benchmarks/depthwise_formulations.py --variant conv2former_l \
+        --baseline convnext_large --device cuda --dtype bf16 --batch "$batch" --resolution "$res" --channels-last \
+        --rounds 3 --json $REC
+done
+run "model-224-gpu-depthwise" "$PYTHON" benchmarks/model_speed.py --variant conv2former_l --baseline convnext_large \
+    --resolution 224 --batch "$BATCH_224" --iters 10 --rounds 2 --gpu-depthwise --json $REC
+
 # 2b. where the time goes: the top CUDA kernels of one Conv2Former-L step (a trace for TensorBoard in $OUT/trace)
 run "profile-224" "$PYTHON" benchmarks/profile_step.py --variant conv2former_l --batch "$BATCH_224" --top 12 \
     --trace "$OUT/trace" $REC

@@ -26,10 +26,12 @@ import torch
 from results import machine, machine_info, record, versions
 
 import conv2former  # noqa: F401  (registers the variants)
+from conv2former import depthwise
 from conv2former.complexity import count_gmacs
 from conv2former.config import CpuConfig
 from conv2former.cpu import CpuTuning
 from conv2former.cpu.malloc import freed_memory_kept
+from conv2former.gpu_depthwise import GpuDepthwise
 
 # bf16 dense tensor-core peak (FLOP/s, no sparsity) by device-name fragment, from NVIDIA's data sheets.
 BF16_PEAK = {
@@ -83,24 +85,33 @@ def measure(
     models: Dict[str, Tuple[str, dict]], args: argparse.Namespace, device: torch.device, channels_last: bool
 ) -> Tuple[Dict[str, float], Dict[str, float]]:
     """Best-of-rounds images/s and peak memory (MB, GPU only) per entry of ``models`` (label -> (timm name, kwargs))."""
-    bf16 = device.type == "cuda"
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    steps, memory = {}, {}
+    steps, memory, choosers = {}, {}, {}
     for label, (name, kwargs) in models.items():
+        kwargs = dict(kwargs)
+        depthwise_mode = kwargs.pop("gpu_depthwise", None)  # bf16 weights (as DeepSpeed trains), this chooser
         model = timm.create_model(name, num_classes=1000, **kwargs).to(device).train().to(memory_format=fmt)
         model.set_grad_checkpointing(args.grad_checkpointing)
+        x = torch.randn(args.batch, 3, args.resolution, args.resolution, device=device).to(memory_format=fmt)
+        if depthwise_mode is not None:
+            model, x = model.to(torch.bfloat16), x.to(torch.bfloat16)
+            choosers[label] = GpuDepthwise(depthwise_mode)
         if args.compile:
             model = torch.compile(model)
-        x = torch.randn(args.batch, 3, args.resolution, args.resolution, device=device).to(memory_format=fmt)
         y = torch.randint(0, 1000, (args.batch,), device=device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-        steps[label] = step_fn(model, x, y, opt, bf16)
+        steps[label] = step_fn(model, x, y, opt, device.type == "cuda" and depthwise_mode is None)
     seconds: Dict[str, List[float]] = {label: [] for label in models}
     for _ in range(args.rounds):  # alternate the models so all see the same machine state
         for label in models:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            seconds[label].append(time_steps(steps[label], device, args.warmup, args.iters))
+            previous = depthwise.use_chooser(choosers[label]) if label in choosers else None
+            try:
+                seconds[label].append(time_steps(steps[label], device, args.warmup, args.iters))
+            finally:
+                if label in choosers:
+                    depthwise.use_chooser(previous)
             if device.type == "cuda":
                 memory[label] = max(memory.get(label, 0.0), torch.cuda.max_memory_allocated(device) / 2**20)
     return {label: args.batch / min(times) for label, times in seconds.items()}, memory
@@ -130,6 +141,12 @@ def main() -> None:
         action="store_true",
         help="leave glibc's malloc as it is (by default freed memory is kept for reuse on CPU, as training does)",
     )
+    parser.add_argument(
+        "--gpu-depthwise",
+        action="store_true",
+        help="GPU: also our model with bf16 weights (as DeepSpeed trains) with PyTorch's depthwise convolutions and "
+        "with the measured choice among cuDNN, native and Triton (gpu.depthwise=measure)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON line per measured model")
     parser.add_argument("--record", action="store_true", help="add the rows to benchmarks/results/")
     args = parser.parse_args()
@@ -157,6 +174,9 @@ def main() -> None:
     models: Dict[str, Tuple[str, dict]] = {args.variant: (args.variant, {})}
     if device.type == "cpu" and not args.no_plain_depthwise:
         models[f"{args.variant}, plain depthwise"] = (args.variant, {"fast_depthwise": False})
+    if device.type == "cuda" and args.gpu_depthwise:
+        models[f"{args.variant}, bf16 weights"] = (args.variant, {"gpu_depthwise": "plain"})
+        models[f"{args.variant}, bf16 weights, depthwise measured"] = (args.variant, {"gpu_depthwise": "measure"})
     models[args.baseline] = (args.baseline, {})
 
     rows = []

@@ -156,6 +156,18 @@ def report(results: List[dict], gpus: List[int], net: Optional[Network] = None) 
         out += table(
             ["model", "res", "ranks", "ZeRO", "images/s", "per GPU", "data wait", "MFU", "peak MB/rank"], rows
         ) + [""]
+    convs = [r for r in results if "depthwise_model" in r]
+    if convs:
+        out += ["## Depthwise convolutions: every CUDA candidate, the chosen one (gpu.depthwise=measure)", ""]
+        rows = [
+            [r["depthwise_model"], f"{r['kernel']}×{r['kernel']}", "×".join(map(str, r["shape"])), r["layout"],
+             r["dtype"], ", ".join(r["chosen"]), f"{r['chosen_ms']:.3f}", f"{r['plain_ms']:.3f}",
+             f"{r['plain_ms'] / r['chosen_ms']:.2f}×"]
+            for r in convs
+        ]  # fmt: skip
+        header = ["model", "kernel", "input", "layout", "dtype", "chosen (fwd, grad in, grad w)", "chosen ms",
+                  "PyTorch's own ms", "gain"]  # fmt: skip
+        out += table(header, rows) + [""]
     resizing = [r for r in results if "time_vs_224" in r]
     if resizing:
         out += ["## Progressive resizing (the paper run's schedule: 60/20/20% of the epochs at 160/192/224 px)", ""]

@@ -41,9 +41,7 @@ class DataConfig:
     image_size: int = 224  # training and evaluation input side, pixels (with size_schedule: the final size)
     size_schedule: Tuple[Tuple[float, float], ...] = ()  # progressive resizing: [[fraction of the run, px], ...]
     size_schedule_mode: str = "step"  # step: each size from its fraction on | linear: FFCV's ramp (32-px steps)
-    # EfficientNetV2's progressive learning: RandAugment m and the Mixup/CutMix alphas at this share of their values
-    # at the schedule's smallest size, growing linearly with the size to the full values; None: off
-    size_schedule_regularization: Optional[float] = None
+    size_schedule_regularization: Optional[float] = None  # augment strength at the smallest size (EfficientNetV2)
     batch_size: Union[int, str] = 32  # micro-batch per rank (training); auto: the largest that fits (memory_budget)
     memory_budget: Optional[str] = None  # what batch_size=auto plans for per rank, e.g. 80GB; None: the GPU's free
     eval_batch_size: Optional[int] = None  # per rank; None: batch_size
@@ -159,6 +157,13 @@ class FinetuneConfig:
 
 
 @dataclass
+class GpuConfig:
+    """GPU runs only (conv2former/gpu_depthwise.py): a CPU run installs none of it."""
+
+    depthwise: str = "measure"  # measure | plain | triton: how depthwise convolutions choose their formulation
+
+
+@dataclass
 class TrainConfig:
     stage: str = "pretrain"  # a name for the run's logs and export tag
     output: str = "runs/default"  # run folder or fsspec URL: checkpoints/, export/, tb/, log.jsonl, summary.json
@@ -178,6 +183,7 @@ class TrainConfig:
     guard: GuardConfig = field(default_factory=GuardConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     cpu: CpuConfig = field(default_factory=CpuConfig)
+    gpu: GpuConfig = field(default_factory=GpuConfig)
 
 
 def to_dict(cfg: Any) -> Dict[str, Any]:

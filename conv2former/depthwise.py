@@ -15,6 +15,11 @@ the layout (docs/performance.md):
                  batch_groups       sum over the batch of conv2d(pad(x) as (1, C*B, H+2p, W+2p),
                                                                  grad_out as (C*B, 1, H, W) kernels, groups=C*B)
 
+and, where they run (``runs_on``): ``native`` (forward and input gradient; CUDA only), PyTorch's own NCHW CUDA
+depthwise kernel ``aten::_conv_depthwise2d``, which ``F.conv2d`` takes when it does not send the call to cuDNN (it
+sends every channels_last bf16 depthwise convolution there); ``triton`` (all three parts; CUDA, or any device under
+Triton's interpreter), conv2former/triton_depthwise.py's kernels.
+
 This module is the op and that table only. Which formulation a call uses is asked of the process's chooser
 (``use_chooser``), a function of the input and the weight; there is none unless one is installed, and then every
 layer is exactly ``F.conv2d``. The training engine installs conv2former/cpu's tuner on CPU runs
@@ -42,6 +47,8 @@ __all__ = [
     "GRAD_WEIGHT",
     "PARTS",
     "PLAIN",
+    "runs_on",
+    "candidates",
 ]
 
 Formulation = Tuple[str, str, str]  # (forward, grad_input, grad_weight)
@@ -84,20 +91,62 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
+def _native(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
+    """PyTorch's native CUDA depthwise kernel (NCHW), the result in ``x``'s layout."""
+    k, p = w.shape[-1], _pad(w)
+    out = torch.ops.aten._conv_depthwise2d(x.contiguous(), w, [k, k], b, [1, 1], [p, p], [1, 1])
+    return out.contiguous(memory_format=_memory_format(x))
+
+
+def _triton(name: str) -> Callable[..., torch.Tensor]:
+    def run(*args: Any) -> torch.Tensor:
+        from conv2former import triton_depthwise
+
+        result: torch.Tensor = getattr(triton_depthwise, name)(*args)
+        return result
+
+    return run
+
+
 FORWARD: Dict[str, Callable[..., torch.Tensor]] = {
     "conv2d": lambda x, w, b: F.conv2d(x, w, b, padding=_pad(w), groups=x.shape[1]),
     "transposed": lambda x, w, b: F.conv_transpose2d(x, w.flip(-1, -2), b, padding=_pad(w), groups=x.shape[1]),
     "channels_last": _forward_channels_last,
+    "native": _native,
+    "triton": _triton("forward"),
 }
 GRAD_INPUT: Dict[str, Callable[..., torch.Tensor]] = {
     "conv2d_backward": lambda g, x, w: _backward(g, x, w, [True, False, False])[0],
     "conv2d": lambda g, x, w: F.conv2d(g, w.flip(-1, -2), padding=_pad(w), groups=x.shape[1]),
     "transposed": lambda g, x, w: F.conv_transpose2d(g, w, padding=_pad(w), groups=x.shape[1]),
+    "native": lambda g, x, w: _native(g, w.flip(-1, -2), None),
+    "triton": _triton("grad_input"),
 }
 GRAD_WEIGHT: Dict[str, Callable[..., torch.Tensor]] = {
     "conv2d_backward": lambda g, x, w: _backward(g, x, w, [False, True, False])[1],
     "batch_groups": _grad_weight_batch_groups,
+    "triton": _triton("grad_weight"),
 }
+CUDA_ONLY = ("native",)
+
+
+def runs_on(name: str, device: torch.device) -> bool:
+    """Whether the candidate ``name`` can run on ``device`` (``native``: CUDA; ``triton``: CUDA, or anywhere under
+    Triton's interpreter; the rest: everywhere)."""
+    if name in CUDA_ONLY:
+        return device.type == "cuda"
+    if name == "triton":
+        from conv2former import triton_depthwise
+
+        return triton_depthwise.available(device)
+    return True
+
+
+def candidates(table: Dict[str, Callable[..., torch.Tensor]], device: torch.device) -> Dict[str, Callable[..., Any]]:
+    """The entries of one part's table that run on ``device``."""
+    return {name: run for name, run in table.items() if runs_on(name, device)}
+
+
 PARTS = (("forward", FORWARD), ("grad_input", GRAD_INPUT), ("grad_weight", GRAD_WEIGHT))
 
 

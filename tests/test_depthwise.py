@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from conv2former import depthwise as dw
-from conv2former.depthwise import FORWARD, GRAD_INPUT, GRAD_WEIGHT, PLAIN, DepthwiseConv2d
+from conv2former.depthwise import FORWARD, GRAD_INPUT, GRAD_WEIGHT, PLAIN, DepthwiseConv2d, candidates
 
-ALL_FORMULATIONS = list(itertools.product(FORWARD, GRAD_INPUT, GRAD_WEIGHT))
+CPU = torch.device("cpu")  # (the CUDA-only and Triton candidates: tests/test_triton_depthwise.py, tests/test_gpu.py)
+ALL_FORMULATIONS = list(itertools.product(*(candidates(t, CPU) for t in (FORWARD, GRAD_INPUT, GRAD_WEIGHT))))
 
 
 @pytest.fixture

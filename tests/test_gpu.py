@@ -115,3 +115,61 @@ def test_a_late_read_flag_waits_for_its_own_copy_not_for_the_work_queued_after_i
     assert value.item() == 1.0 and value.device.type == "cpu" and value.is_pinned()
     assert time.perf_counter() - start < 0.3 and not torch.cuda.current_stream().query()
     torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_every_cuda_depthwise_candidate_equals_conv2d(dtype, channels_last):
+    """The CUDA candidates (cuDNN through F.conv2d, the channels_last copy, PyTorch's native kernel, the Triton
+    kernels, ...) on Conv2Former-L's stage-3 shape at 224 px and an odd one: value and both gradients against an fp32
+    F.conv2d of the same inputs (bf16: 2 ulps, the candidates may round intermediate sums; fp32: 1e-4 of the scale,
+    TF32 is off here)."""
+    from conv2former import depthwise
+
+    torch.backends.cudnn.allow_tf32 = False
+    device = torch.device("cuda")
+    for batch, channels, size, k in ((8, 768, 14, 11), (3, 40, 13, 7)):
+        gen = torch.Generator(device=device).manual_seed(k)
+        x = torch.randn(batch, channels, size, size, device=device, generator=gen).to(dtype)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        w = torch.randn(channels, 1, k, k, device=device, generator=gen).to(dtype) / k
+        b = torch.randn(channels, device=device, generator=gen).to(dtype)
+        g = torch.randn(x.shape, device=device, generator=gen).to(dtype)
+        xr, wr = x.float().requires_grad_(), w.float().requires_grad_()
+        ref = torch.nn.functional.conv2d(xr, wr, b.float(), padding=k // 2, groups=channels)
+        ref.backward(g.float())
+        tolerance = 2 * 2.0**-7 if dtype == torch.bfloat16 else 1e-4
+        for part, table, args, want in (
+            ("forward", depthwise.FORWARD, (x, w, b), ref),
+            ("grad_input", depthwise.GRAD_INPUT, (g, x, w), xr.grad),
+            ("grad_weight", depthwise.GRAD_WEIGHT, (g, x, w), wr.grad),
+        ):
+            scale = want.abs().clamp(min=1.0)
+            for name, run in depthwise.candidates(table, device).items():
+                got = run(*args).float()
+                assert ((got - want).abs() / scale).max().item() <= tolerance, (part, name, batch, channels, size, k)
+
+
+def test_the_gpu_chooser_measures_records_and_trains_through_its_choice():
+    """gpu.depthwise=measure on Conv2Former-demo in bf16 channels_last: one choice per depthwise shape, each candidate
+    timed; the layer's output equals plain F.conv2d's within bf16 rounding."""
+    import timm
+
+    import conv2former  # noqa: F401
+    from conv2former import depthwise
+    from conv2former.gpu_depthwise import GpuDepthwise
+
+    model = timm.create_model("conv2former_demo", num_classes=10).cuda().to(torch.bfloat16)
+    x = torch.randn(8, 3, 64, 64, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    plain = model(x).float()
+    chooser = GpuDepthwise.install("measure")
+    try:
+        chosen = model(x).float()
+        chosen.sum().backward()
+    finally:
+        chooser.uninstall()
+    assert chooser.tuner is not None and len(chooser.tuner.choices) >= 4  # 4 stages x (k x k and 3x3 convs)
+    assert all("triton" in chooser.tuner.timings[key]["forward"] for key in chooser.tuner.timings)
+    assert (chosen - plain).abs().max().item() <= 0.05 * plain.abs().max().item()
+    assert depthwise.use_chooser(None) is None

@@ -24,11 +24,20 @@ import os
 import platform
 import tempfile
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from conv2former.depthwise import FORWARD, GRAD_INPUT, GRAD_WEIGHT, PLAIN, Formulation, shape_key, valid_formulation
+from conv2former.depthwise import (
+    FORWARD,
+    GRAD_INPUT,
+    GRAD_WEIGHT,
+    PLAIN,
+    Formulation,
+    candidates,
+    shape_key,
+    valid_formulation,
+)
 
 MODES = ("measure", "fixed", "off")
 MIN_GAIN = 0.10  # another candidate replaces PyTorch's own only when at least 10% faster
@@ -50,15 +59,26 @@ def machine_fingerprint() -> str:
     )
 
 
+Timer = Callable[[Dict[str, Callable[[], torch.Tensor]], int], Dict[str, float]]
+
+
 def _best_ms(candidates: Dict[str, Callable[[], torch.Tensor]], rounds: int) -> Dict[str, float]:
-    """Best-of-``rounds`` milliseconds of each candidate, the candidates interleaved round by round after a warm-up."""
+    """Best-of-``rounds`` milliseconds of each candidate, the candidates interleaved round by round after a warm-up;
+    on a GPU each run is timed between two synchronisations (the kernels' time, like cuDNN's benchmark mode)."""
+
+    def sync() -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
     for run in candidates.values():
         run()
     best = {name: float("inf") for name in candidates}
     for _ in range(rounds):
         for name, run in candidates.items():
+            sync()
             start = time.perf_counter()
             run()
+            sync()
             best[name] = min(best[name], (time.perf_counter() - start) * 1e3)
     return best
 
@@ -77,12 +97,23 @@ def _tracing_or_intercepted() -> bool:
 
 
 class DepthwiseTuner:
-    """Chooses each CPU depthwise convolution's formulation per ``shape_key`` and remembers it; a chooser for
-    ``conv2former.depthwise.use_chooser``. ``mode`` and ``cache_path`` are taken as given: conv2former.cpu.settings
-    validates them."""
+    """Chooses each depthwise convolution's formulation on ``device_type`` per ``shape_key`` and remembers it; a
+    chooser for ``conv2former.depthwise.use_chooser``. ``mode`` and ``cache_path`` are taken as given:
+    conv2former.cpu.settings validates them (a GPU's: conv2former/gpu_depthwise.py). On a GPU the candidates include
+    PyTorch's native kernel and the Triton kernels (``depthwise.runs_on``). ``timer``: how candidates are timed
+    (tests give stub timings)."""
 
-    def __init__(self, mode: str = "measure", cache_path: Optional[str] = None, rounds: int = 3) -> None:
+    def __init__(
+        self,
+        mode: str = "measure",
+        cache_path: Optional[str] = None,
+        rounds: int = 3,
+        device_type: str = "cpu",
+        timer: Timer = _best_ms,
+    ) -> None:
         self.mode = mode
+        self.device_type = device_type
+        self.timer = timer
         self.cache_path = cache_path
         self.rounds = rounds
         self.choices: Dict[str, Formulation] = {}
@@ -93,7 +124,7 @@ class DepthwiseTuner:
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> Optional[Formulation]:
         """The formulation for this call; None (plain) off the CPU, in mode "off", or while tracing in "measure"."""
-        if self.mode == "off" or x.device.type != "cpu":
+        if self.mode == "off" or x.device.type != self.device_type:
             return None
         if self.mode == "fixed":
             fast = x.dtype == torch.float32 and weight.shape[-1] >= FIXED_MIN_KERNEL
@@ -130,19 +161,27 @@ class DepthwiseTuner:
         start = time.perf_counter()
         gen = torch.Generator().manual_seed(0)  # never the global generator: measuring must not change a run
         fmt = torch.channels_last if "channels_last" in key else torch.contiguous_format
-        xs = torch.randn(x.shape, generator=gen, dtype=x.dtype).contiguous(memory_format=fmt)
-        gs = torch.randn(x.shape, generator=gen, dtype=x.dtype).contiguous(memory_format=fmt)
-        ws = torch.randn(weight.shape, generator=gen, dtype=weight.dtype)
-        bs = torch.randn(weight.shape[0], generator=gen, dtype=weight.dtype)
-        forward = {n: f for n, f in FORWARD.items() if not (n == "channels_last" and fmt == torch.channels_last)}
+        device = x.device
+
+        def sample(shape: Sequence[int]) -> torch.Tensor:
+            return torch.randn(tuple(shape), generator=gen, dtype=x.dtype).to(device)
+
+        xs, gs = sample(x.shape).contiguous(memory_format=fmt), sample(x.shape).contiguous(memory_format=fmt)
+        ws, bs = sample(weight.shape), sample(weight.shape[:1])
+        forward = {
+            n: f
+            for n, f in candidates(FORWARD, device).items()
+            if not (n == "channels_last" and fmt == torch.channels_last)
+        }
+        grad_input, grad_weight = candidates(GRAD_INPUT, device), candidates(GRAD_WEIGHT, device)
         with torch.no_grad():
             times = {
-                "forward": _best_ms({n: functools.partial(f, xs, ws, bs) for n, f in forward.items()}, self.rounds),
-                "grad_input": _best_ms(
-                    {n: functools.partial(f, gs, xs, ws) for n, f in GRAD_INPUT.items()}, self.rounds
+                "forward": self.timer({n: functools.partial(f, xs, ws, bs) for n, f in forward.items()}, self.rounds),
+                "grad_input": self.timer(
+                    {n: functools.partial(f, gs, xs, ws) for n, f in grad_input.items()}, self.rounds
                 ),
-                "grad_weight": _best_ms(
-                    {n: functools.partial(f, gs, xs, ws) for n, f in GRAD_WEIGHT.items()}, self.rounds
+                "grad_weight": self.timer(
+                    {n: functools.partial(f, gs, xs, ws) for n, f in grad_weight.items()}, self.rounds
                 ),
             }
         self.timings[key] = times

@@ -51,6 +51,7 @@ from conv2former.engine.sinks import open_sinks
 from conv2former.engine.state import CheckpointState, RngState
 from conv2former.errors import Diverged, RankFault, RunFault, UserError
 from conv2former.export import write_export
+from conv2former.gpu_depthwise import GpuDepthwise
 
 # fills a fresh model for the data's classes (fine-tuning's start) and returns a record of it for the summary
 InitWeights = Callable[[torch.nn.Module, List[str]], Optional[Dict[str, Any]]]
@@ -142,6 +143,9 @@ class Trainer:
             make_deterministic()
         # CPU runs: the depthwise formulations measured fastest and malloc keeping freed memory (conv2former/cpu)
         self.cpu = None if self.gpu else CpuTuning.install(self.cfg.cpu)
+        # GPU runs: each depthwise layer's formulation measured per shape (cuDNN, native, Triton), or pinned
+        self.gpu_depthwise = GpuDepthwise.install(self.cfg.gpu.depthwise, self.cfg.deterministic) if self.gpu else None
+        self.depthwise = self.cpu if self.cpu is not None else self.gpu_depthwise
 
     def _make_model(self) -> Any:  # a timm model (set_grad_checkpointing, group_matcher, ...)
         kwargs: Dict[str, Any] = dict(num_classes=len(self.classes), drop_path_rate=self.cfg.model.drop_path_rate)
@@ -230,8 +234,8 @@ class Trainer:
         state.register("guard", self.guard)
         state.register("data", self.train_loader, per_rank=True, other_world="first", required=True)
         state.register("rng", RngState(), per_rank=True)
-        if self.cpu is not None:  # each rank's depthwise formulations: the same bits on resume
-            state.register("depthwise", self.cpu, per_rank=True, other_world="first")
+        if self.depthwise is not None:  # each rank's depthwise formulations: the same bits on resume
+            state.register("depthwise", self.depthwise, per_rank=True, other_world="first")
         state.register("batchnorm", self.batchnorm, per_rank=True)  # (the saved model holds their average)
         state.constant("config", self.config_dict)
         state.constant("classes", self.classes)
@@ -252,7 +256,8 @@ class Trainer:
         start = time.perf_counter()
         tag = self.checkpoints.load(self.engine, self.state)
         if tag is not None:
-            reused = self.cpu.tuner.loaded if self.cpu is not None else 0
+            reused = self.depthwise.tuner.loaded if isinstance(self.depthwise, CpuTuning) else 0
+            reused = self.gpu_depthwise.loaded if self.gpu_depthwise is not None else reused
             if reused:
                 self.log.info(f"depthwise: reusing the {reused} formulations recorded in the checkpoint")
             self._best_unwritten_at_resume()
@@ -276,7 +281,7 @@ class Trainer:
 
     def _report_depthwise(self) -> None:
         """Log (rank 0) the formulations measured since the last report: shape, choice, each candidate's time."""
-        for line in self.cpu.new_measurements() if self.cpu is not None else []:
+        for line in self.depthwise.new_measurements() if self.depthwise is not None else []:
             self.metrics.note("depthwise measured " + line)
 
     def _models(self) -> List[torch.nn.Module]:
@@ -342,6 +347,7 @@ class Trainer:
             "skipped_shards": self.train_loader.skipped_shards,  # this rank's (every rank warns for its own)
             "data_fetch": self.train_loader.fetch_stats(),  # a remote root: this rank's downloads and cache hits
             **(self.cpu.summary() if self.cpu is not None else not_installed_summary()),
+            **(self.gpu_depthwise.summary() if self.gpu_depthwise is not None else {}),
             "initialized_from": self.initialized_from,
             "resumed_from": self.resumed_from,
             # the estimate the disk-space warning used, and the newest checkpoint's measured size (rank 0)
