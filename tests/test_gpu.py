@@ -117,8 +117,7 @@ def test_a_late_read_flag_waits_for_its_own_copy_not_for_the_work_queued_after_i
     torch.cuda.synchronize()
 
 
-@pytest.mark.parametrize("channels_last", [True, False])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype, channels_last", [(torch.bfloat16, True), (torch.float32, False)])
 def test_every_cuda_depthwise_candidate_equals_conv2d(dtype, channels_last):
     """The CUDA candidates (cuDNN through F.conv2d, the channels_last copy, PyTorch's native kernel, the Triton
     kernels, ...) on Conv2Former-L's stage-3 shape at 224 px and an odd one: value and both gradients against an fp32
