@@ -66,8 +66,8 @@ def measure_step_time(
                 times.append(time.perf_counter() - start)
         seconds[size] = sorted(times)[len(times) // 2]
     engine.destroy()
-    if joined:
-        dist.destroy_process_group()
+    if joined:  # through DeepSpeed, which then drops the groups it cached (a later dry run in this process makes new)
+        deepspeed.comm.destroy_process_group()
     return seconds
 
 
