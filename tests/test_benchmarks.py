@@ -124,7 +124,12 @@ def test_gpu_suite_lists_its_commands_and_refuses_to_run_without_a_gpu(tmp_path)
     env = dict(ENV, OUT=str(tmp_path / "suite"), PYTHON=sys.executable)
     plan = run("bash", "benchmarks/gpu_suite.sh", env=dict(env, DRY_RUN="1", NGPU="8")).stdout
     commands = [line for line in plan.splitlines() if line.startswith("== ")]
-    assert sum("model_speed.py" in c for c in commands) == 8  # 224/384 x checkpointing off/on x compile off/on
+    speed = [c for c in commands if "model_speed.py" in c]
+    assert sum("--gpu-depthwise" not in c for c in speed) == 8  # 224/384 x checkpointing off/on x compile off/on
+    assert sum("--gpu-depthwise" in c for c in speed) == 1  # L with bf16 weights: PyTorch's depthwise vs the chosen
+    depthwise = [c for c in commands if "depthwise_formulations.py" in c]
+    assert len(depthwise) == 2 and all("--device cuda --dtype bf16" in c for c in depthwise)  # at 224 and 384
+    assert sum("progressive_resizing.py speed" in c for c in commands) == 1
     assert sum("loader_speed.py" in c for c in commands) == 2
     assert any("profile_step.py --variant conv2former_l" in c for c in commands)
     assert any("--stages 1 2 3" in c and "--global-batch 1024" in c and "dali-gpu" in c for c in commands)

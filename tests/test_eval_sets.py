@@ -187,7 +187,7 @@ def test_two_ranks_count_every_image_once(trees, export_1k, tmp_path):
         "--batch",
         "2",
         "--workers",
-        "1",
+        "0",
         "--json",
         str(out),
     )
