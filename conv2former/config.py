@@ -42,6 +42,7 @@ class DataConfig:
     size_schedule: Tuple[Tuple[float, float], ...] = ()  # progressive resizing: [[fraction of the run, px], ...]
     size_schedule_mode: str = "step"  # step: each size from its fraction on | linear: FFCV's ramp (32-px steps)
     size_schedule_regularization: Optional[float] = None  # augment strength at the smallest size (EfficientNetV2)
+    size_schedule_scale_batch: bool = False  # micro-batch grows with 1/area at low sizes (same global batch)
     batch_size: Union[int, str] = 32  # micro-batch per rank (training); auto: the largest that fits (memory_budget)
     memory_budget: Optional[str] = None  # what batch_size=auto plans for per rank, e.g. 80GB; None: the GPU's free
     eval_batch_size: Optional[int] = None  # per rank; None: batch_size

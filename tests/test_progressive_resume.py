@@ -1,6 +1,7 @@
 """Progressive resizing keeps the exact resume: 2 CPU ranks, epoch 0 at 32 px and epoch 1 at 64 px; killed with
 SIGKILL in the low-resolution epoch, relaunched, stopped right at the size change (checkpoint 31, the epoch end),
-relaunched: the export equals the uninterrupted run's bit for bit, on both backends."""
+relaunched: the export equals the uninterrupted run's bit for bit, on both backends (dali-cpu with the micro-batch
+scaled with the area, torch with progressive regularization)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ STEPS_PER_EPOCH = 31
 
 def _args(shards: str, out: Path, backend: str, regularization: bool) -> list:
     grow = ["--set", "data.size_schedule_regularization=0.5"] if regularization else []
+    if backend == "dali-cpu":  # micro-batch 32 (accumulation 1) at 32 px, 16 (accumulation 2) at 64: global 64
+        grow += ["--set", "data.size_schedule_scale_batch=true"]
     return [*grow,
         "--variant", "demo", "--image-size", "64", "--set", "data.size_schedule=[[0.0, 32], [0.5, 64]]",
         "--backend", backend, "--set", "schedule.warmup_epochs=0.2", "--set", "logging.print_every=1",
@@ -56,6 +59,9 @@ def test_kill_in_the_low_resolution_epoch_and_a_stop_at_the_size_change_resume_b
     assert {(r["epoch"], r["image_size"]) for r in records} == {(0, 32), (1, 64)}
     if regularization:
         assert {(r["epoch"], r["augment_strength"]) for r in records} == {(0, 0.5), (1, 1.0)}
+    if backend == "dali-cpu":
+        assert {(r["epoch"], r["micro_batch"]) for r in records} == {(0, 32), (1, 16)}
+        assert [r["step"] for r in records] == list(range(1, 2 * STEPS_PER_EPOCH + 1))  # 31 optimizer steps each
 
     run = tmp_path / "interrupted"
     args = _args(demo_shards, run, backend, regularization)

@@ -158,3 +158,15 @@ def test_dry_run_projects_the_wall_time_with_the_schedule(capsys, demo_shards, t
     expected = steps * (6 * seconds[32] + 4 * seconds[64]) / 3600
     assert result["projected_hours"] == pytest.approx(expected, abs=0.01)
     assert sized["projected_hours_at_final_size"] == pytest.approx(10 * steps * seconds[64] / 3600, abs=0.01)
+
+
+def test_the_micro_batch_grows_as_the_area_shrinks_and_divides_the_per_rank_batch():
+    sizes = SizeSchedule.from_config(PAPER, "step", 90, 224, scale_batch=True)
+    # per rank 128 = micro 32 x accumulation 4: at 160 px the area is 0.51 of 224's -> up to 62.7 -> 32 (64 > 62.7)
+    assert [sizes.micro_batch(e, 32, 128, even=True) for e in (0, 54, 72)] == [32, 32, 32]
+    assert [sizes.micro_batch(e, 32, 192, even=True) for e in (0, 54, 72)] == [48, 32, 32]  # 192 / 48 = 4 steps
+    demo = SizeSchedule.from_config([[0.0, 32], [0.5, 64]], "step", 2, 64, scale_batch=True)
+    assert [demo.micro_batch(e, 16, 32, even=True) for e in (0, 1)] == [32, 16]
+    assert SizeSchedule.from_config(PAPER, "step", 90, 224).micro_batch(0, 32, 128, even=True) == 32  # off
+    with pytest.raises(UserError):
+        SizeSchedule.from_config((), "step", 90, 224, scale_batch=True)

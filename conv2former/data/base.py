@@ -73,6 +73,9 @@ class ShardLoader(abc.ABC):
         self.skipped_samples = 0  # samples replaced because their shard was unreadable (this rank)
         total = shards.num_samples
         self.steps = (train_steps if train else eval_steps)(total, world_size, self.batch_size)
+        self.base_batch, self.base_steps = self.batch_size, self.steps  # the final size's (what the schedule counts)
+        self.per_rank_batch: Optional[int] = None  # set by scale_batch_with_size: micro-batch x accumulation
+        self.even_batch = False
         if self.steps == 0:
             raise UserError(
                 f"batch {self.batch_size} per rank x {world_size} ranks is more than the {total} samples of "
@@ -89,7 +92,27 @@ class ShardLoader(abc.ABC):
         self.channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
 
     def __len__(self) -> int:
-        return self.steps
+        return self.base_steps
+
+    def scale_batch_with_size(self, per_rank_batch: int, even: bool) -> None:
+        """With ``data.size_schedule_scale_batch``: each epoch's micro-batch from the size schedule (a divisor of
+        ``per_rank_batch``; even when Mixup needs it), and its steps."""
+        self.per_rank_batch, self.even_batch = per_rank_batch, even
+        self._apply_epoch_batch()
+
+    def epoch_batch(self, epoch: Optional[int] = None) -> int:
+        """The micro-batch of ``epoch`` (default: the current one)."""
+        if self.sizes is None or self.per_rank_batch is None:
+            return self.base_batch
+        epoch = self.epoch if epoch is None else epoch
+        return self.sizes.micro_batch(epoch, self.base_batch, self.per_rank_batch, self.even_batch)
+
+    def _apply_epoch_batch(self) -> None:
+        """The current epoch's micro-batch and steps (unchanged without batch scaling)."""
+        batch = self.epoch_batch()
+        if batch != self.batch_size:
+            self.batch_size = batch
+            self.steps = train_steps(self.shards.num_samples, self.world_size, batch)
 
     def image_size(self, epoch: Optional[int] = None) -> int:
         """The crop side of ``epoch`` (default: the current one): the size schedule's, else ``cfg.image_size``."""
@@ -111,6 +134,7 @@ class ShardLoader(abc.ABC):
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
             self.epoch, self.step = epoch, 0
+            self._apply_epoch_batch()
             self._reset()
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
@@ -124,6 +148,7 @@ class ShardLoader(abc.ABC):
                 images = images.contiguous(memory_format=torch.channels_last)
             yield images, labels
         self.epoch, self.step = self.epoch + 1, 0
+        self._apply_epoch_batch()
         self._reset()
 
     def state_dict(self) -> Dict[str, Any]:
@@ -266,6 +291,7 @@ class ShardLoader(abc.ABC):
             self.backend,
         )
         self.epoch = int(state["epoch"])
+        self._apply_epoch_batch()
         saved_size = state.get("image_size")
         if saved_size is not None and int(saved_size) != self.image_size():
             warnings.warn(

@@ -32,6 +32,7 @@ class SizeSchedule:
     epochs: int
     final: int
     regularization: Optional[float] = None  # the augmentation strength at the smallest size (None: always full)
+    scale_batch: bool = False  # the micro-batch grows as the area shrinks (the global batch kept)
 
     @classmethod
     def from_config(
@@ -41,6 +42,7 @@ class SizeSchedule:
         epochs: int,
         final: int,
         regularization: Optional[float] = None,
+        scale_batch: bool = False,
     ) -> "SizeSchedule":
         """Checked: one-line errors for sizes off the 32-px grid, fractions out of order, or a last size other than
         the final (evaluation) size."""
@@ -57,6 +59,8 @@ class SizeSchedule:
                 raise UserError(f"{where}: each point is [fraction, size in px], got {list(point)}")
             parsed.append((float(point[0]), int(point[1])))
         if not parsed:
+            if scale_batch:
+                raise UserError("data.size_schedule_scale_batch needs a data.size_schedule")
             return cls((), mode, epochs, final)
         fractions = [f for f, _ in parsed]
         if fractions[0] != 0.0 or any(b <= a for a, b in zip(fractions, fractions[1:])) or fractions[-1] >= 1.0:
@@ -69,7 +73,7 @@ class SizeSchedule:
                 f"{where} ends at {parsed[-1][1]} px but data.image_size is {final}: evaluation runs at "
                 "data.image_size, so the schedule's last size must equal it"
             )
-        return cls(tuple(parsed), mode, epochs, final, regularization)
+        return cls(tuple(parsed), mode, epochs, final, regularization, scale_batch)
 
     def size(self, epoch: int) -> int:
         """The training crop side of ``epoch`` (0-based)."""
@@ -95,6 +99,17 @@ class SizeSchedule:
             return 1.0
         grown = (self.size(epoch) - smallest) / (self.final - smallest)
         return self.regularization + (1.0 - self.regularization) * grown
+
+    def micro_batch(self, epoch: int, base: int, per_rank: int, even: bool) -> int:
+        """The micro-batch of ``epoch``: ``base`` (the final size's), or with ``scale_batch`` the largest divisor of
+        the per-rank batch (micro-batch x accumulation) up to ``base x (final / size)^2`` (even where Mixup needs
+        it), so the accumulation shrinks and the global batch stays."""
+        if not self.scale_batch:
+            return base
+        target = base * (self.final / self.size(epoch)) ** 2
+        fits = [d for d in range(base, per_rank + 1) if per_rank % d == 0 and d <= target + 1e-9]
+        fits = [d for d in fits if d % 2 == 0 or not even]
+        return max(fits) if fits else base
 
     def epoch_sizes(self) -> List[int]:
         """The size of every epoch of the run."""

@@ -301,12 +301,14 @@ class TorchLoader(ShardLoader):
         queue (the old workers have nothing left to start; the cores stay busy)."""
         epoch, step = self.epoch, self.step
         self.epoch, self.step = epoch + 1, 0
+        self._apply_epoch_batch()
         try:
             self._next_epoch = (self.epoch, iter(self._loader()))
         except DataFault:
             pass  # an unreadable shard: the next epoch reports it when it begins, after this epoch's checkpoint
         finally:
             self.epoch, self.step = epoch, step
+            self._apply_epoch_batch()
 
     def _take_next_epoch(self) -> Optional[Iterator[Tuple[torch.Tensor, torch.Tensor, List[Tuple[str, str]]]]]:
         started, self._next_epoch = self._next_epoch, None

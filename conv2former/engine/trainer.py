@@ -88,9 +88,14 @@ class Trainer:
             cfg.schedule.epochs,
             cfg.data.image_size,
             cfg.data.size_schedule_regularization,
+            cfg.data.size_schedule_scale_batch,
         )  # progressive resizing: the crop size of each epoch (evaluation stays at data.image_size)
         self.train_loader = build_loader(cfg.data, "train", self.rank, self.world_size, self.device, sizes=self.sizes)
         self.schedule = derive_schedule(cfg, self.world_size, len(self.train_loader))
+        if cfg.data.size_schedule_scale_batch:  # each epoch's micro-batch from its size, the global batch kept
+            mixing = cfg.data.augment.mixup > 0 or cfg.data.augment.cutmix > 0
+            self.train_loader.scale_batch_with_size(self.schedule.micro_batch * self.schedule.grad_accum, mixing)
+        self.epoch_micro_steps = self.schedule.micro_steps_per_epoch  # this epoch's (batch scaling changes it)
         self.classes = read_classes(cfg.data.root)
         torch.manual_seed(cfg.seed + self.rank)
         # a remote --output: the node's staging folder, agreeing with the remote run (its newest complete checkpoint)
@@ -427,7 +432,22 @@ class Trainer:
         return self.export()
 
     def _epoch_complete(self) -> bool:
-        return self.train_loader.step >= self.schedule.micro_steps_per_epoch or self.train_loader.step == 0
+        return self.train_loader.step >= self.epoch_micro_steps or self.train_loader.step == 0
+
+    def _epoch_accumulation(self) -> int:
+        """The current epoch's gradient accumulation (and ``epoch_micro_steps``): the schedule's, or with
+        ``data.size_schedule_scale_batch`` the one that keeps the global batch at this epoch's micro-batch, which
+        DeepSpeed's batch settings then follow."""
+        schedule = self.schedule
+        if not self.cfg.data.size_schedule_scale_batch:
+            self.epoch_micro_steps = schedule.micro_steps_per_epoch
+            return schedule.grad_accum
+        micro = self.train_loader.batch_size
+        accum = schedule.micro_batch * schedule.grad_accum // micro
+        self.engine.set_train_micro_batch_size(micro)
+        self.engine.set_train_batch_size(schedule.global_batch)
+        self.epoch_micro_steps = schedule.steps_per_epoch * accum
+        return accum
 
     def train_epoch(self) -> None:
         """The rest of the current epoch, one optimizer step after another. Nothing in a step waits for the device:
@@ -435,13 +455,15 @@ class Trainer:
         ``logging.print_every`` steps; the divergence and preemption flags are read one step late."""
         loader, schedule = self.train_loader, self.schedule
         loader.set_epoch(self.epoch)
+        accum = self._epoch_accumulation()
+        explicit_boundary = self.cfg.data.size_schedule_scale_batch  # DeepSpeed counts micro-steps over the run
         self.augment.set_strength(self.sizes.strength(self.epoch))  # a function of the epoch: resumes exactly
         loss_sum = torch.zeros((), device=self.device)
         self.metrics.restart_window()
         t_data = time.perf_counter()
         batches = iter(loader)
         while True:
-            if loader.step % schedule.grad_accum == 0:
+            if loader.step % accum == 0:
                 self.profiler.step_starts(self.step + 1)
             with self.profiler.region("data_wait"):
                 batch = next(batches, None)
@@ -453,15 +475,17 @@ class Trainer:
             loss = self.criterion(self.engine(images.to(dtype=self.dtype)).float(), targets)
             if self.cfg.guard.inject_nan_at == self.step + 1 and self.rank == 0:  # test aid (docs/training.md)
                 loss = loss * float("nan")
+            if explicit_boundary:
+                self.engine.set_gradient_accumulation_boundary(loader.step % accum == 0)
             self.engine.backward(loss)
             self.engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary
             loss_sum += loss.detach()
-            if loader.step % schedule.grad_accum == 0:  # an optimizer step happened
-                self.after_optimizer_step(loss_sum / schedule.grad_accum)
+            if loader.step % accum == 0:  # an optimizer step happened
+                self.after_optimizer_step(loss_sum / accum)
                 loss_sum = torch.zeros((), device=self.device)
                 if self.step >= schedule.stop_step:
                     break
-            if loader.step >= schedule.micro_steps_per_epoch:
+            if loader.step >= self.epoch_micro_steps:
                 break
             t_data = time.perf_counter()
         self.preemption.wait()
@@ -546,6 +570,8 @@ class Trainer:
         }
         if self.sizes.regularization is not None:
             values["augment_strength"] = self.sizes.strength(self.epoch)
+        if self.cfg.data.size_schedule_scale_batch:
+            values["micro_batch"] = self.train_loader.batch_size
         if self.precision == "fp16":  # DeepSpeed's dynamic loss scale (halved at each overflow skip)
             values["loss_scale"] = float(self.engine.optimizer.loss_scale)
         self.metrics.scalars(self.step, values)
