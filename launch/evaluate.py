@@ -235,6 +235,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     names = requested_sets(args)
     resolutions = parse_resolutions(args)
+    if args.per_class and args.data is None:
+        raise UserError("--per-class counts the shard split's classes: give --data SHARD_ROOT with it")
     if args.record and _beside(args.weights, "config.json") is None:
         raise UserError(f"--record: {args.weights} is not an export folder (no config.json beside the weights)")
 

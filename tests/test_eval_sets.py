@@ -211,6 +211,7 @@ def test_two_ranks_count_every_image_once(trees, export_1k, tmp_path):
         (("--eval-set", "a", "--eval-root", "{trees}/a", "--backend", "dali-cpu"), 2),
         (("--eval-set", "a", "--eval-root", "{trees}/a", "--record"), 2),  # weights outside an export folder
         ((), 2),  # neither --data nor --eval-set
+        (("--eval-set", "a", "--eval-root", "{trees}/a", "--per-class", "x.txt"), 2),  # per-class needs --data
     ],
 )
 def test_mistakes_are_one_line_errors(trees, tmp_path, capsys, argv, code):

@@ -170,3 +170,16 @@ def test_the_micro_batch_grows_as_the_area_shrinks_and_divides_the_per_rank_batc
     assert SizeSchedule.from_config(PAPER, "step", 90, 224).micro_batch(0, 32, 128, even=True) == 32  # off
     with pytest.raises(UserError):
         SizeSchedule.from_config((), "step", 90, 224, scale_batch=True)
+
+
+def test_scaling_the_micro_batch_under_zero3_is_a_one_line_error(capsys, demo_shards, tmp_path):
+    from launch.pretrain import main
+
+    argv = ["--variant", "demo", "--data", demo_shards, "--output", str(tmp_path), "--image-size", "64",
+            "--zero-stage", "3", "--set", "data.size_schedule=[[0.0, 32], [0.5, 64]]",
+            "--set", "data.size_schedule_scale_batch=true"]  # fmt: skip
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "zero_stage" in err[0]

@@ -92,6 +92,11 @@ class Trainer:
         )  # progressive resizing: the crop size of each epoch (evaluation stays at data.image_size)
         self.train_loader = build_loader(cfg.data, "train", self.rank, self.world_size, self.device, sizes=self.sizes)
         self.schedule = derive_schedule(cfg, self.world_size, len(self.train_loader))
+        if cfg.data.size_schedule_scale_batch and cfg.deepspeed.zero_stage == 3:
+            raise UserError(
+                "data.size_schedule_scale_batch changes the accumulation mid-run, which is tested with ZeRO 0-2 "
+                "hooks only: use deepspeed.zero_stage 1 or 2 with it, or leave it off"
+            )
         if cfg.data.size_schedule_scale_batch:  # each epoch's micro-batch from its size, the global batch kept
             mixing = cfg.data.augment.mixup > 0 or cfg.data.augment.cutmix > 0
             self.train_loader.scale_batch_with_size(self.schedule.micro_batch * self.schedule.grad_accum, mixing)
