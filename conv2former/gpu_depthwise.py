@@ -8,20 +8,27 @@
 * ``plain``: PyTorch's own (cuDNN) for everything; what ``deterministic=true`` pins, so that fresh runs compute alike;
 * ``triton``: the Triton kernels for all three parts.
 
+In ``measure`` and ``triton`` a candidate must first pass the accuracy gate (conv2former/depthwise_gate.py) on the
+first batch of its shape: a part whose Triton kernel (or, measuring, any candidate) is further from an fp32
+``F.conv2d`` than the dtype's tolerance is computed PyTorch's way, and the rejection is logged and in the summary.
+
 The timing and the record are conv2former/cpu/depthwise_tuner.py's ``DepthwiseTuner`` (one chooser for both devices).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Dict, List, Optional
 
 import torch
 
-from conv2former import depthwise
+from conv2former import depthwise, depthwise_gate
 from conv2former.cpu.depthwise_tuner import DepthwiseTuner
 from conv2former.errors import UserError
 
 __all__ = ["GpuDepthwise", "MODES", "TRITON"]
+
+log = logging.getLogger(__name__)
 
 MODES = ("measure", "plain", "triton")
 TRITON: depthwise.Formulation = ("triton", "triton", "triton")
@@ -35,12 +42,30 @@ class GpuDepthwise:
             raise UserError(f"gpu.depthwise: unknown mode {mode!r}: choose one of {', '.join(MODES)}")
         self.mode = "plain" if deterministic and mode == "measure" else mode
         self.tuner = DepthwiseTuner("measure", device_type="cuda") if self.mode == "measure" else None
+        self.gated: Dict[str, depthwise.Formulation] = {}  # mode "triton": the formulation per shape after the gate
+        self.rejected: Dict[str, str] = {}
         self.reported = 0
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> Optional[depthwise.Formulation]:
         if self.tuner is not None:
             return self.tuner(x, weight)
-        return TRITON if self.mode == "triton" and x.device.type == "cuda" else None
+        if self.mode != "triton" or x.device.type != "cuda":
+            return None
+        key = depthwise.shape_key(x, weight)
+        if key not in self.gated:
+            self.gated[key] = self._gated_triton(key, x, weight)
+        return self.gated[key]
+
+    def _gated_triton(self, key: str, x: torch.Tensor, weight: torch.Tensor) -> depthwise.Formulation:
+        """The Triton kernels for the parts that pass the accuracy gate on this batch, PyTorch's own for the rest."""
+        names = {part: ["triton"] for part, _ in depthwise.PARTS}
+        eligible, found = depthwise_gate.gate(depthwise_gate.sample_inputs(x, weight), names)
+        rejected = depthwise_gate.describe_rejected(found, x.dtype, eligible)
+        if rejected:
+            self.rejected[key] = rejected
+            log.warning("depthwise %s: the accuracy gate rejected %s", key, rejected)
+        parts = ((part, plain) for (part, _), plain in zip(depthwise.PARTS, depthwise.PLAIN))
+        return depthwise.valid_formulation("triton" if "triton" in eligible[part] else plain for part, plain in parts)
 
     @classmethod
     def install(cls, mode: str, deterministic: bool = False) -> "GpuDepthwise":
@@ -72,12 +97,14 @@ class GpuDepthwise:
         return [self.tuner.describe(key) for key in new]
 
     def summary(self) -> Dict[str, Any]:
-        tuner = self.tuner
+        if self.tuner is not None:
+            return {"depthwise": {**self.tuner.summary(), "mode": f"gpu {self.mode}"}}
         return {
             "depthwise": {
                 "mode": f"gpu {self.mode}",
-                "formulations": len(tuner.choices) if tuner is not None else 0,
-                "measured": len(tuner.measured) if tuner is not None else 0,
-                "measure_seconds": round(tuner.measure_seconds, 2) if tuner is not None else 0.0,
+                "formulations": len(self.gated),
+                "measured": 0,
+                "measure_seconds": 0.0,
+                "rejected": dict(self.rejected),
             }
         }

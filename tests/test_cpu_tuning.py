@@ -91,6 +91,59 @@ def test_disk_cache_carries_choices_to_a_new_process(tmp_path):
     assert "another processor | AVX2 | torch 0 | 1 threads" in json.loads(cache.read_text())
 
 
+@pytest.mark.parametrize("shape", [(8, 768, 14, 11), (3, 40, 13, 7)])  # L's stage 3 at 224 px; an odd one
+def test_the_accuracy_gate_rejects_bf16_batch_groups_however_fast_it_is(shape, caplog):
+    """bf16: ``batch_groups`` rounds each sample's weight-gradient partial sum to bf16 before the batch sum (0.08-0.66
+    of an entry off). Timed as the fastest by far, it is still not chosen: the gate rejects it on the first batch,
+    logs and records the error, and the formulation chosen instead matches fp32 ``F.conv2d`` within 2 bf16 ulps."""
+    from conv2former import depthwise_gate
+
+    batch, channels, size, k = shape
+
+    def batch_groups_fastest(candidates, rounds):
+        return {name: 1.0 if name == "batch_groups" else 10.0 for name in candidates}
+
+    tuner = DepthwiseTuner("measure", timer=batch_groups_fastest)
+    gen = torch.Generator().manual_seed(k)
+    x = torch.randn(batch, channels, size, size, generator=gen).to(torch.bfloat16).requires_grad_()
+    weight = (torch.randn(channels, 1, k, k, generator=gen) / k).to(torch.bfloat16).requires_grad_()
+    with caplog.at_level("WARNING"):
+        choice = tuner(x, weight)
+    key = dw.shape_key(x, weight)
+    assert choice[2] == "conv2d_backward" and "batch_groups" not in tuner.timings[key]["grad_weight"]
+    assert "batch_groups (grad_weight, error" in tuner.rejected[key] and "rejected" in tuner.describe(key)
+    assert tuner.summary()["rejected"] == {key: tuner.rejected[key]}
+    assert any("batch_groups" in record.getMessage() for record in caplog.records)
+
+    g = torch.randn(x.shape, generator=gen).to(torch.bfloat16)
+    dw.use_chooser(tuner)
+    try:
+        out = dw.depthwise_conv2d(x, weight)
+        out.backward(g)
+    finally:
+        dw.use_chooser(None)
+    want = depthwise_gate.reference(x.detach(), weight.detach(), torch.zeros(channels), g)
+    limit = depthwise_gate.tolerance(torch.bfloat16)
+    for got, part in ((out, "forward"), (x.grad, "grad_input"), (weight.grad, "grad_weight")):
+        assert depthwise_gate.part_error(got.float(), want[part]) <= limit, part
+    # batch_groups itself, on the same tensors, is what the gate says
+    found = depthwise_gate.errors(depthwise_gate.sample_inputs(x, weight), {"grad_weight": ["batch_groups"]})
+    assert found["grad_weight"]["batch_groups"] > 2 * limit
+
+
+def test_the_accuracy_gate_keeps_fp32_choices_and_plain_pytorch_always():
+    """fp32: every candidate passes (batch_groups included); PyTorch's own is eligible even where its error is
+    counted (it is what the model computes with no chooser)."""
+    from conv2former import depthwise_gate
+
+    x, weight = torch.randn(2, 16, 20, 20), torch.randn(16, 1, 11, 11)
+    names = {part: list(candidates(table, torch.device("cpu"))) for part, table in dw.PARTS}
+    eligible, found = depthwise_gate.gate(depthwise_gate.sample_inputs(x, weight), names)
+    assert eligible == names and max(max(e.values()) for e in found.values()) < depthwise_gate.tolerance(torch.float32)
+    fixed = DepthwiseTuner("fixed")
+    assert fixed(x, weight) == dt.FIXED_FAST and fixed.rejected == {}
+
+
 def test_fixed_and_off_modes_never_measure():
     x, w11, w3 = torch.randn(2, 8, 12, 12), torch.randn(8, 1, 11, 11), torch.randn(8, 1, 3, 3)
     fixed = DepthwiseTuner("fixed")
@@ -130,7 +183,13 @@ def test_install_makes_the_tuner_the_process_chooser_and_uninstall_restores_plai
     tuning = installed(depthwise="fixed")
     out = layer(x)
     assert "DepthwiseConv2dFunction" in type(out.grad_fn).__name__
-    assert tuning.summary()["depthwise"] == {"mode": "fixed", "formulations": 0, "measured": 0, "measure_seconds": 0}
+    assert tuning.summary()["depthwise"] == {
+        "mode": "fixed",
+        "formulations": 0,
+        "measured": 0,
+        "measure_seconds": 0,
+        "rejected": {},
+    }
     tuning.uninstall()
     assert "DepthwiseConv2dFunction" not in type(layer(x).grad_fn).__name__
     with pytest.raises(RuntimeError):  # uninstalled twice: it is not the chooser any more

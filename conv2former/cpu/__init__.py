@@ -87,12 +87,7 @@ class CpuTuning:
 
     def summary(self) -> Dict[str, Any]:
         return {
-            "depthwise": {
-                "mode": self.tuner.mode,
-                "formulations": len(self.tuner.choices),
-                "measured": len(self.tuner.measured),
-                "measure_seconds": round(self.tuner.measure_seconds, 2),
-            },
+            "depthwise": self.tuner.summary(),
             "freed_memory_kept": freed_memory_kept(),  # the process's state (an earlier run in it may have set it)
         }
 

@@ -10,7 +10,10 @@ is the fastest everywhere.
 
 Modes: ``measure`` (time each part's candidates on first use and keep the fastest: PyTorch's own unless another is at
 least ``MIN_GAIN`` faster, so noise does not flip choices), ``fixed`` (a rule with no timing, the same on every run:
-the faster gradients for k >= 5 in fp32, else PyTorch's own), ``off`` (plain ``nn.Conv2d``). Measured choices can be
+the faster gradients for k >= 5 in fp32, else PyTorch's own), ``off`` (plain ``nn.Conv2d``). In ``measure`` and
+``fixed`` a candidate must first pass conv2former/depthwise_gate.py's accuracy gate on the first batch of its shape
+(its three parts against an fp32 ``F.conv2d`` within the dtype's tolerance); what the gate rejected, with the errors,
+is kept in ``rejected`` and in the line ``describe`` gives for the choice. Measured choices can be
 kept in a JSON file per ``machine_fingerprint()``, shared under a file lock by the ranks of a node. The tuner's
 ``state_dict`` goes into each rank's checkpoint, so a resumed run computes exactly what the interrupted one did.
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 import fcntl
 import functools
 import json
+import logging
 import os
 import platform
 import tempfile
@@ -28,10 +32,12 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from conv2former import depthwise_gate
 from conv2former.depthwise import (
     FORWARD,
     GRAD_INPUT,
     GRAD_WEIGHT,
+    PARTS,
     PLAIN,
     Formulation,
     candidates,
@@ -39,14 +45,18 @@ from conv2former.depthwise import (
     valid_formulation,
 )
 
+log = logging.getLogger(__name__)
+
 MODES = ("measure", "fixed", "off")
 MIN_GAIN = 0.10  # another candidate replaces PyTorch's own only when at least 10% faster
 FIXED_MIN_KERNEL = 5  # the "fixed" rule: the faster gradients from 5x5 up (3x3 is faster PyTorch's way)
 FIXED_FAST: Formulation = ("conv2d", "conv2d", "batch_groups")
+GATE_VERSION = 1  # in the disk cache's machine key: choices made before (or by another) gate are measured again
 
 
 def machine_fingerprint() -> str:
-    """What the timings of a disk cache are valid for: processor, torch's CPU dispatch, torch version, threads."""
+    """What the choices of a disk cache are valid for: processor, torch's CPU dispatch, torch version, threads, and
+    the accuracy gate (choices recorded before it existed are not reused)."""
     model = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as info:
@@ -55,7 +65,7 @@ def machine_fingerprint() -> str:
         pass
     return (
         f"{model} | {torch.backends.cpu.get_cpu_capability()} | torch {torch.__version__} | "
-        f"{torch.get_num_threads()} threads"
+        f"{torch.get_num_threads()} threads | accuracy gate {GATE_VERSION}"
     )
 
 
@@ -117,25 +127,46 @@ class DepthwiseTuner:
         self.cache_path = cache_path
         self.rounds = rounds
         self.choices: Dict[str, Formulation] = {}
+        self.fixed_choices: Dict[str, Formulation] = {}  # mode "fixed": the rule's choice per key, after the gate
         self.timings: Dict[str, Dict[str, Dict[str, float]]] = {}  # key -> part -> candidate -> ms
         self.measured: List[str] = []  # keys measured by this process, in order
         self.measure_seconds = 0.0
+        self.rejected: Dict[str, str] = {}  # key -> the candidates the accuracy gate rejected, with their errors
         self.loaded = 0  # how many choices the last load_state_dict adopted
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> Optional[Formulation]:
         """The formulation for this call; None (plain) off the CPU, in mode "off", or while tracing in "measure"."""
         if self.mode == "off" or x.device.type != self.device_type:
             return None
-        if self.mode == "fixed":
-            fast = x.dtype == torch.float32 and weight.shape[-1] >= FIXED_MIN_KERNEL
-            return FIXED_FAST if fast else PLAIN
         key = shape_key(x, weight)
-        choice = self.choices.get(key)
+        known = self.fixed_choices if self.mode == "fixed" else self.choices  # a rule's choices are not state
+        choice = known.get(key)
         if choice is None:
-            choice = self._choose(key, x, weight)
+            choice = self._fixed(key, x, weight) if self.mode == "fixed" else self._choose(key, x, weight)
             if choice is not None:  # never time inside torch.compile's tracing or under a FlopCounter-like mode
-                self.choices[key] = choice
+                known[key] = choice
         return choice
+
+    def _fixed(self, key: str, x: torch.Tensor, weight: torch.Tensor) -> Optional[Formulation]:
+        """The "fixed" rule's formulation, its parts that fail the accuracy gate replaced by PyTorch's own."""
+        if not (x.dtype == torch.float32 and weight.shape[-1] >= FIXED_MIN_KERNEL):
+            return PLAIN
+        if _tracing_or_intercepted():
+            return None
+        names = {part: [name] for (part, _), name in zip(PARTS, FIXED_FAST)}
+        eligible, found = depthwise_gate.gate(depthwise_gate.sample_inputs(x, weight), names)
+        self._record_rejections(key, found, eligible, x.dtype)
+        return valid_formulation(
+            fast if fast in eligible[part] else plain for (part, _), fast, plain in zip(PARTS, FIXED_FAST, PLAIN)
+        )
+
+    def _record_rejections(
+        self, key: str, found: depthwise_gate.Errors, eligible: Dict[str, List[str]], dtype: torch.dtype
+    ) -> None:
+        rejected = depthwise_gate.describe_rejected(found, dtype, eligible)
+        if rejected:
+            self.rejected[key] = rejected
+            log.warning("depthwise %s: the accuracy gate rejected %s", key, rejected)
 
     def _choose(self, key: str, x: torch.Tensor, weight: torch.Tensor) -> Optional[Formulation]:
         """The disk cache's choice, else a measured one (None where measuring is not possible now). With a disk
@@ -168,12 +199,18 @@ class DepthwiseTuner:
 
         xs, gs = sample(x.shape).contiguous(memory_format=fmt), sample(x.shape).contiguous(memory_format=fmt)
         ws, bs = sample(weight.shape), sample(weight.shape[:1])
-        forward = {
-            n: f
-            for n, f in candidates(FORWARD, device).items()
-            if not (n == "channels_last" and fmt == torch.channels_last)
+        tables = {
+            "forward": {
+                n: f
+                for n, f in candidates(FORWARD, device).items()
+                if not (n == "channels_last" and fmt == torch.channels_last)
+            },
+            "grad_input": candidates(GRAD_INPUT, device),
+            "grad_weight": candidates(GRAD_WEIGHT, device),
         }
-        grad_input, grad_weight = candidates(GRAD_INPUT, device), candidates(GRAD_WEIGHT, device)
+        eligible, found = depthwise_gate.gate(depthwise_gate.sample_inputs(x, weight), tables)
+        self._record_rejections(key, found, eligible, x.dtype)
+        forward, grad_input, grad_weight = ({n: tables[p][n] for n in eligible[p]} for p in tables)
         with torch.no_grad():
             times = {
                 "forward": self.timer({n: functools.partial(f, xs, ws, bs) for n, f in forward.items()}, self.rounds),
@@ -188,6 +225,16 @@ class DepthwiseTuner:
         self.measured.append(key)
         self.measure_seconds += time.perf_counter() - start
         return valid_formulation(_fastest(times[part], reference) for part, reference in zip(times, PLAIN))
+
+    def summary(self) -> Dict[str, object]:
+        """The tuner's part of a run's summary: its mode, how many choices, what it measured and rejected."""
+        return {
+            "mode": self.mode,
+            "formulations": len(self.choices),
+            "measured": len(self.measured),
+            "measure_seconds": round(self.measure_seconds, 2),
+            "rejected": dict(self.rejected),
+        }
 
     # -- the optional disk cache ---------------------------------------------------------------------------------
     def _read_disk(self) -> Dict[str, Dict[str, List[str]]]:
@@ -225,4 +272,6 @@ class DepthwiseTuner:
         if times:
             parts = "; ".join(", ".join(f"{n} {ms:.2f} ms" for n, ms in part.items()) for part in times.values())
             line += f" ({parts})"
+        if key in self.rejected:
+            line += f"; rejected by the accuracy gate: {self.rejected[key]}"
         return line
