@@ -25,6 +25,7 @@ from results import machine, record, versions
 import conv2former  # noqa: F401  (registers the variants)
 from conv2former import depthwise as dw
 from conv2former.cpu.depthwise_tuner import DepthwiseTuner
+from conv2former.engine.precision import cast_like_engine
 
 
 def depthwise_shapes(
@@ -38,7 +39,7 @@ def depthwise_shapes(
     """(input shape, kernel, channels_last) of each distinct depthwise convolution of timm model ``name``, in forward
     order. The layout is the one the layer meets inside the model: timm's LayerNorm2d hands on channels_last strides
     and the 1x1 convolution after it keeps them, so even a model fed NCHW images runs most layers channels_last."""
-    model = timm.create_model(name).eval().to(device=device, dtype=dtype)
+    model = cast_like_engine(timm.create_model(name).eval().to(device), dtype)  # the stem BatchNorm stays fp32
     found: Dict[Tuple[Tuple[int, ...], int, bool], None] = {}
 
     def hook(module, inputs):
@@ -80,10 +81,10 @@ def main() -> None:
         for shape, k, channels_last in shapes:
             tuner = DepthwiseTuner("measure", rounds=args.rounds, device_type=device.type)
             layout = "channels_last" if channels_last else "NCHW"
-            x = torch.empty(shape, device=device, dtype=dtype).contiguous(
+            x = torch.randn(shape, device=device).to(dtype).contiguous(
                 memory_format=torch.channels_last if channels_last else torch.contiguous_format
             )
-            weight = torch.empty(shape[1], 1, k, k, device=device, dtype=dtype)
+            weight = (torch.randn(shape[1], 1, k, k, device=device) / k).to(dtype)  # the gate checks real values
             choice = tuner(x, weight)
             times = tuner.timings[dw.shape_key(x, weight)]
             plain = sum(part[ref] for part, ref in zip(times.values(), dw.PLAIN))
@@ -91,10 +92,13 @@ def main() -> None:
             cells = [" / ".join(f"{n} {ms:.2f}" for n, ms in part.items()) for part in times.values()]
             print(f"{name} {k}x{k} on {'x'.join(map(str, shape))} {layout} ({images} images): " + "; ".join(cells))
             print(f"    chosen {', '.join(choice)}: {chosen:.2f} ms vs PyTorch's own {plain:.2f} ms")
+            if dw.shape_key(x, weight) in tuner.rejected:
+                print(f"    rejected by the accuracy gate: {tuner.rejected[dw.shape_key(x, weight)]}")
             if args.json:
                 print(json.dumps({"depthwise_model": name, "kernel": k, "shape": list(shape), "layout": layout,
                                   "dtype": args.dtype, "times_ms": times, "chosen": list(choice),
-                                  "chosen_ms": round(chosen, 3), "plain_ms": round(plain, 3)}))  # fmt: skip
+                                  "chosen_ms": round(chosen, 3), "plain_ms": round(plain, 3),
+                                  "rejected": tuner.rejected.get(dw.shape_key(x, weight), "")}))  # fmt: skip
             rows.append(
                 f"| {datetime.date.today()} | {where} | {name} | {k}×{k} on {'×'.join(map(str, shape))} | {layout} ({images} images) | "
                 + " | ".join(cells)

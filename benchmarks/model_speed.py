@@ -31,6 +31,7 @@ from conv2former.complexity import count_gmacs
 from conv2former.config import CpuConfig
 from conv2former.cpu import CpuTuning
 from conv2former.cpu.malloc import freed_memory_kept
+from conv2former.engine.precision import cast_like_engine
 from conv2former.gpu_depthwise import GpuDepthwise
 
 # bf16 dense tensor-core peak (FLOP/s, no sparsity) by device-name fragment, from NVIDIA's data sheets.
@@ -94,7 +95,7 @@ def measure(
         model.set_grad_checkpointing(args.grad_checkpointing)
         x = torch.randn(args.batch, 3, args.resolution, args.resolution, device=device).to(memory_format=fmt)
         if depthwise_mode is not None:
-            model, x = model.to(torch.bfloat16), x.to(torch.bfloat16)
+            model, x = cast_like_engine(model, torch.bfloat16), x.to(torch.bfloat16)
             choosers[label] = GpuDepthwise(depthwise_mode)
         if args.compile:
             model = torch.compile(model)
@@ -144,8 +145,9 @@ def main() -> None:
     parser.add_argument(
         "--gpu-depthwise",
         action="store_true",
-        help="GPU: also our model with bf16 weights (as DeepSpeed trains) with PyTorch's depthwise convolutions and "
-        "with the measured choice among cuDNN, native and Triton (gpu.depthwise=measure)",
+        help="also our model with bf16 weights (as DeepSpeed trains) with PyTorch's depthwise convolutions and "
+        "with the measured choice among cuDNN, native and Triton (gpu.depthwise=measure; on CPU both rows compute "
+        "PyTorch's way: a rehearsal of the GPU rows)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON line per measured model")
     parser.add_argument("--record", action="store_true", help="add the rows to benchmarks/results/")
@@ -174,7 +176,7 @@ def main() -> None:
     models: Dict[str, Tuple[str, dict]] = {args.variant: (args.variant, {})}
     if device.type == "cpu" and not args.no_plain_depthwise:
         models[f"{args.variant}, plain depthwise"] = (args.variant, {"fast_depthwise": False})
-    if device.type == "cuda" and args.gpu_depthwise:
+    if args.gpu_depthwise:  # on CPU a rehearsal of the GPU rows (the chooser picks only on CUDA: PyTorch's own here)
         models[f"{args.variant}, bf16 weights"] = (args.variant, {"gpu_depthwise": "plain"})
         models[f"{args.variant}, bf16 weights, depthwise measured"] = (args.variant, {"gpu_depthwise": "measure"})
     models[args.baseline] = (args.baseline, {})

@@ -38,6 +38,8 @@ def tolerance(dtype: torch.dtype) -> float:
 def part_error(got: torch.Tensor, want: torch.Tensor) -> float:
     """max |got - want| / max(|want|, SCALE_FLOOR * rms(want)), elementwise, in ``want``'s dtype."""
     got = got.to(want.dtype)
+    if not bool(torch.isfinite(got).all()):
+        return float("inf")
     floor = want.pow(2).mean().sqrt() * SCALE_FLOOR
     if floor.item() == 0.0:  # an all-zero reference: only zeros match it
         return 0.0 if torch.equal(got, want) else float("inf")
@@ -88,18 +90,23 @@ def errors(inputs: Inputs, names: Mapping[str, Iterable[str]]) -> Errors:
 
 
 def sample_inputs(x: torch.Tensor, weight: torch.Tensor) -> Inputs:
-    """The gate's inputs for one call: the batch and weight as they are (detached), a bias and an output gradient
-    drawn from a private generator (never the global one: gating must not change a run)."""
+    """The gate's inputs for one call: the batch and weight as they are (detached; drawn values of their shapes where
+    they hold a non-finite value), a bias and an output gradient drawn from a private generator (never the global
+    one: gating must not change a run)."""
     gen = torch.Generator().manual_seed(0)
 
     def draw(shape: Tuple[int, ...]) -> torch.Tensor:
         return torch.randn(shape, generator=gen).to(device=x.device, dtype=x.dtype)
 
-    x = x.detach()
+    x, weight = x.detach(), weight.detach()
+    if not bool(torch.isfinite(x).all()):
+        x = draw(tuple(x.shape)).contiguous(memory_format=depthwise._memory_format(x))
+    if not bool(torch.isfinite(weight).all()):
+        weight = draw(tuple(weight.shape)) / weight.shape[-1]
     grad_out = draw(tuple(x.shape))
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         grad_out = grad_out.contiguous(memory_format=torch.channels_last)
-    return x, weight.detach(), draw((weight.shape[0],)), grad_out
+    return x, weight, draw((weight.shape[0],)), grad_out
 
 
 def gate(inputs: Inputs, names: Mapping[str, Iterable[str]]) -> Tuple[Dict[str, List[str]], Errors]:

@@ -81,10 +81,16 @@ def test_model_speed_json_feeds_the_suite_report(tmp_path):
         "1",
         "--memory-format",
         "nchw",
+        "--gpu-depthwise",  # the GPU rows' bf16 weights (the stem BatchNorm kept fp32), rehearsed on CPU
         "--json",
     )
     lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    assert [r["model"] for r in lines] == ["conv2former_demo", "conv2former_demo, plain depthwise"]
+    assert [r["model"] for r in lines] == [
+        "conv2former_demo",
+        "conv2former_demo, plain depthwise",
+        "conv2former_demo, bf16 weights",
+        "conv2former_demo, bf16 weights, depthwise measured",
+    ]
     assert all(r["images_per_s"] > 0 and r["ratio"] > 0 and r["mfu"] is None for r in lines)  # no MFU on CPU
     assert all(r["machine"]["isa"] and r["machine"]["threads"] >= 1 for r in lines)  # where the number holds
     # a train_speed-shaped line at 224 makes the projection: 90 x 14.2M images at 100 img/s per GPU on 8 GPUs
@@ -250,9 +256,12 @@ def test_depthwise_formulations_times_every_candidate_and_names_the_choice():
         "64",
         "--rounds",
         "1",
+        "--dtype",
+        "bf16",  # the GPU suite's dtype: the model cast as the engine casts it (the stem BatchNorm stays fp32)
         env=dict(ENV, C2F_DEPTHWISE=""),
     )
     layers = [line for line in done.stdout.splitlines() if " on " in line and "images)" in line]
+    assert "rejected by the accuracy gate: batch_groups (grad_weight" in done.stdout  # bf16: fast and wrong
     assert any(line.startswith("conv2former_demo 7x7") for line in layers)
     assert any(line.startswith("conv2former_demo 3x3") for line in layers)
     assert any(line.startswith("convnext_atto 7x7") for line in layers)

@@ -159,7 +159,9 @@ def test_the_gpu_chooser_measures_records_and_trains_through_its_choice():
     from conv2former import depthwise
     from conv2former.gpu_depthwise import GpuDepthwise
 
-    model = timm.create_model("conv2former_demo", num_classes=10).cuda().to(torch.bfloat16)
+    from conv2former.engine.precision import cast_like_engine
+
+    model = cast_like_engine(timm.create_model("conv2former_demo", num_classes=10).cuda(), torch.bfloat16)
     x = torch.randn(8, 3, 64, 64, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
     plain = model(x).float()
     chooser = GpuDepthwise.install("measure")

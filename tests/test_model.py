@@ -306,3 +306,21 @@ def test_stem_batchnorm_runs_in_fp32_under_deepspeed_style_bf16():
     # fp32 in, fp32 parameters: exactly nn.BatchNorm2d
     fresh, reference = BatchNorm2dFP32(6), torch.nn.BatchNorm2d(6)
     torch.testing.assert_close(fresh(x), reference(x), rtol=0, atol=0)
+
+
+def test_cast_like_engine_is_the_one_bf16_cast_and_model_to_bf16_breaks_the_stem():
+    """The defect the GPU checklist would have met first: ``model.to(torch.bfloat16)`` casts the stem BatchNorm's
+    running statistics too, and the fp32 BatchNorm then fails; ``cast_like_engine`` (what DeepSpeed's bf16 mode does:
+    parameters only) trains and evaluates, and is what the benchmarks, the GPU tests and the memory planner use."""
+    from conv2former.engine.precision import cast_like_engine
+
+    x = torch.randn(2, 3, 64, 64).bfloat16()
+    broken = timm.create_model("conv2former_demo", num_classes=10).to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="expected scalar type Float but found BFloat16"):
+        broken.eval()(x)
+    model = cast_like_engine(timm.create_model("conv2former_demo", num_classes=10), torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert all(b.dtype in (torch.float32, torch.int64) for b in model.buffers())
+    model.train()(x).float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in model.parameters())
+    assert model.eval()(x).dtype == torch.bfloat16

@@ -25,7 +25,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 import conv2former  # noqa: F401  (registers the variants)
 from conv2former.config import TrainConfig
-from conv2former.engine.precision import DTYPES
+from conv2former.engine.precision import DTYPES, cast_like_engine
 from conv2former.errors import UserError
 
 GiB = 1 << 30
@@ -43,9 +43,7 @@ def _fake_model(variant: str, num_classes: int, dtype: torch.dtype, grad_checkpo
     model.set_grad_checkpointing(grad_checkpointing)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     with mode:
-        model = model.to_empty(device="cpu").train()
-        for param in model.parameters():
-            param.data = param.data.to(dtype)
+        model = cast_like_engine(model.to_empty(device="cpu").train(), dtype)
     return model, mode
 
 

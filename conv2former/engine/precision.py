@@ -11,7 +11,7 @@ fp32 under both (conv2former/model.py ``BatchNorm2dFP32``), and so does the EMA 
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, TypeVar
 
 import torch
 
@@ -21,6 +21,21 @@ from conv2former.errors import UserError
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 COMM_DTYPES = ("fp32", "bf16", "fp16")
+
+
+Module = TypeVar("Module", bound=torch.nn.Module)
+
+
+def cast_like_engine(model: Module, dtype: torch.dtype) -> Module:
+    """``model`` (in place) as DeepSpeed's bf16/fp16 modes train it: floating parameters in ``dtype``, every buffer as
+    it is (deepspeed/runtime/engine.py casts parameters only), so the stem BatchNorm's running statistics stay fp32.
+    ``model.to(torch.bfloat16)`` casts the statistics too, and the fp32 BatchNorm then fails ("expected scalar type
+    Float but found BFloat16"). For anything that runs the model in a training precision outside the engine
+    (benchmarks, GPU tests, the memory planner); the caller casts the inputs."""
+    for param in model.parameters():
+        if param.is_floating_point():
+            param.data = param.data.to(dtype)
+    return model
 
 
 def resolve_precision(cfg: DeepSpeedConfig, gpu: bool) -> str:
