@@ -30,6 +30,8 @@ from conv2former.checkout import checkout_first
 REPO = checkout_first(__file__)
 from results import machine, record, versions  # noqa: E402  (benchmarks/results.py)
 
+from conv2former.engine.distributed import python_path  # noqa: E402
+
 
 def widened_copy(data: str, dest: Path) -> str:
     """The demo shards with classes.txt and _info.json saying 21,841 classes (labels stay the demo's)."""
@@ -45,7 +47,7 @@ def widened_copy(data: str, dest: Path) -> str:
 
 
 def pretrain(data: str, out: Path, variant: str, stage: int, steps: int) -> str:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=python_path(str(REPO)))
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
     from conv2former.engine.distributed import deepspeed_command
 
@@ -88,7 +90,7 @@ def export(out: Path) -> Dict[str, float]:
         ["/usr/bin/time", "-v", sys.executable, str(REPO / "launch" / "export.py"), str(out)],
         capture_output=True,
         text=True,
-        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        env=dict(os.environ, PYTHONPATH=python_path(str(REPO))),
     )
     seconds = time.perf_counter() - start
     if done.returncode != 0:

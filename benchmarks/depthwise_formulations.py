@@ -81,8 +81,10 @@ def main() -> None:
         for shape, k, channels_last in shapes:
             tuner = DepthwiseTuner("measure", rounds=args.rounds, device_type=device.type)
             layout = "channels_last" if channels_last else "NCHW"
-            x = torch.randn(shape, device=device).to(dtype).contiguous(
-                memory_format=torch.channels_last if channels_last else torch.contiguous_format
+            x = (
+                torch.randn(shape, device=device)
+                .to(dtype)
+                .contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
             )
             weight = (torch.randn(shape[1], 1, k, k, device=device) / k).to(dtype)  # the gate checks real values
             choice = tuner(x, weight)

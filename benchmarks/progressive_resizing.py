@@ -33,7 +33,7 @@ from results import REPO, machine, record, versions
 
 import conv2former  # noqa: F401
 from conv2former.data.size_schedule import SizeSchedule
-from conv2former.engine.distributed import deepspeed_command
+from conv2former.engine.distributed import deepspeed_command, python_path
 
 PAPER_SCHEDULE = [[0.0, 160], [0.6, 192], [0.8, 224]]
 DEMO_SCHEDULE = [[0.0, 32], [0.5, 64]]
@@ -93,7 +93,9 @@ def demo_run(data: str, out: Path, seed: int, epochs: int, schedule: bool) -> Di
     ]  # fmt: skip
     if schedule:
         args += ["--set", f"data.size_schedule={json.dumps(DEMO_SCHEDULE)}"]
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", PYTHONPATH=str(REPO))
+    env = dict(
+        os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", PYTHONPATH=python_path(str(REPO))
+    )
     if not torch.cuda.is_available():
         env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")  # 2 CPU ranks, one thread each
     proc = subprocess.run(deepspeed_command(str(REPO / "launch" / "pretrain.py"), *args, ranks=2), env=env,

@@ -28,6 +28,8 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 from results import machine, record, versions  # noqa: E402  (benchmarks/results.py)
 
+from conv2former.engine.distributed import python_path  # noqa: E402
+
 SYNSETS = ["n01440764", "n01443537", "n01484850", "n01491361", "n01494475", "n01496331", "n01498041", "n01514668"]
 
 
@@ -83,7 +85,8 @@ def main() -> None:
         rows = [("tar cf", tar_s, None)]
         for i, (name, extra) in enumerate(runs.items()):
             seconds, out = timed(
-                shard + [str(work / f"out{i}")] + common + extra, env=dict(os.environ, PYTHONPATH=str(REPO))
+                shard + [str(work / f"out{i}")] + common + extra,
+                env=dict(os.environ, PYTHONPATH=python_path(str(REPO))),
             )
             match = re.search(r"\(([0-9.]+) img/s\)", out)
             rows.append((name, seconds, float(match.group(1)) if match else None))

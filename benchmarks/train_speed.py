@@ -27,7 +27,7 @@ import torch
 import yaml
 from results import REPO, machine, machine_info, record, versions
 
-from conv2former.engine.distributed import deepspeed_command
+from conv2former.engine.distributed import deepspeed_command, python_path
 
 
 def run_stage(stage: int, args: argparse.Namespace, env: dict) -> dict:
@@ -103,7 +103,7 @@ def main() -> None:
             raise SystemExit(f"error: {args.data} holds no shards (_info.json); make them with data_prep/shard.py")
         subprocess.run([sys.executable, str(REPO / "data_prep" / "shard.py"), "demo", "--quiet"], check=True)
     bin_dir = Path(sys.executable).parent
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHONPATH=str(REPO))
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHONPATH=python_path(str(REPO)))
     if not torch.cuda.is_available():
         env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
 

@@ -61,7 +61,9 @@ def _exact_fp32() -> Iterator[None]:
 Inputs = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # x, weight, bias, grad_out
 
 
-def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, grad_out: torch.Tensor) -> Dict[str, torch.Tensor]:
+def reference(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, grad_out: torch.Tensor
+) -> Dict[str, torch.Tensor]:
     """Each part computed by PyTorch's own formulation in fp32 (fp64 for fp64 inputs) from the same input values."""
     wide = torch.float64 if x.dtype == torch.float64 else torch.float32
     x, weight, bias, grad_out = (t.to(wide) for t in (x, weight, bias, grad_out))
@@ -85,7 +87,9 @@ def errors(inputs: Inputs, names: Mapping[str, Iterable[str]]) -> Errors:
     out: Errors = {}
     with torch.no_grad():
         for part, candidates in names.items():
-            out[part] = {name: part_error(tables[part][name](*_arguments(part, inputs)), want[part]) for name in candidates}
+            out[part] = {
+                name: part_error(tables[part][name](*_arguments(part, inputs)), want[part]) for name in candidates
+            }
     return out
 
 

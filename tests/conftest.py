@@ -19,6 +19,8 @@ os.environ.setdefault("C2F_DEPTHWISE", "fixed")
 os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
 sys.path.insert(0, os.path.dirname(__file__))
 
+from conv2former.engine.distributed import python_path  # noqa: E402  (after the environment above is set)
+
 
 @pytest.fixture(autouse=True)
 def _environment_restored():
@@ -50,7 +52,7 @@ def demo_root(tmp_path_factory) -> Path:
     """The demo dataset (``data_prep/shard.py demo``: generated images, "22k" and "1k" shards), built once per test
     session under pytest's temporary directory, never inside the checkout."""
     out = tmp_path_factory.mktemp("demo-data")
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=python_path(str(REPO)), OMP_NUM_THREADS="1")
     subprocess.run(
         [sys.executable, str(REPO / "data_prep" / "shard.py"), "demo", "--out", str(out), "--quiet"],
         check=True,
@@ -87,7 +89,11 @@ def next_port() -> int:
 def stage_env() -> dict:
     """The environment a stage runs in: one OpenMP thread per rank, DeepSpeed's CPU accelerator, this checkout."""
     return dict(
-        os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PATH=f"{BIN}:{os.environ['PATH']}", PYTHONPATH=str(REPO)
+        os.environ,
+        OMP_NUM_THREADS="1",
+        DS_ACCELERATOR="cpu",
+        PATH=f"{BIN}:{os.environ['PATH']}",
+        PYTHONPATH=python_path(str(REPO)),
     )
 
 

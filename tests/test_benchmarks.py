@@ -17,7 +17,9 @@ sys.path.insert(0, str(BENCH))
 import results  # noqa: E402  (benchmarks/results.py)
 import suite_report  # noqa: E402
 
-ENV = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="2")
+from conv2former.engine.distributed import python_path  # noqa: E402
+
+ENV = dict(os.environ, PYTHONPATH=python_path(str(REPO)), OMP_NUM_THREADS="2")
 
 
 def run(*args: str, check: bool = True, env: dict = ENV) -> subprocess.CompletedProcess:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from conv2former.engine.checkpoint import COMPLETE, tag_for
+from conv2former.engine.distributed import python_path
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -79,7 +80,7 @@ print("RESULT " + json.dumps(out))
 
 
 def test_save_keeps_the_newest_complete_tags_and_resume_falls_back(tmp_path):
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=python_path(str(REPO)))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     proc = subprocess.run(

@@ -254,12 +254,20 @@ def test_nccl_runs_keep_torchs_teardown_and_dump_the_flight_recorder_into_the_ru
 
     for key in (*NCCL_FAULT_SETTINGS, "TORCH_FR_DUMP_TEMP_FILE"):
         monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("TORCH_NCCL_TRACE_BUFFER_SIZE", "50")
+    monkeypatch.delenv("TORCH_NCCL_TRACE_BUFFER_SIZE", raising=False)
     chosen = nccl_fault_settings(str(tmp_path / "nccl_trace"))
-    assert os.environ["TORCH_NCCL_TRACE_BUFFER_SIZE"] == "50" and "TORCH_NCCL_TRACE_BUFFER_SIZE" not in chosen
+    assert chosen["TORCH_FR_BUFFER_SIZE"] == "2000" and "TORCH_NCCL_TRACE_BUFFER_SIZE" not in os.environ  # torch 2.14
     assert os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "3" and os.environ["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1"
     assert os.environ["TORCH_FR_DUMP_TEMP_FILE"] == str(tmp_path / "nccl_trace" / "rank_")
     assert (tmp_path / "nccl_trace").is_dir()
+    # a value the user set wins, under the current name or the deprecated one
+    for key in (*NCCL_FAULT_SETTINGS, "TORCH_FR_DUMP_TEMP_FILE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("TORCH_NCCL_TRACE_BUFFER_SIZE", "50")
+    monkeypatch.setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
+    chosen = nccl_fault_settings(str(tmp_path / "nccl_trace"))
+    assert "TORCH_FR_BUFFER_SIZE" not in chosen and "TORCH_NCCL_ASYNC_ERROR_HANDLING" not in chosen
+    assert os.environ["TORCH_NCCL_TRACE_BUFFER_SIZE"] == "50" and os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "2"
 
 
 def test_a_late_read_on_cpu_is_the_tensor_after_its_collective():

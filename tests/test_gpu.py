@@ -17,6 +17,8 @@ import pytest
 import torch
 from test_pretrain import run_pretrain
 
+from conv2former.engine.distributed import python_path
+
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
 # variant -> (image size, micro batch = global batch on one GPU)
@@ -28,7 +30,7 @@ def gpu_run(*args: str) -> dict:
     environ = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
     environ.update(
         PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-        PYTHONPATH=str(Path(__file__).resolve().parent.parent),
+        PYTHONPATH=python_path(str(Path(__file__).resolve().parent.parent)),
     )
     return run_pretrain(*args, ranks=1, environ=environ)
 
@@ -157,9 +159,8 @@ def test_the_gpu_chooser_measures_records_and_trains_through_its_choice():
 
     import conv2former  # noqa: F401
     from conv2former import depthwise
-    from conv2former.gpu_depthwise import GpuDepthwise
-
     from conv2former.engine.precision import cast_like_engine
+    from conv2former.gpu_depthwise import GpuDepthwise
 
     model = cast_like_engine(timm.create_model("conv2former_demo", num_classes=10).cuda(), torch.bfloat16)
     x = torch.randn(8, 3, 64, 64, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)

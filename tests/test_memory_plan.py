@@ -11,6 +11,7 @@ import sys
 import pytest
 from conftest import REPO
 
+from conv2former.engine.distributed import python_path
 from conv2former.engine.memory_plan import GiB, parse_memory, state_bytes, step_activation_bytes
 
 # One real step of a small variant in a fresh process: the peak resident memory above what the process held before
@@ -38,7 +39,7 @@ def test_the_planned_step_is_within_15_percent_of_what_a_real_step_holds():
     against the resident memory one real step adds on this CPU."""
     import timm
 
-    environ = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    environ = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=python_path(str(REPO)), OMP_NUM_THREADS="1")
     done = subprocess.run(
         [sys.executable, "-c", REAL_STEP, "conv2former_n", "32", "64"], env=environ, capture_output=True, text=True
     )
@@ -78,7 +79,7 @@ def test_the_optimizer_state_follows_zeros_memory_model():
 def run_launcher(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     launched = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # (an in-process run set them)
     environ = {k: v for k, v in os.environ.items() if k not in launched}
-    environ.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="2")
+    environ.update(PYTHONPATH=python_path(str(REPO)), OMP_NUM_THREADS="2")
     done = subprocess.run([sys.executable, str(REPO / "launch" / "pretrain.py"), *args], env=environ,
                           capture_output=True, text=True)  # fmt: skip
     assert not check or done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]

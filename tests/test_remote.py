@@ -24,6 +24,7 @@ from conv2former.config import DataConfig
 from conv2former.data.loader import build_loader
 from conv2former.data.remote import LOCK_SUFFIX, PARTIAL
 from conv2former.data.shards import open_split
+from conv2former.engine.distributed import python_path
 from conv2former.errors import UserError
 from conv2former.units import parse_bytes
 
@@ -119,7 +120,7 @@ def test_two_processes_opening_the_same_split_at_once_never_fail(s3, tmp_path):
     caches = [str(tmp_path / f"cache{round_}") for round_ in range(20)]
     worker = str(Path(__file__).parent / "concurrent_open.py")
     procs = [subprocess.Popen([sys.executable, worker, "s3://c2f-remote/in1k", str(w), "2", *caches], cwd=str(REPO),
-                              env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE,
+                              env=dict(os.environ, PYTHONPATH=python_path(str(REPO))), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for w in (0, 1)]  # fmt: skip
     outputs = [proc.communicate(timeout=400) for proc in procs]  # (a worker ends itself after 240 s, with stacks)
     for proc, (out, err) in zip(procs, outputs):

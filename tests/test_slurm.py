@@ -13,6 +13,8 @@ import pytest
 from conftest import summary_from
 from slurm_cluster import SlurmCluster, ensure_installed
 
+from conv2former.engine.distributed import python_path
+
 REPO = Path(__file__).resolve().parent.parent
 SLURM = REPO / "launch" / "slurm"
 SMALL = ["--variant", "demo", "--image-size", "32", "--set", "logging.print_every=1"]
@@ -30,7 +32,7 @@ def cluster(tmp_path_factory):
     root = tmp_path_factory.mktemp("slurm")
     c = SlurmCluster(root)
     c.start()
-    c.env.update(C2F_PYTHON=sys.executable, C2F_REPO=str(REPO), PYTHONPATH=str(REPO))
+    c.env.update(C2F_PYTHON=sys.executable, C2F_REPO=str(REPO), PYTHONPATH=python_path(str(REPO)))
     yield c
     c.stop()
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conv2former import depthwise
+from conv2former.engine.distributed import python_path
 from conv2former.errors import UserError
 from conv2former.gpu_depthwise import TRITON, GpuDepthwise
 
@@ -22,7 +23,7 @@ BF16_ULP = 2.0**-7  # bf16 keeps 8 significant bits: one ulp is at most 2^-7 of 
 
 @pytest.fixture(scope="module")
 def interpreted():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=python_path(str(REPO)), OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, str(REPO / "tests" / "triton_depthwise_cases.py")], env=env,
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]

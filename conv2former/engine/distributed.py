@@ -13,13 +13,24 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from conv2former.errors import UserError
+
 
 def deepspeed_command(script: str, *args: str, ranks: int = 2, port: Optional[int] = None) -> List[str]:
-    """The command line that runs ``script`` on ``ranks`` local ranks under the deepspeed launcher of this Python's
-    environment, on a free rendezvous port unless ``port`` is given (the demo, the benchmarks and the tests)."""
-    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    """The command line that runs ``script`` on ``ranks`` local ranks under the deepspeed launcher of this Python
+    (``python -m deepspeed.launcher.runner``: what the ``deepspeed`` script runs, found wherever deepspeed is importable,
+    a ``pip --target`` directory on PYTHONPATH included), on a free rendezvous port unless ``port`` is given (the demo,
+    the benchmarks and the tests)."""
     port = free_port() if port is None else port
-    return [launcher, "--num_gpus", str(ranks), "--master_port", str(port), script, *args]
+    launcher = [sys.executable, "-m", "deepspeed.launcher.runner"]
+    return [*launcher, "--num_gpus", str(ranks), "--master_port", str(port), script, *args]
+
+
+def python_path(*first: str) -> str:
+    """A PYTHONPATH with ``first`` ahead of the environment's own entries (extended, never replaced: a ``pip --target``
+    install on PYTHONPATH stays importable in the child)."""
+    entries = [*first, *os.environ.get("PYTHONPATH", "").split(os.pathsep)]
+    return os.pathsep.join(dict.fromkeys(e for e in entries if e))
 
 
 def free_port() -> int:
@@ -114,13 +125,29 @@ def make_deterministic() -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
+def cuda_index(local_rank: int, visible: int) -> int:
+    """Which of the ``visible`` GPUs this process sees is its own: its local rank where each rank sees every GPU of
+    the node (deepspeed, torchrun, srun without binding), the only one where it sees one (Slurm's
+    ``--gpus-per-task=1`` and sites that bind a GPU to each task set CUDA_VISIBLE_DEVICES per rank). A one-line
+    ``UserError`` where neither holds."""
+    if visible == 1:
+        return 0
+    if 0 <= local_rank < visible:
+        return local_rank
+    shown = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
+    raise UserError(
+        f"local rank {local_rank} sees {visible} GPUs (CUDA_VISIBLE_DEVICES={shown}): start at most {visible} ranks "
+        "per node, or bind one GPU to each rank (srun --gpus-per-task=1)"
+    )
+
+
 def this_process() -> Process:
     """Where this process sits, from the launcher's variables (a one-rank job without one), with its GPU made the
     current device (so that NCCL collectives and DALI run on the rank's own GPU, not all on GPU 0)."""
     single_process_env()
     rank, world_size, local_rank = world_from_env()
     gpu = torch.cuda.is_available()
-    device = torch.device("cuda", local_rank) if gpu else torch.device("cpu")
+    device = torch.device("cuda", cuda_index(local_rank, torch.cuda.device_count())) if gpu else torch.device("cpu")
     if gpu:
         torch.cuda.set_device(device)
     return Process(rank, world_size, local_rank, device)
@@ -133,16 +160,23 @@ def this_process() -> Process:
 # collectives dumped on a timeout, for torch.distributed.flight_recorder.fr_trace to name the rank that did not join.
 NCCL_FAULT_SETTINGS = {
     "TORCH_NCCL_ASYNC_ERROR_HANDLING": "3",  # torch's default: tear the process down (no NCCL clean-up)
-    "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000",  # the flight recorder: the last 2000 collectives of each rank
+    "TORCH_FR_BUFFER_SIZE": "2000",  # the flight recorder: the last 2000 collectives of each rank (torch >= 2.14's name)
     "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",  # ... written out when a collective times out
 }
+
+
+DEPRECATED_NAMES = {"TORCH_FR_BUFFER_SIZE": "TORCH_NCCL_TRACE_BUFFER_SIZE"}  # torch still reads the old name
 
 
 def nccl_fault_settings(trace_dir: str) -> Dict[str, str]:
     """Set (unless already set) the NCCL fault settings above, the flight recorder dumping into ``trace_dir``
     (``rank_<N>`` files); returns what was set. Must run before the process group starts."""
     wanted = {**NCCL_FAULT_SETTINGS, "TORCH_FR_DUMP_TEMP_FILE": os.path.join(trace_dir, "rank_")}
-    chosen = {key: value for key, value in wanted.items() if key not in os.environ}
+    chosen = {
+        key: value
+        for key, value in wanted.items()
+        if key not in os.environ and DEPRECATED_NAMES.get(key, key) not in os.environ  # a user's old name wins too
+    }
     if "TORCH_FR_DUMP_TEMP_FILE" in chosen:
         os.makedirs(trace_dir, exist_ok=True)
     os.environ.update(chosen)

@@ -17,7 +17,8 @@ export C2F_PYTHON PYTHONPATH="$C2F_REPO${PYTHONPATH:+:$PYTHONPATH}"
 export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
-export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+# NCCL's fault handling is the engine's (docs/training.md "A dead or hung rank": TORCH_NCCL_ASYNC_ERROR_HANDLING=3 and
+# the flight recorder, set in each rank unless the environment already holds them): nothing is overridden here.
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
     export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}   # CPU nodes (and the tests): DeepSpeed's CPU accelerator, gloo
@@ -39,7 +40,7 @@ c2f_run() {
         C2F_HOSTS=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/\$/ slots=$gpus/")
         srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c \
             'hostfile=/tmp/c2f-hostfile-$SLURM_JOB_ID-$SLURM_NODEID && printf "%s\n" "$C2F_HOSTS" > "$hostfile" &&
-             exec "$(dirname "$C2F_PYTHON")/deepspeed" --hostfile "$hostfile" --no_ssh --num_nodes "$SLURM_NNODES" \
+             exec "$C2F_PYTHON" -m deepspeed.launcher.runner --hostfile "$hostfile" --no_ssh --num_nodes "$SLURM_NNODES" \
                  --node_rank "$SLURM_NODEID" --num_gpus "$0" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
                  "$@"' "$gpus" "$script" "$@" &
     else
