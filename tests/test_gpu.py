@@ -3,7 +3,8 @@
 One GPU, the real deepspeed launcher, bf16, DALI ``mixed`` decoding (the GPU default), channels_last batches,
 EMA on: the demo model and Conv2Former-L, ZeRO 1 and 3, 30 steps, stopped at 15 and relaunched, which must end
 bit for bit where the uninterrupted run ends (as on CPU), with an fp32 export that loads strictly.
-`benchmarks/gpu_checklist.sh` runs this file together with the dali-gpu loader tests and the GPU benchmarks.
+`benchmarks/gpu_checklist.py` runs this file in stages (cheap tests first) with the dali-gpu loader tests and the GPU
+benchmarks; ``C2F_MEASUREMENTS`` (a JSON-lines file) receives what the tests measure.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def gpu_run(*args: str) -> dict:
     return run_pretrain(*args, ranks=1, environ=environ)
 
 
-def args_for(variant: str, stage: int, data: str, out: Path) -> list[str]:
+def args_for(variant: str, stage: int, data: str, out: Path, backend: str = "dali-gpu") -> list[str]:
     size, batch = SETTINGS[variant]
     return [
         "--variant",
@@ -61,7 +62,7 @@ def args_for(variant: str, stage: int, data: str, out: Path) -> list[str]:
         "--set",
         f"schedule.global_batch={batch}",
         "--set",
-        "data.backend=dali-gpu",
+        f"data.backend={backend}",
         "--set",
         "data.channels_last=true",
         "--set",
@@ -77,12 +78,17 @@ def export_tensors(run: Path) -> dict:
     return load_file(run / "export" / "model.safetensors")
 
 
-@pytest.mark.parametrize("variant", ["demo", "l"])
-@pytest.mark.parametrize("stage", [1, 3])
-def test_bf16_zero_run_stops_resumes_bitwise_and_exports(demo_shards, tmp_path, variant, stage):
-    whole = gpu_run(*args_for(variant, stage, demo_shards, tmp_path / "whole"))
+@pytest.mark.parametrize(
+    "variant, stage, backend",
+    [("demo", 1, "torch"), ("demo", 1, "dali"), ("demo", 3, "dali"), ("l", 1, "dali"), ("l", 3, "dali")],
+    ids=lambda v: str(v),
+)
+def test_bf16_zero_run_stops_resumes_bitwise_and_exports(demo_shards, tmp_path, variant, stage, backend):
+    """ids: demo-1-torch (the checklist's stage 4: no DALI needed), demo-1-dali (stage 5), the rest (stage 6)."""
+    loader = "dali-gpu" if backend == "dali" else backend
+    whole = gpu_run(*args_for(variant, stage, demo_shards, tmp_path / "whole", loader))
     assert whole["step"] == 30 and math.isfinite(whole["loss"]), whole
-    resumed_args = args_for(variant, stage, demo_shards, tmp_path / "split")
+    resumed_args = args_for(variant, stage, demo_shards, tmp_path / "split", loader)
     first = gpu_run(*resumed_args, "--max-steps", "15")  # the later flag wins: stop at 15
     assert first["step"] == 15
     second = gpu_run(*resumed_args)
@@ -150,6 +156,38 @@ def test_every_cuda_depthwise_candidate_equals_conv2d(dtype, channels_last):
             for name, run in depthwise.candidates(table, device).items():
                 got = run(*args).float()
                 assert ((got - want).abs() / scale).max().item() <= tolerance, (part, name, batch, channels, size, k)
+
+
+def test_triton_kernels_compile_in_seconds_each():
+    """The first call of each Triton kernel (forward, input and weight gradients) at Conv2Former-L's kernel sizes and
+    the MLP's 3x3, in bf16 channels_last: compiled, correct against fp32 F.conv2d (the accuracy gate), and timed (the
+    compile time goes to C2F_MEASUREMENTS; Triton unrolls 121 taps at 11x11, the risk the checklist watches)."""
+    import json
+    import time
+
+    from conv2former import depthwise_gate, triton_depthwise
+
+    rows = []
+    for k, channels, size in ((11, 192, 28), (3, 768, 14)):
+        x = torch.randn(4, channels, size, size, device="cuda").to(torch.bfloat16)
+        x = x.contiguous(memory_format=torch.channels_last)
+        w = (torch.randn(channels, 1, k, k, device="cuda") / k).to(torch.bfloat16)
+        inputs = depthwise_gate.sample_inputs(x, w)
+        want = depthwise_gate.reference(*inputs)
+        for part in ("forward", "grad_input", "grad_weight"):
+            args = (inputs[0], inputs[1], inputs[2]) if part == "forward" else (inputs[3], inputs[0], inputs[1])
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            got = getattr(triton_depthwise, part)(*args)
+            torch.cuda.synchronize()
+            first = time.perf_counter() - start
+            error = depthwise_gate.part_error(got.float(), want[part])
+            rows.append({"triton_compile": part, "kernel": k, "first_call_s": round(first, 2), "error": error})
+            assert error <= depthwise_gate.tolerance(torch.bfloat16), rows[-1]
+    print("\n".join(json.dumps(r) for r in rows))
+    if os.environ.get("C2F_MEASUREMENTS"):
+        with open(os.environ["C2F_MEASUREMENTS"], "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
 def test_the_gpu_chooser_measures_records_and_trains_through_its_choice():

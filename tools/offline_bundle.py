@@ -37,7 +37,15 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from offline_install import FORMAT, HOST_STACK, MANIFEST, PART_PREFIX, WHEELS, sha256_file  # noqa: E402
+from offline_install import (  # noqa: E402
+    FORMAT,
+    HOST_STACK,
+    MANIFEST,
+    PART_PREFIX,
+    SMOKE_IMPORTS,
+    WHEELS,
+    sha256_file,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT = "conv2former-pretrain"
@@ -101,10 +109,12 @@ def build_local_wheels(dest: Path, deepspeed_version: str) -> None:
 
 
 def roots(args, pinned: dict[str, str], local: Path) -> list[str]:
+    dali = [f"nvidia-dali-cuda{args.cuda}0=={pinned['nvidia-dali-cuda120']}"]
+    if args.dali_only:
+        return dali
     version = wheel_name_version(next(local.glob("conv2former_pretrain-*.whl")))[1]
     extras = f"[{','.join(args.extras)}]" if args.extras else ""
-    dali = f"nvidia-dali-cuda{args.cuda}0"
-    found = [f"{PROJECT}{extras}=={version}", f"{dali}=={pinned['nvidia-dali-cuda120']}"]
+    found = [f"{PROJECT}{extras}=={version}", *([] if args.no_dali else dali)]
     if not args.no_tests:
         found += [f"{t}=={pinned[t]}" if t in pinned else t for t in TEST_TOOLS]
     return found
@@ -153,15 +163,15 @@ def target_environment(args) -> dict[str, str]:
     return env
 
 
-def reachable(items: list[dict], roots_: list[str], env: dict[str, str]) -> set[str]:
-    """Names reachable from the roots without passing through the host's PyTorch stack."""
+def reachable(items: list[dict], roots_: list[str], env: dict[str, str], host_has: tuple[str, ...] = ()) -> set[str]:
+    """Names reachable from the roots without passing through the host's PyTorch stack (or ``host_has``)."""
     by_name = {canonicalize_name(i["metadata"]["name"]): i for i in items}
     todo = [Requirement(r) for r in roots_]
     seen: set[str] = set()
     while todo:
         req = todo.pop()
         name = canonicalize_name(req.name)
-        if name in HOST_STACK or name not in by_name:
+        if name in HOST_STACK or name in host_has or name not in by_name:
             continue
         extras = set(req.extras)
         key = f"{name}[{','.join(sorted(extras))}]"
@@ -213,10 +223,11 @@ def build(args) -> dict:
     with tempfile.TemporaryDirectory(prefix="offline-bundle-") as tmp:
         work = Path(tmp)
         local = work / "local"
-        build_local_wheels(local, pinned["deepspeed"])
+        if not args.dali_only:  # DALI alone needs neither this project's wheel nor DeepSpeed's
+            build_local_wheels(local, pinned["deepspeed"])
         roots_ = roots(args, pinned, local)
         items = resolve(args, roots_, local, work, pinned)
-        keep = reachable(items, roots_, target_environment(args))
+        keep = reachable(items, roots_, target_environment(args), tuple(args.host_provides))
         kept = [i for i in items if canonicalize_name(i["metadata"]["name"]) in keep]
         host = sorted(i["metadata"]["name"] for i in items if i not in kept)
         local_files = {canonicalize_name(p.name.split("-")[0]): p for p in local.glob("*.whl")}
@@ -259,13 +270,21 @@ def write_manifest(args, out: Path, wheels_dir: Path, roots_: list[str], host: l
         "roots": roots_,
         # this project (its version string does not change with every commit), and the two libraries whose exact
         # release the bf16 path was tested with (a GPU image's older copy may satisfy the range and still differ)
-        "always_install": [PROJECT, "deepspeed", "timm"],
+        "always_install": [] if getattr(args, "dali_only", False) else [PROJECT, "deepspeed", "timm"],
+        # what the installer imports to prove the install worked
+        "smoke_imports": smoke_imports(args),
         "host_provided": host,
         "wheels": wheels,
         "parts": parts,
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest
+
+
+def smoke_imports(args) -> list[str]:
+    if getattr(args, "dali_only", False):
+        return ["nvidia.dali"]
+    return [m for m in SMOKE_IMPORTS if not (m == "nvidia.dali" and getattr(args, "no_dali", False))]
 
 
 def parse_args(argv):
@@ -291,6 +310,13 @@ def parse_args(argv):
     )
     parser.add_argument("--extras", default="s3", help="project extras to include, comma-separated ('' for none)")
     parser.add_argument("--no-tests", action="store_true", help="leave out pytest (needed to run tests/ there)")
+    parser.add_argument("--no-dali", action="store_true", help="leave out DALI (and its CUDA libraries)")
+    parser.add_argument("--dali-only", action="store_true", help="DALI and its CUDA libraries alone")
+    parser.add_argument(
+        "--host-provides",
+        default="",
+        help="comma-separated packages the host already has (left out with what only they need), e.g. tensorboard",
+    )
     parser.add_argument("--part-mib", type=float, default=0, help="cut the bundle into parts of at most N MiB")
     parser.add_argument("--out", type=Path, default=REPO / "dist" / "offline", help="output folder (replaced)")
     args = parser.parse_args(argv)
@@ -298,6 +324,9 @@ def parse_args(argv):
         parser.error(f"--glibc {args.glibc!r}: give the version ldd --version prints, 2.17 or newer (e.g. 2.35)")
     args.platform = args.platform or platforms(args.glibc, args.arch)
     args.extras = [e for e in args.extras.split(",") if e]
+    args.host_provides = [canonicalize_name(p) for p in args.host_provides.split(",") if p]
+    if args.no_dali and args.dali_only:
+        parser.error("--no-dali and --dali-only exclude each other")
     if not re.fullmatch(r"3\.\d+", args.python_version):
         parser.error(f"--python-version {args.python_version!r}: give major.minor, e.g. 3.12")
     if args.part_mib < 0 or 0 < args.part_mib < 1:

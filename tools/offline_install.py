@@ -257,16 +257,21 @@ def pip_install(folder: Path, wheels: list[dict], target: Path | None) -> None:
         raise BundleError("pip could not install the bundle (its message is above)")
 
 
-def smoke_test(target: Path | None) -> str:
+def smoke_test(target: Path | None, imports: tuple[str, ...] = SMOKE_IMPORTS) -> str:
     env = dict(os.environ)
     if target:
         env["PYTHONPATH"] = os.pathsep.join([str(target)] + [p for p in [env.get("PYTHONPATH")] if p])
     code = (
         "import importlib, importlib.metadata as m\n"
-        f"for mod in {SMOKE_IMPORTS!r}: importlib.import_module(mod)\n"
-        "print(', '.join(f'{d} {m.version(d)}' for d in ('torch', 'deepspeed', 'webdataset', "
-        "[x.metadata['Name'] for x in m.distributions() if x.metadata['Name'].startswith('nvidia-dali')][0], "
-        "'timm', 'conv2former-pretrain')))\n"
+        f"for mod in {tuple(imports)!r}: importlib.import_module(mod)\n"
+        "names = ('torch', 'deepspeed', 'webdataset', 'timm', 'conv2former-pretrain')\n"
+        "names += tuple(x.metadata['Name'] for x in m.distributions() if x.metadata['Name'].startswith('nvidia-dali'))\n"
+        "def version(d):\n"
+        "    try:\n"
+        "        return m.version(d)\n"
+        "    except m.PackageNotFoundError:\n"
+        "        return None\n"
+        "print(', '.join(f'{d} {version(d)}' for d in names if version(d)))\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=os.sep
@@ -307,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if plan.install:
             pip_install(folder, plan.install, target)
-        print("import check: " + smoke_test(target))
+        print("import check: " + smoke_test(target, tuple(manifest.get("smoke_imports", SMOKE_IMPORTS))))
         if target:
             print(f"done: put it on the path with  export PYTHONPATH={target}:$PYTHONPATH")
         return 0
