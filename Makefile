@@ -7,7 +7,7 @@ PYTEST := DS_ACCELERATOR=cpu OMP_NUM_THREADS=2 PATH=$(CURDIR)/$(VENV)/bin:$$PATH
 # 2 CPU ranks with DeepSpeed (one OpenMP thread each: 2 ranks x 2 threads on 2 cores is 4x slower)
 DEEPSPEED := DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/deepspeed --num_gpus 2
 
-.PHONY: demo test test-fast test-slow test-slurm lint bench table install offline-bundle clean
+.PHONY: demo test test-fast test-slow test-slurm lint bench table install offline-bundle gpu-kit clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -63,6 +63,11 @@ PYVER ?= 3.12
 GLIBC ?= 2.28
 offline-bundle: $(STAMP)
 	$(PY) tools/offline_bundle.py --cuda $(CUDA) --python-version $(PYVER) --glibc $(GLIBC) $(if $(PART_MIB),--part-mib $(PART_MIB))
+
+# The files a GPU reservation carries to run benchmarks/gpu_checklist.py (docs/performance.md): dist/gpu-kit/core
+# (<= 16 MiB) and dist/gpu-kit/dali (chunks <= 62 MiB); install there with launch/install_gpu_kit.sh dist/gpu-kit.
+gpu-kit: $(STAMP)
+	$(PY) tools/gpu_kit.py build --out dist/gpu-kit --python-version $(PYVER) --cuda $(CUDA)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

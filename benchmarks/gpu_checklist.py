@@ -2,7 +2,7 @@
 
     python benchmarks/gpu_checklist.py [--out DIR] [--deadline 560] [--from N | --only N] [--record]
     python benchmarks/gpu_checklist.py --list                  # the stages, their budgets, where the next run starts
-    python benchmarks/gpu_checklist.py --rehearse --out DIR    # CPU: every stage that has a CPU form (CI runs this)
+    python benchmarks/gpu_checklist.py --rehearse --out DIR [--kit dist/gpu-kit]   # CPU: the stages' CPU forms
     python benchmarks/gpu_checklist.py record DIR              # add a reservation's stages.json to the record
 
 Stages, by value per minute of GPU time (docs/performance.md says what each proves):
@@ -45,7 +45,18 @@ RECORD = REPO / "benchmarks" / "results" / "gpu_checklist.jsonl"
 MAX_RESULT_FILES = 8
 KILL_GRACE_S = 10
 PY = sys.executable
-PYTEST = [PY, "-m", "pytest", "-q", "-ra", "-p", "no:cacheprovider", "-o", "addopts=", "--capture=sys"]  # fd 2 stays the log
+PYTEST = [
+    PY,
+    "-m",
+    "pytest",
+    "-q",
+    "-ra",
+    "-p",
+    "no:cacheprovider",
+    "-o",
+    "addopts=",
+    "--capture=sys",
+]  # fd 2 stays the log
 
 
 @dataclass(frozen=True)
@@ -302,6 +313,16 @@ def check_result_folder(out: Path) -> List[str]:
     return []
 
 
+def kit_problems(kit: Optional[Path]) -> List[str]:
+    """The GPU kit's files over their limits (tools/gpu_kit.py), where a kit is given."""
+    if kit is None:
+        return []
+    sys.path.insert(0, str(REPO / "tools"))
+    import gpu_kit
+
+    return list(gpu_kit.kit_problems(kit))
+
+
 def record(stages_json: Path, record_file: Path) -> int:
     """Append a reservation's stages (its stages.json) to the record, skipping rows already there."""
     rows = json.loads(stages_json.read_text())
@@ -349,6 +370,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--record", action="store_true", help="append the stages run to the record")
     parser.add_argument("--record-file", type=Path, default=RECORD, help=argparse.SUPPRESS)
     parser.add_argument("--list", action="store_true", help="print the stages and where the next run starts")
+    parser.add_argument("--kit", type=Path, help="also check that this GPU kit's files are under their limits")
     args = parser.parse_args(argv)
     args.budget = budgets(args.budget)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -374,7 +396,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 2
     results = run_checklist(args)
     write_results(results, args.out, args.rehearse)
-    problems = check_result_folder(args.out)
+    problems = check_result_folder(args.out) + kit_problems(args.kit)
     for line in problems:
         print(f"error: {line}", file=sys.stderr)
     if args.record:
