@@ -41,7 +41,7 @@ def pytest_collection_modifyitems(config, items):
 
     if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU: run benchmarks/gpu_checklist.sh on a GPU host")
+    skip = pytest.mark.skip(reason="needs a CUDA GPU: run benchmarks/gpu_checklist.py on a GPU host")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)

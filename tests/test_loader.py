@@ -24,7 +24,7 @@ from data_prep.demo import render
 from data_prep.shard import main as shard_main
 
 # dali-gpu (``mixed`` decoding) joins every backend-parametrised test where a CUDA GPU is visible:
-# `pytest tests/test_loader.py -k dali-gpu` on a GPU host (benchmarks/gpu_checklist.sh runs it).
+# `pytest tests/test_loader.py -k dali-gpu` on a GPU host (benchmarks/gpu_checklist.py stage 5 runs it).
 BACKENDS = ["dali-cpu", "torch"] + (["dali-gpu"] if torch.cuda.is_available() else [])
 NUM = 240  # samples per split, one per class: a label identifies its sample
 

@@ -11,7 +11,7 @@ A reservation carries at most 64 MiB per command (the working tree included), so
 * ``core/`` (at most 16 MiB, one command with the checklist's stages 1-4): an offline bundle (tools/offline_bundle.py)
   without DALI of what the host lacks: this project, DeepSpeed (built here, no ops), webdataset, pydantic, pytest,
   pytest-timeout, ...; what the host image already has (torch, triton, timm's dependencies, tensorboard, numpy, pillow,
-  fsspec) is left out (``HOST_HAS``);
+  fsspec) is left out (``LEFT_OUT``), and so is scipy (only data_prep's devkit reader needs it);
 * ``dali/`` (stage 5): DALI and its CUDA libraries (nvImageCodec, nvJPEG), the DALI wheel cut to the host's Python
   (its other Pythons' extension modules dropped), stored uncompressed inside one tar compressed with xz, cut into
   chunks of at most 62 MiB, each with its sha256 in ``dali/manifest.json``: carried by consecutive commands while the
@@ -42,7 +42,14 @@ REPO = Path(__file__).resolve().parents[1]
 MiB = 2**20
 CORE_LIMIT = 16 * MiB
 CHUNK_LIMIT = 62 * MiB
-HOST_HAS = ("tensorboard", "numpy", "pillow", "fsspec", "onnxruntime", "protobuf", "grpcio")
+# Left out of the core part: what the GPU images carry beside torch (timm's own dependencies among them; timm itself
+# is carried, the exact release tested), and scipy, which only data_prep's ImageNet devkit reader imports.
+LEFT_OUT = ("tensorboard", "numpy", "pillow", "fsspec", "onnxruntime", "protobuf", "grpcio", "huggingface-hub",
+            "safetensors", "pyyaml", "scipy")  # fmt: skip
+# Left out of the DALI part: what the host has, and nvImageCodec's JPEG 2000, TIFF and nvCOMP back-ends (the
+# shards hold JPEGs: nvImageCodec's nvJPEG back-end and DALI's own decoders are what the loaders use).
+DALI_LEFT_OUT = ("numpy", "pyyaml", "packaging", "typing-extensions", "nvidia-nvjpeg2k-cu13", "nvidia-nvtiff-cu13",
+                 "nvidia-libnvcomp-cu13", "nvidia-nvjpeg2k-cu12", "nvidia-nvtiff-cu12", "nvidia-libnvcomp-cu12")  # fmt: skip
 DALI_MANIFEST = "manifest.json"
 CHUNK_PREFIX = "dali.tar.xz.part"
 
@@ -57,7 +64,7 @@ def folder_bytes(folder: Path) -> int:
 
 def build_core(args: argparse.Namespace, out: Path) -> None:
     argv = ["--cuda", args.cuda, "--python-version", args.python_version, "--extras", "", "--no-dali",
-            "--host-provides", ",".join(HOST_HAS), "--out", str(out)]  # fmt: skip
+            "--leave-out", ",".join(LEFT_OUT), "--out", str(out)]  # fmt: skip
     if offline_bundle.main(argv) != 0:
         raise SystemExit("error: building the core kit failed (the reason is above)")
 
@@ -88,7 +95,8 @@ def build_dali(args: argparse.Namespace, out: Path) -> dict:
     """DALI's wheels (DALI cut to the host's Python) in one xz-compressed tar, cut into chunks of CHUNK_LIMIT."""
     with tempfile.TemporaryDirectory(prefix="gpu-kit-") as tmp:
         bundle, cut = Path(tmp) / "bundle", Path(tmp) / "cut"
-        argv = ["--cuda", args.cuda, "--python-version", args.python_version, "--dali-only", "--out", str(bundle)]
+        argv = ["--cuda", args.cuda, "--python-version", args.python_version, "--dali-only", "--out", str(bundle),
+                "--leave-out", ",".join(DALI_LEFT_OUT)]  # fmt: skip
         if offline_bundle.main(argv) != 0:
             raise SystemExit("error: downloading DALI failed (the reason is above)")
         cut.mkdir()

@@ -227,7 +227,7 @@ def build(args) -> dict:
             build_local_wheels(local, pinned["deepspeed"])
         roots_ = roots(args, pinned, local)
         items = resolve(args, roots_, local, work, pinned)
-        keep = reachable(items, roots_, target_environment(args), tuple(args.host_provides))
+        keep = reachable(items, roots_, target_environment(args), tuple(args.leave_out))
         kept = [i for i in items if canonicalize_name(i["metadata"]["name"]) in keep]
         host = sorted(i["metadata"]["name"] for i in items if i not in kept)
         local_files = {canonicalize_name(p.name.split("-")[0]): p for p in local.glob("*.whl")}
@@ -313,9 +313,10 @@ def parse_args(argv):
     parser.add_argument("--no-dali", action="store_true", help="leave out DALI (and its CUDA libraries)")
     parser.add_argument("--dali-only", action="store_true", help="DALI and its CUDA libraries alone")
     parser.add_argument(
-        "--host-provides",
+        "--leave-out",
         default="",
-        help="comma-separated packages the host already has (left out with what only they need), e.g. tensorboard",
+        help="comma-separated packages to leave out with what only they need (the host has them, or nothing run there "
+        "needs them), e.g. tensorboard",
     )
     parser.add_argument("--part-mib", type=float, default=0, help="cut the bundle into parts of at most N MiB")
     parser.add_argument("--out", type=Path, default=REPO / "dist" / "offline", help="output folder (replaced)")
@@ -324,7 +325,7 @@ def parse_args(argv):
         parser.error(f"--glibc {args.glibc!r}: give the version ldd --version prints, 2.17 or newer (e.g. 2.35)")
     args.platform = args.platform or platforms(args.glibc, args.arch)
     args.extras = [e for e in args.extras.split(",") if e]
-    args.host_provides = [canonicalize_name(p) for p in args.host_provides.split(",") if p]
+    args.leave_out = [canonicalize_name(p) for p in args.leave_out.split(",") if p]
     if args.no_dali and args.dali_only:
         parser.error("--no-dali and --dali-only exclude each other")
     if not re.fullmatch(r"3\.\d+", args.python_version):
