@@ -224,6 +224,18 @@ def json_objects(text: str) -> List[dict]:
     return objects
 
 
+def memory_against_plan(measured: List[dict]) -> List[str]:
+    """'ZeRO-1 30.2 GiB measured / 28.0 planned (1.08x)' for each ZeRO stage with both a train_speed.py row and a
+    --plan-memory report among ``measured``."""
+    planned = {m["zero_stage"]: m["per_rank_gib"]["total"] for m in measured if "per_rank_gib" in m}
+    lines = []
+    for m in measured:
+        if "memory_mb" in m and m.get("stage") in planned and planned[m["stage"]]:
+            got, plan = m["memory_mb"] / 1024, planned[m["stage"]]
+            lines.append(f"ZeRO-{m['stage']} {got:.1f} GiB measured / {plan:.1f} planned ({got / plan:.2f}x)")
+    return lines
+
+
 def read_record(path: Path) -> List[dict]:
     if not path.exists():
         return []
@@ -286,7 +298,10 @@ def run_checklist(args: argparse.Namespace) -> List[Result]:
             log.seek(size_before)
             measured = json_objects(log.read())
         with open(out / "measurements.jsonl", "a") as f:
-            f.writelines(json.dumps({"stage": stage.name, **m}) + "\n" for m in measured)
+            f.writelines(json.dumps({"checklist_stage": stage.name, **m}) + "\n" for m in measured)
+        compared = memory_against_plan(measured)
+        if compared:
+            result.verdict += "; peak memory vs plan: " + ", ".join(compared)
         if args.rehearse and result.status == "passed":
             result.status, result.verdict = "rehearsed", result.verdict.replace(": passed", ": rehearsed on CPU", 1)
         results.append(result)

@@ -106,10 +106,9 @@ def test_a_stage_killed_at_its_budget_leaves_its_traceback(tmp_path):
 def test_without_a_gpu_the_real_checklist_is_one_line_and_a_deadline_stops_before_a_stage(tmp_path):
     done = checklist("--out", str(tmp_path / "x"))
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and done.stderr.startswith("error: ")
-    out = tmp_path / "short"
-    done = checklist("--rehearse", "--deadline", "60", "--out", str(out), "--record-file", str(tmp_path / "r.jsonl"))
-    stages = json.loads((out / "stages.json").read_text())
-    assert [s["status"] for s in stages] == ["rehearsed", "not started"]  # stage 2's 120 s do not fit what is left
+    args = gpu_checklist.parse_args(["--rehearse", "--deadline", "20", "--out", str(tmp_path / "short")])
+    results = gpu_checklist.run_checklist(args)  # stage 1's 30 s do not fit in 20: nothing starts
+    assert [(r.number, r.status) for r in results] == [(1, "not started")] and "next reservation" in results[0].verdict
 
 
 def test_kit_limits_are_checked(tmp_path):
@@ -173,3 +172,20 @@ def test_dali_wheels_cut_to_one_python_packed_in_chunks_and_installed_from_them(
 def test_bad_options_are_one_line(args, tmp_path):
     done = checklist("--rehearse", *args, "--out", str(tmp_path / "o"))
     assert done.returncode != 0 and done.stderr.strip().count("\n") == 0 and "STAGE=SECONDS" in done.stderr
+
+
+def test_stage_3_sets_measured_peak_memory_beside_the_plan():
+    """What train_speed.py --json and pretrain.py --plan-memory print (one-line and pretty JSON), read back from a
+    stage's output and paired by ZeRO stage."""
+    text = "\n".join(
+        [
+            "ZeRO-1: 400 images/s",
+            json.dumps({"stage": 1, "memory_mb": 30720.0, "images_per_s": 400.0}),
+            json.dumps({"stage": 3, "memory_mb": 20480.0, "images_per_s": 380.0}),
+            json.dumps({"zero_stage": 1, "per_rank_gib": {"total": 25.0}}, indent=1),
+            "noise {not json}",
+        ]
+    )
+    found = gpu_checklist.json_objects(text)
+    assert len(found) == 3
+    assert gpu_checklist.memory_against_plan(found) == ["ZeRO-1 30.0 GiB measured / 25.0 planned (1.20x)"]
