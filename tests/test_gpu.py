@@ -129,33 +129,37 @@ def test_a_late_read_flag_waits_for_its_own_copy_not_for_the_work_queued_after_i
 def test_every_cuda_depthwise_candidate_equals_conv2d(dtype, channels_last):
     """The CUDA candidates (cuDNN through F.conv2d, the channels_last copy, PyTorch's native kernel, the Triton
     kernels, ...) on Conv2Former-L's stage-3 shape at 224 px and an odd one: value and both gradients against an fp32
-    F.conv2d of the same inputs (bf16: 2 ulps, the candidates may round intermediate sums; fp32: 1e-4 of the scale,
-    TF32 is off here)."""
-    from conv2former import depthwise
+    F.conv2d of the same inputs, measured by the choosers' accuracy gate (conv2former/depthwise_gate.py: 2 ulps of
+    the dtype). Only bf16 ``batch_groups`` may miss it (each sample's partial sum rounded to bf16: the defect the gate
+    exists for), and whatever misses it the gate keeps from every chooser. The errors go to C2F_MEASUREMENTS."""
+    import json
 
-    torch.backends.cudnn.allow_tf32 = False
+    from conv2former import depthwise, depthwise_gate
+
     device = torch.device("cuda")
+    known_wrong = {("grad_weight", "batch_groups")} if dtype == torch.bfloat16 else set()
+    limit = depthwise_gate.tolerance(dtype)
     for batch, channels, size, k in ((8, 768, 14, 11), (3, 40, 13, 7)):
         gen = torch.Generator(device=device).manual_seed(k)
-        x = torch.randn(batch, channels, size, size, device=device, generator=gen).to(dtype)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        x = (
+            torch.randn(batch, channels, size, size, device=device, generator=gen)
+            .to(dtype)
+            .contiguous(memory_format=fmt)
+        )
         w = torch.randn(channels, 1, k, k, device=device, generator=gen).to(dtype) / k
         b = torch.randn(channels, device=device, generator=gen).to(dtype)
-        g = torch.randn(x.shape, device=device, generator=gen).to(dtype)
-        xr, wr = x.float().requires_grad_(), w.float().requires_grad_()
-        ref = torch.nn.functional.conv2d(xr, wr, b.float(), padding=k // 2, groups=channels)
-        ref.backward(g.float())
-        tolerance = 2 * 2.0**-7 if dtype == torch.bfloat16 else 1e-4
-        for part, table, args, want in (
-            ("forward", depthwise.FORWARD, (x, w, b), ref),
-            ("grad_input", depthwise.GRAD_INPUT, (g, x, w), xr.grad),
-            ("grad_weight", depthwise.GRAD_WEIGHT, (g, x, w), wr.grad),
-        ):
-            scale = want.abs().clamp(min=1.0)
-            for name, run in depthwise.candidates(table, device).items():
-                got = run(*args).float()
-                assert ((got - want).abs() / scale).max().item() <= tolerance, (part, name, batch, channels, size, k)
+        g = torch.randn(x.shape, device=device, generator=gen).to(dtype).contiguous(memory_format=fmt)
+        names = {part: list(depthwise.candidates(table, device)) for part, table in depthwise.PARTS}
+        eligible, found = depthwise_gate.gate((x, w, b, g), names)
+        wrong = {(part, name) for part, errors in found.items() for name, error in errors.items() if error > limit}
+        assert wrong <= known_wrong, (found, batch, channels, size, k)
+        assert all(name not in eligible[part] for part, name in wrong)
+        if os.environ.get("C2F_MEASUREMENTS"):
+            with open(os.environ["C2F_MEASUREMENTS"], "a") as f:
+                row = {"depthwise_errors": f"{batch}x{channels}x{size}x{size} k{k}", "dtype": str(dtype)[6:],
+                       "channels_last": channels_last, "errors": found}  # fmt: skip
+                f.write(json.dumps(row) + "\n")
 
 
 def test_triton_kernels_compile_in_seconds_each():
