@@ -21,7 +21,9 @@ from conv2former.errors import UserError
 
 RANK_SCRIPT = """
 import json, os, sys
-print(json.dumps({"rank": os.environ["RANK"], "world": os.environ["WORLD_SIZE"], "path": os.environ["PYTHONPATH"]}))
+seen = {"rank": os.environ["RANK"], "world": os.environ["WORLD_SIZE"], "path": os.environ["PYTHONPATH"]}
+with open(os.path.join(os.path.dirname(__file__), "rank" + os.environ["RANK"] + ".json"), "w") as f:
+    json.dump(seen, f)  # a file per rank: the ranks' stdout lines may interleave
 """
 
 
@@ -46,7 +48,7 @@ def test_the_launcher_runs_where_deepspeed_is_only_on_pythonpath(tmp_path):
     )
     done = subprocess.run([base, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    ranks = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    ranks = [json.loads(path.read_text()) for path in sorted(tmp_path.glob("rank*.json"))]
     assert sorted(r["rank"] for r in ranks) == ["0", "1"] and {r["world"] for r in ranks} == {"2"}
     assert all(marker in r["path"].split(os.pathsep) and site in r["path"].split(os.pathsep) for r in ranks)
 

@@ -138,27 +138,34 @@ class DepthwiseTuner:
         """The formulation for this call; None (plain) off the CPU, in mode "off", or while tracing in "measure"."""
         if self.mode == "off" or x.device.type != self.device_type:
             return None
+        if self.mode == "fixed":
+            return self._fixed(x, weight)
         key = shape_key(x, weight)
-        known = self.fixed_choices if self.mode == "fixed" else self.choices  # a rule's choices are not state
-        choice = known.get(key)
+        choice = self.choices.get(key)
         if choice is None:
-            choice = self._fixed(key, x, weight) if self.mode == "fixed" else self._choose(key, x, weight)
+            choice = self._choose(key, x, weight)
             if choice is not None:  # never time inside torch.compile's tracing or under a FlopCounter-like mode
-                known[key] = choice
+                self.choices[key] = choice
         return choice
 
-    def _fixed(self, key: str, x: torch.Tensor, weight: torch.Tensor) -> Optional[Formulation]:
-        """The "fixed" rule's formulation, its parts that fail the accuracy gate replaced by PyTorch's own."""
+    def _fixed(self, x: torch.Tensor, weight: torch.Tensor) -> Formulation:
+        """The "fixed" rule's formulation, its parts that fail the accuracy gate (on the first batch of each shape)
+        replaced by PyTorch's own. While torch.compile traces (or a dispatch mode intercepts) the rule applies as it
+        is and no state is read, so compiled graphs carry no guard on this tuner: the rule picks other formulations
+        only in fp32, where every candidate passes the gate."""
         if not (x.dtype == torch.float32 and weight.shape[-1] >= FIXED_MIN_KERNEL):
             return PLAIN
         if _tracing_or_intercepted():
-            return None
-        names = {part: [name] for (part, _), name in zip(PARTS, FIXED_FAST)}
-        eligible, found = depthwise_gate.gate(depthwise_gate.sample_inputs(x, weight), names)
-        self._record_rejections(key, found, eligible, x.dtype)
-        return valid_formulation(
-            fast if fast in eligible[part] else plain for (part, _), fast, plain in zip(PARTS, FIXED_FAST, PLAIN)
-        )
+            return FIXED_FAST
+        key = shape_key(x, weight)
+        if key not in self.fixed_choices:
+            names = {part: [name] for (part, _), name in zip(PARTS, FIXED_FAST)}
+            eligible, found = depthwise_gate.gate(depthwise_gate.sample_inputs(x, weight), names)
+            self._record_rejections(key, found, eligible, x.dtype)
+            self.fixed_choices[key] = valid_formulation(
+                fast if fast in eligible[part] else plain for (part, _), fast, plain in zip(PARTS, FIXED_FAST, PLAIN)
+            )
+        return self.fixed_choices[key]
 
     def _record_rejections(
         self, key: str, found: depthwise_gate.Errors, eligible: Dict[str, List[str]], dtype: torch.dtype
