@@ -265,3 +265,29 @@ def test_importing_the_model_installs_nothing():
     env = dict(os.environ, C2F_DEPTHWISE="bogus")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
     assert done.stdout.split() == ["True", "False"]
+
+
+def test_a_fixed_tuner_adds_no_recompiles(installed):
+    """torch.compile with the "fixed" rule installed (what a run's tuning leaves in the process): the rule is applied
+    while tracing without reading the tuner's state, so the gate filling its cache on the calls that run eagerly does
+    not invalidate the graphs (it did: the graphs of 32 px were compiled again at the second call at 32 px)."""
+    import torch._dynamo
+
+    installed(depthwise="fixed")
+    model = timm.create_model("conv2former_demo", num_classes=4)
+    compiles = []
+
+    def backend(gm, example_inputs):
+        compiles.append(1)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend, dynamic=False)
+    counts = []
+    try:
+        for size in (32, 64, 32):
+            compiled(torch.randn(2, 3, size, size)).sum().backward()
+            counts.append(len(compiles))
+    finally:
+        torch._dynamo.reset()
+    assert counts[2] == counts[1] == 2 * counts[0], counts
