@@ -7,7 +7,7 @@ PYTEST := DS_ACCELERATOR=cpu OMP_NUM_THREADS=2 PATH=$(CURDIR)/$(VENV)/bin:$$PATH
 # 2 CPU ranks with DeepSpeed (one OpenMP thread each: 2 ranks x 2 threads on 2 cores is 4x slower)
 DEEPSPEED := DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/deepspeed --num_gpus 2
 
-.PHONY: demo test test-fast test-slow test-slurm lint bench table install offline-bundle gpu-kit clean
+.PHONY: demo test test-fast test-slow test-slurm test-timm-latest test-timm-all lint bench table install offline-bundle gpu-kit clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,14 @@ test-slow: $(STAMP)
 
 test-slurm: $(STAMP)
 	$(PYTEST) -m slurm
+
+# timm's own tests/test_models.py (fetched from PyPI into .timm-tests/, sha256-checked) on our variants: the newest
+# timm release (a new contract is seen before users see it), and every variant with the pinned timm (minutes).
+test-timm-latest: $(STAMP)
+	OMP_NUM_THREADS=2 $(PY) tools/timm_model_tests.py --timm latest
+
+test-timm-all: $(STAMP)
+	OMP_NUM_THREADS=2 $(PY) tools/timm_model_tests.py --variants all
 
 # ruff: the formatter's check and the lint rules of pyproject.toml; mypy --strict on conv2former/ (CI runs this before
 # the tests).

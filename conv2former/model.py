@@ -310,9 +310,13 @@ class _ClassifierMixin:
         if global_pool is not None:
             self.global_pool = _check_pool(global_pool)
         self.num_classes = num_classes
-        self.pred = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
+        like = next(self.parameters())  # the new classifier on the model's device, in its dtype and mode, as timm's
         if num_classes > 0:
+            self.pred = nn.Linear(self.head_hidden_size, num_classes, device=like.device, dtype=like.dtype)
             _init_weights(self.pred)
+        else:
+            self.pred = nn.Identity()
+        self.pred.train(self.training)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.head(x)
@@ -359,6 +363,7 @@ class Conv2Former(_ClassifierMixin, nn.Module):
         if drop_rate:
             raise ValueError("Conv2Former has no classifier dropout (drop_rate); use drop_path_rate")
         self.num_classes = num_classes
+        self.in_chans = in_chans  # timm's model attribute (its tests/test_models.py checks it against the cfg)
         self.depths = tuple(depths)
         self.dims = tuple(dims)
         self.kernel_size = kernel_size
@@ -451,6 +456,7 @@ class Conv2FormerIsotropic(_ClassifierMixin, nn.Module):
         if drop_rate:
             raise ValueError("Conv2Former has no classifier dropout (drop_rate); use drop_path_rate")
         self.num_classes = num_classes
+        self.in_chans = in_chans
         self.kernel_size = kernel_size
         self.fusion = fusion
         self.global_pool = _check_pool(global_pool)
@@ -605,7 +611,8 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     isotropic = spec.pop("isotropic", False)
     model_cls = Conv2FormerIsotropic if isotropic else Conv2Former
     model_args = {**spec, **kwargs}
-    feature_cfg = dict(feature_cls="getter", out_indices=(0, 1, 2, 3) if not isotropic else (17,))
+    # the four stages; isotropic: the last three blocks, as timm's plain ViTs (out_indices=3)
+    feature_cfg = dict(feature_cls="getter", out_indices=(0, 1, 2, 3) if not isotropic else 3)
     return build_model_with_cfg(
         model_cls,
         variant,

@@ -324,3 +324,17 @@ def test_cast_like_engine_is_the_one_bf16_cast_and_model_to_bf16_breaks_the_stem
     model.train()(x).float().sum().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in model.parameters())
     assert model.eval()(x).dtype == torch.bfloat16
+
+
+def test_timm_model_attributes_and_a_reset_head_on_the_models_device_dtype_and_mode():
+    """What timm's own tests/test_models.py reads (tests/test_timm_own_tests.py runs it): ``in_chans``, a classifier
+    rebuilt by ``reset_classifier`` on the model's device, in its dtype and train/eval mode, and isotropic variants
+    offering their last three blocks as features (as timm's plain ViTs do)."""
+    for name in ("conv2former_demo", "conv2former_is"):
+        model = timm.create_model(name, in_chans=1, device="meta").eval().to(torch.float64)
+        assert model.in_chans == 1
+        model.reset_classifier(7)
+        head = model.get_classifier()
+        assert head.weight.device.type == "meta" and head.weight.dtype == torch.float64 and not head.training
+    features = timm.create_model("conv2former_is", features_only=True, device="meta")
+    assert features.feature_info.module_name() == ["blocks.15", "blocks.16", "blocks.17"]
