@@ -7,7 +7,7 @@ PYTEST := DS_ACCELERATOR=cpu OMP_NUM_THREADS=2 PATH=$(CURDIR)/$(VENV)/bin:$$PATH
 # 2 CPU ranks with DeepSpeed (one OpenMP thread each: 2 ranks x 2 threads on 2 cores is 4x slower)
 DEEPSPEED := DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/deepspeed --num_gpus 2
 
-.PHONY: demo test test-fast test-slow test-slurm test-timm-latest test-timm-all lint bench table install offline-bundle gpu-kit clean
+.PHONY: demo test test-fast test-slow test-slurm test-timm-latest test-timm-all test-triton-host lint bench table install offline-bundle gpu-kit clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,16 @@ test-timm-latest: $(STAMP)
 
 test-timm-all: $(STAMP)
 	OMP_NUM_THREADS=2 $(PY) tools/timm_model_tests.py --variants all
+
+# The Triton kernels' interpreter tests under the GPU hosts' own versions (torch 2.11, triton 3.6) in .venv-host
+# (about 5 GB, made once); the result is in docs/gpu_reservation.md. numpy < 2.4: triton 3.6's interpreter turns a
+# 1-element array into a loop bound, an error since numpy 2.4 (the interpreter only; compiled kernels never do).
+HOST_TORCH ?= 2.11.0
+HOST_TRITON ?= 3.6.0
+test-triton-host:
+	@test -x .venv-host/bin/python || ($(PYTHON) -m venv .venv-host && .venv-host/bin/pip install -q \
+		torch==$(HOST_TORCH) triton==$(HOST_TRITON) "numpy<2.4" $$(grep "^timm==" constraints.txt) pytest pytest-timeout)
+	DS_ACCELERATOR=cpu OMP_NUM_THREADS=2 .venv-host/bin/python -m pytest -p no:cacheprovider tests/test_triton_depthwise.py
 
 # ruff: the formatter's check and the lint rules of pyproject.toml; mypy --strict on conv2former/ (CI runs this before
 # the tests).
