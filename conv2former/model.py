@@ -310,13 +310,14 @@ class _ClassifierMixin:
         if global_pool is not None:
             self.global_pool = _check_pool(global_pool)
         self.num_classes = num_classes
-        like = next(self.parameters())  # the new classifier on the model's device, in its dtype and mode, as timm's
+        module = cast(nn.Module, self)  # (a mixin of nn.Module subclasses)
+        like = next(module.parameters())  # the new classifier on the model's device, in its dtype and mode, as timm's
         if num_classes > 0:
             self.pred = nn.Linear(self.head_hidden_size, num_classes, device=like.device, dtype=like.dtype)
             _init_weights(self.pred)
         else:
             self.pred = nn.Identity()
-        self.pred.train(self.training)
+        self.pred.train(module.training)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.head(x)
