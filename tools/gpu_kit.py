@@ -115,15 +115,7 @@ def pack_chunks(
         with lzma.open(joined, "wb", preset=6) as xz, tarfile.open(fileobj=xz, mode="w|") as tar:
             for wheel in wheels:
                 tar.add(wheel, arcname=wheel.name)
-        chunks = []
-        with open(joined, "rb") as src:
-            for index in range(1000):
-                data = src.read(chunk_bytes)
-                if not data:
-                    break
-                path = out / f"{CHUNK_PREFIX}{index:03d}"
-                path.write_bytes(data)
-                chunks.append({"file": path.name, "size": len(data), "sha256": sha256(path)})
+        chunks = offline_bundle.cut_file(joined, out, CHUNK_PREFIX, chunk_bytes)
         manifest = {
             **about,
             "wheels": [{"file": w.name, "sha256": sha256(w), "size": w.stat().st_size} for w in wheels],

@@ -200,16 +200,22 @@ def write_parts(wheels: list[Path], out: Path, part_bytes: int) -> list[dict]:
     with tarfile.open(joined, "w", format=tarfile.GNU_FORMAT) as tar:
         for wheel in wheels:
             tar.add(wheel, arcname=wheel.name)
+    parts = cut_file(joined, out, PART_PREFIX, part_bytes)
+    joined.unlink()
+    return parts
+
+
+def cut_file(joined: Path, out: Path, prefix: str, part_bytes: int) -> list[dict]:
+    """``joined`` cut into ``out/<prefix>000``, ``001``, ... of at most ``part_bytes``: each part's file, size, sha256."""
     parts = []
     with open(joined, "rb") as src:
         for index in range(10**4):
             data = src.read(part_bytes)
             if not data:
                 break
-            path = out / f"{PART_PREFIX}{index:03d}"
+            path = out / f"{prefix}{index:03d}"
             path.write_bytes(data)
             parts.append({"file": path.name, "size": len(data), "sha256": sha256_file(path)})
-    joined.unlink()
     return parts
 
 

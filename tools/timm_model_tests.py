@@ -18,7 +18,6 @@ Exit status: pytest's (0: every selected test passed); 3 when the sdist cannot b
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -28,6 +27,9 @@ import tarfile
 import urllib.request
 from pathlib import Path
 from typing import List, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from offline_install import sha256_file as sha256  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".timm-tests"
@@ -69,14 +71,6 @@ def sdist_file(version: str) -> dict:
     if found is None:
         raise FetchError(f"timm {version} has no source release on PyPI")
     return found
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def fetch_tests(version: str) -> Path:
