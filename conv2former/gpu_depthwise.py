@@ -11,6 +11,8 @@
 In ``measure`` and ``triton`` a candidate must first pass the accuracy gate (conv2former/depthwise_gate.py) on the
 first batch of its shape: a part whose Triton kernel (or, measuring, any candidate) is further from an fp32
 ``F.conv2d`` than the dtype's tolerance is computed PyTorch's way, and the rejection is logged and in the summary.
+While torch.compile traces, ``triton`` gives the Triton kernels without reading its gated choices (the gate runs
+on the shapes met outside tracing; the kernels accumulate in fp32 and passed it on CPU under Triton's interpreter).
 
 The timing and the record are conv2former/cpu/depthwise_tuner.py's ``DepthwiseTuner`` (one chooser for both devices).
 """
@@ -23,7 +25,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from conv2former import depthwise, depthwise_gate
-from conv2former.cpu.depthwise_tuner import DepthwiseTuner
+from conv2former.cpu.depthwise_tuner import DepthwiseTuner, _tracing_or_intercepted
 from conv2former.errors import UserError
 
 __all__ = ["GpuDepthwise", "MODES", "TRITON"]
@@ -51,6 +53,8 @@ class GpuDepthwise:
             return self.tuner(x, weight)
         if self.mode != "triton" or x.device.type != "cuda":
             return None
+        if _tracing_or_intercepted():  # no state read while torch.compile traces (a guard on it would recompile)
+            return TRITON
         key = depthwise.shape_key(x, weight)
         if key not in self.gated:
             self.gated[key] = self._gated_triton(key, x, weight)

@@ -35,7 +35,10 @@ def test_the_launcher_runs_where_deepspeed_is_only_on_pythonpath(tmp_path):
         Path(base).resolve().parent == Path(sys.executable).parent.resolve()
         or (Path(base).parent / "deepspeed").exists()
     ):
-        pytest.skip(f"{base} has a deepspeed script beside it: not the layout under test")
+        reason = f"{base} has a deepspeed script beside it: not the layout under test"
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the launch without a deepspeed script: {reason}")
+        pytest.skip(reason)
     site = sysconfig.get_paths()["purelib"]  # this environment's packages, as a `pip --target` folder
     script = tmp_path / "ranks.py"
     script.write_text(RANK_SCRIPT)
