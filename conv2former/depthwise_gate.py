@@ -18,7 +18,17 @@ import torch
 
 from conv2former import depthwise
 
-__all__ = ["TOLERANCE", "SCALE_FLOOR", "part_error", "reference", "errors", "tolerance", "gate", "describe_rejected"]
+__all__ = [
+    "TOLERANCE",
+    "SCALE_FLOOR",
+    "part_error",
+    "reference",
+    "errors",
+    "sample_inputs",
+    "tolerance",
+    "gate",
+    "describe_rejected",
+]
 
 # Two units in the last place of the training dtype; fp32: two TF32 ulps (cuDNN may run fp32 convolutions in TF32).
 TOLERANCE: Dict[torch.dtype, float] = {
