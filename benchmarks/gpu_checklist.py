@@ -93,15 +93,15 @@ STAGES = [
     Stage(3, "engine-l", 180, [DEMO_DATA, [*L_SPEED, "--stages", "1", "3"], [*L_PLAN, "--zero-stage", "1"],
                                [*L_PLAN, "--zero-stage", "3"]],
           None, "Conv2Former-L trains in bf16 at ZeRO 1 and 3 through the measured depthwise path; MFU; memory"),
-    Stage(4, "resume", 120, [DEMO_DATA, pytest("-x", "tests/test_gpu.py", "-k", "stops_resumes and demo-1-torch",
-                                               timeout=110)],
+    Stage(4, "resume", 120, [pytest("-x", "tests/test_gpu.py", "-k", "stops_resumes and demo-1-torch", timeout=110)],
           None, "stop + relaunch is bitwise equal to the uninterrupted run on a GPU"),
     Stage(5, "dali", 150, [pytest("tests/test_loader.py", "tests/test_dali_randaugment.py", "tests/test_gpu.py", "-k",
                                   "dali-gpu or demo-1-dali", timeout=120),
                            [PY, "benchmarks/loader_speed.py", "--backend", "dali-gpu", "--mode", "train", "--images",
                             "2000", "--batch", "128", "--seconds", "10", "--json"]],
           None, "DALI's mixed decoding on the GPU: exact, resumable, fast enough to feed L"),
-    Stage(6, "gpu-suite", 540, [pytest("tests/test_gpu.py", "-k", f"not ({CHEAP_GPU_TESTS})", timeout=300),
+    Stage(6, "gpu-suite", 540, [pytest("tests/test_gpu.py", "-k", f"not ({CHEAP_GPU_TESTS} or demo-1-torch or "
+                                       "demo-1-dali)", timeout=300),  # stages 2, 4 and 5 ran those
                                 ["env", "QUICK=1", "BENCH_IMAGES=4000", "RECORD=0", "OUT={work}/suite", f"PYTHON={PY}",
                                  "bash", "benchmarks/gpu_suite.sh"]],
           None, "every GPU test and the quick benchmark suite (MFU, ZeRO 1/2/3, the 90-epoch projection)"),
