@@ -62,12 +62,37 @@ class DataConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # training augmentation
 
     def micro_batch(self) -> int:
-        """``batch_size`` as a number (``auto`` is replaced by one when a run starts: engine/memory_plan.py)."""
-        if isinstance(self.batch_size, int):
+        """``batch_size`` as a number (``auto`` is resolved into ``ResolvedRun.micro_batch``: engine/run.py)."""
+        if isinstance(self.batch_size, int) and self.batch_size > 0:
             return self.batch_size
         if self.batch_size == "auto":
             raise UserError("data.batch_size=auto is decided by the training launchers; give a number here")
-        raise UserError(f"data.batch_size: expected an integer or auto, got {self.batch_size!r}")
+        raise UserError(f"data.batch_size: expected a positive integer or auto, got {self.batch_size!r}")
+
+    def validate(self) -> None:
+        """This section's own checks (one-line errors): the shard root, the batch size, the backend's name, the
+        size schedule, the byte sizes."""
+        from conv2former.data.loader import BACKENDS
+        from conv2former.units import parse_bytes
+
+        if not self.root:
+            raise UserError("no data given: pass --data DIR_OR_URL (a shard root made by data_prep/shard.py)")
+        if self.batch_size != "auto":
+            self.micro_batch()
+        if self.backend not in ("auto", *BACKENDS):
+            raise UserError(f"unknown data backend {self.backend!r}: choose auto, {', '.join(BACKENDS)}")
+        self.size_schedule_of(1)
+        parse_bytes(self.memory_budget, "data.memory_budget")
+        parse_bytes(self.cache_limit, "data.cache_limit")
+
+    def size_schedule_of(self, epochs: int) -> Any:
+        """The training crop size of each epoch (``SizeSchedule``; checked) over a run of ``epochs``."""
+        from conv2former.data.size_schedule import SizeSchedule
+
+        return SizeSchedule.from_config(
+            self.size_schedule, self.size_schedule_mode, epochs, self.image_size, self.size_schedule_regularization,
+            self.size_schedule_scale_batch,
+        )  # fmt: skip
 
 
 @dataclass
@@ -77,6 +102,14 @@ class ModelConfig:
     kernel_size: Optional[int] = None  # modulation kernel; None: the variant's own (11, or 7 for n and b_22k)
     grad_checkpointing: bool = False  # per-block activation checkpointing (memory for compute)
     compile: bool = False  # torch.compile the DeepSpeed engine
+
+    def create_kwargs(self, num_classes: int) -> Dict[str, Any]:
+        """``timm.create_model(variant, **these)``: what every builder of this run's network passes (the engine, the
+        dry run, the memory planner, evaluation, the fine-tune's checks)."""
+        kwargs: Dict[str, Any] = dict(num_classes=num_classes, drop_path_rate=self.drop_path_rate)
+        if self.kernel_size:
+            kwargs["kernel_size"] = self.kernel_size
+        return kwargs
 
 
 @dataclass
@@ -107,6 +140,14 @@ class ScheduleConfig:
     global_batch: int = 4096  # images per optimizer step over all ranks (ranks x micro-batch x accumulation)
     eval_every_epochs: int = 1  # evaluate every N epochs (and at the end)
 
+    def validate(self) -> None:
+        if self.epochs <= 0:
+            raise UserError(f"schedule.epochs must be positive, got {self.epochs}")
+        if self.global_batch <= 0:
+            raise UserError(f"schedule.global_batch must be positive, got {self.global_batch}")
+        if self.eval_every_epochs <= 0:
+            raise UserError(f"schedule.eval_every_epochs must be positive, got {self.eval_every_epochs}")
+
 
 @dataclass
 class DeepSpeedConfig:
@@ -118,6 +159,14 @@ class DeepSpeedConfig:
     overlap_comm: bool = True  # reduce gradients during the backward pass (DeepSpeed's default: ZeRO-3 only)
     timeout_minutes: float = 10.0  # collective timeout: a dead or hung rank ends the run after this (exit 5)
     rank0_work_timeout_minutes: float = 60.0  # others wait this long for rank 0's export / conversion (gloo)
+
+    def validate(self) -> None:
+        from conv2former.engine.precision import PRECISIONS
+
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise UserError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"deepspeed.precision: unknown {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
 
 
 @dataclass
@@ -142,11 +191,24 @@ class LoggingConfig:
     project: str = "conv2former"  # the W&B project / MLflow experiment
     mlflow_tracking_uri: Optional[str] = None  # None: MLflow's own (MLFLOW_TRACKING_URI, or ./mlruns)
 
+    def validate(self) -> None:
+        from conv2former.engine.sinks import check_backends
+
+        check_backends(self.backends)  # (an unknown backend, or one whose package is missing)
+        if self.print_every <= 0:
+            raise UserError(f"logging.print_every must be positive, got {self.print_every}")
+
 
 @dataclass
 class ProfileConfig:
     steps: Optional[str] = None  # A-B: a torch.profiler trace of optimizer steps A..B per rank in OUTPUT/profile/
     memory: bool = False  # with steps: allocations in the trace, and a CUDA memory snapshot on a GPU
+
+    def validate(self) -> None:
+        from conv2former.engine.profiling import parse_steps
+
+        if self.steps:
+            parse_steps(self.steps)
 
 
 @dataclass
@@ -185,6 +247,17 @@ class TrainConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     cpu: CpuConfig = field(default_factory=CpuConfig)
     gpu: GpuConfig = field(default_factory=GpuConfig)
+
+    def validate(self) -> None:
+        """Every section's own checks, then the ones across sections: the one place a config is judged (one-line
+        ``UserError``s), before anything prints it or builds from it (engine/run.py ``resolve_run``)."""
+        for section in (self.data, self.schedule, self.deepspeed, self.logging, self.profile):
+            section.validate()
+        if self.data.size_schedule_scale_batch and self.deepspeed.zero_stage == 3:
+            raise UserError(
+                "data.size_schedule_scale_batch changes the accumulation mid-run, which is tested with ZeRO 0-2 "
+                "hooks only: use deepspeed.zero_stage 1 or 2 with it, or leave it off"
+            )
 
 
 def to_dict(cfg: Any) -> Dict[str, Any]:

@@ -122,7 +122,7 @@ def pretrained_init(
     if os.path.exists(os.path.join(cfg.data.root, "classes.txt")) or "://" in cfg.data.root:
         data_classes = read_classes(cfg.data.root)
         with torch.device("meta"):
-            probe = timm.create_model(cfg.model.variant, num_classes=len(data_classes))
+            probe = timm.create_model(cfg.model.variant, **cfg.model.create_kwargs(len(data_classes)))
         state = {k: v.to("meta") for k, v in weights.state_dict.items()}
         transfer_head(state, weights.classes, data_classes, probe, head, scale)
         check_compatible(probe, state, pretrained)

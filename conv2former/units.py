@@ -1,4 +1,9 @@
-"""Byte counts in words (``human``) and from words (``parse_bytes``), for checkpoint sizes and the shard cache."""
+"""Byte counts in words (``human``) and from words (``parse_bytes``): the one size parser of the pipeline.
+
+One meaning everywhere (configs, flags, data_prep): decimal units are powers of 10 (``KB`` = 10^3, ``GB`` = 10^9, as
+disks, buckets and GPU data sheets write them), binary units are powers of 2 (``KiB`` = 2^10, ``GiB`` = 2^30, as
+``nvidia-smi`` and the memory planner report). Case does not matter, the ``B`` may be left out (``200g`` = 200GB).
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,9 @@ from typing import Optional, Union
 
 from conv2former.errors import UserError
 
-UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
-         "GIB": 2**30, "TIB": 2**40}  # fmt: skip
+POWERS = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4, "P": 5}
+GiB = 2**30
+_SIZE = re.compile(r"([0-9]*\.?[0-9]+(?:E[+-]?[0-9]+)?)(?:([KMGTP]?)(I?)B?)?")
 
 
 def human(n: float) -> str:
@@ -20,13 +26,23 @@ def human(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-def parse_bytes(value: Union[None, int, float, str], key: str = "data.cache_limit") -> Optional[int]:
-    """None, a number of bytes, or a string such as ``200GB`` / ``1.5TiB``; anything else is a one-line error."""
+def is_decimal(value: Union[int, float, str]) -> bool:
+    """Whether a size was written in decimal units (``80GB``), not binary (``80GiB``) or as a plain number."""
+    match = _SIZE.fullmatch(str(value).strip().upper().replace(" ", ""))
+    return bool(match and match.group(2) and not match.group(3))
+
+
+def parse_bytes(value: Union[None, int, float, str], key: str) -> Optional[int]:
+    """None, a number of bytes, or a string such as ``200GB`` (200·10^9) / ``1.5TiB`` (1.5·2^40); anything else is a
+    one-line error naming ``key`` (the config field or flag)."""
     if value is None or value == "":
         return None
+    if isinstance(value, bool):
+        raise UserError(f"{key}: {value!r} is not a size (e.g. 200GB, 1.5TiB or a number of bytes)")
     if isinstance(value, (int, float)):
         return int(value)
-    match = re.fullmatch(r"([0-9]*\.?[0-9]+)([KMGT]I?B|B)?", str(value).strip().upper().replace(" ", ""))
-    if match is None:
+    match = _SIZE.fullmatch(str(value).strip().upper().replace(" ", ""))
+    if match is None or (match.group(3) and not match.group(2)):
         raise UserError(f"{key}: {value!r} is not a size (e.g. 200GB, 1.5TiB or a number of bytes)")
-    return int(float(match.group(1)) * UNITS[match.group(2) or ""])
+    number, prefix, binary = float(match.group(1)), match.group(2) or "", bool(match.group(3))
+    return int(number * (1024 if binary else 1000) ** POWERS[prefix])

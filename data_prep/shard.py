@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from typing import List, Optional, Sequence
 
@@ -23,6 +22,7 @@ checkout_first(__file__)  # data_prep runs from the checkout
 
 from conv2former.data.shard_format import canonical_synsets  # noqa: E402
 from conv2former.errors import UserError, exit_on_user_error  # noqa: E402
+from conv2former.units import parse_bytes  # noqa: E402
 from data_prep.build import BuildOptions, build_shards, check_output, format_summary  # noqa: E402
 from data_prep.holdout import image_checker, split_holdout  # noqa: E402
 from data_prep.items import synset_reader  # noqa: E402
@@ -33,13 +33,11 @@ DEMO_DIR = os.path.join("data", "demo")
 
 
 def parse_size(text: str) -> int:
-    match = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([kmgt]?i?b?)\s*", text.lower())
-    if not match:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 1GB, 500MB, 2GiB)")
-    number, unit = float(match.group(1)), match.group(2).rstrip("b")
-    base = 1024 if unit.endswith("i") else 1000
-    power = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}[unit.rstrip("i")]
-    return int(number * base**power)
+    """--shard-size: conv2former.units' one meaning (GB = 10^9, GiB = 2^30); a bad value is argparse's one line."""
+    try:
+        return int(parse_bytes(text, "--shard-size") or 0)
+    except UserError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:

@@ -10,20 +10,21 @@ writes the transferred model to OUTPUT/export/ without training.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
+from typing import List, Optional, Tuple
 
+from conv2former.config import TrainConfig
 from conv2former.data.eval_crop import recipe_for
-from conv2former.engine.cli import add_train_arguments, resolve_config
+from conv2former.engine.cli import add_train_arguments, resolve_config, run_stage
 from conv2former.errors import exit_on_user_error
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "finetune", "configs")
 
 
-def configure(argv=None):
+def configure(argv: Optional[List[str]] = None) -> Tuple[argparse.Namespace, TrainConfig]:
     """(args, the resolved TrainConfig) of this command line: what main() trains (tests/test_recipe.py reads it)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     add_train_arguments(parser)
     parser.add_argument(
         "--pretrained", required=True, help="run dir, model.safetensors, DeepSpeed checkpoint dir or .pth"
@@ -38,6 +39,7 @@ def configure(argv=None):
     args = parser.parse_args(argv)
     if args.head:  # a flag: below --set in the precedence
         args.overrides = [f"finetune.head={args.head}", *args.overrides]
+    args.overrides = [f"stage=finetune-{args.resolution}", *args.overrides]  # (so --help-config shows it)
     recipe = args.recipe or recipe_for(args.resolution)
     defaults = [os.path.join(CONFIGS, "finetune_224.yaml")]
     if recipe == "384":
@@ -46,29 +48,18 @@ def configure(argv=None):
         args.image_size = args.resolution
     # per variant: variants/<v>.yaml (drop path, the demo's CPU sizes), and at 384 variants/<v>_384.yaml
     cfg = resolve_config(args, defaults, os.path.join(CONFIGS, "variants"), ("", "_384") if recipe == "384" else ("",))
-    cfg.stage = f"finetune-{args.resolution}"
     return args, cfg
 
 
 @exit_on_user_error
-def main(argv=None) -> int:
+def main(argv: Optional[List[str]] = None) -> int:
     args, cfg = configure(argv)
-    if args.plan_memory:
-        from conv2former.engine.memory_plan import plan_memory_report
+    init_weights = None
+    if not args.plan_memory:
+        from conv2former.head_transfer import pretrained_init
 
-        print(json.dumps(plan_memory_report(cfg, args.ranks or 1, args.gpu_memory), indent=1))
-        return 0
-    from conv2former.head_transfer import pretrained_init
-
-    init_weights = pretrained_init(args.pretrained, cfg, int(os.environ.get("RANK", 0)))  # bad paths fail fast
-    from conv2former.engine.trainer import train
-
-    result = train(cfg, dry_run=args.dry_run, init_weights=None if args.dry_run else init_weights)
-    if args.dry_run:
-        print(json.dumps(result, indent=1))
-    # 0: finished, dry run, or stopped by a signal after a checkpoint (the requeued job resumes); 3-6: a fault, whose
-    # one line rank 0 printed (docs/training.md "When things go wrong")
-    return int(result.get("exit_code", 0))
+        init_weights = pretrained_init(args.pretrained, cfg, int(os.environ.get("RANK", 0)))  # bad paths fail fast
+    return run_stage(args, cfg, init_weights)
 
 
 if __name__ == "__main__":

@@ -7,19 +7,20 @@ Also runs under ``torchrun`` and ``srun`` (rank variables from the launcher). Se
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
+from typing import List, Optional, Tuple
 
-from conv2former.engine.cli import add_train_arguments, resolve_config
+from conv2former.config import TrainConfig
+from conv2former.engine.cli import add_train_arguments, resolve_config, run_stage
 from conv2former.errors import exit_on_user_error
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pretrain", "configs")
 
 
-def configure(argv=None):
+def configure(argv: Optional[List[str]] = None) -> Tuple[argparse.Namespace, TrainConfig]:
     """(args, the resolved TrainConfig) of this command line: what main() trains (tests/test_recipe.py reads it)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     add_train_arguments(parser)
     args = parser.parse_args(argv)
     # per variant: variants/<v>.yaml (the demo's CPU sizes)
@@ -28,21 +29,8 @@ def configure(argv=None):
 
 
 @exit_on_user_error
-def main(argv=None) -> int:
-    args, cfg = configure(argv)
-    if args.plan_memory:
-        from conv2former.engine.memory_plan import plan_memory_report
-
-        print(json.dumps(plan_memory_report(cfg, args.ranks or 1, args.gpu_memory), indent=1))
-        return 0
-    from conv2former.engine.trainer import train
-
-    result = train(cfg, dry_run=args.dry_run)
-    if args.dry_run:
-        print(json.dumps(result, indent=1))
-    # 0: finished, dry run, or stopped by a signal after a checkpoint (the requeued job resumes); 3-6: a fault, whose
-    # one line rank 0 printed (docs/training.md "When things go wrong")
-    return int(result.get("exit_code", 0))
+def main(argv: Optional[List[str]] = None) -> int:
+    return run_stage(*configure(argv))
 
 
 if __name__ == "__main__":

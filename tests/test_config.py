@@ -142,23 +142,23 @@ def test_schedule_derivation(world, micro, global_batch, loader_steps, accum, st
     cfg = TrainConfig()
     cfg.data.batch_size, cfg.schedule.global_batch, cfg.schedule.epochs = micro, global_batch, 3
     cfg.schedule.warmup_epochs, cfg.optim.base_lr = 0.5, 1e-3
-    schedule = derive_schedule(cfg, world, loader_steps)
+    schedule = derive_schedule(cfg.schedule, cfg.optim.base_lr, micro, world, loader_steps)
     assert schedule.grad_accum == accum and schedule.steps_per_epoch == steps_per_epoch
     assert schedule.micro_steps_per_epoch == steps_per_epoch * accum <= loader_steps
     assert schedule.total_steps == schedule.stop_step == 3 * steps_per_epoch
     assert schedule.warmup_steps == round(0.5 * steps_per_epoch)
     assert schedule.lr == pytest.approx(1e-3 * global_batch / 1024)
     cfg.schedule.max_steps = 5
-    assert derive_schedule(cfg, world, loader_steps).stop_step == 5
+    assert derive_schedule(cfg.schedule, cfg.optim.base_lr, micro, world, loader_steps).stop_step == 5
 
 
 def test_impossible_schedules_are_one_line_errors():
     cfg = TrainConfig()
-    cfg.data.batch_size, cfg.schedule.global_batch = 32, 4096
+    cfg.schedule.global_batch = 4096
     with pytest.raises(UserError, match="not divisible by 3 ranks x micro-batch 32"):
-        derive_schedule(cfg, 3, 1000)
+        derive_schedule(cfg.schedule, cfg.optim.base_lr, 32, 3, 1000)
     with pytest.raises(UserError, match="lower --global-batch"):
-        derive_schedule(cfg, 8, 10)
+        derive_schedule(cfg.schedule, cfg.optim.base_lr, 32, 8, 10)
 
 
 def test_stage_recipes_hold_no_unknown_keys():

@@ -67,8 +67,8 @@ def test_the_optimizer_applies_the_scales_through_the_schedule():
     cfg.schedule.min_lr = 0.0
     model = timm.create_model("conv2former_demo", num_classes=10)  # depths 1, 1, 2, 1
     schedule = Schedule(1, 16, 64, 4, 40, 10, 100, 0, 5e-5, 100)
-    optimizer = build_optimizer(model, cfg, schedule.lr)
-    scheduler = build_scheduler(optimizer, cfg, schedule)
+    optimizer = build_optimizer(model, cfg.optim, schedule.lr)
+    scheduler = build_scheduler(optimizer, cfg.schedule, schedule)
     named = {id(p): n for n, p in model.named_parameters()}
     for step in (0, 37, 99):
         scheduler.step_update(step)

@@ -11,8 +11,10 @@ import sys
 import pytest
 from conftest import REPO
 
+from conv2former.config import ModelConfig
 from conv2former.engine.distributed import python_path
-from conv2former.engine.memory_plan import GiB, parse_memory, state_bytes, step_activation_bytes
+from conv2former.engine.memory_plan import GiB, state_bytes, step_activation_bytes
+from conv2former.units import parse_bytes
 
 # One real step of a small variant in a fresh process: the peak resident memory above what the process held before
 # it (the model, the batch, the kernels warmed up), with every allocation of 64 KiB or more mapped on its own (malloc
@@ -46,7 +48,8 @@ def test_the_planned_step_is_within_15_percent_of_what_a_real_step_holds():
     assert done.returncode == 0, done.stderr[-2000:]
     real = int(done.stdout.split()[-1])
     parameters = sum(p.numel() for p in timm.create_model("conv2former_n", num_classes=100).parameters())
-    planned = step_activation_bytes("conv2former_n", 100, 64, 32, "fp32", False, False) + 4 * parameters
+    model = ModelConfig(variant="conv2former_n", drop_path_rate=0.0)  # (as the real step: timm's default)
+    planned = step_activation_bytes(model, 100, 64, 32, "fp32", False) + 4 * parameters
     assert abs(planned - real) / real < 0.15, (planned / 2**20, real / 2**20)
 
 
@@ -54,7 +57,12 @@ def test_activations_grow_linearly_with_the_batch_and_shrink_with_checkpointing(
     """The planner measures two micro-batches and extrapolates: a third lands on the line; activation
     checkpointing keeps a fraction; bf16 about halves the fp32 figure."""
     measure = lambda batch, precision="bf16", ckpt=False: step_activation_bytes(  # noqa: E731
-        "conv2former_demo", 40, 64, batch, precision, True, ckpt
+        ModelConfig(variant="conv2former_demo", drop_path_rate=0.0, grad_checkpointing=ckpt),
+        40,
+        64,
+        batch,
+        precision,
+        True,
     )
     two, four, eight = measure(2), measure(4), measure(8)
     assert eight == pytest.approx(four + 2 * (four - two), rel=0.03)
@@ -73,7 +81,9 @@ def test_the_optimizer_state_follows_zeros_memory_model():
     assert state_bytes(n, "bf16", 3, world, ema=False)["weights"] == 2 * n // world
     assert state_bytes(n, "bf16", 3, world, ema=True)["ema"] == 4 * n // world  # the sharded ZeRO-3 EMA
     assert sum(state_bytes(n, "fp32", 0, 1, ema=False).values()) == 16 * n
-    assert parse_memory("80GB") == 80 * GiB == parse_memory("80GiB") and parse_memory("512m") == 512 << 20
+    # one size parser (conv2former/units.py): GB = 10^9, GiB = 2^30, the B optional, any case
+    assert parse_bytes("80GiB", "k") == 80 * GiB == parse_bytes("80gi", "k") and parse_bytes("512m", "k") == 512 * 10**6
+    assert parse_bytes("80GB", "k") == 80 * 10**9 == parse_bytes("8e10", "k")
 
 
 def run_launcher(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -90,7 +100,7 @@ def test_plan_memory_prints_the_plan_for_a_gpu_without_one(demo_shards, tmp_path
     """``--plan-memory --gpu-memory 80GB --ranks 8``: per-rank state under ZeRO, activations at the micro-batch,
     the largest micro-batch that fits and the one ``auto`` would pick (dividing the global batch)."""
     out = run_launcher("--variant", "demo", "--data", demo_shards, "--output", str(tmp_path), "--plan-memory",
-                       "--gpu-memory", "80GB", "--ranks", "8", "--zero-stage", "2").stdout  # fmt: skip
+                       "--gpu-memory", "80GiB", "--ranks", "8", "--zero-stage", "2").stdout  # fmt: skip
     plan = json.loads(out[out.index("{") :])
     assert plan["ranks"] == 8 and plan["zero_stage"] == 2 and plan["precision"] == "bf16"
     per_rank = plan["per_rank_gib"]
@@ -103,7 +113,7 @@ def test_auto_batch_size_keeps_the_global_batch_and_the_schedule(demo_shards, tm
     """``data.batch_size=auto`` with a memory budget: the micro-batch the plan picks, the same global batch, the
     accumulation following, and the same steps and lr as a fixed micro-batch; no budget on a CPU: one line."""
     common = ["--variant", "demo", "--data", demo_shards, "--output", str(tmp_path), "--dry-run"]
-    auto = _json(run_launcher(*common, "--set", "data.batch_size=auto", "--set", "data.memory_budget=3.5GB"))
+    auto = _json(run_launcher(*common, "--set", "data.batch_size=auto", "--set", "data.memory_budget=3.5GiB"))
     micro = auto["schedule"]["micro_batch"]
     assert auto["memory_plan"]["micro_batch"] == micro and micro <= auto["memory_plan"]["largest_micro_batch"]
     # the demo's fixed micro-batch 16 on 1 rank (test_pretrain's dry-run test): global 64, 31 steps an epoch, 310 in

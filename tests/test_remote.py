@@ -109,9 +109,10 @@ def test_a_limit_below_one_epoch_is_a_one_line_error(s3, tmp_path):
     indexes = sum(p.stat().st_size for p in (s3 / "train").glob("*.idx"))
     with pytest.raises(UserError, match=r"data.cache_limit .* is smaller than one epoch .* set it to at least"):
         build_loader(cfg_for("s3://c2f-remote/in1k", tmp_path / "c2", cache_limit=indexes + 10_000), "train", 0, 2)
-    assert parse_bytes("200GB") == 200 * 10**9 and parse_bytes("1.5KiB") == 1536 and parse_bytes(None) is None
+    assert parse_bytes("200GB", "k") == 200 * 10**9 and parse_bytes("1.5KiB", "k") == 1536
+    assert parse_bytes(None, "k") is None
     with pytest.raises(UserError, match="is not a size"):
-        parse_bytes("lots")
+        parse_bytes("lots", "data.cache_limit")
 
 
 def test_two_processes_opening_the_same_split_at_once_never_fail(s3, tmp_path):

@@ -109,7 +109,7 @@ def test_compile_specialises_once_per_size_and_never_goes_dynamic():
     import torch._dynamo.config as dynamo_config
 
     import conv2former.model  # noqa: F401
-    from conv2former.engine.trainer import compile_limit
+    from conv2former.engine.build import compile_limit
 
     sizes = [32, 64, 96, 128, 160, 192, 224, 256, 288]
     assert compile_limit(sizes) >= len(sizes) + 1

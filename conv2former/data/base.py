@@ -250,6 +250,11 @@ class ShardLoader(abc.ABC):
                 f"{human(need)} ({human(2 * need)} lets the next epoch be fetched during this one)"
             )
 
+    def summary(self) -> Dict[str, Any]:
+        """Its fields of the run summary: this rank's skipped shards (every rank warns for its own) and, from a remote
+        root, its downloads and cache hits."""
+        return {"skipped_shards": self.skipped_shards, "data_fetch": self.fetch_stats()}
+
     def fetch_stats(self) -> Dict[str, Any]:
         """What this loader's rank fetched from a remote root (files, bytes, cache hits, seconds), or {}."""
         return self.shards.cache.stats.as_dict() if self.shards.cache is not None else {}

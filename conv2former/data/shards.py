@@ -261,7 +261,7 @@ def _open_remote_split(root: str, split: str, fs: Any, path: str, cache_dir: Opt
             raise UserError(f"data root: {remote_problem(posixpath.join(root, folder), err)}") from None
         for entry in listing:
             sizes[posixpath.join(folder, posixpath.basename(entry["name"].rstrip("/")))] = int(entry.get("size") or 0)
-    cache = ShardCache(cache_dir, parse_bytes(cache_limit), workers)
+    cache = ShardCache(cache_dir, parse_bytes(cache_limit, "data.cache_limit"), workers)
     indexes = []
     for filename in filenames:
         tar_url = posixpath.join(root.rstrip("/"), filename)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import List, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 import timm
 
@@ -138,20 +138,27 @@ def resolve_config(
             f"the variant's recipe file sets model.variant={cfg.model.variant}, not {variant}: fix "
             f"{variant_recipe_paths(variant_folder, variant, variant_suffixes)}"
         )
-    if not cfg.data.root:
-        raise UserError("no data given: pass --data DIR_OR_URL (a shard root made by data_prep/shard.py)")
-    if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
-        raise UserError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {cfg.deepspeed.zero_stage}")
-    if cfg.schedule.epochs <= 0:
-        raise UserError(f"schedule.epochs must be positive, got {cfg.schedule.epochs}")
-    from conv2former.engine.sinks import check_backends
-
-    check_backends(cfg.logging.backends)  # (an unknown backend, or one whose package is missing: one line now)
-    if cfg.profile.steps:
-        from conv2former.engine.profiling import parse_steps
-
-        parse_steps(cfg.profile.steps)  # (a bad window fails before anything starts)
+    cfg.validate()  # (the config's one judge: a mistake fails here, before anything starts; engine/run.py again)
     return cfg
+
+
+def run_stage(args: argparse.Namespace, cfg: TrainConfig, init_weights: Optional[Any] = None) -> int:
+    """The training launchers' ``main`` after their own flags: ``--plan-memory`` or ``--dry-run`` (printed as JSON),
+    else the stage itself. The exit code: 0 finished, dry run, or stopped by a signal after a checkpoint (the requeued
+    job resumes); 3-6 a fault, whose one line rank 0 printed (docs/training.md "When things go wrong")."""
+    import json
+
+    if args.plan_memory:
+        from conv2former.engine.memory_plan import plan_memory_report
+
+        print(json.dumps(plan_memory_report(cfg, args.ranks or 1, args.gpu_memory), indent=1))
+        return 0
+    from conv2former.engine.trainer import train
+
+    result = train(cfg, dry_run=args.dry_run, init_weights=None if args.dry_run else init_weights)
+    if args.dry_run:
+        print(json.dumps(result, indent=1))
+    return int(result.get("exit_code", 0))
 
 
 def stage_config_paths(folder: str, names: List[str]) -> List[str]:

@@ -5,53 +5,31 @@ from __future__ import annotations
 import time
 from typing import Any, Dict, List
 
-import timm
 import torch
 import torch.distributed as dist
 
-import conv2former  # noqa: F401  (registers the variants)
 from conv2former.config import TrainConfig
-from conv2former.data.loader import build_loader, resolve_backend
-from conv2former.data.shard_format import read_classes
 from conv2former.data.size_schedule import SizeSchedule
-from conv2former.engine.distributed import Process, join_group, this_process
-from conv2former.engine.memory_plan import resolve_auto_batch
-from conv2former.engine.optim import Schedule, build_optimizer, derive_schedule
-from conv2former.engine.precision import DTYPES, resolve_precision
+from conv2former.engine.build import build_engine, build_model, build_train_data
+from conv2former.engine.depthwise_choice import DepthwiseChoice
+from conv2former.engine.distributed import join_group, this_process
+from conv2former.engine.optim import Schedule
+from conv2former.engine.precision import DTYPES
+from conv2former.engine.run import ResolvedRun, resolve_run
 
 
-def measure_step_time(
-    cfg: TrainConfig, num_classes: int, process: Process, schedule: Schedule, precision: str, sizes: List[int]
-) -> Dict[int, float]:
+def measure_step_time(run: ResolvedRun, schedule: Schedule, device: torch.device, sizes: List[int]) -> Dict[int, float]:
     """Seconds of one optimizer step at each of ``sizes`` as the engine takes it (3 warm-up, 3 timed; synthetic
-    batches): the same DeepSpeed engine and config (precision, ZeRO stage, fp32 accumulation, clipping), the model's
-    parameters in the training dtype, channels_last batches where the run uses them, ``grad_accum`` micro-steps per
-    step."""
-    import deepspeed
-
-    from conv2former.engine.trainer import deepspeed_config
-
-    device = process.device
-    if device.type == "cpu":  # the depthwise formulations and malloc policy the CPU engine installs
-        from conv2former.cpu import CpuTuning
-
-        CpuTuning.install(cfg.cpu)
-    joined = not dist.is_initialized()
-    if joined:
-        join_group(process, cfg.deepspeed.timeout_minutes)
-    model: Any = timm.create_model(cfg.model.variant, num_classes=num_classes, drop_path_rate=cfg.model.drop_path_rate)
-    model = model.to(device).train()
-    if cfg.model.grad_checkpointing:
-        model.set_grad_checkpointing(True)
-    optimizer = build_optimizer(model, cfg, schedule.lr)
-    config = deepspeed_config(cfg, schedule, precision)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-    dtype = DTYPES[precision]
+    batches): the run's own network and DeepSpeed engine (engine/build.py: precision, ZeRO stage, fp32 accumulation,
+    clipping, compile), channels_last batches where the run uses them, ``grad_accum`` micro-steps per step."""
+    engine, _ = build_engine(run, schedule, build_model(run).train(), device)
+    dtype, num_classes = DTYPES[run.precision], len(run.classes)
     y = torch.randint(0, num_classes, (schedule.micro_batch,), device=device)
+    channels_last = run.cfg.data.channels_last if run.cfg.data.channels_last is not None else device.type == "cuda"
     seconds = {}
     for size in sizes:
         x = torch.randn(schedule.micro_batch, 3, size, size, device=device, dtype=dtype)
-        if cfg.data.channels_last if cfg.data.channels_last is not None else device.type == "cuda":
+        if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         times = []
         for i in range(6):
@@ -66,36 +44,46 @@ def measure_step_time(
                 times.append(time.perf_counter() - start)
         seconds[size] = sorted(times)[len(times) // 2]
     engine.destroy()
-    if joined:  # through DeepSpeed, which then drops the groups it cached (a later dry run in this process makes new)
-        deepspeed.comm.destroy_process_group()
     return seconds
 
 
 def dry_run_report(cfg: TrainConfig) -> Dict[str, Any]:
-    """What ``launch/pretrain.py --dry-run`` prints: the schedule, and the whole run's time at this step time."""
+    """What ``launch/pretrain.py --dry-run`` prints: the schedule, and the whole run's time at this step time. The
+    run is resolved and built as the Trainer builds it (engine/run.py, engine/build.py), so a config the run would
+    refuse is refused here with the same line."""
     process = this_process()
-    rank, world_size, device = process.rank, process.world_size, process.device
-    cfg.data.backend = resolve_backend(cfg.data.backend)
-    precision = resolve_precision(cfg.deepspeed, device.type == "cuda")
-    memory_plan = resolve_auto_batch(cfg, world_size, device.type == "cuda", precision)
-    schedule = derive_schedule(cfg, world_size, len(build_loader(cfg.data, "train", rank, world_size, device)))
-    classes = read_classes(cfg.data.root)
-    sizes = SizeSchedule.from_config(
-        cfg.data.size_schedule, cfg.data.size_schedule_mode, cfg.schedule.epochs, cfg.data.image_size
-    )
-    seconds = measure_step_time(
-        cfg, len(classes), process, schedule, precision, sorted(set(sizes.sizes() + [cfg.data.image_size]))
-    )
+    run = resolve_run(cfg, process.world_size, process.gpu)
+    DepthwiseChoice(run.cfg, process.gpu)  # the depthwise formulations (and CPU malloc policy) the engine installs
+    _, schedule = build_train_data(run, process.rank, process.device)
+    joined = not dist.is_initialized()
+    if joined:
+        join_group(process, run.cfg.deepspeed.timeout_minutes)
+    try:
+        image_size = run.cfg.data.image_size
+        seconds = measure_step_time(run, schedule, process.device, sorted(set(run.sizes.sizes() + [image_size])))
+    finally:
+        if joined:  # through DeepSpeed, which then drops the groups it cached (a later run in this process makes new)
+            import deepspeed
+
+            deepspeed.comm.destroy_process_group()
+    return _report(run, schedule, seconds)
+
+
+def _report(run: ResolvedRun, schedule: Schedule, seconds: Dict[int, float]) -> Dict[str, Any]:
+    cfg, sizes = run.cfg, run.sizes
     step_s = seconds[cfg.data.image_size]
     what = (
-        f"one optimizer step of the DeepSpeed engine on this device: {precision}, ZeRO-{cfg.deepspeed.zero_stage}, "
+        f"one optimizer step of the DeepSpeed engine on this device: {run.precision}, ZeRO-{cfg.deepspeed.zero_stage}, "
         f"{schedule.grad_accum} micro-batches of {schedule.micro_batch}, synthetic data; data loading and "
         "communication between ranks not included"
     )
+    with torch.device("meta"):
+        parameters = sum(p.numel() for p in build_model(run).parameters())
     report: Dict[str, Any] = {
         "schedule": schedule.as_dict(),
-        **({"memory_plan": memory_plan} if memory_plan is not None else {}),
-        "classes": len(classes),
+        **({"memory_plan": run.memory_plan} if run.memory_plan is not None else {}),
+        "classes": len(run.classes),
+        "parameters": parameters,
         "measured_step_seconds": round(step_s, 4),
         "projected_hours": round(step_s * schedule.total_steps / 3600, 2),
         "projection": f"{schedule.total_steps} steps x {step_s:.3f} s ({what})",

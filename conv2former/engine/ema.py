@@ -9,8 +9,30 @@ from typing import Any, Callable, Dict, Iterator, List
 import torch
 import torch.distributed as dist
 
+from conv2former.engine.component import Component
+from conv2former.engine.state import CheckpointState
 
-class WeightEma:
+
+class _EmaComponent(Component):
+    """The EMA as the Trainer's component: checkpointed as ``ema``, updated after every optimizer step."""
+
+    def register(self, state: CheckpointState) -> None:
+        state.register("ema", self)
+
+    def after_step(self, step: int, loss: torch.Tensor) -> None:
+        self.update(step)
+
+    def update(self, step: int) -> None:
+        raise NotImplementedError
+
+    def state_dict(self) -> Dict[str, Any]:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        raise NotImplementedError
+
+
+class WeightEma(_EmaComponent):
     """timm's ``ModelEmaV3`` over the engine's module (its decay and warmup), with the update written here: the
     average is fp32 and the model bf16/fp16 under DeepSpeed, a mix timm's own update rejects before 1.0.29
     (``_foreach_lerp_`` of fp32 with bf16); here each model value is cast to the average's dtype first.
@@ -84,7 +106,7 @@ class WeightEma:
         self.ema.module.load_state_dict(state)
 
 
-class ShardedEma:
+class ShardedEma(_EmaComponent):
     """The ZeRO-3 EMA: each rank averages, in fp32, its own partition of every parameter (``ds_tensor``, the same
     slice DeepSpeed keeps on that rank), with no communication per step; the buffers (BatchNorm statistics) are small
     and kept whole. The whole average is gathered only to evaluate it (``gathered``) and to save it (``state_dict``,

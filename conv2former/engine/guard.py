@@ -14,12 +14,19 @@ scale. Such a skip (``overflow_skipped``, known on the host) is not a bad step; 
 
 from __future__ import annotations
 
+import os
 from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 
+from conv2former.config import GuardConfig
+from conv2former.engine.component import Component
 from conv2former.engine.late_read import LateRead
+from conv2former.engine.state import CheckpointState
+from conv2former.errors import Diverged
+
+DIVERGED = "diverged"  # the summary's status begins so
 
 
 class DivergenceGuard:
@@ -112,3 +119,63 @@ def weights_finite(module: torch.nn.Module) -> bool:
     if dist.is_initialized():
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     return bool(finite.item())
+
+
+class StepGuard(Component):
+    """The guard as the Trainer's component: after each optimizer step, that step's check started and the previous
+    one's read; a bad step recorded (log.jsonl, TensorBoard); ``Diverged`` raised at the guard's limit."""
+
+    def __init__(
+        self, cfg: GuardConfig, engine: Any, device: torch.device, precision: str, metrics: Any, checkpoint_dir: str,
+        rank: int,
+    ) -> None:  # fmt: skip
+        self.guard = DivergenceGuard(cfg.max_bad_steps, device, cfg.max_overflow_skips)
+        self.engine, self.precision, self.metrics = engine, precision, metrics
+        self.checkpoint_dir, self.rank = checkpoint_dir, rank
+
+    def register(self, state: CheckpointState) -> None:
+        state.register("guard", self.guard)
+
+    def after_step(self, step: int, loss: torch.Tensor) -> None:
+        skipped = self.precision == "fp16" and not self.engine.was_step_applied()  # the loss scaler's (host) flag
+        bad = self.guard.observe(step, loss, self.engine.get_global_grad_norm(), skipped)
+        self._record(bad)
+        if bad is not None and self.guard.tripped:
+            raise self.fault(step)
+
+    def last_step_bad(self, step: int) -> bool:
+        """Read the outstanding check (before a checkpoint): whether step ``step`` was bad (recorded; ``Diverged``
+        at the limit)."""
+        bad = self.guard.flush()
+        self._record(bad)
+        if bad is not None and self.guard.tripped:
+            raise self.fault(step)
+        return bad is not None
+
+    def _record(self, bad: Optional[Dict[str, Any]]) -> None:
+        if bad is not None:
+            self.metrics.scalars(bad["step"], {"loss": bad["loss"], "grad_norm": bad["grad_norm"]}, kind="bad_step")
+
+    def fault(self, step: int) -> Diverged:
+        """The fault a diverged run ends with: its one line (rank 0) and the summary's status."""
+        from conv2former.engine.checkpoint import newest_complete
+
+        self._record(self.guard.flush())  # the last step's flag, recorded like the others
+        run = self.guard.last_run()
+        what = f"step {step}: the weights are not finite"
+        if run:
+            seen = run[0]
+            what = f"step {seen['step']}: loss {seen['loss']:.4g}, grad norm {seen['grad_norm']:.4g}"
+            if len(run) > 1:
+                what += f" (bad steps {seen['step']}-{run[-1]['step']})"
+        newest = newest_complete(self.checkpoint_dir)
+        good = os.path.join(self.checkpoint_dir, newest["tag"]) if newest else "none (no checkpoint was written)"
+        line = (
+            f"training diverged at {what}; nothing was saved from non-finite weights, the last good checkpoint is "
+            f"{good}; try a lower optim.base_lr, more schedule.warmup_epochs or gradient clipping "
+            "(--set optim.clip_grad=1.0)"
+        )
+        return Diverged(line if self.rank == 0 else "", f"{DIVERGED} at {what}")
+
+    def summary(self) -> Dict[str, Any]:
+        return {"bad_steps": self.guard.bad_steps, "overflow_skips": self.guard.overflow_skips}

@@ -11,6 +11,8 @@ from typing import List, Optional, Tuple
 
 import torch.distributed as dist
 
+from conv2former.errors import Diverged, RankFault, RunFault
+
 # What a failed collective says (gloo raises a plain RuntimeError; NCCL and the store raise torch's DistError types).
 COLLECTIVE_FAILURES = ("Connection closed by peer", "Connection reset by peer", "Timed out waiting", "gloo", "NCCL")
 
@@ -86,3 +88,16 @@ def lost_ranks_line(rank: int, world_size: int, step: int, err: BaseException, t
         f"{who} at step {step}; rank {rank} saw: {seen}; collective timeout {timeout_min:g} min "
         "(--set deepspeed.timeout_minutes); relaunch the same command to resume from the newest complete checkpoint"
     )
+
+
+def as_run_fault(err: Exception, rank: int, world_size: int, step: int, timeout_minutes: float) -> RunFault:
+    """``err`` as the run fault it ends the run with, its line empty on the ranks that do not print it (a fault of
+    this rank is announced first, so the others' roll call stays quiet; a failed collective names the lost ranks);
+    anything else re-raised."""
+    if isinstance(err, RunFault):
+        if world_size > 1 and not isinstance(err, (RankFault, Diverged)):  # (every rank diverges at once)
+            announce_fault(rank, err.status)
+        return err
+    if is_collective_failure(err):
+        return RankFault(lost_ranks_line(rank, world_size, step, err, timeout_minutes))
+    raise err

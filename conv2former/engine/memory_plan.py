@@ -24,23 +24,25 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
 import conv2former  # noqa: F401  (registers the variants)
-from conv2former.config import TrainConfig
+from conv2former.config import DataConfig, ModelConfig, TrainConfig
+from conv2former.engine.metrics import get_logger
 from conv2former.engine.precision import DTYPES, cast_like_engine
 from conv2former.errors import UserError
+from conv2former.units import GiB, is_decimal, parse_bytes
 
-GiB = 1 << 30
 RESERVE_BYTES = 3 * GiB
 PROBE_BATCHES = (2, 4)  # micro-batches measured: activations are linear in the batch (checked by the tests)
 
 
-def _fake_model(variant: str, num_classes: int, dtype: torch.dtype, grad_checkpointing: bool) -> Tuple[Any, Any]:
-    """The model with fake parameters (meta-built, then storage-less CPU tensors), cast as DeepSpeed casts it:
-    floating parameters to the training dtype, buffers kept (the stem BatchNorm's statistics stay fp32)."""
+def _fake_model(model_cfg: ModelConfig, num_classes: int, dtype: torch.dtype) -> Tuple[Any, Any]:
+    """The run's model (``ModelConfig.create_kwargs``, activation checkpointing as configured) with fake parameters
+    (meta-built, then storage-less CPU tensors), cast as DeepSpeed casts it: floating parameters to the training
+    dtype, buffers kept (the stem BatchNorm's statistics stay fp32)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with torch.device("meta"):
-        model: Any = timm.create_model(variant, num_classes=num_classes)
-    model.set_grad_checkpointing(grad_checkpointing)
+        model: Any = timm.create_model(model_cfg.variant, **model_cfg.create_kwargs(num_classes))
+    model.set_grad_checkpointing(model_cfg.grad_checkpointing)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     with mode:
         model = cast_like_engine(model.to_empty(device="cpu").train(), dtype)
@@ -91,13 +93,12 @@ class LiveBytes(TorchDispatchMode):
 
 
 def step_activation_bytes(
-    variant: str, num_classes: int, image_size: int, batch: int, precision: str, channels_last: bool,
-    grad_checkpointing: bool,
-) -> int:  # fmt: skip
+    model_cfg: ModelConfig, num_classes: int, image_size: int, batch: int, precision: str, channels_last: bool
+) -> int:
     """Peak bytes of one forward + backward of a micro-batch beyond the weights and their gradients (activations
     saved for backward, temporaries, the batch itself), measured on fake tensors."""
     dtype = DTYPES[precision]
-    model, mode = _fake_model(variant, num_classes, dtype, grad_checkpointing)
+    model, mode = _fake_model(model_cfg, num_classes, dtype)
     with mode:
         images = torch.empty(batch, 3, image_size, image_size, dtype=dtype)
         if channels_last:
@@ -149,30 +150,20 @@ def state_bytes(parameters: int, precision: str, zero_stage: int, world_size: in
 def plan_memory(cfg: TrainConfig, num_classes: int, world_size: int, precision: str) -> MemoryPlan:
     """The plan for ``cfg`` on ``world_size`` ranks training in ``precision`` (activations measured twice)."""
     channels_last = cfg.data.channels_last if cfg.data.channels_last is not None else True  # (a GPU's default)
-    args = (cfg.model.variant, num_classes, cfg.data.image_size)
     small, large = (
-        step_activation_bytes(*args, batch, precision, channels_last, cfg.model.grad_checkpointing)
+        step_activation_bytes(cfg.model, num_classes, cfg.data.image_size, batch, precision, channels_last)
         for batch in PROBE_BATCHES
     )
     per_sample = math.ceil((large - small) / (PROBE_BATCHES[1] - PROBE_BATCHES[0]))
     with torch.device("meta"):
-        parameters = sum(p.numel() for p in timm.create_model(cfg.model.variant, num_classes=num_classes).parameters())
+        model = timm.create_model(cfg.model.variant, **cfg.model.create_kwargs(num_classes))
+    parameters = sum(p.numel() for p in model.parameters())
     return MemoryPlan(
         parameters=parameters,
         state_bytes=state_bytes(parameters, precision, cfg.deepspeed.zero_stage, world_size, cfg.ema),
         activation_fixed=max(0, small - per_sample * PROBE_BATCHES[0]),
         activation_per_sample=per_sample,
     )
-
-
-def parse_memory(text: str) -> int:
-    """``80GB``, ``141GiB``, ``40g``, ``81920MB``: bytes (GB and GiB both read as 2**30, as GPU specs mean)."""
-    units = {"k": 1 << 10, "m": 1 << 20, "g": GiB, "t": 1 << 40}
-    value = text.strip().lower().rstrip("b").rstrip("i")
-    try:
-        return int(float(value[:-1]) * units[value[-1]]) if value and value[-1] in units else int(float(value))
-    except (ValueError, KeyError):
-        raise UserError(f"--gpu-memory: cannot read {text!r}: give a size such as 80GB or 141GiB") from None
 
 
 def visible_gpu_bytes() -> Optional[int]:
@@ -223,54 +214,33 @@ def plan_report(
 
 
 def plan_memory_report(cfg: TrainConfig, world_size: int, gpu_memory: Optional[str]) -> Dict[str, Any]:
-    """``--plan-memory``: the plan for the resolved config on ``world_size`` ranks, at its micro-batch (or, with
-    ``auto``, at the one that fits), against ``gpu_memory`` (default: this GPU's free memory; none on a CPU)."""
-    from conv2former.data.shard_format import read_classes
-    from conv2former.engine.precision import PRECISIONS
+    """``--plan-memory``: the plan for the run ``cfg`` resolves to on ``world_size`` GPU ranks, at its micro-batch
+    (with ``auto``, the one that fits), against ``gpu_memory`` (default: this GPU's free memory; none on a CPU)."""
+    from conv2former.engine.run import resolve_run
 
-    if cfg.deepspeed.precision not in PRECISIONS:
-        raise UserError(
-            f"deepspeed.precision: unknown {cfg.deepspeed.precision!r}: choose one of {', '.join(PRECISIONS)}"
-        )
-    precision = "bf16" if cfg.deepspeed.precision == "auto" else cfg.deepspeed.precision  # as on a GPU
-    plan = plan_memory(cfg, len(read_classes(cfg.data.root)), world_size, precision)
-    budget = parse_memory(gpu_memory) if gpu_memory else visible_gpu_bytes()
-    if cfg.data.batch_size == "auto":
-        if budget is None:
-            raise UserError("--plan-memory with data.batch_size=auto needs --gpu-memory (e.g. 80GB) without a GPU")
-        micro = fitting_micro_batch(plan, budget, cfg.schedule.global_batch, world_size)
-    else:
-        micro = cfg.data.micro_batch()
-    report = plan_report(plan, micro, budget, cfg.schedule.global_batch, world_size)
+    budget = parse_bytes(gpu_memory, "--gpu-memory") if gpu_memory else visible_gpu_bytes()
+    run = resolve_run(cfg, world_size, gpu=True, gpu_bytes=budget, planning=True)
+    plan = run.plan or plan_memory(run.cfg, len(run.classes), world_size, run.precision)
+    report = plan_report(plan, run.micro_batch, budget, cfg.schedule.global_batch, world_size)
     grad_ckpt = "on" if cfg.model.grad_checkpointing else "off"
-    return {"variant": cfg.model.variant, "image_size": cfg.data.image_size, "precision": precision,
+    return {"variant": cfg.model.variant, "image_size": cfg.data.image_size, "precision": run.precision,
             "zero_stage": cfg.deepspeed.zero_stage, "ranks": world_size, "grad_checkpointing": grad_ckpt,
             **report}  # fmt: skip
 
 
-def run_budget(cfg: TrainConfig, gpu: bool) -> int:
+def run_budget(data: DataConfig, gpu: bool) -> int:
     """The per-rank bytes ``batch_size=auto`` plans for: ``data.memory_budget``, else the GPU's total memory (the
     same on every rank of a homogeneous job, so all ranks pick the same micro-batch)."""
-    if cfg.data.memory_budget:
-        return parse_memory(cfg.data.memory_budget)
+    if data.memory_budget:
+        budget = int(parse_bytes(data.memory_budget, "data.memory_budget") or 0)
+        if is_decimal(data.memory_budget):  # (the one meaning of GB since 2026-12-06: conv2former/units.py)
+            get_logger().warning(
+                f"data.memory_budget {data.memory_budget} = {budget / GiB:.1f} GiB (GB is 10^9 bytes; before "
+                f"2026-12-06 it read as GiB): write {data.memory_budget.upper().replace('GB', 'GiB')} for that"
+            )
+        return budget
     if not gpu:
         raise UserError(
-            "data.batch_size=auto without a GPU needs data.memory_budget (e.g. --set data.memory_budget=16GB)"
+            "data.batch_size=auto without a GPU needs data.memory_budget (e.g. --set data.memory_budget=16GiB)"
         )
     return int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
-
-
-def resolve_auto_batch(cfg: TrainConfig, world_size: int, gpu: bool, precision: str) -> Optional[Dict[str, Any]]:
-    """With ``data.batch_size: auto``: plan, set the micro-batch to the largest that fits the budget and divides the
-    global batch over the ranks (accumulation follows; the global batch and so the schedule are unchanged), and
-    return the plan's report (the summary's ``memory_plan``); otherwise None."""
-    if cfg.data.batch_size != "auto":
-        cfg.data.micro_batch()  # (a value that is neither a number nor auto fails here)
-        return None
-    from conv2former.data.shard_format import read_classes
-
-    budget = run_budget(cfg, gpu)
-    plan = plan_memory(cfg, len(read_classes(cfg.data.root)), world_size, precision)
-    micro = fitting_micro_batch(plan, budget, cfg.schedule.global_batch, world_size)
-    cfg.data.batch_size = micro
-    return plan_report(plan, micro, budget, cfg.schedule.global_batch, world_size)

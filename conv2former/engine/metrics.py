@@ -61,16 +61,20 @@ class Metrics:
         if sinks is None and rank == 0:
             sinks = [TensorBoardSink(output), JsonlSink(output)]
         self.sinks: List[Sink] = list(sinks or []) if rank == 0 else []
-        self.bar = tqdm(
-            total=total_steps,
-            initial=initial_step,
-            disable=rank != 0,
-            unit="step",
-            dynamic_ncols=True,
-            desc=desc,
-            file=sys.stderr,
-        )
+        self.total_steps, self.initial_step, self.desc = total_steps, initial_step, desc
+        self._bar: Optional[tqdm] = None  # drawn at its first use (after a resume has set initial_step)
         self.restart_window()
+
+    @property
+    def bar(self) -> tqdm:
+        if self._bar is None:
+            self._bar = tqdm(total=self.total_steps, initial=self.initial_step, disable=self.rank != 0, unit="step",
+                             dynamic_ncols=True, desc=self.desc, file=sys.stderr)  # fmt: skip
+        return self._bar
+
+    def start_at(self, step: int) -> None:
+        """The run (re)starts at optimizer step ``step`` (a resume): where the bar begins."""
+        self.initial_step = step
 
     # the timing window
     def restart_window(self) -> None:
@@ -96,12 +100,17 @@ class Metrics:
     def warn(self, message: str) -> None:
         """A warning on rank 0 on a line of its own above the bar (every rank sees the same thing here)."""
         if self.rank == 0:
-            self.bar.write(message, file=sys.stderr)
+            tqdm.write(message, file=sys.stderr)
 
     def note(self, message: str) -> None:
         """An INFO line on rank 0, on a line of its own above the bar."""
         if self.rank == 0:
-            self.bar.write(message, file=sys.stdout)
+            tqdm.write(message, file=sys.stdout)
+
+    def close_bar(self) -> None:
+        """The bar ends here (a line printed after it starts on its own line)."""
+        if self._bar is not None:
+            self._bar.close()
 
     def show(self, **postfix: str) -> None:
         self.bar.set_postfix(**postfix)
@@ -112,7 +121,8 @@ class Metrics:
             sink.flush()
 
     def close(self) -> None:
-        self.bar.close()
+        if self._bar is not None:
+            self._bar.close()
         sinks, self.sinks = self.sinks, []
         for sink in sinks:
             sink.close()

@@ -10,7 +10,7 @@ import torch.nn as nn
 from timm.optim import param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
 
-from conv2former.config import TrainConfig
+from conv2former.config import OptimConfig, ScheduleConfig
 from conv2former.engine.layer_decay import param_groups_depth_decay
 from conv2former.errors import UserError
 
@@ -34,62 +34,59 @@ class Schedule:
         return dict(self.__dict__)
 
 
-def derive_schedule(cfg: TrainConfig, world_size: int, loader_steps: int) -> Schedule:
-    micro = cfg.data.micro_batch()
+def derive_schedule(cfg: ScheduleConfig, base_lr: float, micro: int, world_size: int, loader_steps: int) -> Schedule:
+    """The schedule of ``cfg`` for ``world_size`` ranks of ``micro`` samples whose epoch holds ``loader_steps``
+    micro-batches per rank; one-line errors for a global batch the ranks cannot share."""
     per_step = micro * world_size
-    if cfg.schedule.global_batch % per_step:
+    if cfg.global_batch % per_step:
         raise UserError(
-            f"global batch {cfg.schedule.global_batch} is not divisible by {world_size} ranks x micro-batch "
+            f"global batch {cfg.global_batch} is not divisible by {world_size} ranks x micro-batch "
             f"{micro} = {per_step}: change --global-batch or --micro-batch"
         )
-    accum = cfg.schedule.global_batch // per_step
+    accum = cfg.global_batch // per_step
     steps_per_epoch = loader_steps // accum
     if steps_per_epoch == 0:
         raise UserError(
             f"one optimizer step needs {accum} micro-batches per rank but an epoch holds {loader_steps}: "
             "lower --global-batch"
         )
-    total = cfg.schedule.epochs * steps_per_epoch
-    stop = min(total, max(0, cfg.schedule.max_steps)) if cfg.schedule.max_steps is not None else total
+    total = cfg.epochs * steps_per_epoch
+    stop = min(total, max(0, cfg.max_steps)) if cfg.max_steps is not None else total
     return Schedule(
         world_size=world_size,
         micro_batch=micro,
-        global_batch=cfg.schedule.global_batch,
+        global_batch=cfg.global_batch,
         grad_accum=accum,
         micro_steps_per_epoch=steps_per_epoch * accum,
         steps_per_epoch=steps_per_epoch,
         total_steps=total,
-        warmup_steps=int(round(cfg.schedule.warmup_epochs * steps_per_epoch)),
-        lr=cfg.optim.base_lr * cfg.schedule.global_batch / 1024,
+        warmup_steps=int(round(cfg.warmup_epochs * steps_per_epoch)),
+        lr=base_lr * cfg.global_batch / 1024,
         stop_step=stop,
     )
 
 
-def param_groups(model: nn.Module, cfg: TrainConfig) -> List[Dict[str, Any]]:
+def param_groups(model: nn.Module, cfg: OptimConfig) -> List[Dict[str, Any]]:
     """No weight decay for 1-D parameters (norms, biases, layer scales); optional layer-wise lr decay over
     ConvNeXt's 12 depth groups (conv2former/engine/layer_decay.py)."""
-    if cfg.optim.layer_decay:
-        return param_groups_depth_decay(model, cfg.optim.weight_decay, cfg.optim.layer_decay)
-    return param_groups_weight_decay(model, weight_decay=cfg.optim.weight_decay)
+    if cfg.layer_decay:
+        return param_groups_depth_decay(model, cfg.weight_decay, cfg.layer_decay)
+    return param_groups_weight_decay(model, weight_decay=cfg.weight_decay)
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
     return torch.optim.AdamW(
-        param_groups(model, cfg),
-        lr=lr,
-        betas=(cfg.optim.betas[0], cfg.optim.betas[1]),
-        eps=cfg.optim.eps,
-        weight_decay=cfg.optim.weight_decay,
+        param_groups(model, cfg), lr=lr, betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps, weight_decay=cfg.weight_decay
     )
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, schedule: Schedule) -> CosineLRScheduler:
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, schedule: Schedule) -> CosineLRScheduler:
     """Linear warmup from 0 (as ConvNeXt's ``cosine_scheduler``) then cosine to min_lr, stepped per optimizer step
     (``step_update``)."""
     return CosineLRScheduler(
         optimizer,
         t_initial=max(1, schedule.total_steps - schedule.warmup_steps),
-        lr_min=cfg.schedule.min_lr,
+        lr_min=cfg.min_lr,
         warmup_t=schedule.warmup_steps,
         warmup_lr_init=0.0,
         warmup_prefix=True,

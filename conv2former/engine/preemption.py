@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import signal
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 
+from conv2former.engine.component import Component
 from conv2former.engine.late_read import LateRead
 
 
@@ -15,15 +16,19 @@ class Preempted(Exception):
     """Every rank agreed to stop (SIGTERM/SIGUSR1) and a checkpoint was saved: the run ends with exit 0."""
 
 
-class Preemption:
-    """The ranks agree to stop through an all-reduce of a flag.
+class Preemption(Component):
+    """The ranks agree to stop through an all-reduce of a flag; as the Trainer's component, after each optimizer
+    step: when they agreed, ``checkpoint(step)`` and ``Preempted``.
 
     The all-reduce is started without waiting at every optimizer step and read one step later, when the next step's
     work is already queued, so the check never leaves the GPU idle; all ranks read the same value at the same step,
     so they stop at the same step.
     """
 
-    def __init__(self) -> None:
+    def __init__(
+        self, device: Optional[torch.device] = None, checkpoint: Optional[Callable[[int], None]] = None
+    ) -> None:
+        self.device, self.checkpoint = device or torch.device("cpu"), checkpoint
         self.requested = False
         self._flag: Optional[torch.Tensor] = None  # created at the first poll
         self._read: Optional[LateRead] = None  # the outstanding agreement
@@ -32,6 +37,12 @@ class Preemption:
 
     def _handler(self, signum: int, frame: object) -> None:
         self.requested = True
+
+    def after_step(self, step: int, loss: torch.Tensor) -> None:
+        if self.poll(self.device):
+            if self.checkpoint is not None:
+                self.checkpoint(step)
+            raise Preempted()
 
     def poll(self, device: torch.device) -> bool:
         """Whether every rank had agreed to stop by the previous call; starts this step's agreement."""

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, ContextManager, Optional, Tuple
+from typing import Any, Callable, ContextManager, Dict, Optional, Tuple
 
 import torch
 
+from conv2former.engine.component import Component
 from conv2former.errors import UserError
 
 
@@ -28,8 +29,15 @@ def parse_steps(text: str) -> Tuple[int, int]:
     return a, b
 
 
-class StepProfiler:
-    def __init__(self, steps: Optional[str], memory: bool, out_dir: str, rank: int, device: torch.device) -> None:
+class StepProfiler(Component):
+    """As the Trainer's component: closes each profiled step (``after_step``) and reports the trace's folder
+    (``summary``, through ``shown``: the path as the user gave the output)."""
+
+    def __init__(
+        self, steps: Optional[str], memory: bool, out_dir: str, rank: int, device: torch.device,
+        shown: Callable[[Optional[str]], Optional[str]] = lambda path: path,
+    ) -> None:  # fmt: skip
+        self.shown = shown
         self.window = parse_steps(steps) if steps else None
         self.memory, self.out_dir, self.rank, self.device = memory, out_dir, rank, device
         self.profiler: Any = None
@@ -51,6 +59,12 @@ class StepProfiler:
             self._start()
         self.step_region = torch.profiler.record_function(f"step {step}")
         self.step_region.__enter__()
+
+    def after_step(self, step: int, loss: torch.Tensor) -> None:
+        self.step_done(step)
+
+    def summary(self) -> Dict[str, Any]:
+        return {"profile": self.shown(self.written) if self.written else None}
 
     def step_done(self, step: int) -> None:
         """After optimizer step ``step``: close its region; after the window's last step, write the trace."""

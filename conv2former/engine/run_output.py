@@ -298,5 +298,9 @@ class RunOutput:
         rel = os.path.relpath(path, self.local).replace(os.sep, "/")
         return self.url.rstrip("/") + ("" if rel == "." else "/" + rel)
 
+    def summary(self) -> Dict[str, Any]:
+        """Its field of the run summary: with a remote output, what was uploaded (``describe``)."""
+        return {"upload": self.describe()} if self.remote else {}
+
     def describe(self) -> Dict[str, object]:
         return {"url": self.url, "staging": self.local if self.remote else None, "uploaded": dict(self.stats)}
