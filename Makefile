@@ -7,7 +7,7 @@ PYTEST := DS_ACCELERATOR=cpu OMP_NUM_THREADS=2 PATH=$(CURDIR)/$(VENV)/bin:$$PATH
 # 2 CPU ranks with DeepSpeed (one OpenMP thread each: 2 ranks x 2 threads on 2 cores is 4x slower)
 DEEPSPEED := DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/deepspeed --num_gpus 2
 
-.PHONY: demo test test-fast test-slow test-slurm test-timm-latest test-timm-all test-triton-host lint bench table install offline-bundle gpu-kit clean
+.PHONY: demo test coverage test-fast test-slow test-slurm test-timm-latest test-timm-all test-triton-host lint bench table install offline-bundle gpu-kit clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,7 +22,20 @@ demo: $(STAMP)
 
 # Every test, the slow end-to-end ones included (CI runs this through .ci/run).
 test: $(STAMP)
-	$(PYTEST)
+	$(PYTEST) --durations=15
+
+# The whole suite under coverage, subprocesses (every launched rank, data_prep, the launchers) measured too: statement
+# coverage of conv2former/, launch/ and data_prep/ in .coverage-data/ (report.txt, coverage.json). Compare two runs
+# with tools/coverage_compare.py BEFORE.json AFTER.json (the statements covered before and no longer).
+COVERAGE_DATA := $(CURDIR)/.coverage-data
+coverage: $(STAMP)
+	rm -rf $(COVERAGE_DATA) && mkdir -p $(COVERAGE_DATA)
+	COVERAGE_FILE=$(COVERAGE_DATA)/coverage DS_ACCELERATOR=cpu OMP_NUM_THREADS=2 PATH=$(CURDIR)/$(VENV)/bin:$$PATH \
+		$(PY) -m coverage run --source=$(CURDIR)/conv2former,$(CURDIR)/launch,$(CURDIR)/data_prep \
+		-m pytest --durations=15 $(ARGS)
+	$(PY) -m coverage combine -q --data-file=$(COVERAGE_DATA)/coverage
+	$(PY) -m coverage report --data-file=$(COVERAGE_DATA)/coverage > $(COVERAGE_DATA)/report.txt; tail -1 $(COVERAGE_DATA)/report.txt
+	$(PY) -m coverage json -q --data-file=$(COVERAGE_DATA)/coverage -o $(COVERAGE_DATA)/coverage.json
 
 test-fast: $(STAMP)
 	$(PYTEST) -m "not slow"

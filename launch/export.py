@@ -32,12 +32,12 @@ def export_from_checkpoint(run_dir: str) -> str:
     import torch
     import yaml
 
-    from conv2former.engine.checkpoint import COMPLETE, list_tags
+    from conv2former.engine.checkpoint_layout import CHECKPOINTS, complete_tags
     from conv2former.export import write_export, write_timm_config
     from conv2former.weights import read_weights
 
-    ckpt_dir = os.path.join(run_dir, "checkpoints")
-    tags = [t for t in list_tags(ckpt_dir) if os.path.exists(os.path.join(ckpt_dir, t, COMPLETE))]
+    ckpt_dir = os.path.join(run_dir, CHECKPOINTS)
+    tags = complete_tags(ckpt_dir)
     export_dir = os.path.join(run_dir, "export")
     if not tags:
         config_yaml, classes_txt = os.path.join(export_dir, "config.yaml"), os.path.join(export_dir, "classes.txt")

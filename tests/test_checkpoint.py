@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conv2former.engine.checkpoint import COMPLETE, tag_for
+from conv2former.engine.checkpoint_layout import COMPLETE, tag_for
 from conv2former.engine.distributed import python_path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -17,7 +17,8 @@ REPO = Path(__file__).resolve().parent.parent
 WORKER = r"""
 import json, os, sys, warnings
 import deepspeed, torch
-from conv2former.engine.checkpoint import COMPLETE, CheckpointManager, list_tags, newest_complete, tag_for
+from conv2former.engine.checkpoint import CheckpointManager
+from conv2former.engine.checkpoint_layout import COMPLETE, list_tags, newest_complete, tag_for
 from conv2former.engine.distributed import single_process_env
 from conv2former.engine.state import CheckpointState
 

@@ -33,6 +33,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
 import fsspec
 
 from conv2former.errors import DataFault, UserError
+from conv2former.retry import retried
 from conv2former.units import human
 
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "conv2former", "shards")
@@ -236,43 +237,43 @@ class ShardCache:
                 os.remove(reserved)
 
     def _download_to(self, w: Wanted, tmp: str) -> None:
+        """``w`` fetched into the cache through ``tmp``, retried with backoff (conv2former/retry.py) on errors that
+        may pass; a missing or refused object, bad credentials or a full disk end at once."""
+        try:
+            retried(lambda: self._fetch_once(w, tmp), self.retries, self.backoff, _worth_retrying)
+        except (UserError, DataFault):
+            raise
+        except Exception as err:  # noqa: BLE001 - botocore and friends: one line naming the object
+            if not _worth_retrying(err):
+                raise OSError(remote_problem(w.url, err)) from None
+            raise OSError(
+                f"could not be fetched after {self.retries + 1} tries ({remote_problem(w.url, err)})"
+            ) from None
+
+    def _fetch_once(self, w: Wanted, tmp: str) -> None:
         fs, path = fsspec.core.url_to_fs(w.url)
-        last: Optional[BaseException] = None
-        for attempt in range(self.retries + 1):
-            start = time.perf_counter()
-            try:
-                fs.get_file(path, tmp)
-                size = os.path.getsize(tmp)
-                if size < w.need:
-                    raise OSError(f"downloaded {size} bytes, its index needs {w.need}")
-                if w.check is not None:
-                    w.check(tmp)
-                os.replace(tmp, w.local)
-                self.stats.files += 1
-                self.stats.bytes += size
-                self.stats.seconds += time.perf_counter() - start
-                return
-            except OSError as err:
-                if err.errno == errno.ENOSPC:
-                    raise DataFault(
-                        f"the shard cache disk is full: {self.dir} ({human(_free(self.dir))} free) while fetching "
-                        f"{w.url}: set data.cache_limit below the disk's size or data.cache_dir on a larger disk"
-                    ) from None
-                if isinstance(err, (FileNotFoundError, PermissionError)):
-                    raise OSError(remote_problem(w.url, err)) from None
-                last = err
-            except UserError:
-                raise
-            except Exception as err:  # noqa: BLE001 - botocore and friends: transient until proven otherwise
-                if "credential" in type(err).__name__.lower():
-                    raise OSError(remote_problem(w.url, err)) from None
-                last = err
-            finally:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
-            time.sleep(self.backoff * 2**attempt)
-        assert last is not None  # (every try ended in an error it kept)
-        raise OSError(f"could not be fetched after {self.retries + 1} tries ({remote_problem(w.url, last)})")
+        start = time.perf_counter()
+        try:
+            fs.get_file(path, tmp)
+            size = os.path.getsize(tmp)
+            if size < w.need:
+                raise OSError(f"downloaded {size} bytes, its index needs {w.need}")
+            if w.check is not None:
+                w.check(tmp)
+            os.replace(tmp, w.local)
+            self.stats.files += 1
+            self.stats.bytes += size
+            self.stats.seconds += time.perf_counter() - start
+        except OSError as err:
+            if err.errno == errno.ENOSPC:
+                raise DataFault(
+                    f"the shard cache disk is full: {self.dir} ({human(_free(self.dir))} free) while fetching "
+                    f"{w.url}: set data.cache_limit below the disk's size or data.cache_dir on a larger disk"
+                ) from None
+            raise
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
     # -- the bound --------------------------------------------------------------------------------------------------
     def _make_room(self, size: int, reserve: str, background: bool = False) -> Optional[str]:
@@ -385,3 +386,11 @@ def _alive(pid: int) -> bool:
 def _free(folder: str) -> int:
     st = os.statvfs(folder)
     return st.f_bavail * st.f_frsize
+
+
+def _worth_retrying(err: BaseException) -> bool:
+    """A fetch error that may pass (a dropped connection, a throttled request, a short read), not a missing or
+    refused object, bad credentials, a full disk or a user's mistake."""
+    if isinstance(err, (UserError, DataFault, FileNotFoundError, PermissionError)):
+        return False
+    return "credential" not in type(err).__name__.lower()

@@ -190,13 +190,9 @@ def check_member_names(
                 )
 
 
-def open_split(root: str, split: str, cache_dir: Optional[str] = None, keep_missing: bool = False,
-               cache_limit: Union[None, int, str] = None, cache_workers: int = 8) -> SplitShards:  # fmt: skip
-    """Read ``root``'s manifest for ``split`` and check every shard against its index. A remote root's indexes are
-    fetched now and its tars by the loaders, per rank and epoch (``conv2former.data.remote``).
-
-    ``keep_missing`` (training with ``data.skip_bad_shards``): a local shard whose tar is gone but whose index is
-    there is kept, with a warning, so the epoch's length and the schedule stay what they were; the loader skips it."""
+def reachable_root(root: str) -> Tuple[Any, str]:
+    """(filesystem, path) of a shard root that exists and can be read; one-line errors for a missing root, a missing
+    fsspec package, missing credentials or refused access (naming the URL and the protocol)."""
     if not root:
         raise UserError("no data root given: pass --data DIR_OR_URL (a shard root made by data_prep/shard.py)")
     try:
@@ -208,6 +204,17 @@ def open_split(root: str, split: str, cache_dir: Optional[str] = None, keep_miss
         raise UserError(f"data root: {remote_problem(root, err)}") from None
     if not exists:
         raise UserError(f"data root not found: {root}")
+    return fs, path
+
+
+def open_split(root: str, split: str, cache_dir: Optional[str] = None, keep_missing: bool = False,
+               cache_limit: Union[None, int, str] = None, cache_workers: int = 8) -> SplitShards:  # fmt: skip
+    """Read ``root``'s manifest for ``split`` and check every shard against its index. A remote root's indexes are
+    fetched now and its tars by the loaders, per rank and epoch (``conv2former.data.remote``).
+
+    ``keep_missing`` (training with ``data.skip_bad_shards``): a local shard whose tar is gone but whose index is
+    there is kept, with a warning, so the epoch's length and the schedule stay what they were; the loader skips it."""
+    fs, path = reachable_root(root)
     if is_remote(root):
         return _open_remote_split(root, split, fs, path, cache_dir, cache_limit, cache_workers, keep_missing)
     info = fmt.read_info(root)

@@ -5,60 +5,37 @@ run (export, weights, the remote output) rely on; the export folder is written b
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import shutil
 import subprocess
 import sys
 import warnings
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch.distributed as dist
 
 from conv2former.engine import disk
+from conv2former.engine.checkpoint_layout import (
+    COMPLETE,
+    complete_tags,
+    list_tags,
+    mark_complete,
+    newest_complete,
+    tag_for,
+)
+from conv2former.engine.distributed import gather
 from conv2former.engine.rank0_work import on_rank0
-from conv2former.engine.state import CheckpointState, gather
+from conv2former.engine.state import CheckpointState
 from conv2former.errors import CheckpointFault
+from conv2former.retry import attempt
 from conv2former.units import human
 
 Engine = Any  # a deepspeed.DeepSpeedEngine
-COMPLETE = "complete"  # written into a tag after every rank has saved its part
-
-
-def tag_for(step: int) -> str:
-    return f"step{step:09d}"
-
-
-def list_tags(ckpt_dir: str) -> List[str]:
-    if not os.path.isdir(ckpt_dir):
-        return []
-    return sorted(t for t in os.listdir(ckpt_dir) if re.fullmatch(r"step\d{9}", t))
-
-
-def _mark_complete(ckpt_dir: str, tag: str, step: int, world_size: int) -> None:
-    with open(os.path.join(ckpt_dir, tag, COMPLETE), "w") as f:
-        json.dump({"step": step, "world_size": world_size}, f)
-    with open(os.path.join(ckpt_dir, "latest.partial"), "w") as f:
-        f.write(tag)
-    os.replace(os.path.join(ckpt_dir, "latest.partial"), os.path.join(ckpt_dir, "latest"))
 
 
 def _retain(ckpt_dir: str, keep_last: int) -> None:
-    complete = [t for t in list_tags(ckpt_dir) if os.path.exists(os.path.join(ckpt_dir, t, COMPLETE))]
-    for old in complete[:-keep_last]:
+    for old in complete_tags(ckpt_dir)[:-keep_last]:
         shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
-
-
-def _attempt(action: Callable[[], object]) -> Optional[str]:
-    """Run ``action``; return None, or what went wrong in one line (ENOSPC, EDQUOT, EIO: Python raises OSError,
-    torch.save a RuntimeError from its writer)."""
-    try:
-        action()
-        return None
-    except (OSError, RuntimeError) as err:
-        first = (str(err).strip().splitlines() or [""])[0][:200]
-        return f"{type(err).__name__}: {first}"
 
 
 def _save(
@@ -68,13 +45,11 @@ def _save(
     fails to write raises ``SaveFailed`` on every rank (after the others finished their part: no rank is left
     waiting in a collective), naming the failing ranks and their errors."""
     tag = tag_for(step)
-    error = _attempt(lambda: engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False))
+    error = attempt(lambda: engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False))
     if error is not None and dist.is_initialized():
         dist.barrier()  # the ranks that wrote their part wait in DeepSpeed's closing barrier
     _raise_if_failed(tag, gather(error))
-    error = (
-        _attempt(lambda: _mark_complete(ckpt_dir, tag, step, engine.world_size)) if engine.global_rank == 0 else None
-    )
+    error = attempt(lambda: mark_complete(ckpt_dir, tag, step, engine.world_size)) if engine.global_rank == 0 else None
     _raise_if_failed(tag, gather(error))
     on_rank0(lambda: _retain(ckpt_dir, keep_last), timeout_minutes)  # (deleting old tags from a bucket takes a while)
     return tag
@@ -90,16 +65,6 @@ def _raise_if_failed(tag: str, errors: List[Optional[str]]) -> None:
     failed = {rank: err for rank, err in enumerate(errors) if err is not None}
     if failed:
         raise SaveFailed(tag, failed)
-
-
-def newest_complete(ckpt_dir: str) -> Optional[Dict[str, Any]]:
-    """{"tag", "step", "world_size"} of the newest checkpoint marked complete, or None."""
-    for tag in reversed(list_tags(ckpt_dir)):
-        marker = os.path.join(ckpt_dir, tag, COMPLETE)
-        if os.path.exists(marker):
-            with open(marker) as f:
-                return {"tag": tag, **json.load(f)}
-    return None
 
 
 def _universal_tag(ckpt_dir: str, tag: str, timeout_minutes: float) -> str:

@@ -9,7 +9,7 @@ import socket
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -195,3 +195,19 @@ def join_group(process: Process, timeout_minutes: Optional[float] = None, trace_
     timeout = set_collective_timeout(timeout_minutes) if timeout_minutes is not None else None
     kwargs = {"timeout": timeout} if timeout is not None else {}
     deepspeed.init_distributed(dist_backend=process.backend, verbose=False, **kwargs)
+
+
+def gather(obj: Any) -> List[Any]:
+    """``obj`` from every rank, in rank order (``[obj]`` without a process group): the one gather of the engine."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return [obj]
+    out: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def first_failure(error: Optional[str]) -> Optional[Tuple[int, str]]:
+    """(rank, error) of the first rank whose ``error`` is set, on every rank; None when none is."""
+    return next(((rank, e) for rank, e in enumerate(gather(error)) if e), None)

@@ -158,7 +158,7 @@ class StepGuard(Component):
 
     def fault(self, step: int) -> Diverged:
         """The fault a diverged run ends with: its one line (rank 0) and the summary's status."""
-        from conv2former.engine.checkpoint import newest_complete
+        from conv2former.engine.checkpoint_layout import newest_complete
 
         self._record(self.guard.flush())  # the last step's flag, recorded like the others
         run = self.guard.last_run()

@@ -67,6 +67,7 @@ def resolve_run(
     resolved). Raises one-line ``UserError``s."""
     from conv2former.data.loader import resolve_backend
     from conv2former.data.shard_format import read_classes
+    from conv2former.data.shards import reachable_root
     from conv2former.engine.precision import resolve_precision
 
     cfg = copy.deepcopy(cfg)
@@ -77,6 +78,7 @@ def resolve_run(
     else:
         precision = resolve_precision(cfg.deepspeed, gpu)  # (a precision this device lacks fails here)
         backend = resolve_backend(cfg.data.backend)
+    reachable_root(cfg.data.root)  # (a missing root or credentials: one line naming the URL)
     classes = tuple(read_classes(cfg.data.root))
     sizes = cfg.data.size_schedule_of(cfg.schedule.epochs)
     micro, plan, report = cfg.data.batch_size, None, None

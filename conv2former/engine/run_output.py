@@ -25,50 +25,25 @@ import hashlib
 import json
 import os
 import posixpath
-import re
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import fsspec
-import torch.distributed as dist
 
 from conv2former.data.remote import is_remote, remote_problem
+from conv2former.engine.checkpoint_layout import CHECKPOINTS, COMPLETE, LATEST, TAG
+from conv2former.engine.distributed import first_failure
 from conv2former.errors import EXIT_USER_ERROR, CheckpointFault, UserError
+from conv2former.retry import attempt, retried
 
 DEFAULT_STAGING = os.path.join(os.path.expanduser("~"), ".cache", "conv2former", "staging")
-CHECKPOINTS = "checkpoints"
-COMPLETE = "complete"  # (= conv2former.engine.checkpoint.COMPLETE)
-TAG = re.compile(r"step\d{9}")
 RETRIES, BACKOFF_S = 4, 0.5
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _retry(action: Callable[[], None], retries: int = RETRIES, backoff: float = BACKOFF_S) -> None:
-    """``action``, retried with exponential backoff on errors other than a missing object or a refusal."""
-    for attempt in range(retries + 1):
-        try:
-            return action()
-        except (FileNotFoundError, PermissionError):
-            raise
-        except OSError:
-            if attempt == retries:
-                raise
-            time.sleep(backoff * 2**attempt)
-
-
-def _gathered_error(error: Optional[str]) -> Optional[Tuple[int, str]]:
-    """(rank, error) of the first rank that failed, on every rank; None when none did."""
-    if not dist.is_initialized():
-        return (0, error) if error else None
-    errors: List[Optional[str]] = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, error)
-    return next(((rank, e) for rank, e in enumerate(errors) if e), None)
+def _retry(action: Callable[[], None]) -> None:
+    retried(action, RETRIES, BACKOFF_S)
 
 
 class RunOutput:
@@ -118,7 +93,7 @@ class RunOutput:
                 error = str(err)
             except OSError as err:
                 error = remote_problem(self.url, err)
-        failed = _gathered_error(error)
+        failed = first_failure(error)
         if failed and self.rank == 0:
             raise UserError(failed[1])
         if failed:
@@ -162,7 +137,7 @@ class RunOutput:
             self._download_tree(self._remote(CHECKPOINTS, tag), partial)
             shutil.rmtree(os.path.join(local_dir, tag), ignore_errors=True)
             os.replace(partial, os.path.join(local_dir, tag))
-        with open(os.path.join(local_dir, "latest"), "w") as f:
+        with open(os.path.join(local_dir, LATEST), "w") as f:
             f.write(tag)
 
     def _restore_files(self) -> None:
@@ -205,11 +180,11 @@ class RunOutput:
         error = None
         if self.local_rank == 0:
             error = self._attempt(lambda: self._upload_tag(local_dir, tag))
-        failed = _gathered_error(error)
+        failed = first_failure(error)
         if failed is None and self.rank == 0:
             self._pending_warning = self.push_files()  # the log up to this checkpoint is there once it is complete
             error = self._attempt(lambda: self._mark_remote(local_dir, tag, keep_last))
-        failed = failed or _gathered_error(error if self.rank == 0 else None)
+        failed = failed or first_failure(error if self.rank == 0 else None)
         if failed is not None:
             raise CheckpointFault(
                 f"uploading checkpoint {tag} to {self.url} failed on rank {failed[0]} ({failed[1]}); the newest "
@@ -225,11 +200,7 @@ class RunOutput:
         return self._pending_warning
 
     def _attempt(self, action: Callable[[], None]) -> Optional[str]:
-        try:
-            action()
-            return None
-        except OSError as err:
-            return remote_problem(self.url, err)
+        return attempt(action, (OSError,), lambda err: remote_problem(self.url, err))
 
     def _upload_tag(self, local_dir: str, tag: str) -> None:
         """The tag's files in this node's staging folder but its marker (rank 0 uploads that last)."""
@@ -245,7 +216,7 @@ class RunOutput:
 
     def _mark_remote(self, local_dir: str, tag: str, keep_last: int) -> None:
         self._put([(os.path.join(local_dir, tag, COMPLETE), self._remote(CHECKPOINTS, tag, COMPLETE))])
-        self._put([(os.path.join(local_dir, "latest"), self._remote(CHECKPOINTS, "latest"))])
+        self._put([(os.path.join(local_dir, LATEST), self._remote(CHECKPOINTS, LATEST))])
         complete = self.remote_complete_tags()
         folder = self._remote(CHECKPOINTS)
         names = [posixpath.basename(p.rstrip("/")) for p in self.fs.ls(folder, detail=False, refresh=True)]

@@ -25,9 +25,9 @@ from typing import Any, Dict, List, Optional, Protocol, Tuple
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.utils._pytree import tree_map
 
+from conv2former.engine.distributed import gather
 from conv2former.errors import UserError
 
 OTHER_WORLD = ("first", "fresh")
@@ -46,15 +46,6 @@ class _Entry:
     per_rank: bool
     other_world: str
     required: bool
-
-
-def gather(obj: Any) -> List[Any]:
-    """``obj`` from every rank, in rank order (``[obj]`` without a process group)."""
-    if not dist.is_initialized():
-        return [obj]
-    out: List[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def _on_cpu(obj: Any) -> Any:
