@@ -64,7 +64,8 @@ test-triton-host:
 		torch==$(HOST_TORCH) triton==$(HOST_TRITON) "numpy<2.4" $$(grep "^timm==" constraints.txt) pytest pytest-timeout)
 	DS_ACCELERATOR=cpu OMP_NUM_THREADS=2 .venv-host/bin/python -m pytest -p no:cacheprovider tests/test_triton_depthwise.py
 
-# ruff: the formatter's check and the lint rules of pyproject.toml; mypy --strict on conv2former/ (CI runs this before
+# ruff: the formatter's check and the lint rules of pyproject.toml; mypy --strict on conv2former/, launch/ and
+# data_prep/ (CI runs this before
 # the tests).
 lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .

@@ -41,10 +41,16 @@ def _next_pow2(n: int) -> int:
 def _kernels() -> Tuple[Any, Any]:
     """The jitted kernels, built on first use (importing Triton costs ~1 s and is not needed on CPU runs)."""
     global _KERNELS
-    if _KERNELS is not None:
-        return _KERNELS
-    import triton
-    import triton.language as tl
+    if _KERNELS is None:
+        import triton
+        import triton.language as tl
+
+        _KERNELS = (_forward_kernel(triton, tl), _grad_weight_kernel(triton, tl))
+    return _KERNELS
+
+
+def _forward_kernel(triton: Any, tl: Any) -> Any:
+    """The forward (and, with FLIP, the input gradient): one program per (row, block of columns, block of channels)."""
 
     @triton.jit  # type: ignore[untyped-decorator]
     def dw_forward(  # type: ignore[no-untyped-def]
@@ -77,6 +83,12 @@ def _kernels() -> Tuple[Any, Any]:
         out = out_ptr + b * sob + h * soh + ws[:, None] * sow + cs[None, :] * soc
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
+    return dw_forward
+
+
+def _grad_weight_kernel(triton: Any, tl: Any) -> Any:
+    """The weight gradient: one program per (block of channels, tap, split of the rows), partial sums per split."""
+
     @triton.jit  # type: ignore[untyped-decorator]
     def dw_grad_weight(  # type: ignore[no-untyped-def]
         g_ptr, x_ptr, part_ptr, C, H, W, ROWS, ROWS_PER_PROGRAM,
@@ -106,8 +118,7 @@ def _kernels() -> Tuple[Any, Any]:
         total = tl.sum(acc, axis=0)
         tl.store(part_ptr + split * (C * K * K) + cs * (K * K) + tap, total, mask=c_ok)
 
-    _KERNELS = (dw_forward, dw_grad_weight)
-    return _KERNELS
+    return dw_grad_weight
 
 
 _KERNELS: Optional[Tuple[Any, Any]] = None

@@ -16,7 +16,7 @@ from array import array
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, as_completed, wait
 from dataclasses import asdict, dataclass
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import fsspec
 from tqdm import tqdm
@@ -97,10 +97,10 @@ def _clear_output(fs: fsspec.AbstractFileSystem, out_path: str) -> None:
             fs.rm(target, recursive=True)
 
 
-def _spill_streamed(tasks: List[ShardTask], fs, out_path: str, quiet: bool) -> Optional[str]:
+def _spill_streamed(tasks: List[ShardTask], fs: Any, out_path: str, quiet: bool) -> Optional[str]:
     """Images inside a .tar.gz cannot be read by offset: stream the archive once and append each planned image to
     its shard's local spill file, pointing the tasks' items there. Returns the spill folder (deleted at the end)."""
-    wanted: Dict[str, tuple] = {}
+    wanted: Dict[str, Tuple[Any, ...]] = {}
     for t, task in enumerate(tasks):
         for j, (item, _) in enumerate(task.items):
             if item.offset == STREAMED:
@@ -407,10 +407,10 @@ def build_shards(
     return build.preview() if options.plan_only else build.run()
 
 
-def format_summary(summary: Dict[str, object]) -> str:
+def format_summary(summary: Dict[str, Any]) -> str:
     if summary.get("plan_only"):
         return _format_plan(summary)
-    skipped: Dict[str, int] = summary["skipped"]  # type: ignore[assignment]
+    skipped: Dict[str, int] = summary["skipped"]
     lines = [
         f"wrote {summary['output']}: {summary['written']} images in "
         + ", ".join(f"{split} {n} ({summary['shards'][split]} shards)" for split, n in summary["samples"].items()),
@@ -422,7 +422,7 @@ def format_summary(summary: Dict[str, object]) -> str:
     return "\n".join(lines)
 
 
-def _format_plan(summary: Dict[str, object]) -> str:
+def _format_plan(summary: Dict[str, Any]) -> str:
     splits = ", ".join(
         f"{split} {n:,} images in {summary['shards'][split]:,} shards ({summary['source_bytes'][split] / 1e9:.2f} GB)"
         for split, n in summary["samples"].items()

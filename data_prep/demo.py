@@ -45,8 +45,8 @@ def _class_look(class_index: int) -> Tuple[str, Tuple[int, int, int]]:
     shape = SHAPES[class_index % len(SHAPES)]
     hue = (class_index // len(SHAPES)) % HUES
     angle = 2 * math.pi * hue / HUES
-    colour = tuple(int(127 + 120 * math.cos(angle + k * 2 * math.pi / 3)) for k in range(3))
-    return shape, colour
+    red, green, blue = (int(127 + 120 * math.cos(angle + k * 2 * math.pi / 3)) for k in range(3))
+    return shape, (red, green, blue)
 
 
 def render(class_index: int, rng: random.Random) -> bytes:
@@ -60,10 +60,11 @@ def render_with_mask(class_index: int, rng: random.Random) -> Tuple[bytes, np.nd
     w, h = rng.randint(72, 120), rng.randint(72, 120)
     np_rng = np.random.default_rng(rng.getrandbits(32))
     background = np_rng.integers(40, 200, size=(h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)
-    img = Image.fromarray(background).resize((w, h), Image.BILINEAR)
+    img = Image.fromarray(background).resize((w, h), Image.Resampling.BILINEAR)
     mask = Image.new("L", (w, h), 0)
     shape, colour = _class_look(class_index)
-    colour = tuple(max(0, min(255, c + rng.randint(-25, 25))) for c in colour)
+    red, green, blue = (max(0, min(255, c + rng.randint(-25, 25))) for c in colour)
+    colour = (red, green, blue)
     size = rng.uniform(0.3, 0.6) * min(w, h)
     cx, cy = rng.uniform(size / 2, w - size / 2), rng.uniform(size / 2, h - size / 2)
     r = size / 2

@@ -40,7 +40,7 @@ def split_holdout(
     ``per_class`` valid images of each class in its seeded order are held out (at most all valid but one); bad
     candidates go to neither split. The splits are views of ``items`` (row numbers, not copies: data_prep/items.py)."""
     synset_at = synset_reader(items)
-    rows_of: Dict[str, array] = {}
+    rows_of: Dict[str, "array[int]"] = {}
     for i in range(len(items)):
         rows_of.setdefault(synset_at(i), array("i")).append(i)
     for synset, rows in rows_of.items():

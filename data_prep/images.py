@@ -10,7 +10,7 @@ from PIL import Image
 
 # Fixed re-encode settings: the same input gives the same bytes (shard determinism).
 JPEG_QUALITY = 90
-RESAMPLE = Image.BICUBIC
+RESAMPLE = Image.Resampling.BICUBIC
 
 
 class SkipImage(Exception):
@@ -59,11 +59,12 @@ def clean_image(data: bytes, max_side: Optional[int] = None, min_side: int = 32,
         raise SkipImage(f"undecodable or truncated image ({type(err).__name__}: {str(err)[:80]})") from None
     if keep:
         return CleanImage(data, width, height, reencoded=False, stored=(width, height))
+    rgb: Image.Image = img
     if img.mode != "RGB":
-        img = img.convert("RGBA").convert("RGB") if img.mode in ("P", "LA", "PA") else img.convert("RGB")
-    if too_big:
+        rgb = img.convert("RGBA").convert("RGB") if img.mode in ("P", "LA", "PA") else img.convert("RGB")
+    if too_big and max_side is not None:
         scale = max_side / max(width, height)
-        img = img.resize((max(1, round(width * scale)), max(1, round(height * scale))), RESAMPLE)
+        rgb = rgb.resize((max(1, round(width * scale)), max(1, round(height * scale))), RESAMPLE)
     out = io.BytesIO()
-    img.save(out, format="JPEG", quality=JPEG_QUALITY)
-    return CleanImage(out.getvalue(), width, height, reencoded=True, stored=img.size)
+    rgb.save(out, format="JPEG", quality=JPEG_QUALITY)
+    return CleanImage(out.getvalue(), width, height, reencoded=True, stored=rgb.size)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import posixpath
 from array import array
-from typing import Callable, Dict, Iterable, List, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Sequence, Tuple, Union
 
 from data_prep.sources import SourceItem, sample_key
 
@@ -58,7 +58,7 @@ class ItemTable(Sequence[SourceItem]):
     def __len__(self) -> int:
         return len(self._members)
 
-    def __getitem__(self, i):  # type: ignore[override]
+    def __getitem__(self, i: Any) -> Any:  # (an int: a SourceItem; a slice: an ItemView)
         if isinstance(i, slice):
             return ItemView(self, array("i", range(len(self)))[i])
         kind, synset, path, prefix = self.containers[self._container[i]]
@@ -97,13 +97,13 @@ class ItemTable(Sequence[SourceItem]):
 class ItemView(Sequence[SourceItem]):
     """Rows of a table (or of a list of items) in a given order; slicing gives another view."""
 
-    def __init__(self, base: Sequence[SourceItem], rows: array) -> None:
+    def __init__(self, base: Sequence[SourceItem], rows: "array[int]") -> None:
         self.base, self.rows = base, rows
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, i):  # type: ignore[override]
+    def __getitem__(self, i: Any) -> Any:  # (an int: a SourceItem; a slice: an ItemView)
         if isinstance(i, slice):
             return ItemView(self.base, self.rows[i])
         return self.base[self.rows[i]]

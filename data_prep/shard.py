@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Set
 
 from conv2former.checkout import checkout_first
 
@@ -120,12 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_classes(spec: str, dataset: str, splits: dict) -> List[str]:
+def resolve_classes(spec: str, dataset: str, splits: Dict[str, Any]) -> List[str]:
     canonical = list(canonical_synsets(dataset))
     if spec == "full":
         return canonical
     if spec == "present":
-        present = set()
+        present: Set[str] = set()
         for listing in splits.values():
             synset_at = synset_reader(listing.items)
             present.update(synset_at(i) for i in range(len(listing.items)))
@@ -136,7 +136,7 @@ def resolve_classes(spec: str, dataset: str, splits: dict) -> List[str]:
         return [line.strip() for line in f if line.strip()]
 
 
-def run_imagenet22k(args: argparse.Namespace) -> dict:
+def run_imagenet22k(args: argparse.Namespace) -> Dict[str, Any]:
     layout, listing = list_22k(args.src, args.layout, args.workers)
     if not listing.items:
         raise UserError(f"no images found in {args.src} (layout {layout})")
@@ -154,7 +154,7 @@ def run_imagenet22k(args: argparse.Namespace) -> dict:
     return _build(args, "imagenet22k", args.name or "imagenet-22k", splits, source)
 
 
-def run_imagenet1k(args: argparse.Namespace) -> dict:
+def run_imagenet1k(args: argparse.Namespace) -> Dict[str, Any]:
     splits = list_1k(args.src)
     if not splits["train"].items:
         raise UserError(f"no training images found in {args.src}/train")
@@ -166,7 +166,9 @@ def _write_options(args: argparse.Namespace) -> WriteOptions:
     return WriteOptions(max_side=args.max_side, min_side=args.min_side, check=args.check)
 
 
-def _build(args: argparse.Namespace, dataset: str, name: str, splits: dict, source: dict) -> dict:
+def _build(
+    args: argparse.Namespace, dataset: str, name: str, splits: Dict[str, Any], source: Dict[str, Any]
+) -> Dict[str, Any]:
     classes = resolve_classes(args.classes, dataset, splits)
     options = BuildOptions(
         seed=args.seed,

@@ -25,11 +25,16 @@ import re
 import tarfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import IO, TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import fsspec
 
 from conv2former.errors import UserError
+
+FileSystem = Any  # an fsspec.AbstractFileSystem (fsspec ships no type information)
+
+if TYPE_CHECKING:
+    from data_prep.items import ItemTable
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 _IMAGE_EXTENSION_SET = frozenset(IMAGE_EXTENSIONS)
@@ -84,7 +89,7 @@ def _open_fs(src: str) -> Tuple[fsspec.AbstractFileSystem, str]:
     return fs, path.rstrip("/") or "/"
 
 
-def _tar_members(fileobj, base_offset: int = 0) -> Iterable[Tuple[str, int, int]]:
+def _tar_members(fileobj: IO[bytes], base_offset: int = 0) -> Iterable[Tuple[str, int, int]]:
     """(member name, absolute data offset, size) of the regular files of a tar read from ``fileobj``."""
     with tarfile.open(fileobj=fileobj, mode="r:") as tar:
         for member in tar:
@@ -95,7 +100,7 @@ def _tar_members(fileobj, base_offset: int = 0) -> Iterable[Tuple[str, int, int]
 class _RangeFile(io.RawIOBase):
     """A read-only, seekable window [start, start+size) of a larger file: an inner tar inside the outer tar."""
 
-    def __init__(self, f, start: int, size: int) -> None:
+    def __init__(self, f: IO[bytes], start: int, size: int) -> None:
         self.f, self.start, self.size, self.pos = f, start, size, 0
 
     def readable(self) -> bool:
@@ -120,14 +125,17 @@ class _RangeFile(io.RawIOBase):
         self.pos += len(data)
         return data
 
-    def readinto(self, b) -> int:
+    def readinto(self, b: Any) -> int:
         data = self.read(len(b))
         b[: len(data)] = data
         return len(data)
 
 
-def _items_from_tar(fs, tar_path: str, synset: str, shown: str, fileobj=None, base: int = 0) -> Listing:
-    items, skipped = [], []
+def _items_from_tar(
+    fs: FileSystem, tar_path: str, synset: str, shown: str, fileobj: Optional[IO[bytes]] = None, base: int = 0
+) -> Listing:
+    items: List[SourceItem] = []
+    skipped: List[Dict[str, str]] = []
     try:
         f = fileobj if fileobj is not None else fs.open(tar_path, "rb")
         try:
@@ -164,7 +172,7 @@ def detect_22k_layout(src: str) -> str:
     raise UserError(f"{src} holds neither nXXXXXXXX.tar files nor nXXXXXXXX/ folders (an ImageNet-22k release)")
 
 
-def _list_each(fn: Callable[..., Listing], jobs: List[tuple], workers: int) -> Iterator[Listing]:
+def _list_each(fn: Callable[..., Listing], jobs: List[Tuple[Any, ...]], workers: int) -> Iterator[Listing]:
     """``fn(*job)`` for every job, yielded in order as they come, in ``workers`` processes (reading tar headers is
     Python work: threads would share one core)."""
     if workers <= 1 or len(jobs) < 2:
@@ -175,7 +183,7 @@ def _list_each(fn: Callable[..., Listing], jobs: List[tuple], workers: int) -> I
         yield from pool.map(fn, *zip(*jobs), chunksize=max(1, min(64, len(jobs) // (workers * 8))))
 
 
-def _list_synset_tars(fs, path: str, table, skipped: List[Dict[str, str]], workers: int) -> None:
+def _list_synset_tars(fs: FileSystem, path: str, table: ItemTable, skipped: List[Dict[str, str]], workers: int) -> None:
     """A folder of nXXXXXXXX.tar files (the release unpacked once), listed in ``workers`` processes."""
     jobs = []
     for tar_path in sorted(fs.glob(posixpath.join(path, "*.tar"))):
@@ -190,7 +198,7 @@ def _list_synset_tars(fs, path: str, table, skipped: List[Dict[str, str]], worke
         skipped += listing.skipped
 
 
-def _list_outer_tar(fs, path: str, table, skipped: List[Dict[str, str]], workers: int) -> None:
+def _list_outer_tar(fs: FileSystem, path: str, table: ItemTable, skipped: List[Dict[str, str]], workers: int) -> None:
     """One uncompressed tar of per-synset tars (the release as downloaded, decompressed): read by offset."""
     with fs.open(path, "rb") as outer:
         try:
@@ -212,7 +220,9 @@ def _list_outer_tar(fs, path: str, table, skipped: List[Dict[str, str]], workers
             skipped += listing.skipped
 
 
-def _list_synset_folders(fs, path: str, table, skipped: List[Dict[str, str]], workers: int) -> None:
+def _list_synset_folders(
+    fs: FileSystem, path: str, table: ItemTable, skipped: List[Dict[str, str]], workers: int
+) -> None:
     """A folder of nXXXXXXXX/ folders of image files, listed in ``workers`` processes."""
     jobs = []
     for folder in sorted(fs.ls(path, detail=False)):
@@ -239,7 +249,7 @@ def list_22k(src: str, layout: Optional[str] = None, workers: int = 1) -> Tuple[
     return layout, Listing(table.ordered(), skipped)
 
 
-def _list_targz(fs, path: str, table, skipped: List[Dict[str, str]], workers: int = 1) -> None:
+def _list_targz(fs: FileSystem, path: str, table: ItemTable, skipped: List[Dict[str, str]], workers: int = 1) -> None:
     """The images of a gzip-compressed outer tar, in one streaming pass (their bytes are read later by streaming)."""
     base = posixpath.basename(path)
     try:
@@ -272,7 +282,9 @@ LISTERS_22K: Dict[str, Callable[..., None]] = {
 LAYOUTS_22K = tuple(LISTERS_22K)
 
 
-def _stream_inner_tars(fs, path: str, skipped: List[Dict[str, str]]):
+def _stream_inner_tars(
+    fs: FileSystem, path: str, skipped: List[Dict[str, str]]
+) -> Iterator[Tuple[str, str, tarfile.TarFile]]:
     """(outer member name, synset, streaming TarFile of it) for each per-synset tar of a .tar.gz, in archive order."""
     with fs.open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|gz") as outer:
         for member in outer:
@@ -287,7 +299,7 @@ def _stream_inner_tars(fs, path: str, skipped: List[Dict[str, str]]):
                 yield member.name, synset, inner
 
 
-def stream_targz_images(path: str, wanted: Dict[str, object]):
+def stream_targz_images(path: str, wanted: Mapping[str, object]) -> Iterator[Tuple[str, bytes]]:
     """Yield (source name, bytes) for the members of a .tar.gz whose source names are in ``wanted``, in one pass."""
     fs, fs_path = fsspec.core.url_to_fs(path)
     base = posixpath.basename(fs_path)
@@ -295,14 +307,16 @@ def stream_targz_images(path: str, wanted: Dict[str, object]):
         try:
             for member in inner:
                 source = f"{base}:{name}:{member.name}"
-                if member.isfile() and source in wanted:
-                    yield source, inner.extractfile(member).read()
+                data = inner.extractfile(member) if member.isfile() and source in wanted else None
+                if data is not None:
+                    yield source, data.read()
         except (tarfile.TarError, EOFError, OSError):
             continue  # recorded when listing
 
 
-def _list_folder(fs, folder: str, synset: str, prefix: str) -> Listing:
-    items, skipped = [], []
+def _list_folder(fs: FileSystem, folder: str, synset: str, prefix: str) -> Listing:
+    items: List[SourceItem] = []
+    skipped: List[Dict[str, str]] = []
     for file_path, info in sorted(fs.find(folder, detail=True).items()):
         shown = f"{prefix}/{posixpath.relpath(file_path, folder)}"
         if not _is_image_name(file_path):
@@ -317,7 +331,7 @@ def _list_folder(fs, folder: str, synset: str, prefix: str) -> Listing:
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def _find_1k_root(fs, path: str, src: str) -> str:
+def _find_1k_root(fs: FileSystem, path: str, src: str) -> str:
     for candidate in (path, posixpath.join(path, "ILSVRC", "Data", "CLS-LOC")):
         if fs.isdir(posixpath.join(candidate, "train")):
             return candidate
@@ -359,8 +373,9 @@ def _ancestors(path: str, n: int) -> List[str]:
     return out
 
 
-def _list_synset_tree(fs, folder: str, prefix: str) -> Listing:
-    items, skipped = [], []
+def _list_synset_tree(fs: FileSystem, folder: str, prefix: str) -> Listing:
+    items: List[SourceItem] = []
+    skipped: List[Dict[str, str]] = []
     for sub in sorted(fs.ls(folder, detail=False)):
         synset = posixpath.basename(sub)
         if not fs.isdir(sub):
@@ -376,7 +391,7 @@ def _list_synset_tree(fs, folder: str, prefix: str) -> Listing:
     return Listing(items, skipped)
 
 
-def _find_file(fs, names: Sequence[str], folders: Sequence[str]) -> Optional[str]:
+def _find_file(fs: FileSystem, names: Sequence[str], folders: Sequence[str]) -> Optional[str]:
     for folder in folders:
         for sub in ("", "ILSVRC2012_devkit_t12/data", "data"):
             for name in names:
@@ -386,7 +401,7 @@ def _find_file(fs, names: Sequence[str], folders: Sequence[str]) -> Optional[str
     return None
 
 
-def _val_labels_from_csv(fs, csv_path: str) -> Dict[str, str]:
+def _val_labels_from_csv(fs: FileSystem, csv_path: str) -> Dict[str, str]:
     labels = {}
     with fs.open(csv_path, "r") as f:
         for row in csv.DictReader(f):
@@ -394,7 +409,7 @@ def _val_labels_from_csv(fs, csv_path: str) -> Dict[str, str]:
     return labels
 
 
-def _val_labels_from_devkit(fs, truth_path: str, meta_path: str) -> Dict[str, str]:
+def _val_labels_from_devkit(fs: FileSystem, truth_path: str, meta_path: str) -> Dict[str, str]:
     """Devkit ground truth holds ILSVRC2012_IDs (1..1000, not sorted by synset); meta.mat maps them to WNIDs."""
     from scipy.io import loadmat
 
@@ -406,7 +421,7 @@ def _val_labels_from_devkit(fs, truth_path: str, meta_path: str) -> Dict[str, st
     return {f"ILSVRC2012_val_{i + 1:08d}": id_to_wnid[label] for i, label in enumerate(ids)}
 
 
-def _list_flat_val(fs, val: str, search: List[str], src: str) -> Listing:
+def _list_flat_val(fs: FileSystem, val: str, search: List[str], src: str) -> Listing:
     csv_path = _find_file(fs, ["LOC_val_solution.csv"], search)
     truth = _find_file(fs, ["ILSVRC2012_validation_ground_truth.txt"], search)
     meta = _find_file(fs, ["meta.mat"], search)
@@ -419,7 +434,8 @@ def _list_flat_val(fs, val: str, search: List[str], src: str) -> Listing:
             f"{src}: val/ is flat but no labels were found: put LOC_val_solution.csv (Kaggle) or the devkit's "
             "ILSVRC2012_validation_ground_truth.txt and meta.mat in the source folder"
         )
-    items, skipped = [], []
+    items: List[SourceItem] = []
+    skipped: List[Dict[str, str]] = []
     for file_path, info in sorted(fs.find(val, detail=True).items()):
         shown = f"val/{posixpath.relpath(file_path, val)}"
         if not _is_image_name(file_path):

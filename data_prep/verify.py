@@ -11,7 +11,7 @@ import posixpath
 import tarfile
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import fsspec
 from PIL import Image
@@ -34,7 +34,7 @@ def _resolve(url: str) -> Tuple[fsspec.AbstractFileSystem, str, Optional[str]]:
     return fs, path, ""
 
 
-def _check_shard(fs, root: str, filename: str, num_classes: int, problems: List[str]) -> Tuple[int, List[int]]:
+def _check_shard(fs: Any, root: str, filename: str, num_classes: int, problems: List[str]) -> Tuple[int, List[int]]:
     """Check one shard against its index; returns (sample count, labels in order)."""
     tar_path = posixpath.join(root, filename)
     idx_path = tar_path[: -len(".tar")] + ".idx"
@@ -55,7 +55,8 @@ def _check_shard(fs, root: str, filename: str, num_classes: int, problems: List[
                     samples[key] = {}
                     order.append(key)
                     index_rows.append([])
-                samples[key][ext] = tar.extractfile(member).read()
+                data = tar.extractfile(member)
+                samples[key][ext] = data.read() if data is not None else b""
                 index_rows[-1].append((ext, member.offset_data, member.size, member.name))
     except (tarfile.TarError, EOFError, OSError) as err:
         problems.append(f"{filename}: unreadable tar ({err})")
@@ -98,8 +99,9 @@ def _dali_labels(tar_path: str, idx_path: str) -> List[int]:
     from nvidia.dali import fn, pipeline_def, types
 
     @pipeline_def(batch_size=32, num_threads=2, device_id=None, prefetch_queue_depth=1)
-    def decode_all():
-        jpg, lbl = fn.readers.webdataset(
+    def decode_all() -> Any:
+        readers: Any = fn.readers  # (DALI's generated operators, read as Any)
+        jpg, lbl = readers.webdataset(
             paths=[tar_path],
             index_paths=[idx_path],
             ext=[fmt.IMAGE_KEY, fmt.LABEL_KEY],
@@ -165,7 +167,7 @@ def verify(url: str, use_dali: bool = True, quiet: bool = False, quick: bool = F
     return problems
 
 
-def _map_shards(jobs: List[tuple], workers: int) -> Iterator[List[str]]:
+def _map_shards(jobs: List[Tuple[Any, ...]], workers: int) -> Iterator[List[str]]:
     """``_verify_shard(*job)`` for every job, in order, in ``workers`` processes."""
     if workers <= 1 or len(jobs) < 2:
         yield from (_verify_shard(*job) for job in jobs)
@@ -174,7 +176,9 @@ def _map_shards(jobs: List[tuple], workers: int) -> Iterator[List[str]]:
         yield from pool.map(_verify_shard, *zip(*jobs))
 
 
-def _verify_shard(fs, root: str, filename: str, expected: int, num_classes: int, dali: bool, quick: bool) -> List[str]:
+def _verify_shard(
+    fs: Any, root: str, filename: str, expected: int, num_classes: int, dali: bool, quick: bool
+) -> List[str]:
     problems: List[str] = []
     if quick:
         count = _quick_check(fs, root, filename, problems)
@@ -187,7 +191,7 @@ def _verify_shard(fs, root: str, filename: str, expected: int, num_classes: int,
     return problems
 
 
-def _quick_check(fs, root: str, filename: str, problems: List[str]) -> Optional[int]:
+def _quick_check(fs: Any, root: str, filename: str, problems: List[str]) -> Optional[int]:
     """The index's sample count, after checking (without reading images) that the tar and its index exist, that the
     tar holds every byte the index points to, and that the first and last samples' headers name their members."""
     from conv2former.data.shards import check_member_names, index_ends, sample_end
@@ -201,7 +205,7 @@ def _quick_check(fs, root: str, filename: str, problems: List[str]) -> Optional[
             return None
     try:
         count, first, last = index_ends(idx_path, filename, opener=fs.open)
-        if count:
+        if count and first is not None and last is not None:
             size = fs.size(tar_path)
             if size < sample_end(last):
                 problems.append(f"{filename}: truncated ({size} bytes; its index needs {sample_end(last)})")
@@ -213,7 +217,7 @@ def _quick_check(fs, root: str, filename: str, problems: List[str]) -> Optional[
     return count
 
 
-def _dali_check(fs, root: str, filename: str, labels: List[int]) -> List[str]:
+def _dali_check(fs: Any, root: str, filename: str, labels: List[int]) -> List[str]:
     tar_path = posixpath.join(root, filename)
     idx_path = tar_path[: -len(".tar")] + ".idx"
     with tempfile.TemporaryDirectory(prefix="c2f-verify-") as tmp:

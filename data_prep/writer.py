@@ -18,7 +18,7 @@ import tarfile
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import fsspec
 import webdataset as wds
@@ -57,7 +57,7 @@ class ShardResult:
     images_in: int = 0
     largest: List[int] = field(default_factory=lambda: [0, 0])  # [width, height] of the stored image with most pixels
 
-    def to_json(self) -> Dict:
+    def to_json(self) -> Dict[str, Any]:
         return dict(
             split=self.split,
             index=self.index,
@@ -70,7 +70,7 @@ class ShardResult:
         )
 
 
-def seeded_shuffle(rows, seed: int, salt: str):
+def seeded_shuffle(rows: Any, seed: int, salt: str) -> Any:
     """Shuffle ``rows`` (a list, or an array of row numbers) in place by (seed, salt) and return it: the one seeded
     order of the plan (the split's global shuffle, salt = split) and of the held-out draw (salt = holdout:synset)."""
     random.Random(f"{seed}:{salt}").shuffle(rows)
@@ -88,7 +88,7 @@ def cut_into_shards(
     shards, start, size = [], 0, 0
     for i in range(len(items)):
         item_size = size_at(i)
-        if i > start and size + item_size > shard_bytes:
+        if i > start and shard_bytes is not None and size + item_size > shard_bytes:
             shards.append(items[start:i])
             start, size = i, 0
         size += item_size
@@ -151,10 +151,10 @@ class _IndexTracker:
         self.exact = True
 
     def write(self, writer: "wds.TarWriter", sample: Dict[str, object]) -> None:
-        start, first = self.tar.offset, len(self.tar.members)
+        start, first = self.tar.offset, len(self.tar.getmembers())
         writer.write(sample)
         position, entries = start, []
-        for member in self.tar.members[first:]:
+        for member in self.tar.getmembers()[first:]:
             ext = member.name.split(".", 1)[1]
             entries.append((ext, position + tarfile.BLOCKSIZE, member.size, member.name))
             position += tarfile.BLOCKSIZE + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
@@ -229,8 +229,8 @@ def write_shard(task: ShardTask) -> ShardResult:
     return result
 
 
-def summarize_skips(results: Sequence[ShardResult], listing_skips: Sequence[Dict[str, str]]) -> Counter:
-    reasons: Counter = Counter()
+def summarize_skips(results: Sequence[ShardResult], listing_skips: Sequence[Dict[str, str]]) -> "Counter[str]":
+    reasons: "Counter[str]" = Counter()
     for skip in list(listing_skips) + [s for r in results for s in r.skipped]:
         reasons[skip["reason"].split(" (")[0]] += 1
     return reasons

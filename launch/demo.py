@@ -123,8 +123,8 @@ def run(stage: Stage, number: str, log: Path, commands: Path) -> None:
         raise SystemExit(f"stage failed ({stage.title}); last lines of {log}:\n{log.read_text()[-2500:]}")
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--out", default="runs/demo", help="where the runs and the report go")
     parser.add_argument("--data", default="data/demo", help="where the demo shards go")
     parser.add_argument("--size", choices=list(SIZES), default="full", help="small: the quick variant the tests run")

@@ -15,7 +15,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import Any, Dict, List, Optional
 
 from conv2former.checkout import checkout_first
 
@@ -27,12 +27,14 @@ ERF_PX = 128  # input side of the ERF analysis the demo runs (the paper uses 102
 COMMANDS = "commands.sh"  # the commands that ran, one per line, written by launch/demo.py
 
 
-def read_log(run_dir: Path) -> List[Dict]:
+def read_log(run_dir: Path) -> List[Dict[str, Any]]:
     path = run_dir / "log.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def make_report(out: Path, stages: Dict[str, Dict], commands: List[str], cam: Dict) -> Dict:
+def make_report(
+    out: Path, stages: Dict[str, Dict[str, Any]], commands: List[str], cam: Dict[str, Any]
+) -> Dict[str, Any]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -69,7 +71,7 @@ def make_report(out: Path, stages: Dict[str, Dict], commands: List[str], cam: Di
     fig.savefig(out / "report.png", dpi=90)
     plt.close(fig)
 
-    summary = {"stages": {}}
+    summary: Dict[str, Any] = {"stages": {}}
     for name, info in stages.items():
         summary["stages"][name] = {
             "top1": info["top1"],
@@ -133,7 +135,7 @@ def make_report(out: Path, stages: Dict[str, Dict], commands: List[str], cam: Di
     return summary
 
 
-def gradcam_held_out(export: Path, out: Path, resolution: int, count: int = 8) -> Dict:
+def gradcam_held_out(export: Path, out: Path, resolution: int, count: int = 8) -> Dict[str, Any]:
     """Grad-CAM of the fine-tuned demo model on ``count`` freshly generated images (in no split), whose shape masks
     are known: the share of each map's heat that falls on the drawn shape. Writes gradcam.png and gradcam.json."""
     import io
@@ -180,7 +182,7 @@ def gradcam_held_out(export: Path, out: Path, resolution: int, count: int = 8) -
     return report
 
 
-def cam_lines(cam: Dict) -> List[str]:
+def cam_lines(cam: Dict[str, Any]) -> List[str]:
     """The report's Grad-CAM section: how much more heat falls on the known shape than on the background."""
     rows = cam["images"]
     ratios = sorted(r["heat_ratio"] for r in rows)
@@ -222,7 +224,7 @@ def erf_rows(out: Path) -> List[str]:
     return lines
 
 
-def stage_results(out: Path, finetunes: List[int]) -> Dict[str, Dict]:
+def stage_results(out: Path, finetunes: List[int]) -> Dict[str, Dict[str, Any]]:
     """Top-1/top-5 and class count of each stage: the pretraining's last held-out evaluation (its log.jsonl) and each
     fine-tune's evaluation by launch/evaluate.py (eval_<px>.json)."""
     pre = out / "pretrain"
@@ -242,8 +244,8 @@ def _classes(run: Path) -> int:
     return len((run / "export" / "classes.txt").read_text().split())
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     cam = commands.add_parser("gradcam", help="Grad-CAM of a fine-tuned demo export on held-out images")
     cam.add_argument("--export", required=True, type=Path)

@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import sys
+from typing import Any, Dict, List, Optional
 
 from conv2former.errors import UserError, exit_on_user_error
 
@@ -65,7 +66,7 @@ def export_from_checkpoint(run_dir: str) -> str:
     return out
 
 
-def eval_images(export_dir: str, data_root: str | None, split: str, count: int):
+def eval_images(export_dir: str, data_root: str | None, split: str, count: int) -> Any:
     """The first ``count`` images of the split, through the stage's own eval transform."""
     import torch
     import yaml
@@ -90,7 +91,7 @@ def eval_images(export_dir: str, data_root: str | None, split: str, count: int):
         raise UserError(f"{err} (the ONNX check reads eval images of the run's data: pass --data ROOT)") from None
 
 
-def export_onnx_checked(export_dir: str, args: argparse.Namespace) -> dict:
+def export_onnx_checked(export_dir: str, args: argparse.Namespace) -> Dict[str, Any]:
     from conv2former.export import export_onnx, model_from_export
 
     model = model_from_export(export_dir)
@@ -131,8 +132,8 @@ def export_remote_run(args: argparse.Namespace) -> int:
 
 
 @exit_on_user_error
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("run_dir", help="a run directory holding checkpoints/ (or an export/ to complete)")
     parser.add_argument("--onnx", action="store_true", help="also write export/model.onnx, checked with onnxruntime")
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
