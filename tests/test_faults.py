@@ -232,12 +232,15 @@ else:  # a plain barrier while rank 0 works: bounded by the collective timeout
 def test_the_ranks_wait_for_rank0s_long_work_past_the_collective_timeout(tmp_path, wait):
     """Rank 0 works 5 s (twice) under a 2 s collective timeout: the others wait for it through engine/rank0_work.py
     (the rendezvous store, a timeout of its own) and all go on; a plain barrier there times out."""
-    from conftest import next_port
+    from conftest import REPO, next_port
+
+    from conv2former.engine.distributed import python_path
 
     port = str(next_port())
     procs = []
-    for rank in range(2):
-        environ = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    for rank in range(2):  # (this checkout's code, whatever the environment has installed)
+        environ = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                       PYTHONPATH=python_path(str(REPO)))  # fmt: skip
         command = [sys.executable, "-c", RANK0_WORK, wait]
         procs.append(subprocess.Popen(command, env=environ, stdout=subprocess.PIPE, text=True, cwd=tmp_path))
     outputs = [p.communicate(timeout=60)[0].splitlines() for p in procs]

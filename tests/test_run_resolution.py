@@ -76,3 +76,14 @@ def test_zero3_with_batch_scaling_is_refused_alike_everywhere(capsys, demo_shard
         refusals.append(f"error: {refused.value}")
     assert len(set(lines + refusals)) == 1
     assert "size_schedule_scale_batch" in lines[0] and "zero_stage" in lines[0]
+
+
+def test_help_config_prints_the_config_the_fine_tune_runs(capsys, demo_in1k, tmp_path):
+    """The fine-tune's stage name is part of the resolved config (it used to be set after --help-config printed)."""
+    from launch.finetune import configure
+
+    argv = ["--variant", "demo", "--pretrained", str(tmp_path), "--data", demo_in1k, "--resolution", "384"]
+    assert configure(argv)[1].stage == "finetune-384"
+    with pytest.raises(SystemExit):
+        configure([*argv, "--help-config"])
+    assert "stage = finetune-384" in capsys.readouterr().out.splitlines()[0]
