@@ -165,7 +165,6 @@ class _IndexTracker:
 def write_shard(task: ShardTask) -> ShardResult:
     """Write one shard (run in a worker process). Never leaves a partial shard under the final name."""
     fs, out_path = fsspec.core.url_to_fs(task.out_root)
-    src_fs_cache: Dict[str, fsspec.AbstractFileSystem] = {}
     split_dir = posixpath.join(out_path, task.split)
     final_tar = posixpath.join(split_dir, fmt.shard_name(task.split, task.index))
     final_idx = posixpath.join(split_dir, fmt.index_name(task.split, task.index))
@@ -179,32 +178,7 @@ def write_shard(task: ShardTask) -> ShardResult:
         with os.fdopen(fd, "wb") as stream:
             writer = wds.TarWriter(stream, encoder=False, mtime=0, user="root", group="root", mode=0o444)
             index = _IndexTracker(writer.tarstream)
-            for item, label in task.items:
-                src_fs = src_fs_cache.get(item.path)
-                if src_fs is None:
-                    src_fs = src_fs_cache[item.path] = fsspec.core.url_to_fs(item.path)[0]
-                try:
-                    clean = clean_image(
-                        item.read(src_fs), task.options.max_side, task.options.min_side, task.options.check
-                    )
-                except SkipImage as skip:
-                    result.skipped.append({"source": item.name, "reason": str(skip)})
-                    continue
-                meta = {"synset": item.synset, "width": clean.width, "height": clean.height, "source": item.name}
-                index.write(
-                    writer,
-                    {
-                        "__key__": item.key,
-                        fmt.IMAGE_KEY: clean.data,
-                        fmt.CLASS_KEY: str(label).encode("ascii"),
-                        fmt.LABEL_KEY: fmt.encode_label(label),
-                        fmt.META_KEY: json.dumps(meta, sort_keys=True).encode("utf-8"),
-                    },
-                )
-                result.num_samples += 1
-                result.reencoded += int(clean.reencoded)
-                if clean.stored[0] * clean.stored[1] > result.largest[0] * result.largest[1]:
-                    result.largest = list(clean.stored)
+            _write_samples(task, writer, index, result)
             writer.close()
         if index.exact:  # the positions the writer reported (checked per sample), without reading the tar back
             index_text, count = fmt.format_index(index.samples), len(index.samples)
@@ -227,6 +201,36 @@ def write_shard(task: ShardTask) -> ShardResult:
         if os.path.exists(tmp_tar):
             os.remove(tmp_tar)
     return result
+
+
+def _write_samples(task: ShardTask, writer: Any, index: Any, result: ShardResult) -> None:
+    """Each of the task's images, cleaned (data_prep/images.py), as one sample of the shard; the skipped ones
+    recorded with their reason."""
+    src_fs_cache: Dict[str, Any] = {}  # one filesystem per source path
+    for item, label in task.items:
+        src_fs = src_fs_cache.get(item.path)
+        if src_fs is None:
+            src_fs = src_fs_cache[item.path] = fsspec.core.url_to_fs(item.path)[0]
+        try:
+            clean = clean_image(item.read(src_fs), task.options.max_side, task.options.min_side, task.options.check)
+        except SkipImage as skip:
+            result.skipped.append({"source": item.name, "reason": str(skip)})
+            continue
+        meta = {"synset": item.synset, "width": clean.width, "height": clean.height, "source": item.name}
+        index.write(
+            writer,
+            {
+                "__key__": item.key,
+                fmt.IMAGE_KEY: clean.data,
+                fmt.CLASS_KEY: str(label).encode("ascii"),
+                fmt.LABEL_KEY: fmt.encode_label(label),
+                fmt.META_KEY: json.dumps(meta, sort_keys=True).encode("utf-8"),
+            },
+        )
+        result.num_samples += 1
+        result.reencoded += int(clean.reencoded)
+        if clean.stored[0] * clean.stored[1] > result.largest[0] * result.largest[1]:
+            result.largest = list(clean.stored)
 
 
 def summarize_skips(results: Sequence[ShardResult], listing_skips: Sequence[Dict[str, str]]) -> "Counter[str]":

@@ -35,42 +35,9 @@ def read_log(run_dir: Path) -> List[Dict[str, Any]]:
 def make_report(
     out: Path, stages: Dict[str, Dict[str, Any]], commands: List[str], cam: Dict[str, Any]
 ) -> Dict[str, Any]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """report.png (the curves), summary.json and report.md of the demo's stages; returns the summary."""
     runs = {name: read_log(out / name) for name in stages}
-    fig, axes = plt.subplots(3, 2, figsize=(12, 13), gridspec_kw={"height_ratios": [1, 1, 1.3]})
-    for ax, picture, title in (
-        (axes[2, 0], out / "erf_pretrained" / "erf.png", "effective receptive fields after pretraining"),
-        (axes[2, 1], out / "gradcam.png", "Grad-CAM of the last fine-tune, held-out images"),
-    ):
-        ax.imshow(plt.imread(str(picture)))
-        ax.set_title(title)
-        ax.axis("off")
-    for name, rows in runs.items():
-        train = [r for r in rows if r["kind"] == "train"]
-        evals = [r for r in rows if r["kind"] == "eval"]
-        axes[0, 0].plot([r["step"] for r in train], [r["loss"] for r in train], label=name)
-        axes[0, 1].plot([r["step"] for r in evals], [r["top1"] for r in evals], marker="o", label=f"{name} top-1")
-        if evals and "ema_top1" in evals[0]:
-            axes[0, 1].plot([r["step"] for r in evals], [r["ema_top1"] for r in evals], ls="--", label=f"{name} EMA")
-        axes[1, 0].plot([r["step"] for r in train], [r["lr"] for r in train], label=name)
-        axes[1, 1].plot([r["step"] for r in train], [r["images_per_s"] for r in train], label=name)
-    for ax, title in zip(
-        axes[:2].flat,
-        ["training loss", "held-out top-1", "learning rate (per group max)", "throughput (images/s, all ranks)"],
-    ):
-        ax.set_title(title)
-        ax.set_xlabel("optimizer step")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-    fig.suptitle("conv2former-pretrain demo: pretrain on demo-22k, fine-tune on demo-1k at two resolutions")
-    fig.tight_layout()
-    fig.savefig(out / "report.png", dpi=90)
-    plt.close(fig)
-
+    _plot(out, runs)
     summary: Dict[str, Any] = {"stages": {}}
     for name, info in stages.items():
         summary["stages"][name] = {
@@ -81,6 +48,14 @@ def make_report(
         }
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
 
+    (out / "report.md").write_text("\n".join(_report_lines(out, stages, runs, commands, cam)))
+    return summary
+
+
+def _report_lines(
+    out: Path, stages: Dict[str, Dict[str, Any]], runs: Dict[str, List[Dict[str, Any]]], commands: List[str],
+    cam: Dict[str, Any],
+) -> List[str]:  # fmt: skip
     lines = [
         "# conv2former-pretrain demo report",
         "",
@@ -131,8 +106,45 @@ def make_report(
         + commands
         + ["```", "", f"TensorBoard: `tensorboard --logdir {out}`", ""]
     )
-    (out / "report.md").write_text("\n".join(lines))
-    return summary
+    return lines
+
+
+def _plot(out: Path, runs: Dict[str, List[Dict[str, Any]]]) -> None:
+    """report.png: loss, held-out top-1, lr and throughput per stage, the ERF maps and the Grad-CAM sheet."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(3, 2, figsize=(12, 13), gridspec_kw={"height_ratios": [1, 1, 1.3]})
+    for ax, picture, title in (
+        (axes[2, 0], out / "erf_pretrained" / "erf.png", "effective receptive fields after pretraining"),
+        (axes[2, 1], out / "gradcam.png", "Grad-CAM of the last fine-tune, held-out images"),
+    ):
+        ax.imshow(plt.imread(str(picture)))
+        ax.set_title(title)
+        ax.axis("off")
+    for name, rows in runs.items():
+        train = [r for r in rows if r["kind"] == "train"]
+        evals = [r for r in rows if r["kind"] == "eval"]
+        axes[0, 0].plot([r["step"] for r in train], [r["loss"] for r in train], label=name)
+        axes[0, 1].plot([r["step"] for r in evals], [r["top1"] for r in evals], marker="o", label=f"{name} top-1")
+        if evals and "ema_top1" in evals[0]:
+            axes[0, 1].plot([r["step"] for r in evals], [r["ema_top1"] for r in evals], ls="--", label=f"{name} EMA")
+        axes[1, 0].plot([r["step"] for r in train], [r["lr"] for r in train], label=name)
+        axes[1, 1].plot([r["step"] for r in train], [r["images_per_s"] for r in train], label=name)
+    for ax, title in zip(
+        axes[:2].flat,
+        ["training loss", "held-out top-1", "learning rate (per group max)", "throughput (images/s, all ranks)"],
+    ):
+        ax.set_title(title)
+        ax.set_xlabel("optimizer step")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.suptitle("conv2former-pretrain demo: pretrain on demo-22k, fine-tune on demo-1k at two resolutions")
+    fig.tight_layout()
+    fig.savefig(out / "report.png", dpi=90)
+    plt.close(fig)
 
 
 def gradcam_held_out(export: Path, out: Path, resolution: int, count: int = 8) -> Dict[str, Any]:
