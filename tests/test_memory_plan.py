@@ -7,9 +7,11 @@ import json
 import os
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 from conftest import REPO
+from single_rank import single_rank
 
 from conv2former.config import ModelConfig
 from conv2former.engine.distributed import python_path
@@ -86,20 +88,24 @@ def test_the_optimizer_state_follows_zeros_memory_model():
     assert parse_bytes("80GB", "k") == 80 * 10**9 == parse_bytes("8e10", "k")
 
 
-def run_launcher(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    launched = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # (an in-process run set them)
-    environ = {k: v for k, v in os.environ.items() if k not in launched}
-    environ.update(PYTHONPATH=python_path(str(REPO)), OMP_NUM_THREADS="2")
-    done = subprocess.run([sys.executable, str(REPO / "launch" / "pretrain.py"), *args], env=environ,
-                          capture_output=True, text=True)  # fmt: skip
-    assert not check or done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    return done
+def run_launcher(capsys: Any, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """``launch/pretrain.py ARGS`` in this process (tests/single_rank.py): its exit code and what it printed."""
+    from launch.pretrain import main
+
+    with single_rank():
+        try:
+            code = main(list(args))
+        except SystemExit as exited:
+            code = int(exited.code or 0)
+    out = capsys.readouterr()
+    assert not check or code == 0, out.out[-2000:] + out.err[-2000:]
+    return subprocess.CompletedProcess(list(args), code, out.out, out.err)
 
 
-def test_plan_memory_prints_the_plan_for_a_gpu_without_one(demo_shards, tmp_path):
+def test_plan_memory_prints_the_plan_for_a_gpu_without_one(capsys, demo_shards, tmp_path):
     """``--plan-memory --gpu-memory 80GB --ranks 8``: per-rank state under ZeRO, activations at the micro-batch,
     the largest micro-batch that fits and the one ``auto`` would pick (dividing the global batch)."""
-    out = run_launcher("--variant", "demo", "--data", demo_shards, "--output", str(tmp_path), "--plan-memory",
+    out = run_launcher(capsys, "--variant", "demo", "--data", demo_shards, "--output", str(tmp_path), "--plan-memory",
                        "--gpu-memory", "80GiB", "--ranks", "8", "--zero-stage", "2").stdout  # fmt: skip
     plan = json.loads(out[out.index("{") :])
     assert plan["ranks"] == 8 and plan["zero_stage"] == 2 and plan["precision"] == "bf16"
@@ -109,11 +115,11 @@ def test_plan_memory_prints_the_plan_for_a_gpu_without_one(demo_shards, tmp_path
     assert not (tmp_path / "checkpoints").exists()
 
 
-def test_auto_batch_size_keeps_the_global_batch_and_the_schedule(demo_shards, tmp_path):
+def test_auto_batch_size_keeps_the_global_batch_and_the_schedule(capsys, demo_shards, tmp_path):
     """``data.batch_size=auto`` with a memory budget: the micro-batch the plan picks, the same global batch, the
     accumulation following, and the same steps and lr as a fixed micro-batch; no budget on a CPU: one line."""
     common = ["--variant", "demo", "--data", demo_shards, "--output", str(tmp_path), "--dry-run"]
-    auto = _json(run_launcher(*common, "--set", "data.batch_size=auto", "--set", "data.memory_budget=3.5GiB"))
+    auto = _json(run_launcher(capsys, *common, "--set", "data.batch_size=auto", "--set", "data.memory_budget=3.5GiB"))
     micro = auto["schedule"]["micro_batch"]
     assert auto["memory_plan"]["micro_batch"] == micro and micro <= auto["memory_plan"]["largest_micro_batch"]
     # the demo's fixed micro-batch 16 on 1 rank (test_pretrain's dry-run test): global 64, 31 steps an epoch, 310 in
@@ -121,7 +127,7 @@ def test_auto_batch_size_keeps_the_global_batch_and_the_schedule(demo_shards, tm
     assert auto["schedule"]["global_batch"] == 64 and auto["schedule"]["grad_accum"] * micro == 64
     assert (auto["schedule"]["total_steps"], auto["schedule"]["warmup_steps"]) == (310, 31)
     assert auto["schedule"]["lr"] == pytest.approx(2e-3)
-    failed = run_launcher(*common, "--set", "data.batch_size=auto", check=False)
+    failed = run_launcher(capsys, *common, "--set", "data.batch_size=auto", check=False)
     assert failed.returncode == 2 and "data.memory_budget" in failed.stderr.strip().splitlines()[-1]
 
 
