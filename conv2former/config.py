@@ -44,7 +44,7 @@ class DataConfig:
     size_schedule_regularization: Optional[float] = None  # augment strength at the smallest size (EfficientNetV2)
     size_schedule_scale_batch: bool = False  # micro-batch grows with 1/area at low sizes (same global batch)
     batch_size: Union[int, str] = 32  # micro-batch per rank (training); auto: the largest that fits (memory_budget)
-    memory_budget: Optional[str] = None  # what batch_size=auto plans for per rank, e.g. 80GB; None: the GPU's free
+    memory_budget: Optional[str] = None  # what batch_size=auto plans for per rank, e.g. 80GiB; None: the GPU's total
     eval_batch_size: Optional[int] = None  # per rank; None: batch_size
     workers: int = 4  # DALI threads, or DataLoader workers
     hw_decoder_load: float = 0.65  # dali-gpu train: share of JPEGs for the GPU hardware decoder (A100/H100)
@@ -56,7 +56,7 @@ class DataConfig:
     std: Tuple[float, float, float] = IMAGENET_DEFAULT_STD  # normalisation std (RGB, 0-1 scale)
     channels_last: Optional[bool] = None  # batches in channels_last memory format; None: on GPU only
     cache_dir: Optional[str] = None  # node-local cache of remote shards, shared by the node's ranks (~/.cache/...)
-    cache_limit: Optional[str] = None  # bound of that cache, e.g. 200GB (least recently used shards not in use go)
+    cache_limit: Optional[str] = None  # bound of that cache, e.g. 200GB = 200e9 bytes (least recently used unused shards go)
     fetch_workers: int = 8  # parallel downloads per rank from a remote root
     skip_bad_shards: bool = False  # a shard unreadable mid-epoch: skip it with a warning (True) or stop (exit 6)
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # training augmentation
