@@ -56,7 +56,7 @@ class DataConfig:
     std: Tuple[float, float, float] = IMAGENET_DEFAULT_STD  # normalisation std (RGB, 0-1 scale)
     channels_last: Optional[bool] = None  # batches in channels_last memory format; None: on GPU only
     cache_dir: Optional[str] = None  # node-local cache of remote shards, shared by the node's ranks (~/.cache/...)
-    cache_limit: Optional[str] = None  # bound of that cache, e.g. 200GB = 200e9 bytes (least recently used unused shards go)
+    cache_limit: Optional[str] = None  # that cache's bound, e.g. 200GB = 200e9 bytes (unused shards, LRU first)
     fetch_workers: int = 8  # parallel downloads per rank from a remote root
     skip_bad_shards: bool = False  # a shard unreadable mid-epoch: skip it with a warning (True) or stop (exit 6)
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # training augmentation
