@@ -26,11 +26,13 @@ test: $(STAMP)
 
 # The whole suite under coverage, subprocesses (every launched rank, data_prep, the launchers) measured too: statement
 # coverage of conv2former/, launch/ and data_prep/ in .coverage-data/ (report.txt, coverage.json). Compare two runs
-# with tools/coverage_compare.py BEFORE.json AFTER.json (the statements covered before and no longer).
+# with tools/coverage_compare.py BEFORE.json AFTER.json (the statements covered before and no longer). PYTHONPATH:
+# every process imports this checkout's package (a git worktree sharing another checkout's venv would otherwise import
+# that checkout's, through its editable install, and its subprocesses would go unmeasured).
 COVERAGE_DATA := $(CURDIR)/.coverage-data
 coverage: $(STAMP)
 	rm -rf $(COVERAGE_DATA) && mkdir -p $(COVERAGE_DATA)
-	COVERAGE_FILE=$(COVERAGE_DATA)/coverage DS_ACCELERATOR=cpu OMP_NUM_THREADS=2 PATH=$(CURDIR)/$(VENV)/bin:$$PATH \
+	PYTHONPATH=$(CURDIR) COVERAGE_FILE=$(COVERAGE_DATA)/coverage DS_ACCELERATOR=cpu OMP_NUM_THREADS=2 PATH=$(CURDIR)/$(VENV)/bin:$$PATH \
 		$(PY) -m coverage run --source=$(CURDIR)/conv2former,$(CURDIR)/launch,$(CURDIR)/data_prep \
 		-m pytest --durations=15 $(ARGS)
 	$(PY) -m coverage combine -q --data-file=$(COVERAGE_DATA)/coverage

@@ -161,12 +161,17 @@ class DeepSpeedConfig:
     rank0_work_timeout_minutes: float = 60.0  # others wait this long for rank 0's export / conversion (gloo)
 
     def validate(self) -> None:
-        from conv2former.engine.precision import PRECISIONS
+        from conv2former.engine.precision import COMM_DTYPES, PRECISIONS
 
         if self.zero_stage not in (0, 1, 2, 3):
             raise UserError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
-        if self.precision not in PRECISIONS:
-            raise UserError(f"deepspeed.precision: unknown {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+        for key, value, allowed in (
+            ("deepspeed.precision", self.precision, PRECISIONS),
+            ("deepspeed.grad_accum_dtype", self.grad_accum_dtype, ("fp32", "model")),
+            ("deepspeed.communication_data_type", self.communication_data_type, (None, *COMM_DTYPES)),
+        ):
+            if value not in allowed:
+                raise UserError(f"{key}: unknown {value!r}: choose one of {', '.join(str(a) for a in allowed)}")
 
 
 @dataclass

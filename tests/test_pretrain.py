@@ -521,6 +521,12 @@ def test_bad_configs_are_one_line_errors(capsys, demo_shards, tmp_path):
     assert "deepspeed.precision: unknown 'fp8'" in one_line_error(
         capsys, "--variant", "demo", "--data", demo_shards, "--set", "deepspeed.precision=fp8", *out
     )
+    assert "deepspeed.grad_accum_dtype: unknown 'fp16'" in one_line_error(
+        capsys, "--variant", "demo", "--data", demo_shards, "--set", "deepspeed.grad_accum_dtype=fp16", *out
+    )
+    assert "deepspeed.communication_data_type: unknown 'fp8'" in one_line_error(
+        capsys, "--variant", "demo", "--data", demo_shards, "--set", "deepspeed.communication_data_type=fp8", *out
+    )
     from deepspeed.accelerator import get_accelerator
 
     if not get_accelerator().is_fp16_supported():  # (this CPU: no AVX-512 FP16 / AMX-FP16)

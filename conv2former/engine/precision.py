@@ -39,17 +39,9 @@ def cast_like_engine(model: Module, dtype: torch.dtype) -> Module:
 
 
 def resolve_precision(cfg: DeepSpeedConfig, gpu: bool) -> str:
-    """``cfg.precision`` for this device ("bf16", "fp16" or "fp32"); a one-line ``UserError`` for a value this
-    device cannot train in."""
-    if cfg.precision not in PRECISIONS:
-        raise UserError(f"deepspeed.precision: unknown {cfg.precision!r}: choose one of {', '.join(PRECISIONS)}")
+    """``cfg.precision`` (validated by ``DeepSpeedConfig.validate``) for this device: "bf16", "fp16" or "fp32"; a
+    one-line ``UserError`` for a precision this device cannot train in."""
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if gpu else "fp32")
-    for key, value, allowed in (
-        ("deepspeed.grad_accum_dtype", cfg.grad_accum_dtype, ("fp32", "model")),
-        ("deepspeed.communication_data_type", cfg.communication_data_type, (None, *COMM_DTYPES)),
-    ):
-        if value not in allowed:
-            raise UserError(f"{key}: unknown {value!r}: choose one of {', '.join(str(a) for a in allowed)}")
     if precision != "fp32":
         from deepspeed.accelerator import get_accelerator
 
