@@ -14,11 +14,11 @@ The ImageNet robustness and relabelled sets, in the layouts they are distributed
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import List, Optional
 
 from conv2former.errors import UserError, exit_on_user_error
 from conv2former.evaluation import EvalRequest, default_crop, evaluate, report
+from conv2former.process_exit import exit_process
 
 __all__ = ["build_parser", "default_crop", "main", "request_from"]
 
@@ -103,4 +103,4 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

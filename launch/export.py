@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from typing import Any, Dict, List, Optional
 
 from conv2former.errors import UserError, exit_on_user_error
 from conv2former.export_run import export_from_checkpoint, export_onnx_checked, export_remote_run
+from conv2former.process_exit import exit_process
 
 
 @exit_on_user_error
@@ -58,4 +58,4 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

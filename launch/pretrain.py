@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from typing import List, Optional, Tuple
 
 from conv2former.config import TrainConfig
 from conv2former.engine.cli import add_train_arguments, resolve_config, run_stage
 from conv2former.errors import exit_on_user_error
+from conv2former.process_exit import exit_process
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pretrain", "configs")
 
@@ -34,4 +34,4 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())
