@@ -47,6 +47,25 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+_FILE_SECONDS: dict = {}  # test file: seconds of its tests' setup, call and teardown
+
+
+def pytest_runtest_logreport(report):
+    path = report.nodeid.split("::")[0]
+    _FILE_SECONDS[path] = _FILE_SECONDS.get(path, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The suite's time per test file, slowest first (the budget: docs/performance.md "Test time per file"); a
+    session-scoped fixture's setup counts towards the file of the first test that used it."""
+    if not _FILE_SECONDS:
+        return
+    terminalreporter.section("time per test file")
+    for path, seconds in sorted(_FILE_SECONDS.items(), key=lambda item: -item[1]):
+        terminalreporter.write_line(f"{seconds:8.1f}s  {path}")
+    terminalreporter.write_line(f"{sum(_FILE_SECONDS.values()):8.1f}s  in all")
+
+
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory) -> Path:
     """The demo dataset (``data_prep/shard.py demo``: generated images, "22k" and "1k" shards), built once per test
