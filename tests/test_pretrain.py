@@ -25,7 +25,7 @@ from conv2former.cpu import malloc as host_memory
 from conv2former.data.loader import build_loader
 from conv2former.engine import disk
 from conv2former.engine.evaluator import Evaluator
-from conv2former.weights import load_checkpoint
+from conv2former.weights import load_checkpoint, read_weights
 
 PRETRAIN = str(REPO / "launch" / "pretrain.py")
 FAST = [
@@ -158,6 +158,9 @@ def test_bf16_on_cpu_trains_resumes_bitwise_and_exports_fp32(reference_run, demo
     weights, ema = load_file(export / "model.safetensors"), load_file(export / "model_ema.safetensors")
     for tensors in (weights, ema):
         assert {v.dtype for v in tensors.values() if v.is_floating_point()} == {torch.float32}
+    # the export (gathered in memory from the partitions) is what zero_to_fp32 reads from the final checkpoint
+    consolidated = read_weights(str(tmp_path / "whole" / "checkpoints")).state_dict
+    assert weights.keys() == consolidated.keys() and all(torch.equal(weights[k], consolidated[k]) for k in weights)
     stem_mean = "downsample_layers.0.2.running_mean"  # the stem BatchNorm (initialised at 0)
     assert weights[stem_mean].abs().sum() > 0 and ema[stem_mean].abs().sum() > 0
     assert not torch.equal(ema["pred.weight"], weights["pred.weight"])  # the EMA moved, lagging the weights

@@ -76,6 +76,19 @@ def test_checkpoints_hold_every_registered_component(reference):
     assert (client["epoch"], client["step"]) == (2, 62) and client["config"]["data"]["batch_size"] == 16
 
 
+def test_the_export_holds_exactly_what_zero_to_fp32_reads_from_the_final_checkpoint(reference):
+    """The export gathers the fp32 weights in memory (no read of the checkpoint it follows); they are bit for bit
+    what DeepSpeed's zero_to_fp32 consolidates from that checkpoint (tests/test_pretrain.py: ZeRO-1 and -3 on 2
+    ranks, bf16)."""
+    from conv2former.weights import read_weights
+
+    out, _ = reference
+    exported, consolidated = export_weights(out), read_weights(str(out / "checkpoints")).state_dict
+    assert exported.keys() == consolidated.keys()
+    assert all(torch.equal(exported[k], consolidated[k]) and exported[k].dtype == consolidated[k].dtype
+               for k in exported)  # fmt: skip
+
+
 def test_a_stop_and_resume_in_process_ends_bitwise_equal(reference, demo_shards, tmp_path):
     ref, _ = reference
     first = fit(demo_shards, tmp_path, "--max-steps", "25")

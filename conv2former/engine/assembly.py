@@ -93,7 +93,7 @@ def assemble(run: ResolvedRun, where: Where, model: torch.nn.Module, progress: A
                                   preemption.wait)  # fmt: skip
     preemption.checkpoint = checkpointing.save_now  # (a stop agreed: checkpoint first)
     evaluation = EpochEvaluation(run, rank, device, engine, ema, batchnorm, dtype, metrics)
-    exporter = Exporter(where.output, where.checkpoints.dir, evaluation, batchnorm, ema, list(run.classes),
+    exporter = Exporter(where.output, engine.module, evaluation, batchnorm, ema, list(run.classes),
                         run.config_dict(), cfg.checkpoint.keep_best, cfg.deepspeed.rank0_work_timeout_minutes,
                         metrics)  # fmt: skip
     profiler = StepProfiler(cfg.profile.steps, cfg.profile.memory, os.path.join(where.output.local, "profile"), rank,

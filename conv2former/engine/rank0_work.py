@@ -1,4 +1,4 @@
-"""Work only rank 0 does (the export's zero_to_fp32 consolidation, ds_to_universal, pruning old checkpoints) while
+"""Work only rank 0 does (writing the export, ds_to_universal, pruning old checkpoints) while
 the other ranks wait for it, with a timeout of its own.
 
 A ``dist.barrier`` there would be bounded by the collective timeout (``deepspeed.timeout_minutes``, 10 by default)
