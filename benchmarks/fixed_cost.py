@@ -12,8 +12,9 @@ every step; the script watches that file and notes when each step's record appea
 
 * ``to first step``: the command's start to the appearance of step 1's record (includes step 1's own compute,
   shown apart as ``first step``: its step_time in the record);
-* ``after last step``: the appearance of the final evaluation's record (the evaluation at the end of training is
-  work that grows with the val split, shown apart) to the command's exit: the final checkpoint, the export, the
+* ``after last step``: the appearance of the last step's record to the command's exit, less the final evaluation
+  (work that grows with the val split, shown apart: from the final checkpoint's record, or the last step's, to the
+  evaluation's record): the final checkpoint (also shown apart: the seconds its record holds), the export, the
   summary, teardown.
 
 ``--repo DIR`` measures another checkout (e.g. a ``git worktree`` of an older commit) with this script; its median of
@@ -90,6 +91,8 @@ def watch_log(log: Path, seen: Dict[str, float], stop: threading.Event, start: f
                         seen[key] = time.perf_counter() - start
                         if item.get("kind") == "train":
                             seen[f"step_time {item['step']}"] = item["step_time"]
+                        if item.get("kind") == "checkpoint":
+                            seen[f"checkpoint_seconds {item['step']}"] = item["seconds"]
         stop.wait(0.01)
 
 
@@ -128,10 +131,13 @@ def run_case(case: str, args: argparse.Namespace, data: str) -> Dict[str, float]
     if args.timeline:
         for second, text in lines:
             print(f"{second:7.2f}s  {text[:150]}")
-    # the evaluation at the end of training is work (its time grows with the val split), not a fixed cost
-    evaluated = seen.get(f"eval {args.steps}", seen[last])
-    return {"to_first_step": seen["train 1"], "first_step": seen["step_time 1"], "evaluation": evaluated - seen[last],
-            "after_last_step": total - evaluated, "total": total}  # fmt: skip
+    # the evaluation at the end of training (after the final checkpoint) is work that grows with the val split, not a
+    # fixed cost: from the checkpoint's record (or the last step's) to the evaluation's
+    saved = seen.get(f"checkpoint {args.steps}", seen[last])
+    evaluation = seen[f"eval {args.steps}"] - max(saved, seen[last]) if f"eval {args.steps}" in seen else 0.0
+    return {"to_first_step": seen["train 1"], "first_step": seen["step_time 1"], "evaluation": evaluation,
+            "after_last_step": total - seen[last] - evaluation,
+            "final_checkpoint": seen.get(f"checkpoint_seconds {args.steps}", 0.0), "total": total}  # fmt: skip
 
 
 def main() -> None:
@@ -156,18 +162,20 @@ def main() -> None:
             runs = [run_case(case, args, data[case]) for _ in range(args.repeat)]
             m = {key: median(r[key] for r in runs) for key in runs[0]}
             print(f"{case}: to first step {m['to_first_step']:.1f} s (step 1 itself {m['first_step']:.1f} s), "
-                  f"after last step {m['after_last_step']:.1f} s (and the final evaluation {m['evaluation']:.1f} s), "
+                  f"after last step {m['after_last_step']:.1f} s (the final checkpoint {m['final_checkpoint']:.1f} s of it; "
+                  f"besides, the final evaluation {m['evaluation']:.1f} s), "
                   f"whole run {m['total']:.1f} s "
                   f"(median of {len(runs)})")  # fmt: skip
             rows.append(
                 f"| {time.strftime('%Y-%m-%d')} | {machine(args.threads)} | {case} | {CASES[case][0]} | {args.steps} "
-                f"| {m['to_first_step']:.1f} | {m['first_step']:.1f} | {m['after_last_step']:.1f} | {m['evaluation']:.1f} "
+                f"| {m['to_first_step']:.1f} | {m['first_step']:.1f} | {m['after_last_step']:.1f} "
+                f"| {m['final_checkpoint']:.1f} | {m['evaluation']:.1f} "
                 f"| {m['total']:.1f} "
                 f"| {len(runs)} | {args.label} | {versions('torch', 'deepspeed', 'timm')} |"
             )
     if args.record:
         columns = ["date", "machine", "case", "ranks", "steps", "to_first_step_s", "first_step_s",
-                   "after_last_step_s", "final_eval_s", "total_s", "runs", "label", "versions"]  # fmt: skip
+                   "after_last_step_s", "final_checkpoint_s", "final_eval_s", "total_s", "runs", "label", "versions"]  # fmt: skip
         record("fixed_cost.py", rows, columns=columns)
 
 
