@@ -110,6 +110,8 @@ def fp32_weights(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
     out: Dict[str, torch.Tensor] = {}
     for name, value in module.state_dict(keep_vars=True).items():
         full = safe_get_full_fp32_param(params[name]) if name in params else None
+        if full is None and hasattr(value, "ds_id"):  # (ZeRO-3 keeps no master copy of a frozen parameter)
+            raise RuntimeError(f"the export cannot gather {name}: a ZeRO-3 parameter without an fp32 master copy")
         tensor = (full if full is not None else value).detach()
         out[name] = (tensor.float() if tensor.is_floating_point() else tensor).cpu()
     return unwrap_state_dict(out)
