@@ -12,7 +12,9 @@ them can be replayed:
   launch/evaluate.py            x 2           top-1 / top-5 of both fine-tunes' best-evaluated weights
   launch/demo_report.py gradcam / render      Grad-CAM on held-out images; RUN/report.md, report.png, summary.json
 
-A rerun reuses finished work (shards, and runs whose export exists); ``--fresh`` starts over.
+A rerun reuses finished work (shards; runs whose export exists, analyses and evaluations whose result file exists)
+as long as nothing before it had to run again (a stage that ran makes every later one run); the report is always
+rendered; ``--fresh`` starts over.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ SIZES = {
 class Stage:
     title: str
     command: List[str]
-    done: Optional[Path] = None  # when this file exists, the stage's earlier result is reused
+    done: Optional[Path] = None  # when this file exists (and no earlier stage ran), the earlier result is reused
 
 
 PORT_AT_START = 0  # a deepspeed stage's rendezvous port: a free one is picked when the stage starts (run)
@@ -76,6 +78,7 @@ def plan(size_name: str, data: Path, out: Path) -> List[Stage]:
             f"effective receptive fields of the demo model, {tag}",
             [py, "-m", "conv2former.analysis", "erf", "--model", "conv2former_demo", *weights, "--data",
              str(data / "in22k"), "--images", "8", "--resolution", str(ERF_PX), "--out", str(out / f"erf_{tag}")],
+            out / f"erf_{tag}" / "erf.json",
         ))  # fmt: skip
     for res, recipe, epochs in finetunes:
         ft = out / f"finetune_{res}"
@@ -93,13 +96,15 @@ def plan(size_name: str, data: Path, out: Path) -> List[Stage]:
                 [py, "launch/evaluate.py", "--variant", "demo", "--weights", str(ft / "export" / "best"), "--data",
                  str(data / "in1k"), "--resolution", str(res), "--crop-pct", str(crop_pct), "--crop-mode", crop_mode,
                  "--json", str(out / f"eval_{res}.json"), "--per-class", str(out / f"eval_{res}_per_class.txt")],
+                out / f"eval_{res}.json",
             ),
         ]  # fmt: skip
     last = out / f"finetune_{size['high']}" / "export" / "best"
     report = [py, "launch/demo_report.py"]
     stages += [
         Stage("Grad-CAM of the last fine-tune on held-out images",
-              [*report, "gradcam", "--export", str(last), "--out", str(out), "--resolution", str(CAM_PX)]),
+              [*report, "gradcam", "--export", str(last), "--out", str(out), "--resolution", str(CAM_PX)],
+              out / "gradcam.json"),
         Stage("report", [*report, "render", "--out", str(out), "--finetunes", *(str(res) for res, _, _ in finetunes)]),
     ]  # fmt: skip
     return stages
@@ -139,12 +144,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     commands.write_text("")
     start = time.time()
     stages = plan(args.size, data, out)
+    upstream_ran = False  # a stage with a result file that ran: every later result is made again
     for i, stage in enumerate(stages, 1):
-        if stage.done is not None and stage.done.exists():
+        if stage.done is not None and stage.done.exists() and not upstream_ran:
             with open(commands, "a") as f:
-                f.write(f"# reused {stage.done.parent.parent}\n")
-            print(f"\n==> {i}/{len(stages)} {stage.title}: reused {stage.done.parent.parent}", flush=True)
+                f.write(f"# reused {stage.done}\n")
+            print(f"\n==> {i}/{len(stages)} {stage.title}: reused {stage.done}", flush=True)
             continue
+        upstream_ran = upstream_ran or stage.done is not None
         run(stage, f"{i}/{len(stages)}", out / "demo.log", commands)
     print(
         f"    report: {out / 'report.md'} and report.png; TensorBoard: tensorboard --logdir {out}; "

@@ -83,6 +83,15 @@ def demo_root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def reference_runs(tmp_path_factory):
+    """The session's launched reference runs (tests/reference_runs.py): each command line launched once, shared by
+    every module that asks for it."""
+    from reference_runs import ReferenceRuns
+
+    return ReferenceRuns(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
 def demo_shards(demo_root) -> str:
     """The demo "22k" shard root (40 classes)."""
     return str(demo_root / "in22k")
@@ -117,10 +126,26 @@ def stage_env() -> dict:
 
 
 def deepspeed_launch(script: str, *args: str, ranks: int = 2) -> list:
-    """The command that runs ``script`` on ``ranks`` CPU ranks under the deepspeed launcher."""
+    """The command that runs ``script`` on ``ranks`` CPU ranks under the deepspeed launcher (the tests about the
+    launcher itself: signals, a dead rank, what users type)."""
     from conv2former.engine.distributed import deepspeed_command
 
     return deepspeed_command(script, *args, ranks=ranks, port=next_port())
+
+
+def ranks_launch(script: str, *args: str, ranks: int = 2) -> list:
+    """The command that runs ``script`` on ``ranks`` CPU ranks as the deepspeed launcher does on one node, without its
+    two interpreter hops (tests/ranks.py: ~6.5 s less a launch): every end-to-end test not about the launcher."""
+    return [
+        sys.executable,
+        str(REPO / "tests" / "ranks.py"),
+        "--ranks",
+        str(ranks),
+        "--port",
+        str(next_port()),
+        script,
+        *args,
+    ]
 
 
 def summary_from(stdout: str) -> dict:

@@ -18,7 +18,7 @@ import conv2former.model  # noqa: F401
 from conv2former.config import TrainConfig, to_dict
 from conv2former.data.shard_format import canonical_synsets
 from conv2former.export import write_export
-from tests.conftest import deepspeed_launch, stage_env
+from tests.conftest import ranks_launch, stage_env
 
 REPO = Path(__file__).resolve().parents[1]
 EVALUATE = str(REPO / "launch" / "evaluate.py")
@@ -191,7 +191,7 @@ def test_two_ranks_count_every_image_once(trees, export_1k, tmp_path):
         "--json",
         str(out),
     )
-    proc = subprocess.run(deepspeed_launch(EVALUATE, *args), env=stage_env(), capture_output=True, text=True)
+    proc = subprocess.run(ranks_launch(EVALUATE, *args), env=stage_env(), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["ranks"] == 2

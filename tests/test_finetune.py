@@ -10,7 +10,7 @@ import sys
 import pytest
 import timm
 import torch
-from conftest import REPO, deepspeed_launch, stage_env, summary_from
+from conftest import REPO, ranks_launch, stage_env, summary_from
 from safetensors.torch import load_file
 from test_export import timm_top1
 
@@ -19,6 +19,7 @@ from conv2former.data.shard_format import canonical_synsets
 from conv2former.errors import UserError
 from conv2former.head_transfer import HEAD_INIT_SCALE, transfer_head
 from conv2former.weights import check_compatible, read_weights
+from launch.demo_report import COMMANDS
 
 FINETUNE = str(REPO / "launch" / "finetune.py")
 EVALUATE = str(REPO / "launch" / "evaluate.py")
@@ -26,7 +27,7 @@ EVALUATE = str(REPO / "launch" / "evaluate.py")
 
 def launch(script: str, *args: str, ranks: int = 2) -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        deepspeed_launch(script, *args, ranks=ranks),
+        ranks_launch(script, *args, ranks=ranks),
         env=stage_env(),
         capture_output=True,
         text=True,
@@ -404,3 +405,8 @@ def test_demo_pipeline_small_writes_the_report(demo_small, demo_root):
         timeout=600,
     )
     assert again.returncode == 0 and "# reused" in (runs / "report.md").read_text()
+    # every stage with a result was reused (pretrain, 2 ERFs, 2 fine-tunes, 2 evaluations, Grad-CAM): only the shards'
+    # check and the report ran again
+    commands = (runs / COMMANDS).read_text().splitlines()
+    assert sum(line.startswith("# reused ") for line in commands) == 8, commands
+    assert [line for line in commands if not line.startswith("#")][-1].endswith("--finetunes 32 48"), commands

@@ -1,4 +1,5 @@
-"""launch/pretrain.py under the real deepspeed launcher (and torchrun) on 2 CPU ranks, on the demo shards."""
+"""launch/pretrain.py on 2 CPU ranks on the demo shards: as the deepspeed launcher starts them (tests/ranks.py), and under
+the real deepspeed launcher and torchrun where the test is about the launcher."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from conftest import BIN, REPO, deepspeed_launch, next_port, stage_env, summary_from
+from conftest import BIN, REPO, deepspeed_launch, next_port, ranks_launch, stage_env, summary_from
 
 import conv2former  # noqa: F401
 from conv2former.config import DataConfig
@@ -45,8 +46,10 @@ FAST = [
 env = stage_env
 
 
-def deepspeed_cmd(*args: str, ranks: int = 2) -> list:
-    return deepspeed_launch(PRETRAIN, *args, ranks=ranks)
+def deepspeed_cmd(*args: str, ranks: int = 2, launcher: str = "ranks") -> list:
+    """launch/pretrain.py on ``ranks`` CPU ranks: as the deepspeed launcher starts them (tests/ranks.py), or through
+    the deepspeed launcher itself (``launcher="deepspeed"``: the tests of signals and faults that pass through it)."""
+    return (deepspeed_launch if launcher == "deepspeed" else ranks_launch)(PRETRAIN, *args, ranks=ranks)
 
 
 def start(command: list, stderr=subprocess.STDOUT) -> subprocess.Popen:
@@ -56,10 +59,10 @@ def start(command: list, stderr=subprocess.STDOUT) -> subprocess.Popen:
     )
 
 
-def run_pretrain(*args: str, launcher: str = "deepspeed", ranks: int = 2, environ: dict | None = None) -> dict:
+def run_pretrain(*args: str, launcher: str = "ranks", ranks: int = 2, environ: dict | None = None) -> dict:
     """Run launch/pretrain.py (2 CPU ranks unless told) and return its summary line."""
-    if launcher == "deepspeed":
-        cmd = deepspeed_cmd(*args, ranks=ranks)
+    if launcher != "torchrun":
+        cmd = deepspeed_cmd(*args, ranks=ranks, launcher=launcher)
     else:
         cmd = [
             str(BIN / "torchrun"),
@@ -88,12 +91,10 @@ def exports_equal(a: Path, b: Path) -> bool:
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-@pytest.fixture(scope="module")
-def reference_run(demo_shards, tmp_path_factory):
-    """An uninterrupted 2-rank run: 2 epochs (62 steps), checkpoint every 10 steps."""
-    out = tmp_path_factory.mktemp("ref")
-    summary = run_pretrain(*FAST, "--data", demo_shards, "--output", str(out), "--epochs", "2", "--save-every", "10")
-    return out, summary
+@pytest.fixture
+def reference_run(demo_shards, reference_runs):
+    """The session's uninterrupted 2-rank run: 2 epochs (62 steps), checkpoint every 10 steps."""
+    return reference_runs.get(PRETRAIN, *FAST, "--data", demo_shards, "--epochs", "2", "--save-every", "10")
 
 
 @pytest.mark.slow
@@ -298,7 +299,7 @@ def test_kill_minus_9_then_a_corrupt_newest_checkpoint_falls_back(reference_run,
 @pytest.mark.slow
 def test_sigusr1_checkpoints_and_exits_zero(demo_shards, tmp_path):
     args = [*FAST, "--data", demo_shards, "--output", str(tmp_path), "--epochs", "20", "--save-every", "1000"]
-    proc = start(deepspeed_cmd(*args), stderr=subprocess.DEVNULL)
+    proc = start(deepspeed_cmd(*args, launcher="deepspeed"), stderr=subprocess.DEVNULL)
     log = tmp_path / "log.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) > 5):
@@ -673,8 +674,10 @@ def test_a_full_disk_ends_with_one_line_and_the_relaunch_resumes_exactly(referen
 
 
 def start_and_wait_for_checkpoint(tmp_path: Path, demo_shards: str, *extra: str):
+    """A 2-rank run under the deepspeed launcher (these tests are about faults that pass through it), once its
+    checkpoint 5 is complete."""
     args = [*FAST, "--data", demo_shards, "--output", str(tmp_path), "--epochs", "2", "--save-every", "5", *extra]
-    proc = start(deepspeed_cmd(*args))
+    proc = start(deepspeed_cmd(*args, launcher="deepspeed"))
     deadline = time.time() + 300
     while time.time() < deadline and not (tmp_path / "checkpoints" / "step000000005" / "complete").exists():
         time.sleep(0.2)

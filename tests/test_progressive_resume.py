@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, deepspeed_launch, stage_env, summary_from
+from conftest import REPO, ranks_launch, stage_env, summary_from
 from safetensors.torch import load_file
 
 PRETRAIN = str(REPO / "launch" / "pretrain.py")
@@ -35,7 +35,7 @@ def _args(shards: str, out: Path, backend: str, regularization: bool) -> list:
 
 def _run(args: list) -> dict:
     proc = subprocess.run(
-        deepspeed_launch(PRETRAIN, *args), env=stage_env(), capture_output=True, text=True, errors="replace",
+        ranks_launch(PRETRAIN, *args), env=stage_env(), capture_output=True, text=True, errors="replace",
         timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -66,7 +66,7 @@ def test_kill_in_the_low_resolution_epoch_and_a_stop_at_the_size_change_resume_b
     run = tmp_path / "interrupted"
     args = _args(demo_shards, run, backend, regularization)
     proc = subprocess.Popen(
-        deepspeed_launch(PRETRAIN, *args), env=stage_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        ranks_launch(PRETRAIN, *args), env=stage_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True,
     )  # fmt: skip
     deadline = time.time() + 300

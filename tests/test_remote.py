@@ -163,19 +163,18 @@ def test_no_credentials_is_one_line_naming_the_url(s3, tmp_path):
 COMMON = ["--epochs", "2", "--max-steps", "17", "--save-every", "10"]  # epoch 0 is 15 steps
 
 
-@pytest.fixture(scope="module")
-def local_reference(s3, tmp_path_factory):
-    """The uninterrupted 2-rank run from the local copy of the shards, to a local folder: 2 epochs with evaluation,
-    17 steps, checkpoints at 10, 15 and 17."""
-    from test_pretrain import FAST, run_pretrain
+@pytest.fixture
+def local_reference(s3, reference_runs):
+    """The session's uninterrupted 2-rank run from the local copy of the shards, to a local folder: 2 epochs with
+    evaluation, 17 steps, checkpoints at 10, 15 and 17."""
+    from test_pretrain import FAST, PRETRAIN
 
-    out = tmp_path_factory.mktemp("local-reference")
-    return out, run_pretrain(*FAST, *COMMON, "--data", str(s3), "--output", str(out))
+    return reference_runs.get(PRETRAIN, *FAST, *COMMON, "--data", str(s3))
 
 
 @pytest.mark.slow
 def test_two_ranks_training_from_s3_end_bit_for_bit_like_a_local_root(s3, local_reference, tmp_path):
-    """The real launcher, 2 CPU ranks on one "node" sharing one cache, 2 epochs with evaluation, from s3:// and from
+    """2 CPU ranks on one "node" sharing one cache, 2 epochs with evaluation, from s3:// and from
     the local copy of the same shards: the same summary and the same exported weights."""
     from test_pretrain import FAST, exports_equal, run_pretrain
 
