@@ -48,11 +48,15 @@ def pytest_collection_modifyitems(config, items):
 
 
 _FILE_SECONDS: dict = {}  # test file: seconds of its tests' setup, call and teardown
+_FAST_SECONDS: dict = {}  # test not marked slow: seconds of its setup, call and teardown
+FAST_BUDGET_S = 3.0  # a test over this (its fixtures' first setup included) is marked slow: make test-fast stays quick
 
 
 def pytest_runtest_logreport(report):
     path = report.nodeid.split("::")[0]
     _FILE_SECONDS[path] = _FILE_SECONDS.get(path, 0.0) + report.duration
+    if "slow" not in report.keywords:
+        _FAST_SECONDS[report.nodeid] = _FAST_SECONDS.get(report.nodeid, 0.0) + report.duration
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -64,6 +68,11 @@ def pytest_terminal_summary(terminalreporter):
     for path, seconds in sorted(_FILE_SECONDS.items(), key=lambda item: -item[1]):
         terminalreporter.write_line(f"{seconds:8.1f}s  {path}")
     terminalreporter.write_line(f"{sum(_FILE_SECONDS.values()):8.1f}s  in all")
+    over = sorted(((s, n) for n, s in _FAST_SECONDS.items() if s > FAST_BUDGET_S), reverse=True)
+    if over:  # the fast set's budget (docs/performance.md "Test time per file"): mark these slow or make them quick
+        terminalreporter.section(f"tests not marked slow that took over {FAST_BUDGET_S:.0f} s")
+        for seconds, nodeid in over:
+            terminalreporter.write_line(f"{seconds:8.1f}s  {nodeid}")
 
 
 @pytest.fixture(scope="session")

@@ -61,6 +61,7 @@ def test_conv2former_erf_grows_with_the_kernel_at_initialisation():
         assert sides[5][stage] < sides[11][stage] < sides[21][stage], sides
 
 
+@pytest.mark.slow
 def test_the_command_is_deterministic_and_writes_table_and_figure(demo_in1k, tmp_path, capsys):
     argv = [
         "erf",

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conv2former.engine.checkpoint_layout import COMPLETE, tag_for
 from conv2former.engine.distributed import python_path
 
@@ -80,6 +82,7 @@ print("RESULT " + json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_save_keeps_the_newest_complete_tags_and_resume_falls_back(tmp_path):
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=python_path(str(REPO)))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):

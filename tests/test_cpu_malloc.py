@@ -35,6 +35,7 @@ print(before, faults_per_round(), kept)
 
 
 @pytest.mark.skipif(host_memory._glibc() is None, reason="glibc's malloc only")
+@pytest.mark.slow
 def test_kept_memory_is_reused_without_page_faults():
     out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True).stdout.split()
     before, after, kept = int(out[0]), int(out[1]), out[2]

@@ -234,6 +234,7 @@ def test_torch_compile_traces_the_fast_depthwise_backward(installed):
         torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-3, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow
 def test_processes_sharing_a_cache_measure_one_at_a_time_and_agree(tmp_path):
     """Two processes (the ranks of a node) with one cache: one measures, the other takes its choice."""
     cache = tmp_path / "depthwise.json"
@@ -254,6 +255,7 @@ def test_processes_sharing_a_cache_measure_one_at_a_time_and_agree(tmp_path):
     assert list(entries.values()) == [results[0][0]]
 
 
+@pytest.mark.slow
 def test_importing_the_model_installs_nothing():
     """The model file does not import a tuner: a fresh process that builds and runs a model has no chooser, and a
     bad C2F_DEPTHWISE matters only when tuning is installed."""
@@ -267,6 +269,7 @@ def test_importing_the_model_installs_nothing():
     assert done.stdout.split() == ["True", "False"]
 
 
+@pytest.mark.slow
 def test_a_fixed_tuner_adds_no_recompiles(installed):
     """torch.compile with the "fixed" rule installed (what a run's tuning leaves in the process): the rule is applied
     while tracing without reading the tuner's state, so the gate filling its cache on the calls that run eagerly does

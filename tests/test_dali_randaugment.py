@@ -105,6 +105,7 @@ def test_the_op_set_is_timms():
 
 
 @pytest.mark.parametrize("sign", [1.0, -1.0])
+@pytest.mark.slow
 def test_each_op_equals_timms_at_a_fixed_magnitude(sign):
     base, magnitude = images(40), 9.0
     for index, name in enumerate(ours.OPS):
@@ -121,6 +122,7 @@ def test_each_op_equals_timms_at_a_fixed_magnitude(sign):
         assert change(want, base).mean() > max(1.0, 5 * OP_TOLERANCE[name]), name  # the op really changes images
 
 
+@pytest.mark.slow
 def test_rand_augment_matches_timm_in_distribution():
     """600 images through both, seeded: the share left unchanged within 3 standard errors, and the distributions of
     the per-image change indistinguishable by a two-sample KS test at the 1% level (critical value 1.628 *

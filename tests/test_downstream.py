@@ -119,6 +119,7 @@ def _falls(losses) -> bool:
     return float(np.mean(losses[-4:])) < 0.7 * float(np.mean(losses[:4]))
 
 
+@pytest.mark.slow
 def test_mask_rcnn_trains_on_a_coco_format_set(export, coco_set):
     torch.manual_seed(0)
     dataset = wrap_dataset_for_transforms_v2(
@@ -148,6 +149,7 @@ def test_mask_rcnn_trains_on_a_coco_format_set(export, coco_set):
     assert all(np.isfinite(losses)) and _falls(losses), losses
 
 
+@pytest.mark.slow
 def test_upernet_trains_on_shape_masks(export):
     torch.manual_seed(0)
     rng = random.Random(1)

@@ -171,6 +171,7 @@ def test_a_set_that_is_missing_from_all_is_listed_not_skipped(trees, export_1k, 
     assert all(str(partial) in why for why in result["missing"].values())
 
 
+@pytest.mark.slow
 def test_two_ranks_count_every_image_once(trees, export_1k, tmp_path):
     out = tmp_path / "two.json"
     args = (

@@ -78,6 +78,7 @@ def test_export_folder_loads_by_name_in_timm(tmp_path):
     assert read_weights(f"local-dir:{export}").classes == classes
 
 
+@pytest.mark.slow
 def test_local_dir_mistakes_are_one_line_errors(tmp_path):
     _, export = make_run(tmp_path / "run", ["n00000001", "n00000002"])
     bare = tmp_path / "bare"
@@ -128,6 +129,7 @@ def test_torch_export_of_every_architecture_path(variant):
         assert torch.allclose(program.module()(x[:1]), model(x[:1]), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_onnx_export_is_checked_on_eval_images(demo_in1k, tmp_path):
     pytest.importorskip("onnxruntime", reason="the onnx extra is part of .[dev]")
     import onnxruntime

@@ -68,6 +68,7 @@ def test_a_shard_truncated_mid_epoch_stops_with_its_name_and_the_position(shards
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.slow
 def test_skipping_keeps_the_step_count_and_counts_the_shards(shards_copy, backend, caplog):
     loader = loader_for(shards_copy, backend, skip=True)
     steps = len(loader)
@@ -172,6 +173,7 @@ def test_gloo_is_pinned_to_the_interface_that_reaches_the_rendezvous(monkeypatch
     assert pin_gloo_interface("gloo") is None and os.environ["GLOO_SOCKET_IFNAME"] == "eth7"
 
 
+@pytest.mark.slow
 def test_the_deterministic_setting_asks_torch_and_cudnn_for_repeatable_kernels():
     """``deterministic: true`` (what tests/test_gpu.py's bitwise checks use on a GPU), in a process of its own."""
     script = (
@@ -229,6 +231,7 @@ else:  # a plain barrier while rank 0 works: bounded by the collective timeout
 
 
 @pytest.mark.parametrize("wait", ["rank0_work", "plain_barrier"])
+@pytest.mark.slow
 def test_the_ranks_wait_for_rank0s_long_work_past_the_collective_timeout(tmp_path, wait):
     """Rank 0 works 5 s (twice) under a 2 s collective timeout: the others wait for it through engine/rank0_work.py
     (the rendezvous store, a timeout of its own) and all go on; a plain barrier there times out."""

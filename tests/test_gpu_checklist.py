@@ -39,6 +39,7 @@ def test_stages_are_ordered_by_value_and_stages_1_to_4_fit_one_command():
     assert [bool(s.rehearsal) for s in gpu_checklist.STAGES] == [True, True, False, False, False, False]
 
 
+@pytest.mark.slow
 def test_the_rehearsal_runs_the_cpu_forms_and_records_nothing_as_passed(tmp_path):
     record = tmp_path / "record.jsonl"
     out = tmp_path / "results"
@@ -91,6 +92,7 @@ def test_a_reservations_passed_stages_move_the_next_start(tmp_path):
     assert checklist("record", str(tmp_path / "nowhere")).returncode == 2
 
 
+@pytest.mark.slow
 def test_a_stage_killed_at_its_budget_leaves_its_traceback(tmp_path):
     out = tmp_path / "results"
     done = checklist(

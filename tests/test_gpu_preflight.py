@@ -27,6 +27,7 @@ with open(os.path.join(os.path.dirname(__file__), "rank" + os.environ["RANK"] + 
 """
 
 
+@pytest.mark.slow
 def test_the_launcher_runs_where_deepspeed_is_only_on_pythonpath(tmp_path):
     """The GPU host's layout: its own interpreter (no deepspeed script beside it) and the kit's packages on
     PYTHONPATH. ``deepspeed_command`` launches 2 ranks there, and the ranks still see every PYTHONPATH entry."""

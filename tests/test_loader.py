@@ -125,6 +125,7 @@ def test_dali_and_torch_give_identical_labels(unique_shards):
     assert all(seq == seqs[0] for seq in seqs[1:])
 
 
+@pytest.mark.slow
 def test_every_rank_reads_the_same_samples_on_both_backends(unique_shards):
     """Without the shuffle buffer the two backends deal each rank (of 3: uneven ranges, partly read shards at the
     ends) the same samples in the same order, train (epoch 1's shard order) and eval alike."""
@@ -157,6 +158,7 @@ RANK_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.slow
 def test_two_ranks_in_separate_processes(unique_shards, backend, tmp_path):
     procs = [
         subprocess.Popen(
@@ -181,6 +183,7 @@ def test_two_ranks_in_separate_processes(unique_shards, backend, tmp_path):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.slow
 def test_order_is_deterministic_per_seed_and_epoch(unique_shards, backend):
     def labels(seed, epoch):
         loader = build_loader(cfg_for(unique_shards, backend, seed=seed), "train")
@@ -192,6 +195,7 @@ def test_order_is_deterministic_per_seed_and_epoch(unique_shards, backend):
 
 
 @pytest.mark.parametrize("split, batch_size", [("train", 8), ("val", 7)])  # val: 240 = 34 x 7 + 2, 5 pads
+@pytest.mark.slow
 def test_uint8_images_normalized_in_the_worker_or_on_the_device_equal_timms_float_transform(
     unique_shards, split, batch_size
 ):
@@ -218,6 +222,7 @@ def test_uint8_images_normalized_in_the_worker_or_on_the_device_equal_timms_floa
     assert count == len(in_worker) == -(-240 // batch_size)
 
 
+@pytest.mark.slow
 def test_next_epoch_started_early_gives_exactly_that_epoch(unique_shards):
     """The torch backend starts epoch e+1's workers during epoch e's last batches: the batches are those of a loader
     set to epoch e+1 from scratch, and a set_epoch to another epoch in between drops the early start."""

@@ -38,6 +38,7 @@ print(kib("VmHWM:") - base)
 """
 
 
+@pytest.mark.slow
 def test_the_planned_step_is_within_15_percent_of_what_a_real_step_holds():
     """conv2former_n, batch 32 at 64 px, fp32: activations (fake tensors) + the gradients (4 bytes a parameter)
     against the resident memory one real step adds on this CPU."""

@@ -63,6 +63,7 @@ def cached_tars(cache: Path):
     return sorted(p.name for p in cache.iterdir() if p.name.endswith(".tar"))
 
 
+@pytest.mark.slow
 def test_a_rank_fetches_only_its_shards_and_reads_what_a_local_root_gives(s3, tmp_path):
     local = build_loader(cfg_for(s3), "train", rank=1, world_size=4)
     remote = build_loader(cfg_for("s3://c2f-remote/in1k", tmp_path / "cache"), "train", rank=1, world_size=4)
@@ -84,6 +85,7 @@ def test_a_rank_fetches_only_its_shards_and_reads_what_a_local_root_gives(s3, tm
     assert not list((tmp_path / "cache").glob(f"*{PARTIAL}*"))
 
 
+@pytest.mark.slow
 def test_a_cache_limit_below_the_split_evicts_and_fetches_again(s3, tmp_path):
     cfg = cfg_for("s3://c2f-remote/in1k", tmp_path / "cache")
     probe = build_loader(cfg, "train", rank=0, world_size=2)
@@ -115,6 +117,7 @@ def test_a_limit_below_one_epoch_is_a_one_line_error(s3, tmp_path):
         parse_bytes("lots", "data.cache_limit")
 
 
+@pytest.mark.slow
 def test_two_processes_opening_the_same_split_at_once_never_fail(s3, tmp_path):
     """Two fresh processes (as two ranks of a node are) open the split and fetch it into an empty cache at the same
     moment, 20 times (a new cache each round): no failure, every shard in place, no temporary file left."""
@@ -145,6 +148,7 @@ def test_remote_failures_are_one_line_errors(s3, tmp_path):
     shutil.rmtree(tmp_path, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_no_credentials_is_one_line_naming_the_url(s3, tmp_path):
     """A fresh process without credentials (and without the instance metadata service: nothing off loopback)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_ACCESS") and not k.startswith("AWS_SECRET")}

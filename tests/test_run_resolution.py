@@ -31,6 +31,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.slow
 def test_the_dry_run_the_planner_and_the_trainer_build_the_same_run(case, demo_shards, tmp_path):
     cfg = pretrain_config(demo_shards, str(tmp_path), *CASES[case])
     given = to_dict(cfg)

@@ -295,6 +295,7 @@ def compare_trees(a, b):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
+@pytest.mark.slow
 def test_kill_minus_9_then_resume_equals_uninterrupted(tmp_path):
     src = tmp_path / "src"
     fake.make_22k_synset_tars(str(src), with_bad=False)

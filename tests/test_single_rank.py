@@ -44,6 +44,7 @@ def reference(demo_shards, tmp_path_factory):
     return out, fit(demo_shards, out)
 
 
+@pytest.mark.slow
 def test_the_cadence_of_scalars_evaluation_and_checkpoints(reference):
     out, summary = reference
     assert summary["status"] == "finished" and (summary["step"], summary["epoch"]) == (62, 2)
@@ -55,6 +56,7 @@ def test_the_cadence_of_scalars_evaluation_and_checkpoints(reference):
     assert (out / "checkpoints" / "latest").read_text() == "step000000062"
 
 
+@pytest.mark.slow
 def test_the_summary_holds_every_parts_fields(reference):
     out, summary = reference
     assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary))
@@ -67,6 +69,7 @@ def test_the_summary_holds_every_parts_fields(reference):
     assert summary["loss"] == pytest.approx(records(out, "train")[-1]["loss"], rel=0.5)
 
 
+@pytest.mark.slow
 def test_checkpoints_hold_every_registered_component(reference):
     out, _ = reference
     client = torch.load(out / "checkpoints" / "step000000062" / "mp_rank_00_model_states.pt", weights_only=False)
@@ -76,6 +79,7 @@ def test_checkpoints_hold_every_registered_component(reference):
     assert (client["epoch"], client["step"]) == (2, 62) and client["config"]["data"]["batch_size"] == 16
 
 
+@pytest.mark.slow
 def test_the_export_holds_exactly_what_zero_to_fp32_reads_from_the_final_checkpoint(reference):
     """The export gathers the fp32 weights in memory (no read of the checkpoint it follows); they are bit for bit
     what DeepSpeed's zero_to_fp32 consolidates from that checkpoint (tests/test_pretrain.py: ZeRO-1 and -3 on 2
@@ -89,6 +93,7 @@ def test_the_export_holds_exactly_what_zero_to_fp32_reads_from_the_final_checkpo
                for k in exported)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_a_stop_and_resume_in_process_ends_bitwise_equal(reference, demo_shards, tmp_path):
     ref, _ = reference
     first = fit(demo_shards, tmp_path, "--max-steps", "25")
@@ -119,6 +124,7 @@ def test_a_stop_request_checkpoints_and_ends_with_exit_0(demo_shards, tmp_path):
     assert summary["step"] == 2 and (tmp_path / "checkpoints" / "step000000002" / "complete").exists()
 
 
+@pytest.mark.slow
 def test_a_profile_window_writes_its_trace(demo_shards, tmp_path):
     summary = fit(demo_shards, tmp_path, "--max-steps", "4", "--set", "profile.steps=2-3")
     trace = json.loads((tmp_path / "profile" / "rank0.json").read_text())

@@ -100,6 +100,7 @@ def test_both_backends_crop_each_epoch_at_its_size_and_evaluate_at_the_final(dem
     assert images.shape[-2:] == (64, 64)
 
 
+@pytest.mark.slow
 def test_compile_specialises_once_per_size_and_never_goes_dynamic():
     """The engine's compile policy (dynamic=False, compile_limit): training steps at 32, 64, 32 and 64 px compile
     for the first two and reuse those graphs for the last two; every graph input has static sizes; nine sizes fit

@@ -99,6 +99,7 @@ def _graph_calls_fast_depthwise(graph_module) -> bool:
 
 @pytest.mark.parametrize("grad_checkpointing", [False, True])
 @pytest.mark.parametrize("name", MODELS)
+@pytest.mark.slow
 def test_fx_feature_extraction_forward_backward_and_script(name, grad_checkpointing):
     model = make(name)
     model.set_grad_checkpointing(grad_checkpointing)

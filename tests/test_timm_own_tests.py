@@ -17,6 +17,7 @@ from conv2former.engine.distributed import python_path
 SMALL = ("conv2former_demo", "conv2former_n", "conv2former_t", "conv2former_is", "conv2former_is_convs")
 
 
+@pytest.mark.slow
 def test_every_small_variant_passes_timms_own_model_tests(tmp_path):
     junit = tmp_path / "timm.xml"
     done = subprocess.run(

@@ -30,6 +30,7 @@ def interpreted():
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 
+@pytest.mark.slow
 def test_every_kernel_equals_conv2d_in_value_and_gradients(interpreted):
     cases = [r for r in interpreted if "case" in r]
     assert len(cases) == 6 and {r["case"][4] for r in cases} == {3, 5, 7, 11, 21}
@@ -41,6 +42,7 @@ def test_every_kernel_equals_conv2d_in_value_and_gradients(interpreted):
         assert result["layout_kept"]
 
 
+@pytest.mark.slow
 def test_the_chooser_takes_triton_when_it_times_fastest_and_reuses_the_record(interpreted):
     chooser = next(r["chooser"] for r in interpreted if "chooser" in r)
     key = "cpu float32 contiguous 2x4x6x7 k5"

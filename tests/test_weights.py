@@ -172,6 +172,7 @@ def deepspeed_checkpoints(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("stage", [0, 2, 3])
+@pytest.mark.slow
 def test_deepspeed_checkpoint_dirs(deepspeed_checkpoints, stage):
     tmp_path = deepspeed_checkpoints / f"stage{stage}"
     out = tmp_path / "checkpoints"
