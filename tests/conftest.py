@@ -157,6 +157,20 @@ def ranks_launch(script: str, *args: str, ranks: int = 2) -> list:
     ]
 
 
+def run_ranks(script: str, *args: str, ranks: int = 2) -> subprocess.CompletedProcess:
+    """``script ARGS`` run to its end on ``ranks`` CPU ranks (``ranks_launch``), output captured; it must exit 0."""
+    proc = subprocess.run(
+        ranks_launch(script, *args, ranks=ranks),
+        env=stage_env(),
+        capture_output=True,
+        text=True,
+        errors="replace",
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
 def summary_from(stdout: str) -> dict:
     """The run summary a training stage logs last (``summary: {...}``), parsed."""
     import json

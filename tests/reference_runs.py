@@ -9,7 +9,6 @@ The session's registry is conftest's ``reference_runs`` fixture.
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 from typing import Dict, Tuple
 
@@ -26,23 +25,12 @@ class ReferenceRuns:
     def get(self, script: str, *args: str, ranks: int = 2) -> Tuple[Path, dict]:
         """(output folder, summary) of ``script ARGS --output FOLDER`` on ``ranks`` CPU ranks, launched on first use;
         the command must finish with exit 0. ``args`` hold everything but ``--output``."""
-        from conftest import ranks_launch, stage_env, summary_from
+        from conftest import run_ranks, summary_from
 
         assert "--output" not in args, "a reference run's output folder is its own"
         key = (script, tuple(args), ranks)
         if key not in self._runs:
             out = self._factory.mktemp(f"reference-{Path(script).stem}")
-            proc = subprocess.run(
-                ranks_launch(script, *args, "--output", str(out), ranks=ranks),
-                env=stage_env(),
-                capture_output=True,
-                text=True,
-                errors="replace",
-                timeout=900,
-            )
-            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+            proc = run_ranks(script, *args, "--output", str(out), ranks=ranks)
             self._runs[key] = (out, summary_from(proc.stdout))
         return self._runs[key]
-
-    def __len__(self) -> int:
-        return len(self._runs)

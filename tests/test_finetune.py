@@ -10,7 +10,8 @@ import sys
 import pytest
 import timm
 import torch
-from conftest import REPO, ranks_launch, stage_env, summary_from
+from conftest import REPO, stage_env, summary_from
+from conftest import run_ranks as launch
 from safetensors.torch import load_file
 from test_export import timm_top1
 
@@ -23,19 +24,6 @@ from launch.demo_report import COMMANDS
 
 FINETUNE = str(REPO / "launch" / "finetune.py")
 EVALUATE = str(REPO / "launch" / "evaluate.py")
-
-
-def launch(script: str, *args: str, ranks: int = 2) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        ranks_launch(script, *args, ranks=ranks),
-        env=stage_env(),
-        capture_output=True,
-        text=True,
-        errors="replace",
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
 
 
 def summary_of(proc) -> dict:
