@@ -142,9 +142,49 @@ def deepspeed_launch(script: str, *args: str, ranks: int = 2) -> list:
     return deepspeed_command(script, *args, ranks=ranks, port=next_port())
 
 
+_ZYGOTE: dict = {}  # the session's zygote (tests/zygote.py): "path" of its socket (None: none), "process"
+
+
+def zygote_socket() -> str | None:
+    """The socket of the session's zygote, started on first use in the stages' environment (its imports take a few
+    seconds: launches before it listens start their ranks as fresh interpreters). None under coverage (its subprocess
+    patch measures fresh interpreters only) or with C2F_TEST_ZYGOTE=off."""
+    if "path" in _ZYGOTE:
+        return _ZYGOTE["path"]
+    covered = "coverage" in sys.modules and sys.modules["coverage"].Coverage.current() is not None
+    if covered or os.environ.get("COVERAGE_FILE") or os.environ.get("C2F_TEST_ZYGOTE") == "off":
+        _ZYGOTE["path"] = None
+        return None
+    import atexit
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="c2f-zygote-")  # (short: a Unix socket's path has at most 107 bytes)
+    _ZYGOTE["path"] = os.path.join(folder, "socket")
+    with open(os.path.join(folder, "log"), "w") as log:
+        _ZYGOTE["process"] = subprocess.Popen(
+            [sys.executable, "-u", str(REPO / "tests" / "zygote.py"), _ZYGOTE["path"]],
+            env=stage_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def stop() -> None:
+        _ZYGOTE["process"].kill()
+        _ZYGOTE["process"].wait()
+        shutil.rmtree(folder, ignore_errors=True)
+
+    atexit.register(stop)
+    return _ZYGOTE["path"]
+
+
 def ranks_launch(script: str, *args: str, ranks: int = 2) -> list:
     """The command that runs ``script`` on ``ranks`` CPU ranks as the deepspeed launcher does on one node, without its
-    two interpreter hops (tests/ranks.py: ~6.5 s less a launch): every end-to-end test not about the launcher."""
+    two interpreter hops (tests/ranks.py: ~6.5 s less a launch), its ranks forked by the session's zygote where their
+    environment is the stages' own (tests/zygote.py: the imports paid once): every end-to-end test not about the
+    launcher."""
+    zygote = zygote_socket()
     return [
         sys.executable,
         str(REPO / "tests" / "ranks.py"),
@@ -152,6 +192,7 @@ def ranks_launch(script: str, *args: str, ranks: int = 2) -> list:
         str(ranks),
         "--port",
         str(next_port()),
+        *(["--zygote", zygote] if zygote else []),
         script,
         *args,
     ]

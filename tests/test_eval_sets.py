@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from conftest import ranks_launch, stage_env
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -18,7 +19,6 @@ import conv2former.model  # noqa: F401
 from conv2former.config import TrainConfig, to_dict
 from conv2former.data.shard_format import canonical_synsets
 from conv2former.export import write_export
-from tests.conftest import ranks_launch, stage_env
 
 REPO = Path(__file__).resolve().parents[1]
 EVALUATE = str(REPO / "launch" / "evaluate.py")
