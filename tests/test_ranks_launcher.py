@@ -13,6 +13,8 @@ import time
 import pytest
 from conftest import REPO, ranks_launch, stage_env, zygote_socket
 
+pytestmark = pytest.mark.slow  # (the first test waits for the zygote's imports)
+
 PROBE = """
 import json, os, sys, time
 record = {"argv": sys.argv[1:], "cwd": os.getcwd(), "rank": os.environ["RANK"], "threads": os.environ["OMP_NUM_THREADS"],

@@ -57,11 +57,14 @@ PRELOAD = (
     "nvidia.dali.fn",
 )
 # the only variables in which a forked rank's environment may differ from the zygote's: the launcher's, set for each
-# rank, and the name of the test pytest is running (no library reads either when imported)
+# rank, the name of the test pytest is running, and this checkout's own C2F_* (read only by its modules, which the
+# zygote never imports: serve() checks it); no library reads any of them when imported
 PER_RANK = frozenset(
     {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "CROSS_RANK", "CROSS_SIZE", "MASTER_ADDR", "MASTER_PORT"}
     | {"CUDA_VISIBLE_DEVICES", "PYTEST_CURRENT_TEST"}
 )
+OURS = "C2F_"
+CHECKOUT_PACKAGES = ("conv2former", "launch", "data_prep", "pretrain", "finetune")
 HEADER = struct.Struct("!I")  # a request: its JSON's length, then the JSON; its four descriptors ride on the first part
 
 
@@ -90,7 +93,9 @@ def differences(env: Dict[str, str]) -> List[str]:
     """The variables (besides the launcher's per-rank ones) in which ``env`` differs from the environment this
     process started in."""
     own = BEFORE_IMPORTS
-    return sorted(k for k in set(env) | set(own) if k not in PER_RANK and env.get(k) != own.get(k))
+    return sorted(
+        k for k in set(env) | set(own) if k not in PER_RANK and not k.startswith(OURS) and env.get(k) != own.get(k)
+    )
 
 
 def receive(conn: socket.socket) -> Tuple[dict, List[int]]:
@@ -211,6 +216,9 @@ def reap(children: Dict[int, socket.socket]) -> None:
 
 def serve(path: str) -> None:
     loaded = preload()
+    ours = sorted(m for m in sys.modules if m.split(".")[0] in CHECKOUT_PACKAGES)
+    if ours:  # (a forked rank would get them as imported here, under the zygote's C2F_* variables)
+        sys.exit(f"zygote: a preloaded library imported this checkout's {ours}: no zygote")
     parent = os.getppid()
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(path + ".tmp")
