@@ -91,6 +91,15 @@ def exports_equal(a: Path, b: Path) -> bool:
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def relaunch_from(run: Path, step: int, output: Path, *args: str, environ: dict | None = None) -> dict:
+    """``run``'s checkpoint at ``step`` copied into ``output`` and the stage relaunched there: it resumes from that
+    checkpoint as after a kill (a relaunch after a stop at a step is test_stop_and_relaunch_resumes_exactly's)."""
+    tag = f"step{step:09d}"
+    shutil.copytree(run / "checkpoints" / tag, output / "checkpoints" / tag)
+    (output / "checkpoints" / "latest").write_text(tag)
+    return run_pretrain(*args, "--output", str(output), environ=environ)
+
+
 @pytest.fixture
 def reference_run(demo_shards, reference_runs):
     """The session's uninterrupted 2-rank run: 2 epochs (62 steps), checkpoint every 10 steps."""
@@ -140,16 +149,15 @@ def test_export_loads_strictly_and_reproduces_eval_accuracy(reference_run, demo_
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 3])
 def test_bf16_on_cpu_trains_resumes_bitwise_and_exports_fp32(reference_run, demo_shards, tmp_path, stage):
-    """deepspeed.precision=bf16 on 2 CPU ranks (DeepSpeed's CPU accelerator has bf16): 12 steps whole, and 6 + a
-    relaunch to 12, export the same fp32 weights; the EMA and the stem BatchNorm statistics are fp32 and updated; the
+    """deepspeed.precision=bf16 on 2 CPU ranks (DeepSpeed's CPU accelerator has bf16): 12 steps whole, and its
+    checkpoint 6 relaunched to 12 in a folder of its own, export the same fp32 weights; the EMA and the stem BatchNorm statistics are fp32 and updated; the
     checkpoint size estimate is within 30% of what was written; at ZeRO-1 the loss stays within 0.25 of fp32's."""
     from safetensors.torch import load_file
 
     args = [*FAST, "--data", demo_shards, "--zero-stage", str(stage), "--save-every", "6", "--epochs", "2"]
-    bf16 = [*args, "--set", "deepspeed.precision=bf16"]  # (the reference run's schedule: 2 epochs, EMA on)
-    whole = run_pretrain(*bf16, "--output", str(tmp_path / "whole"), "--max-steps", "12")
-    run_pretrain(*bf16, "--output", str(tmp_path / "parts"), "--max-steps", "6")
-    resumed = run_pretrain(*bf16, "--output", str(tmp_path / "parts"), "--max-steps", "12")
+    bf16 = [*args, "--set", "deepspeed.precision=bf16", "--max-steps", "12"]  # (the reference run's schedule)
+    whole = run_pretrain(*bf16, "--output", str(tmp_path / "whole"))
+    resumed = relaunch_from(tmp_path / "whole", 6, tmp_path / "parts", *bf16)
     assert whole["precision"] == resumed["precision"] == "bf16" and whole["bad_steps"] == []
     assert resumed["resumed_from"]["step"] == 6 and resumed["step"] == 12
     sizes = whole["checkpoint_bytes"]  # the disk-space estimate holds at every stage (ZeRO-3 partitions included)
@@ -180,16 +188,16 @@ def fp16_env() -> dict:
 
 @pytest.mark.slow
 def test_fp16_on_cpu_trains_resumes_bitwise_and_exports_fp32(reference_run, demo_shards, tmp_path):
-    """deepspeed.precision=fp16 at ZeRO-1 on 2 CPU ranks: 12 steps whole, and 6 + a relaunch to 12, export the same
-    fp32 weights; the EMA and the stem BatchNorm statistics are fp32 and updated; the loss stays within 0.25 of
+    """deepspeed.precision=fp16 at ZeRO-1 on 2 CPU ranks: 12 steps whole, and its checkpoint 6 relaunched to 12 in a
+    folder of its own, export the same fp32 weights; the EMA and the stem BatchNorm statistics are fp32 and updated; the loss stays within 0.25 of
     fp32's (a loss scale of 2**12: no overflow on these steps, so both runs take the same optimizer steps)."""
     from safetensors.torch import load_file
 
     args = [*FAST, "--data", demo_shards, "--save-every", "6", "--epochs", "2", "--set", "deepspeed.precision=fp16"]
     args += ["--set", "deepspeed.fp16_initial_scale_power=12"]
-    whole = run_pretrain(*args, "--output", str(tmp_path / "whole"), "--max-steps", "12", environ=fp16_env())
-    run_pretrain(*args, "--output", str(tmp_path / "parts"), "--max-steps", "6", environ=fp16_env())
-    resumed = run_pretrain(*args, "--output", str(tmp_path / "parts"), "--max-steps", "12", environ=fp16_env())
+    args += ["--max-steps", "12"]
+    whole = run_pretrain(*args, "--output", str(tmp_path / "whole"), environ=fp16_env())
+    resumed = relaunch_from(tmp_path / "whole", 6, tmp_path / "parts", *args, environ=fp16_env())
     assert whole["precision"] == resumed["precision"] == "fp16" and whole["bad_steps"] == []
     assert whole["overflow_skips"] == 0 and resumed["resumed_from"]["step"] == 6 and resumed["step"] == 12
     assert exports_equal(tmp_path / "whole", tmp_path / "parts")
