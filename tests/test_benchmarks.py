@@ -251,3 +251,18 @@ def test_depthwise_formulations_times_every_candidate_and_names_the_choice():
     for name in ("transposed", "conv2d_backward", "batch_groups"):
         assert name in done.stdout
     assert done.stdout.count("chosen ") == len(layers)
+
+
+@pytest.mark.slow  # one demo run of 2 steps through the deepspeed launcher (~20 s)
+def test_fixed_cost_times_the_start_and_the_end_of_a_demo_run(demo_root, tmp_path):
+    """benchmarks/fixed_cost.py's smallest case, on the session's demo shards: the seconds to the first step (step 1
+    itself among them) and after the last one, each a part of the run's whole time."""
+    import re
+
+    (tmp_path / "demo-data").symlink_to(demo_root)  # (the script generates the demo data where it finds none)
+    done = run(sys.executable, "benchmarks/fixed_cost.py", "--cases", "demo", "--steps", "2", "--repeat", "1",
+               "--work", str(tmp_path))  # fmt: skip
+    line = next(line for line in done.stdout.splitlines() if line.startswith("demo: "))
+    first, step1, after, checkpoint, evaluation, total = (float(x) for x in re.findall(r"(\d+\.\d) s", line))
+    assert 0 < step1 < first and 0 <= checkpoint < after and evaluation >= 0
+    assert first + after + evaluation <= total + 0.1, line  # (rounded to tenths)

@@ -4,6 +4,7 @@ the real deepspeed launcher and torchrun where the test is about the launcher.""
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import math
 import os
@@ -266,8 +267,10 @@ def test_a_checkpoint_in_the_older_layout_resumes_exactly(reference_run, demo_sh
     del saved["guard"]
     torch.save(saved, states)
     args = [*FAST, "--data", demo_shards, "--output", str(tmp_path), "--epochs", "2", "--save-every", "10"]
-    proc = subprocess.run(deepspeed_cmd(*args), env=env(), capture_output=True, text=True, timeout=600)
+    command = deepspeed_cmd(*args)
+    proc = subprocess.run(command, env=env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert shared_memory_left(command) == []
     assert summary_from(proc.stdout)["resumed_from"] == {
         "tag": tag, "epoch": 1, "step": 60, "passed_over": [], "depthwise_reused": 0
     }  # fmt: skip
@@ -307,7 +310,8 @@ def test_kill_minus_9_then_a_corrupt_newest_checkpoint_falls_back(reference_run,
 @pytest.mark.slow
 def test_sigusr1_checkpoints_and_exits_zero(demo_shards, tmp_path):
     args = [*FAST, "--data", demo_shards, "--output", str(tmp_path), "--epochs", "20", "--save-every", "1000"]
-    proc = start(deepspeed_cmd(*args, launcher="deepspeed"), stderr=subprocess.DEVNULL)
+    command = deepspeed_cmd(*args, launcher="deepspeed")
+    proc = start(command, stderr=subprocess.DEVNULL)
     log = tmp_path / "log.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) > 5):
@@ -323,6 +327,7 @@ def test_sigusr1_checkpoints_and_exits_zero(demo_shards, tmp_path):
     assert summary["status"].startswith("stopped by signal")
     tag = f"step{summary['step']:09d}"
     assert (tmp_path / "checkpoints" / tag / "complete").exists()
+    assert shared_memory_left(command) == []  # (under the deepspeed launcher too)
 
 
 @pytest.mark.slow
@@ -610,6 +615,14 @@ def rank_pid(launcher_pid: int, rank: int) -> int:
         if f"--local_rank={rank}" in child.cmdline():
             return child.pid
     raise AssertionError(f"no rank {rank} under {launcher_pid}")
+
+
+def shared_memory_left(command: list) -> list:
+    """DeepSpeed's shared-memory allreduce buffers still named in /dev/shm for the rendezvous port of the launch
+    ``command`` (each rank removes its own once all have mapped them: conv2former.engine.distributed)."""
+    flag = "--port" if "--port" in command else "--master_port"
+    port = command[command.index(flag) + 1]
+    return glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*")
 
 
 def error_lines(text: str) -> list:

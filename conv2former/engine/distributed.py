@@ -195,6 +195,35 @@ def join_group(process: Process, timeout_minutes: Optional[float] = None, trace_
     timeout = set_collective_timeout(timeout_minutes) if timeout_minutes is not None else None
     kwargs = {"timeout": timeout} if timeout is not None else {}
     deepspeed.init_distributed(dist_backend=process.backend, verbose=False, **kwargs)
+    if process.backend == "gloo":
+        release_shared_memory_names()
+
+
+SHM_ALLREDUCE_BUFFER = "/dev/shm/deepspeed_allreduce_buffer_{uid}_{addr}_{port}_{rank}"
+
+
+def release_shared_memory_names() -> None:
+    """Remove the name of this rank's shared-memory allreduce buffer once every rank has mapped it.
+
+    DeepSpeed's CPU allreduce (its shm comm op, where all ranks are on one host) creates a 69 MB buffer per rank in
+    /dev/shm, named by MASTER_ADDR, MASTER_PORT and the rank, and never removes it (DeepSpeed 0.19: no shm_unlink
+    after ``shm_initialize``): each CPU run on a new port left its ranks' buffers in RAM until the host rebooted
+    (the test suite's ~120 launches: ~16 GB of a 24 GB machine). ``init_distributed`` returns once this rank has
+    mapped every other rank's buffer, so after a barrier (every rank has returned) each rank removes its own name;
+    the mappings stay valid and the memory is freed when the last rank ends, however it ends."""
+    import torch.distributed as dist
+
+    if dist.get_world_size() < 2:
+        return
+    path = SHM_ALLREDUCE_BUFFER.format(
+        uid=os.getuid(), addr=os.environ.get("MASTER_ADDR", ""), port=os.environ.get("MASTER_PORT", ""),
+        rank=dist.get_rank(),
+    )  # fmt: skip
+    dist.barrier()
+    try:
+        os.unlink(path)
+    except FileNotFoundError:  # (ranks on several hosts: DeepSpeed made none)
+        pass
 
 
 def gather(obj: Any) -> List[Any]:
