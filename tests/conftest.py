@@ -68,6 +68,10 @@ def pytest_terminal_summary(terminalreporter):
     for path, seconds in sorted(_FILE_SECONDS.items(), key=lambda item: -item[1]):
         terminalreporter.write_line(f"{seconds:8.1f}s  {path}")
     terminalreporter.write_line(f"{sum(_FILE_SECONDS.values()):8.1f}s  in all")
+    if ZYGOTES is not None:
+        terminalreporter.section("the session's zygotes (tests/zygote.py)")
+        for line in ZYGOTES.report():
+            terminalreporter.write_line(line)
     over = sorted(((s, n) for n, s in _FAST_SECONDS.items() if s > FAST_BUDGET_S), reverse=True)
     if over:  # the fast set's budget (docs/performance.md "Test time per file"): mark these slow or make them quick
         terminalreporter.section(f"tests not marked slow that took over {FAST_BUDGET_S:.0f} s")
@@ -125,13 +129,16 @@ def next_port() -> int:
 
 def stage_env() -> dict:
     """The environment a stage runs in: one OpenMP thread per rank, DeepSpeed's CPU accelerator, this checkout."""
-    return dict(
+    env = dict(
         os.environ,
         OMP_NUM_THREADS="1",
         DS_ACCELERATOR="cpu",
         PATH=f"{BIN}:{os.environ['PATH']}",
         PYTHONPATH=python_path(str(REPO)),
     )
+    if ZYGOTES is not None:  # its zygote at once (its imports take a few seconds: what starts before it is fresh)
+        ZYGOTES.start(env)
+    return env
 
 
 def deepspeed_launch(script: str, *args: str, ranks: int = 2) -> list:
@@ -142,49 +149,111 @@ def deepspeed_launch(script: str, *args: str, ranks: int = 2) -> list:
     return deepspeed_command(script, *args, ranks=ranks, port=next_port())
 
 
-_ZYGOTE: dict = {}  # the session's zygote (tests/zygote.py): "path" of its socket (None: none), "process"
+ZYGOTE_SITE = REPO / "tests" / "zygote_site"
+MAX_ZYGOTES = 6  # (each holds ~0.5 GB of imported libraries)
 
 
-def zygote_socket() -> str | None:
-    """The socket of the session's zygote, started on first use in the stages' environment (its imports take a few
-    seconds: launches before it listens start their ranks as fresh interpreters). None under coverage (its subprocess
-    patch measures fresh interpreters only) or with C2F_TEST_ZYGOTE=off."""
-    if "path" in _ZYGOTE:
-        return _ZYGOTE["path"]
+class Zygotes:
+    """The session's zygotes (tests/zygote.py) and their manager: every Python process the session starts runs
+    tests/zygote_site's sitecustomize, which has the process forked by the zygote of its interpreter and environment
+    where there is one, and otherwise tells this manager, which starts a zygote for an environment it hears of twice
+    (``start`` starts one at once). None under coverage (its subprocess patch measures fresh interpreters only) or
+    with C2F_TEST_ZYGOTE=off; a test that needs real processes runs them with ``real_processes(env)``."""
+
+    def __init__(self) -> None:
+        import socket
+        import tempfile
+        import threading
+
+        self.folder = tempfile.mkdtemp(prefix="c2f-z-")  # (short: a Unix socket's path has at most 107 bytes)
+        self.seen: dict = {}
+        self.started: dict = {}  # key: its process
+        self.lock = threading.Lock()
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(os.path.join(self.folder, "manager.sock"))
+        self.server.listen(64)
+        threading.Thread(target=self.serve, name="zygote-manager", daemon=True).start()
+
+    def serve(self) -> None:
+        import json
+
+        while True:
+            conn, _ = self.server.accept()
+            with conn:
+                data = b"".join(iter(lambda: conn.recv(1 << 16), b""))
+            try:
+                message = json.loads(data)
+            except ValueError:
+                continue
+            self.seen[message["key"]] = self.seen.get(message["key"], 0) + 1
+            if self.seen[message["key"]] >= 2:
+                self.start(message["env"], message["executable"], message["key"])
+
+    def start(self, env: dict, executable: str = sys.executable, key: str | None = None) -> None:
+        """Start the zygote of ``env`` (normalized as zygote_client does) unless there is one or MAX_ZYGOTES."""
+        import zygote_client
+
+        key = key or zygote_client.key_of(env)
+        with self.lock:
+            if key in self.started or len(self.started) >= MAX_ZYGOTES:
+                return
+            with open(os.path.join(self.folder, key + ".log"), "w") as log:
+                self.started[key] = subprocess.Popen(
+                    [executable, "-u", str(REPO / "tests" / "zygote.py"), os.path.join(self.folder, key + ".sock")],
+                    env={**zygote_client.normalized(env), zygote_client.ROLE: "server"},
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
+                )  # fmt: skip
+
+    def report(self) -> list:
+        """One line per zygote: the processes it forked and refused, and how many started fresh with no zygote."""
+        lines = []
+        for key in self.started:
+            try:
+                with open(os.path.join(self.folder, key + ".log")) as log:
+                    text = log.read()
+            except OSError:
+                continue
+            forked, refused = text.count("zygote: forked "), text.count("zygote: a fresh interpreter")
+            lines.append(f"zygote {key}: {forked} processes forked, {refused} refused")
+        fresh = sum(n for key, n in self.seen.items())
+        lines.append(f"{fresh} processes started fresh where no zygote was ready ({len(self.seen)} environments)")
+        return lines
+
+    def stop(self) -> None:
+        import shutil
+
+        for process in self.started.values():
+            process.kill()
+            process.wait()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _zygotes() -> Zygotes | None:
     covered = "coverage" in sys.modules and sys.modules["coverage"].Coverage.current() is not None
     if covered or os.environ.get("COVERAGE_FILE") or os.environ.get("C2F_TEST_ZYGOTE") == "off":
-        _ZYGOTE["path"] = None
         return None
     import atexit
-    import shutil
-    import tempfile
 
-    folder = tempfile.mkdtemp(prefix="c2f-zygote-")  # (short: a Unix socket's path has at most 107 bytes)
-    _ZYGOTE["path"] = os.path.join(folder, "socket")
-    with open(os.path.join(folder, "log"), "w") as log:
-        _ZYGOTE["process"] = subprocess.Popen(
-            [sys.executable, "-u", str(REPO / "tests" / "zygote.py"), _ZYGOTE["path"]],
-            env=stage_env(),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    sys.path.insert(0, str(ZYGOTE_SITE))
+    zygotes = Zygotes()
+    atexit.register(zygotes.stop)
+    os.environ["C2F_ZYGOTES"] = zygotes.folder
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(ZYGOTE_SITE)) if p)
+    return zygotes
 
-    def stop() -> None:
-        _ZYGOTE["process"].kill()
-        _ZYGOTE["process"].wait()
-        shutil.rmtree(folder, ignore_errors=True)
 
-    atexit.register(stop)
-    return _ZYGOTE["path"]
+ZYGOTES = _zygotes()
+
+
+def real_processes(env: dict) -> dict:
+    """``env`` for processes that must be fresh interpreters (a test that stops one with SIGSTOP, or measures its
+    imports): no zygote forks them."""
+    return {k: v for k, v in env.items() if k != "C2F_ZYGOTES"}
 
 
 def ranks_launch(script: str, *args: str, ranks: int = 2) -> list:
     """The command that runs ``script`` on ``ranks`` CPU ranks as the deepspeed launcher does on one node, without its
-    two interpreter hops (tests/ranks.py: ~6.5 s less a launch), its ranks forked by the session's zygote where their
-    environment is the stages' own (tests/zygote.py: the imports paid once): every end-to-end test not about the
-    launcher."""
-    zygote = zygote_socket()
+    two interpreter hops (tests/ranks.py: ~6.5 s less a launch): every end-to-end test not about the launcher."""
     return [
         sys.executable,
         str(REPO / "tests" / "ranks.py"),
@@ -192,7 +261,6 @@ def ranks_launch(script: str, *args: str, ranks: int = 2) -> list:
         str(ranks),
         "--port",
         str(next_port()),
-        *(["--zygote", zygote] if zygote else []),
         script,
         *args,
     ]

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from conftest import BIN, REPO, deepspeed_launch, next_port, ranks_launch, stage_env, summary_from
+from conftest import BIN, REPO, deepspeed_launch, next_port, ranks_launch, real_processes, stage_env, summary_from
 
 import conv2former  # noqa: F401
 from conv2former.config import DataConfig
@@ -53,11 +53,12 @@ def deepspeed_cmd(*args: str, ranks: int = 2, launcher: str = "ranks") -> list:
     return (deepspeed_launch if launcher == "deepspeed" else ranks_launch)(PRETRAIN, *args, ranks=ranks)
 
 
-def start(command: list, stderr=subprocess.STDOUT) -> subprocess.Popen:
+def start(command: list, stderr=subprocess.STDOUT, environ: dict | None = None) -> subprocess.Popen:
     """``command`` started in a session of its own (a test can signal the launcher and every rank), output piped."""
     return subprocess.Popen(
-        command, env=env(), stdout=subprocess.PIPE, stderr=stderr, text=True, errors="replace", start_new_session=True
-    )
+        command, env=environ or env(), stdout=subprocess.PIPE, stderr=stderr, text=True, errors="replace",
+        start_new_session=True,
+    )  # fmt: skip
 
 
 def run_pretrain(*args: str, launcher: str = "ranks", ranks: int = 2, environ: dict | None = None) -> dict:
@@ -694,11 +695,11 @@ def test_a_full_disk_ends_with_one_line_and_the_relaunch_resumes_exactly(referen
         subprocess.run(["umount", "-l", str(out)])
 
 
-def start_and_wait_for_checkpoint(tmp_path: Path, demo_shards: str, *extra: str):
+def start_and_wait_for_checkpoint(tmp_path: Path, demo_shards: str, *extra: str, environ: dict | None = None):
     """A 2-rank run under the deepspeed launcher (these tests are about faults that pass through it), once its
     checkpoint 5 is complete."""
     args = [*FAST, "--data", demo_shards, "--output", str(tmp_path), "--epochs", "2", "--save-every", "5", *extra]
-    proc = start(deepspeed_cmd(*args, launcher="deepspeed"))
+    proc = start(deepspeed_cmd(*args, launcher="deepspeed"), environ=environ)
     deadline = time.time() + 300
     while time.time() < deadline and not (tmp_path / "checkpoints" / "step000000005" / "complete").exists():
         time.sleep(0.2)
@@ -712,7 +713,9 @@ def test_a_dead_or_hung_rank_ends_the_run_naming_it(demo_shards, tmp_path, fault
     15 s collective timeout for a hung one), names rank 1 in one line and exits non-zero; so does the launcher."""
     import psutil
 
-    proc = start_and_wait_for_checkpoint(tmp_path, demo_shards, "--set", "deepspeed.timeout_minutes=0.25")
+    proc = start_and_wait_for_checkpoint(  # (fresh interpreters: the rank stopped is the one under the launcher)
+        tmp_path, demo_shards, "--set", "deepspeed.timeout_minutes=0.25", environ=real_processes(env())
+    )
     survivor, victim = psutil.Process(rank_pid(proc.pid, 0)), rank_pid(proc.pid, 1)
     start = time.time()
     os.kill(victim, getattr(signal, fault))

@@ -1,23 +1,20 @@
-"""A warm interpreter that forks the ranks of the tests' launches, so that no rank pays the imports of torch,
-DeepSpeed, timm, DALI and webdataset again (~4-5 s of every launch on 2 cores, paid in parallel by its ranks).
+"""A warm interpreter that forks the test session's Python processes, so that a launched rank, a launcher or a
+script does not pay the imports of torch, DeepSpeed, timm, DALI and webdataset again (~4-5 s of CPU each on 2 cores).
 
-The session starts one (conftest's ``ranks_launch``) in the environment every launched stage gets (``stage_env``);
-it imports the third-party libraries only (none of this checkout's modules: a rank imports those itself, as a fresh
-process does) and then waits on a Unix socket. ``tests/ranks.py`` asks it for each rank: the rank's command line,
-environment and working folder, its stdin/stdout/stderr and a *lifeline* (the read end of a pipe whose write end
-``tests/ranks.py`` holds) pass as file descriptors. The zygote answers ``no`` (and ``tests/ranks.py`` starts the rank
-as a fresh ``python -u SCRIPT``) unless the environment equals its own but for the launcher's per-rank variables: a
-test that changes anything an import could read (PYTHONPATH, a library's variable) gets a fresh interpreter.
-Otherwise it forks; the child takes those descriptors as 0, 1 and 2, that environment and folder, ``sys.argv`` and
-``sys.path[0]`` of the script, and runs the script as ``__main__`` (``runpy``), ending as the interpreter would
-(atexit handlers, flushed output, the exit code of ``SystemExit`` or 1 after a traceback). The zygote reports
-``exit CODE`` (a negative code: killed by that signal) when it reaps the child.
+The session's manager (conftest) starts one per environment that the session's processes use more than once; it
+imports the third-party libraries only (none of this checkout's modules: a process imports those itself, as a fresh
+one does) and waits on a Unix socket. A new process asks it from its sitecustomize (tests/zygote_site/zygote_client.py)
+where its interpreter and environment match (all but the launchers' per-process variables, PYTEST_CURRENT_TEST and
+this checkout's own C2F_*): its stdin, stdout, stderr and a *lifeline* (see zygote_client) pass as descriptors, with
+its command line, environment, folder, sys.path, signal dispositions and mask, CPU affinity and umask. The zygote
+checks the match again, forks, and the child becomes that process and runs its script (``runpy``, as the interpreter
+does for ``-m``), ending as the interpreter would: non-daemon threads joined, atexit handlers, flushed output, the code
+of ``SystemExit``, a traceback through ``sys.excepthook`` and 1, SIGINT's end for KeyboardInterrupt. The zygote
+reports ``exit CODE`` (negative: killed by that signal) to the process that asked, which ends the same way.
 
-Signals: a rank killed or signalled directly behaves as any process. ``tests/ranks.py`` forwards SIGTERM/SIGINT to its
-ranks as before; a forked rank is not in ``tests/ranks.py``'s process group, so a test's ``killpg(SIGKILL)`` of the
-launcher reaches it through the lifeline instead: when the pipe's last write end closes (the launcher is gone, however
-it ended), a thread of the rank SIGKILLs the rank at once. Under ``make coverage`` no zygote is started (ranks are
-fresh processes, measured by coverage's subprocess patch).
+Under ``make coverage`` (its subprocess patch measures fresh interpreters) and with ``C2F_TEST_ZYGOTE=off`` there is
+none. What stays different from a fresh interpreter: the child shares the zygote's hash seed (str hashes are equal
+across the session's forked processes) and its parent process is the zygote.
 
     python -u tests/zygote.py SOCKET_PATH
 """
@@ -25,7 +22,10 @@ fresh processes, measured by coverage's subprocess patch).
 from __future__ import annotations
 
 import atexit
+import builtins
+import gc
 import importlib
+import io
 import json
 import os
 import runpy
@@ -35,10 +35,13 @@ import socket
 import struct
 import sys
 import threading
-import traceback
+import types
 from typing import Dict, List, Tuple
 
-# what a training, evaluation or fine-tuning rank imports before its first step (third-party only)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "zygote_site"))
+import zygote_client  # noqa: E402  (the key and the request's fields are the client's)
+
+# what a training, evaluation or fine-tuning process imports before its first step (third-party only)
 PRELOAD = (
     "torch",
     "torchvision",
@@ -56,20 +59,15 @@ PRELOAD = (
     "nvidia.dali",
     "nvidia.dali.fn",
 )
-# the only variables in which a forked rank's environment may differ from the zygote's: the launcher's, set for each
-# rank, the name of the test pytest is running, and this checkout's own C2F_* (read only by its modules, which the
-# zygote never imports: serve() checks it); no library reads any of them when imported
-PER_RANK = frozenset(
-    {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "CROSS_RANK", "CROSS_SIZE", "MASTER_ADDR", "MASTER_PORT"}
-    | {"CUDA_VISIBLE_DEVICES", "PYTEST_CURRENT_TEST"}
-)
-OURS = "C2F_"
-CHECKOUT_PACKAGES = ("conv2former", "launch", "data_prep", "pretrain", "finetune")
-HEADER = struct.Struct("!I")  # a request: its JSON's length, then the JSON; its four descriptors ride on the first part
+CHECKOUT_PACKAGES = ("conv2former", "launch", "data_prep", "pretrain", "finetune", "benchmarks", "tools")
+HEADER = struct.Struct("!I")
+BEFORE_IMPORTS = dict(os.environ)  # (a forked process gets its own environment: not the variables the imports set here,
+#  DeepSpeed's PYTORCH_NVML_BASED_CUDA_CHECK, torch's TORCHINDUCTOR_CACHE_DIR, MLflow's telemetry id: their libraries
+#  read them, or set them again, where they are used)
 
 
 def preload() -> List[str]:
-    """Import the libraries a rank needs; those not installed are left to the rank (it fails as it would)."""
+    """Import the libraries; those not installed are left to the process (it fails as it would)."""
     loaded = []
     for name in PRELOAD:
         try:
@@ -80,22 +78,19 @@ def preload() -> List[str]:
     return loaded
 
 
-BEFORE_IMPORTS = dict(os.environ)  # (the libraries set a few variables when imported: see set_by_imports)
-
-
-def set_by_imports() -> Dict[str, str]:
-    """The variables the preloaded libraries set when imported (DeepSpeed: PYTORCH_NVML_BASED_CUDA_CHECK; torch:
-    TORCHINDUCTOR_CACHE_DIR, ...): a fresh rank would have them too, so a forked one gets them."""
-    return {k: v for k, v in os.environ.items() if BEFORE_IMPORTS.get(k) != v}
-
-
-def differences(env: Dict[str, str]) -> List[str]:
-    """The variables (besides the launcher's per-rank ones) in which ``env`` differs from the environment this
-    process started in."""
-    own = BEFORE_IMPORTS
-    return sorted(
-        k for k in set(env) | set(own) if k not in PER_RANK and not k.startswith(OURS) and env.get(k) != own.get(k)
-    )
+def refusal(request: dict) -> str:
+    """Why this zygote cannot be ``request``'s process ("" where it can)."""
+    if request.get("interpreter") != zygote_client.interpreter():
+        return "another interpreter"
+    own, theirs = zygote_client.normalized(BEFORE_IMPORTS), zygote_client.normalized(request["env"])
+    differing = sorted(k for k in set(own) | set(theirs) if own.get(k) != theirs.get(k))
+    if differing:
+        return f"its environment differs in {differing}"
+    if request["rlimits"] != zygote_client.state_rlimits():
+        return "other resource limits"
+    if request["identity"] != zygote_client.identity():
+        return "another user, namespace or cgroup"
+    return ""
 
 
 def receive(conn: socket.socket) -> Tuple[dict, List[int]]:
@@ -113,46 +108,86 @@ def receive(conn: socket.socket) -> Tuple[dict, List[int]]:
     return json.loads(body), list(fds)
 
 
-def run_rank(request: dict, fds: List[int]) -> None:
-    """In the forked child: become the rank the request describes, run its script, end as the interpreter would."""
-    stdin, stdout, stderr, lifeline = fds
-    for target, fd in ((0, stdin), (1, stdout), (2, stderr)):
+def standard_streams(unbuffered: bool) -> None:
+    """sys.stdin/stdout/stderr on descriptors 0-2 as the interpreter makes them (with or without -u)."""
+    for fd, name in ((0, "stdin"), (1, "stdout"), (2, "stderr")):
+        old = getattr(sys, name)
+        raw_only = unbuffered and fd > 0
+        binary = io.open(fd, "rb" if fd == 0 else "wb", buffering=0 if raw_only else -1, closefd=False)
+        line_buffered = not unbuffered and fd > 0 and (fd == 2 or os.isatty(fd))
+        stream = io.TextIOWrapper(binary, encoding=old.encoding, errors=old.errors, line_buffering=line_buffered,
+                                  write_through=raw_only)  # fmt: skip
+        setattr(sys, name, stream)
+        setattr(sys, f"__{name}__", stream)
+
+
+def become(request: dict, fds: List[int]) -> None:
+    """In the forked child: take over the state of the process that asked (see zygote_client.state)."""
+    for target, fd in zip((0, 1, 2), fds[:3]):
         os.dup2(fd, target)
-    for fd in (stdin, stdout, stderr):
+    for fd in fds[:3]:
         if fd > 2:
             os.close(fd)
     os.environ.clear()
     os.environ.update(request["env"])
-    os.environ.update(request["set_by_imports"])
     os.chdir(request["cwd"])
-
-    def watch() -> None:  # the launcher is gone (every write end closed): end as its killpg would have ended us
-        while os.read(lifeline, 1):
+    os.umask(request["umask"])
+    os.sched_setaffinity(0, request["affinity"])
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for sig, handler in request["dispositions"].items():
+        try:
+            signal.signal(int(sig), signal.Handlers(handler))
+        except (OSError, ValueError, RuntimeError):
             pass
-        os.kill(os.getpid(), signal.SIGKILL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, request["blocked"])
+    mode, target = request["mode_target"]
+    first = {"script": lambda: os.path.dirname(os.path.realpath(target)), "module": os.getcwd, "command": str}[mode]()
+    sys.path[:] = [first, *request["path"]]
+    sys.argv, sys.orig_argv, sys.executable = request["argv"], request["orig_argv"], request["executable"]
+    standard_streams(request["unbuffered"])
+    if "numpy" in sys.modules:  # (a fresh interpreter seeds numpy's global generator anew)
+        sys.modules["numpy"].random.seed()
+    lifeline = fds[3]
+
+    def watch() -> None:  # the stand-in is gone (the write end closed): end this process's group (its own children
+        while os.read(lifeline, 1):  # and their stand-ins) as a killpg of the stand-in's group would have ended them
+            pass
+        os.killpg(0, signal.SIGKILL)
 
     threading.Thread(target=watch, name="zygote-lifeline", daemon=True).start()
-    script = request["argv"][0]
-    sys.argv = list(request["argv"])
-    sys.path[0] = os.path.dirname(os.path.abspath(script))
-    code = 0
+
+
+def run(mode: str, target: str) -> int:
+    """Run the script, module or code as ``__main__``: its exit code as the interpreter would give it."""
     try:
-        runpy.run_path(script, run_name="__main__")
+        main = types.ModuleType("__main__")  # (an empty __main__, as a fresh interpreter's: not this zygote's)
+        main.__builtins__ = builtins
+        sys.modules["__main__"] = main
+        if mode == "script":
+            runpy.run_path(target, run_name="__main__")
+        elif mode == "module":
+            runpy._run_module_as_main(target, alter_argv=True)  # (what the interpreter runs for -m)
+        else:
+            exec(compile(target, "<string>", "exec"), main.__dict__)
     except SystemExit as end:
         if end.code is None or isinstance(end.code, int):
-            code = int(end.code or 0)
-        else:
-            print(end.code, file=sys.stderr)
-            code = 1
+            return int(end.code or 0)
+        print(end.code, file=sys.stderr)
+        return 1
     except BaseException as error:
-        tb = error.__traceback__  # (from the script's own frames on, as the interpreter prints it)
-        while tb is not None and tb.tb_frame.f_code.co_filename in (__file__, "<frozen runpy>"):
+        tb = error.__traceback__  # (from the script's own frames on, as the interpreter prints it; -m shows runpy's)
+        ours = (__file__, runpy.__file__, "<frozen runpy>") if mode == "script" else (__file__,)
+        while tb is not None and tb.tb_frame.f_code.co_filename in ours:
             tb = tb.tb_next
-        traceback.print_exception(type(error), error, tb)
-        code = 1
-        if isinstance(error, KeyboardInterrupt):  # (the interpreter then ends by SIGINT itself)
-            code = -signal.SIGINT
-    atexit._run_exitfuncs()  # (what the interpreter runs at exit)
+        sys.excepthook(type(error), error.with_traceback(tb), tb)
+        return -signal.SIGINT if isinstance(error, KeyboardInterrupt) else 1
+    return 0
+
+
+def finish(code: int) -> None:
+    """End as the interpreter ends: non-daemon threads, atexit, flushed streams; KeyboardInterrupt: by SIGINT."""
+    threading._shutdown()  # (the interpreter joins the non-daemon threads before the atexit handlers)
+    atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
@@ -164,40 +199,38 @@ def run_rank(request: dict, fds: List[int]) -> None:
     os._exit(code)
 
 
-def fork_rank(conn: socket.socket, closing: List[int]) -> int:
-    """Read one request from ``conn`` and fork its rank; the child's pid, or 0 where it was refused."""
+def fork_process(conn: socket.socket, closing: List[int]) -> int:
+    """Read one request from ``conn`` and fork its process; the child's pid, or 0 where it was refused."""
     request, fds = receive(conn)
-    differing = differences(request["env"])
-    if len(fds) != 4 or differing:
+    why = "descriptors" if len(fds) != 4 else refusal(request)
+    if why:
         for fd in fds:
             os.close(fd)
         conn.sendall(b"no\n")
-        print(
-            f"zygote: a fresh interpreter for {request['argv'][0]}: its environment differs in {differing}", flush=True
-        )
+        print(f"zygote: a fresh interpreter for {request.get('argv')}: {why}", flush=True)
         return 0
-    request["set_by_imports"] = set_by_imports()
     pid = os.fork()
     if pid == 0:
         try:
             for fd in closing:
                 os.close(fd)
+            os.setpgid(0, 0)  # (a group of its own and its children's: see become's watch)
             signal.set_wakeup_fd(-1)
-            for sig, handler in ((signal.SIGCHLD, signal.SIG_DFL), (signal.SIGTERM, signal.SIG_DFL)):
-                signal.signal(sig, handler)
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             conn.close()
-            run_rank(request, fds)
+            become(request, fds)
+            finish(run(*request["mode_target"]))
         finally:
             os._exit(1)
     for fd in fds:
         os.close(fd)
     conn.sendall(f"ok {pid}\n".encode())
+    print(f"zygote: forked {pid} for {request['argv'][:1]}", flush=True)
     return pid
 
 
 def reap(children: Dict[int, socket.socket]) -> None:
-    """Report the exit code of every child that ended to the launcher that asked for it."""
+    """Report the exit code of every child that ended to the process that asked for it."""
     while children:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
@@ -214,16 +247,23 @@ def reap(children: Dict[int, socket.socket]) -> None:
             conn.close()
 
 
-def serve(path: str) -> None:
-    loaded = preload()
-    ours = sorted(m for m in sys.modules if m.split(".")[0] in CHECKOUT_PACKAGES)
-    if ours:  # (a forked rank would get them as imported here, under the zygote's C2F_* variables)
-        sys.exit(f"zygote: a preloaded library imported this checkout's {ours}: no zygote")
-    parent = os.getppid()
+def listen(path: str) -> socket.socket:
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(path + ".tmp")
     server.listen(64)
-    os.rename(path + ".tmp", path)  # (a launcher that finds the path finds a listening socket)
+    os.rename(path + ".tmp", path)  # (a client that finds the path finds a listening socket)
+    return server
+
+
+def serve(path: str) -> None:
+    loaded = preload()
+    ours = sorted(m for m in sys.modules if m.split(".")[0] in CHECKOUT_PACKAGES)
+    if ours:  # (a forked process would get them as imported here, under the zygote's C2F_* variables)
+        sys.exit(f"zygote: a preloaded library imported this checkout's {ours}: no zygote")
+    gc.freeze()  # (the imports' objects: a child's collections skip them and leave their pages shared; DALI's atexit
+    #  handler alone runs gc.collect, 0.25 s over them)
+    parent = os.getppid()
+    server = listen(path)
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
@@ -238,9 +278,9 @@ def serve(path: str) -> None:
             conn, _ = server.accept()
             closing = [server.fileno(), wake_r, wake_w, *(c.fileno() for c in children.values())]
             try:
-                pid = fork_rank(conn, closing)
-            except (OSError, ValueError, ConnectionError) as error:
-                print(f"zygote: request dropped: {error}", flush=True)
+                pid = fork_process(conn, closing)
+            except (OSError, ValueError, ConnectionError, KeyError, TypeError) as error:
+                print(f"zygote: request dropped: {error!r}", flush=True)
                 pid = 0
             if pid:
                 children[pid] = conn

@@ -1,0 +1,241 @@
+"""The client half of the tests' zygotes (tests/zygote.py), run by this folder's sitecustomize in every Python process
+the test session starts (conftest puts this folder on PYTHONPATH and names the session's zygote folder in C2F_ZYGOTES).
+
+A process whose interpreter, options and environment match a warm zygote's (torch, DeepSpeed, timm, DALI, webdataset
+already imported) does not import them again: it asks that zygote to fork a child that becomes this process (its
+command line, environment, folder, sys.path, standard streams, signal dispositions and mask, CPU affinity, umask) and
+runs the script, and stays behind as that child's *stand-in*: it forwards the signals it gets to the child and ends as
+the child ended (its exit code, or killed by the same signal), so its parent (a launcher, a test) sees what it would
+see. The child watches a *lifeline* (a pipe whose write end only the stand-in holds): when the stand-in is gone, however
+it ended (a test's SIGKILL of its process group included), the child SIGKILLs itself.
+
+A process that matches no zygote runs as it would have (a fresh interpreter) and tells the session's manager
+(conftest) its environment: an environment seen twice gets a zygote of its own. Processes that must be real
+(a test that stops a rank with SIGSTOP, an import-time measurement) run with C2F_ZYGOTES unset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+
+# the variables in which a forked process's environment may differ from its zygote's: the launchers' per-rank ones,
+# the test pytest is running, the shell's last command; no library reads any of them when imported
+PER_PROCESS = frozenset(
+    {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "CROSS_RANK", "CROSS_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+    | {"CUDA_VISIBLE_DEVICES", "PYTEST_CURRENT_TEST", "_"}
+)
+OURS = "C2F_"  # this checkout's own variables: read by its modules only, which a zygote never imports
+FOLDER = "C2F_ZYGOTES"  # the session's zygote folder: <key>.sock per zygote, manager.sock
+ROLE = "C2F_ZYGOTE_ROLE"  # "server" in a zygote itself (it must not ask itself)
+
+
+def _paths(value: str) -> list:
+    return list(dict.fromkeys(value.split(os.pathsep)))  # (a repeated entry changes no lookup)
+
+
+def normalized(env: dict) -> dict:
+    """What a zygote's imports can depend on in ``env``: all but the per-process and C2F_* variables, PATH and
+    PYTHONPATH without repeated entries (DeepSpeed's runner puts its folder first again: the lookups are the same)."""
+    out = {k: v for k, v in env.items() if k not in PER_PROCESS and not k.startswith(OURS)}
+    for name in ("PATH", "PYTHONPATH"):
+        if name in out:
+            out[name] = os.pathsep.join(_paths(out[name]))
+    return out
+
+
+def interpreter() -> list:
+    return [os.path.realpath(sys.executable), sys.prefix, sys.base_prefix, sys.version]
+
+
+def key_of(env: dict) -> str:
+    """The zygote a process with ``env`` can be forked by (this interpreter's)."""
+    text = json.dumps([interpreter(), sorted(normalized(env).items())])
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def what_to_run() -> tuple | None:
+    """(mode, target) of this interpreter's command line (``[-u] SCRIPT``, ``[-u] -m MODULE``, ``[-u] -c CODE``);
+    None for any other option (-X, -O, -I, ...: a fresh interpreter)."""
+    args = list(sys.orig_argv[1:])
+    while args[:1] == ["-u"]:
+        args.pop(0)
+    if not args or args[0] == "-":
+        return None
+    if args[0] in ("-m", "-c"):
+        return ("module" if args[0] == "-m" else "command", args[1]) if len(args) > 1 else None
+    if args[0].startswith("-"):
+        return None
+    return "script", args[0]
+
+
+def only_standard_streams() -> bool:
+    """Only descriptors 0, 1 and 2 open (and valid): anything passed beyond them (pass_fds, a multiprocessing spawn)
+    could not follow the fork; an unopened standard stream could not be passed."""
+    listed = {int(name) for name in os.listdir("/proc/self/fd")}  # (and the listing's own, closed by now)
+    for fd in listed - {0, 1, 2}:
+        try:
+            os.fstat(fd)
+            return False
+        except OSError:
+            pass
+    return {0, 1, 2} <= listed
+
+
+def state() -> dict:
+    """The parts of this process a forked child takes over (beyond its environment and descriptors)."""
+    import signal
+
+    umask = os.umask(0)
+    os.umask(umask)
+    dispositions = {}
+    for sig in signal.valid_signals():
+        try:
+            handler = signal.getsignal(sig)
+        except (OSError, ValueError):
+            continue
+        if handler in (signal.SIG_IGN, signal.SIG_DFL):
+            dispositions[int(sig)] = int(handler)
+    return {
+        "mode_target": what_to_run(),
+        "argv": sys.argv,
+        "orig_argv": sys.orig_argv,
+        "executable": sys.executable,
+        "interpreter": interpreter(),
+        "path": sys.path,
+        "env": dict(os.environ),
+        "cwd": os.getcwd(),
+        "umask": umask,
+        "unbuffered": unbuffered(),
+        "dispositions": dispositions,
+        "blocked": sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])),
+        "affinity": sorted(os.sched_getaffinity(0)),
+        "rlimits": state_rlimits(),
+        "identity": identity(),
+    }
+
+
+def identity() -> list:
+    """What a forked child would silently not share with this process where it differs from its zygote's: user,
+    groups, namespaces (``ip netns exec``: the two-node test), cgroup (a Slurm job step's)."""
+    namespaces = {}
+    for name in ("net", "mnt", "pid", "uts", "ipc", "user", "cgroup"):
+        try:
+            namespaces[name] = os.readlink(f"/proc/self/ns/{name}")
+        except OSError:
+            namespaces[name] = None
+    try:
+        with open("/proc/self/cgroup") as cgroup:
+            groups = cgroup.read()
+    except OSError:
+        groups = None
+    return [os.getuid(), os.getgid(), sorted(os.getgroups()), namespaces, groups]
+
+
+def unbuffered() -> bool:
+    """Whether the interpreter runs unbuffered (-u before the script, -m or -c; PYTHONUNBUFFERED)."""
+    return sys.orig_argv[1:2] == ["-u"] or bool(os.environ.get("PYTHONUNBUFFERED"))
+
+
+def state_rlimits() -> dict:
+    import resource
+
+    names = [n for n in dir(resource) if n.startswith("RLIMIT_")]
+    return {n: list(resource.getrlimit(getattr(resource, n))) for n in names}
+
+
+HEADER_BYTES = (
+    4  # a request: its JSON's length (big-endian), then the JSON; its four descriptors ride on the first part
+)
+
+
+def send_request(path: str, request: dict, fds: list):
+    """Connect to the zygote at ``path`` and send ``request`` with ``fds``; the connection, or None."""
+    import socket
+    import struct
+
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.connect(path)
+        body = json.dumps(request).encode()
+        socket.send_fds(conn, [struct.pack("!I", len(body)) + body], fds)
+        return conn
+    except OSError:
+        conn.close()
+        return None
+
+
+def read_line(conn) -> str:
+    """One line from ``conn``, read byte by byte (what follows it stays unread); "" at its end."""
+    line = b""
+    while not line.endswith(b"\n"):
+        byte = conn.recv(1)
+        if not byte:
+            break
+        line += byte
+    return line.decode()
+
+
+def tell_manager(folder: str, key: str) -> None:
+    """Say that a process of environment ``key`` started fresh (conftest starts a zygote for an environment seen
+    twice); nothing waits for an answer."""
+    import socket
+
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.connect(os.path.join(folder, "manager.sock"))
+        conn.sendall(json.dumps({"key": key, "env": normalized(dict(os.environ)),
+                                 "executable": sys.executable}).encode())  # fmt: skip
+    except OSError:
+        pass
+    finally:
+        conn.close()
+
+
+def stand_in(pid: int, conn) -> None:
+    """Be the forked child's stand-in until it ends: forward the signals this process gets, then end as it did."""
+    import signal
+
+    def forward(signum, _frame):
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
+                signal.SIGALRM, signal.SIGCONT, signal.SIGWINCH):  # fmt: skip
+        if signal.getsignal(sig) != signal.SIG_IGN:  # (an ignored signal: the child ignores it too)
+            signal.signal(sig, forward)
+    line = read_line(conn).split()  # (the zygote's "exit CODE" when it reaps the child; EOF: it went away)
+    code = int(line[1]) if line[:1] == ["exit"] else 1
+    if code < 0:  # killed by a signal: so is this process
+        signal.signal(-code, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [-code])
+        os.kill(os.getpid(), -code)
+        code = 128 - code
+    os._exit(code & 0xFF)
+
+
+def run_forked_or_return() -> None:
+    """Become the stand-in of a child a zygote forked for this process (never returns), or return: this process
+    then goes on as a fresh interpreter."""
+    folder = os.environ.get(FOLDER)
+    if not folder or os.environ.get(ROLE) or what_to_run() is None or not only_standard_streams():
+        return
+    key = key_of(dict(os.environ))
+    path = os.path.join(folder, key + ".sock")
+    if not os.path.exists(path):
+        tell_manager(folder, key)
+        return
+    lifeline_r, lifeline_w = os.pipe()  # (only this process holds the write end)
+    conn = send_request(path, state(), [0, 1, 2, lifeline_r])
+    os.close(lifeline_r)
+    answer = read_line(conn).split() if conn is not None else []
+    if answer[:1] != ["ok"]:
+        if conn is not None:
+            conn.close()
+        os.close(lifeline_w)
+        return
+    stand_in(int(answer[1]), conn)
