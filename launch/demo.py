@@ -35,7 +35,7 @@ from conv2former.checkout import checkout_first
 REPO = checkout_first(__file__)  # launch and data_prep run from the checkout
 
 from conv2former.data.eval_crop import eval_crop  # noqa: E402
-from conv2former.engine.distributed import deepspeed_command, free_port  # noqa: E402
+from conv2former.engine.distributed import deepspeed_command, free_port, python_path  # noqa: E402
 from launch.demo_report import COMMANDS, ERF_PX  # noqa: E402
 
 CAM_PX = 96  # Grad-CAM input side: the last stage is then a 3 x 3 map
@@ -119,7 +119,7 @@ def run(stage: Stage, number: str, log: Path, commands: Path) -> None:
     with open(commands, "a") as f:
         f.write(printable + "\n")
     print(f"\n==> {number} {stage.title}\n    {printable}", flush=True)
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO),
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=python_path(str(REPO)),
                PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")  # fmt: skip
     shown = stage.title == "report"
     with open(log, "a") as f:

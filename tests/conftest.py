@@ -136,8 +136,8 @@ def stage_env() -> dict:
         PATH=f"{BIN}:{os.environ['PATH']}",
         PYTHONPATH=python_path(str(REPO)),
     )
-    if ZYGOTES is not None:  # its zygote at once (its imports take a few seconds: what starts before it is fresh)
-        ZYGOTES.start(env)
+    if ZYGOTES is not None:  # its zygote, ready before the stage starts (or the stage would import it all itself)
+        ZYGOTES.start(env, wait=True)
     return env
 
 
@@ -150,13 +150,14 @@ def deepspeed_launch(script: str, *args: str, ranks: int = 2) -> list:
 
 
 ZYGOTE_SITE = REPO / "tests" / "zygote_site"
-MAX_ZYGOTES = 6  # (each holds ~0.5 GB of imported libraries)
+FRESH_BEFORE_ZYGOTE = 3  # an environment gets a zygote once this many of its processes started fresh (pairs do not pay)
+MAX_ZYGOTES = 6  # (each holds ~0.9 GB of imported libraries; one idle for 2 minutes ends)
 
 
 class Zygotes:
     """The session's zygotes (tests/zygote.py) and their manager: every Python process the session starts runs
     tests/zygote_site's sitecustomize, which has the process forked by the zygote of its interpreter and environment
-    where there is one, and otherwise tells this manager, which starts a zygote for an environment it hears of twice
+    where there is one, and otherwise tells this manager, which starts a zygote for an environment it hears of three times
     (``start`` starts one at once). None under coverage (its subprocess patch measures fresh interpreters only) or
     with C2F_TEST_ZYGOTE=off; a test that needs real processes runs them with ``real_processes(env)``."""
 
@@ -166,9 +167,11 @@ class Zygotes:
         import threading
 
         self.folder = tempfile.mkdtemp(prefix="c2f-z-")  # (short: a Unix socket's path has at most 107 bytes)
-        self.seen: dict = {}
+        self.seen: dict = {}  # key: processes of that environment that started fresh since its last zygote
+        self.fresh = 0
         self.started: dict = {}  # key: its process
         self.lock = threading.Lock()
+        self.max_zygotes = MAX_ZYGOTES
         self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.server.bind(os.path.join(self.folder, "manager.sock"))
         self.server.listen(64)
@@ -186,18 +189,39 @@ class Zygotes:
             except ValueError:
                 continue
             self.seen[message["key"]] = self.seen.get(message["key"], 0) + 1
-            if self.seen[message["key"]] >= 2:
+            self.fresh += 1
+            if self.seen[message["key"]] == 1:  # (what that environment is, for whoever reads the folder)
+                with open(os.path.join(self.folder, message["key"] + ".seen.json"), "w") as record:
+                    json.dump(message, record)
+            if self.seen[message["key"]] >= FRESH_BEFORE_ZYGOTE:
                 self.start(message["env"], message["executable"], message["key"])
 
-    def start(self, env: dict, executable: str = sys.executable, key: str | None = None) -> None:
-        """Start the zygote of ``env`` (normalized as zygote_client does) unless there is one or MAX_ZYGOTES."""
+    def start(self, env: dict, executable: str = sys.executable, key: str | None = None, wait: bool = False) -> None:
+        """Start the zygote of ``env`` (normalized as zygote_client does) unless there is one or ``max_zygotes``;
+        ``wait``: until it listens (the stages' own: what starts before it would start fresh)."""
+        import time
+
         import zygote_client
 
         key = key or zygote_client.key_of(env)
+        self._start(key, env, executable)
+        deadline = time.monotonic() + 120
+        socket_path = os.path.join(self.folder, key + ".sock")
+        while wait and key in self.started and not os.path.exists(socket_path) and time.monotonic() < deadline:
+            if self.started[key].poll() is not None:
+                break
+            time.sleep(0.1)
+
+    def _start(self, key: str, env: dict, executable: str) -> None:
+        import zygote_client
+
         with self.lock:
-            if key in self.started or len(self.started) >= MAX_ZYGOTES:
+            for ended in [k for k, process in self.started.items() if process.poll() is not None]:
+                del self.started[ended]  # (idle for a while: tests/zygote.py's IDLE_S)
+                self.seen[ended] = 0
+            if key in self.started or len(self.started) >= self.max_zygotes:
                 return
-            with open(os.path.join(self.folder, key + ".log"), "w") as log:
+            with open(os.path.join(self.folder, key + ".log"), "a") as log:
                 self.started[key] = subprocess.Popen(
                     [executable, "-u", str(REPO / "tests" / "zygote.py"), os.path.join(self.folder, key + ".sock")],
                     env={**zygote_client.normalized(env), zygote_client.ROLE: "server"},
@@ -205,18 +229,17 @@ class Zygotes:
                 )  # fmt: skip
 
     def report(self) -> list:
-        """One line per zygote: the processes it forked and refused, and how many started fresh with no zygote."""
+        """One line per environment that had a zygote (its starts, the processes it forked and refused), and how many
+        processes started fresh with none ready."""
         lines = []
-        for key in self.started:
-            try:
-                with open(os.path.join(self.folder, key + ".log")) as log:
+        for name in sorted(os.listdir(self.folder)):
+            if name.endswith(".log"):
+                with open(os.path.join(self.folder, name)) as log:
                     text = log.read()
-            except OSError:
-                continue
-            forked, refused = text.count("zygote: forked "), text.count("zygote: a fresh interpreter")
-            lines.append(f"zygote {key}: {forked} processes forked, {refused} refused")
-        fresh = sum(n for key, n in self.seen.items())
-        lines.append(f"{fresh} processes started fresh where no zygote was ready ({len(self.seen)} environments)")
+                starts, forked = text.count(" ready: "), text.count("zygote: forked ")
+                refused = text.count("zygote: a fresh interpreter")
+                lines.append(f"zygote {name[:-4]}: started {starts}x, {forked} processes forked, {refused} refused")
+        lines.append(f"{self.fresh} processes started fresh with no zygote ready ({len(self.seen)} environments)")
         return lines
 
     def stop(self) -> None:

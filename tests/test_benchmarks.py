@@ -253,10 +253,11 @@ def test_depthwise_formulations_times_every_candidate_and_names_the_choice():
     assert done.stdout.count("chosen ") == len(layers)
 
 
-@pytest.mark.slow  # one demo run of 2 steps through the deepspeed launcher (~20 s)
+@pytest.mark.slow  # one demo run of 2 steps through the deepspeed launcher
 def test_fixed_cost_times_the_start_and_the_end_of_a_demo_run(demo_root, tmp_path):
     """benchmarks/fixed_cost.py's smallest case, on the session's demo shards: the seconds to the first step (step 1
-    itself among them) and after the last one, each a part of the run's whole time."""
+    itself among them) and after the last one, each a part of the run's whole time. (Its launcher and ranks are forked
+    by the session's zygote: the seconds are not a user's, the script's measuring is what this tests.)"""
     import re
 
     (tmp_path / "demo-data").symlink_to(demo_root)  # (the script generates the demo data where it finds none)

@@ -1,9 +1,11 @@
 """conv2former/cpu/malloc.py: after keep_freed_memory, a step's reallocated buffers are reused, not page-faulted in."""
 
+import os
 import subprocess
 import sys
 
 import pytest
+from conftest import real_processes
 
 from conv2former.cpu import malloc as host_memory
 
@@ -37,8 +39,10 @@ print(before, faults_per_round(), kept)
 @pytest.mark.skipif(host_memory._glibc() is None, reason="glibc's malloc only")
 @pytest.mark.slow
 def test_kept_memory_is_reused_without_page_faults():
-    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True).stdout.split()
-    before, after, kept = int(out[0]), int(out[1]), out[2]
+    environ = real_processes(dict(os.environ))  # (a fresh process's heap, not one forked from a zygote's)
+    out = subprocess.run([sys.executable, "-c", PROBE], env=environ, capture_output=True, text=True, check=True)
+    before, after, kept = out.stdout.split()
+    before, after = int(before), int(after)
     assert kept == "True"
     assert before > 5000  # glibc's default: the 37 MiB buffer is a fresh mmap every round (~9,400 pages)
     assert after < before / 50  # kept: every round reuses the same heap memory

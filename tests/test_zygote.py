@@ -1,7 +1,7 @@
 """The session's zygotes (tests/zygote.py, tests/zygote_site/): a process a zygote forks gets what a fresh interpreter
 gets (command line, sys.path, environment, folder, standard streams, signal dispositions, exit code, traceback),
 through tests/ranks.py too; its stand-in forwards signals and ends as it ended; a test's SIGKILL of the launcher's
-process group ends the forked ranks; an environment seen twice gets a zygote of its own."""
+process group ends the forked ranks; an environment seen again gets a zygote of its own."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, ZYGOTES, ranks_launch, real_processes, stage_env
+from conftest import FRESH_BEFORE_ZYGOTE, REPO, ZYGOTES, ranks_launch, real_processes, stage_env
 
 pytestmark = pytest.mark.slow  # (the first test waits for the zygote's imports)
 
@@ -44,10 +44,7 @@ def probe(tmp_path_factory) -> str:
     (folder / "zprobe.py").write_text(PROBE)
     if ZYGOTES is None:
         pytest.skip("no zygote under coverage or with C2F_TEST_ZYGOTE=off")
-    stage_env()  # (starts the stages' zygote)
-    deadline = time.monotonic() + 120
-    while len([f for f in os.listdir(ZYGOTES.folder) if f.endswith(".sock")]) < 2 and time.monotonic() < deadline:
-        time.sleep(0.2)  # (its imports, the first time)
+    stage_env()  # (starts the stages' zygote and waits for it)
     return str(folder / "zprobe.py")
 
 
@@ -119,12 +116,14 @@ def test_killing_the_launchers_group_ends_the_forked_ranks(probe):
     assert alive == []
 
 
-def test_an_environment_seen_twice_gets_a_zygote_of_its_own(probe):
+def test_an_environment_seen_again_gets_a_zygote_of_its_own(probe, monkeypatch):
+    monkeypatch.setattr(ZYGOTES, "max_zygotes", ZYGOTES.max_zygotes + 1)  # (whatever the session's others)
     environ = dict(stage_env(), ZYGOTE_TEST_MARK="1")
     first = run([sys.executable, probe, "ok"], environ)[1][0]
     assert not first["warm"]  # (none yet: a fresh interpreter, and the manager hears of it)
     sockets = len([f for f in os.listdir(ZYGOTES.folder) if f.endswith(".sock")])
-    run([sys.executable, probe, "ok"], environ)  # (the second time: the manager starts its zygote)
+    for _ in range(FRESH_BEFORE_ZYGOTE - 1):  # (then the manager starts its zygote)
+        run([sys.executable, probe, "ok"], environ)
     deadline = time.monotonic() + 120
     while len([f for f in os.listdir(ZYGOTES.folder) if f.endswith(".sock")]) == sockets:
         assert time.monotonic() < deadline

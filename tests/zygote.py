@@ -35,6 +35,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 import types
 from typing import Dict, List, Tuple
 
@@ -61,6 +62,7 @@ PRELOAD = (
 )
 CHECKOUT_PACKAGES = ("conv2former", "launch", "data_prep", "pretrain", "finetune", "benchmarks", "tools")
 HEADER = struct.Struct("!I")
+IDLE_S = 120  # a zygote nothing asked for this long, with no child running, ends
 BEFORE_IMPORTS = dict(os.environ)  # (a forked process gets its own environment: not the variables the imports set here,
 #  DeepSpeed's PYTORCH_NVML_BASED_CUDA_CHECK, torch's TORCHINDUCTOR_CACHE_DIR, MLflow's telemetry id: their libraries
 #  read them, or set them again, where they are used)
@@ -270,11 +272,17 @@ def serve(path: str) -> None:
     signal.signal(signal.SIGCHLD, lambda *_: None)
     print(f"zygote {os.getpid()} ready: {', '.join(loaded)}", flush=True)
     children: Dict[int, socket.socket] = {}
+    last_use = time.monotonic()
     while os.getppid() == parent:  # (the session that started it ended: so does it)
+        if not children and time.monotonic() - last_use > IDLE_S:  # (its memory back: the manager may start another)
+            os.unlink(path)
+            print(f"zygote: idle for {IDLE_S} s, ended", flush=True)
+            return
         readable, _, _ = select.select([server, wake_r], [], [], 1.0)
         if wake_r in readable:
             os.read(wake_r, 4096)
         if server in readable:
+            last_use = time.monotonic()
             conn, _ = server.accept()
             closing = [server.fileno(), wake_r, wake_w, *(c.fileno() for c in children.values())]
             try:

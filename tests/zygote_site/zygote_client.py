@@ -10,7 +10,7 @@ see. The child watches a *lifeline* (a pipe whose write end only the stand-in ho
 it ended (a test's SIGKILL of its process group included), the child SIGKILLs itself.
 
 A process that matches no zygote runs as it would have (a fresh interpreter) and tells the session's manager
-(conftest) its environment: an environment seen twice gets a zygote of its own. Processes that must be real
+(conftest) its environment: an environment seen three times gets a zygote of its own. Processes that must be real
 (a test that stops a rank with SIGSTOP, an import-time measurement) run with C2F_ZYGOTES unset.
 """
 
@@ -180,13 +180,13 @@ def read_line(conn) -> str:
 
 def tell_manager(folder: str, key: str) -> None:
     """Say that a process of environment ``key`` started fresh (conftest starts a zygote for an environment seen
-    twice); nothing waits for an answer."""
+    three times); nothing waits for an answer."""
     import socket
 
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         conn.connect(os.path.join(folder, "manager.sock"))
-        conn.sendall(json.dumps({"key": key, "env": normalized(dict(os.environ)),
+        conn.sendall(json.dumps({"key": key, "env": normalized(dict(os.environ)), "argv": sys.orig_argv[:3],
                                  "executable": sys.executable}).encode())  # fmt: skip
     except OSError:
         pass
