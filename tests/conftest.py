@@ -197,7 +197,7 @@ class Zygotes:
                 self.start(message["env"], message["executable"], message["key"])
 
     def start(self, env: dict, executable: str = sys.executable, key: str | None = None, wait: bool = False) -> None:
-        """Start the zygote of ``env`` (normalized as zygote_client does) unless there is one or ``max_zygotes``;
+        """Start the zygote of ``env`` (the key zygote_client gives it) unless there is one or ``max_zygotes``;
         ``wait``: until it listens (the stages' own: what starts before it would start fresh)."""
         import time
 
@@ -224,7 +224,7 @@ class Zygotes:
             with open(os.path.join(self.folder, key + ".log"), "a") as log:
                 self.started[key] = subprocess.Popen(
                     [executable, "-u", str(REPO / "tests" / "zygote.py"), os.path.join(self.folder, key + ".sock")],
-                    env={**zygote_client.normalized(env), zygote_client.ROLE: "server"},
+                    env={**zygote_client.own_environment(env), zygote_client.ROLE: "server"},
                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
                 )  # fmt: skip
 

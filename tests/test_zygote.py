@@ -1,7 +1,9 @@
 """The session's zygotes (tests/zygote.py, tests/zygote_site/): a process a zygote forks gets what a fresh interpreter
 gets (command line, sys.path, environment, folder, standard streams, signal dispositions, exit code, traceback),
 through tests/ranks.py too; its stand-in forwards signals and ends as it ended; a test's SIGKILL of the launcher's
-process group ends the forked ranks; an environment seen again gets a zygote of its own."""
+process group ends the forked ranks; an environment seen again gets a zygote of its own; environments that differ only
+where no import looks share one, and one that differs where an import looks, or whose sys.path would find a library
+elsewhere, starts fresh."""
 
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ record = {"argv": sys.argv, "orig_argv": sys.orig_argv[1:], "cwd": os.getcwd(), 
           "threads": os.environ["OMP_NUM_THREADS"], "name": __name__, "path": sys.path, "executable": sys.executable,
           "stdout": [type(sys.stdout.buffer).__name__, sys.stdout.line_buffering, sys.stdout.encoding],
           "stderr": [type(sys.stderr.buffer).__name__, sys.stderr.line_buffering, sys.stderr.errors],
-          "handlers": handlers, "umask": os.umask(0o22), "warm": "torch" in sys.modules, "pid": os.getpid()}
+          "handlers": handlers, "umask": os.umask(0o22), "env": dict(os.environ), "warm": "torch" in sys.modules,
+          "pid": os.getpid()}
 os.write(1, (json.dumps(record) + "\\n").encode())  # (one write: ranks share the pipe)
 mode = [a for a in sys.argv[1:] if not a.startswith("--")][0]
 if mode == "fail" and os.environ.get("RANK", "1") == "1":
@@ -55,7 +58,10 @@ def run(command: list, environ: dict, cwd=REPO / "docs") -> tuple:
 
 
 def comparable(records: list) -> list:
-    return [{k: v for k, v in r.items() if k not in ("warm", "pid")} for r in records]
+    """All but the pid and whether torch was imported; the environment but the session's zygote folder (which
+    ``real_processes`` leaves out)."""
+    own = [{k: v for k, v in r["env"].items() if k != "C2F_ZYGOTES"} for r in records]
+    return [{**{k: v for k, v in r.items() if k not in ("warm", "pid")}, "env": env} for r, env in zip(records, own)]
 
 
 @pytest.mark.parametrize("mode", ["ok", "fail"])
@@ -118,7 +124,7 @@ def test_killing_the_launchers_group_ends_the_forked_ranks(probe):
 
 def test_an_environment_seen_again_gets_a_zygote_of_its_own(probe, monkeypatch):
     monkeypatch.setattr(ZYGOTES, "max_zygotes", ZYGOTES.max_zygotes + 1)  # (whatever the session's others)
-    environ = dict(stage_env(), ZYGOTE_TEST_MARK="1")
+    environ = dict(stage_env(), TORCH_ZYGOTE_TEST_MARK="1")  # (a load-time name: another key)
     first = run([sys.executable, probe, "ok"], environ)[1][0]
     assert not first["warm"]  # (none yet: a fresh interpreter, and the manager hears of it)
     sockets = len([f for f in os.listdir(ZYGOTES.folder) if f.endswith(".sock")])
@@ -129,6 +135,32 @@ def test_an_environment_seen_again_gets_a_zygote_of_its_own(probe, monkeypatch):
         assert time.monotonic() < deadline
         time.sleep(0.2)
     assert run([sys.executable, probe, "ok"], environ)[1][0]["warm"]
+
+
+def test_what_no_import_reads_may_differ_and_what_one_reads_may_not(probe, tmp_path):
+    """A Slurm task's variables, the shell's, a test's own and another PYTHONPATH entry: the same zygote forks the
+    process, which gets exactly its own environment; a variable DeepSpeed reads when imported (DEEPSPEED_TIMEOUT, the
+    default of its collectives' timeout) or a PYTHONPATH entry that shadows a library the zygote imported (yaml): a
+    fresh interpreter, as the process must be."""
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "shadow").mkdir()
+    (tmp_path / "shadow" / "yaml.py").write_text("SHADOW = True\n")
+    base = stage_env()
+    elsewhere = dict(base, SLURM_JOB_ID="12", SLURM_PROCID="1", OLDPWD="/", SHLVL="3", DATA_1K="/data", TMPDIR="/tmp",
+                     PYTHONPATH=os.pathsep.join([str(tmp_path / "plain"), base["PYTHONPATH"]]))  # fmt: skip
+    forked, fresh = (
+        run([sys.executable, probe, "ok"], elsewhere),
+        run([sys.executable, probe, "ok"], real_processes(elsewhere)),
+    )
+    assert forked[1][0]["warm"] and not fresh[1][0]["warm"]
+    assert comparable(forked[1]) == comparable(fresh[1]) and forked[1][0]["env"]["SLURM_JOB_ID"] == "12"
+
+    read = dict(base, DEEPSPEED_TIMEOUT="7")
+    assert not run([sys.executable, probe, "ok"], read)[1][0]["warm"]
+    shadowed = dict(base, PYTHONPATH=os.pathsep.join([str(tmp_path / "shadow"), base["PYTHONPATH"]]))
+    code = "import sys, yaml; print('torch' in sys.modules, getattr(yaml, 'SHADOW', False))"
+    done = subprocess.run([sys.executable, "-c", code], env=shadowed, capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["False", "True"], done.stderr
 
 
 def status(pid: int) -> str:

@@ -4,8 +4,9 @@ script does not pay the imports of torch, DeepSpeed, timm, DALI and webdataset a
 The session's manager (conftest) starts one per environment that the session's processes use more than once; it
 imports the third-party libraries only (none of this checkout's modules: a process imports those itself, as a fresh
 one does) and waits on a Unix socket. A new process asks it from its sitecustomize (tests/zygote_site/zygote_client.py)
-where its interpreter and environment match (all but the launchers' per-process variables, PYTEST_CURRENT_TEST and
-this checkout's own C2F_*): its stdin, stdout, stderr and a *lifeline* (see zygote_client) pass as descriptors, with
+where its interpreter and the part of its environment that an import can read match (zygote_client's key; the
+zygote also compares what its own imports were seen to read, and checks that the process's sys.path finds every
+module it imported where it found it): its stdin, stdout, stderr and a *lifeline* (see zygote_client) pass as descriptors, with
 its command line, environment, folder, sys.path, signal dispositions and mask, CPU affinity and umask. The zygote
 checks the match again, forks, and the child becomes that process and runs its script (``runpy``, as the interpreter
 does for ``-m``), ending as the interpreter would: non-daemon threads joined, atexit handlers, flushed output, the code
@@ -68,30 +69,96 @@ BEFORE_IMPORTS = dict(os.environ)  # (a forked process gets its own environment:
 #  read them, or set them again, where they are used)
 
 
+# libraries whose imports scan the whole environment for their own prefix (reading every variable as they go)
+SCANNERS = {os.path.join("tqdm", "utils.py"): "TQDM_", os.path.join("fsspec", "config.py"): "FSSPEC_"}
+READ: Dict[str, object] = {"names": set(), "prefixes": set(), "everything": False}  # what the imports read (preload)
+
+
+def _reader() -> str:
+    """The file of the code that reads the environment (past os.py's and the mapping's own frames)."""
+    frame = sys._getframe(1)
+    skipped = (__file__, os.__file__, "<frozen os>", "<frozen _collections_abc>")
+    while frame is not None and frame.f_code.co_filename in skipped:
+        frame = frame.f_back
+    return frame.f_code.co_filename if frame is not None else ""
+
+
+def _note(name=None) -> None:
+    reader = _reader()
+    scan = next((prefix for tail, prefix in SCANNERS.items() if reader.endswith(tail)), None)
+    if scan is not None:
+        READ["prefixes"].add(scan)
+    elif name is None:
+        READ["everything"] = True  # (an unknown scan: every variable may matter)
+    else:
+        READ["names"].add(name.decode() if isinstance(name, bytes) else name)
+
+
 def preload() -> List[str]:
-    """Import the libraries; those not installed are left to the process (it fails as it would)."""
+    """Import the libraries (those not installed are left to the process: it fails as it would), noting every
+    environment variable their Python code reads (a process whose value differs is refused: see refusal)."""
+    mapping = type(os.environ)
+    get, contains, iterate = mapping.__getitem__, mapping.__contains__, mapping.__iter__
+    mapping.__getitem__ = lambda self, key: (_note(key), get(self, key))[1]
+    mapping.__contains__ = lambda self, key: (_note(key), contains(self, key))[1]
+    mapping.__iter__ = lambda self: (_note(), iterate(self))[1]
     loaded = []
-    for name in PRELOAD:
-        try:
-            importlib.import_module(name)
-            loaded.append(name)
-        except ImportError:
-            pass
+    try:
+        for name in PRELOAD:
+            try:
+                importlib.import_module(name)
+                loaded.append(name)
+            except ImportError:
+                pass
+    finally:
+        mapping.__getitem__, mapping.__contains__, mapping.__iter__ = get, contains, iterate
     return loaded
+
+
+def compared(env: dict) -> dict:
+    """What of ``env`` must equal the zygote's: the load-time variables and those the imports read."""
+    names, prefixes = READ["names"], tuple(READ["prefixes"])
+    if READ["everything"]:
+        return zygote_client.comparable(env, wanted=lambda _name: True)
+    return zygote_client.comparable(
+        env, wanted=lambda k: zygote_client.load_time(k) or k in names or k.startswith(prefixes)
+    )
+
+
+def found_elsewhere(path: List[str]) -> str:
+    """The first module imported here that ``path`` (the process's sys.path) finds elsewhere ("" if none): where the
+    process's PYTHONPATH or folder would shadow a library, or add to a namespace package, it starts fresh."""
+    from importlib.machinery import PathFinder
+
+    def where(name: str, search: List[str]):
+        spec = PathFinder.find_spec(name, search)
+        return spec and (spec.origin, list(spec.submodule_search_locations or []))
+
+    for name in sorted({m.split(".")[0] for m in sys.modules} - set(sys.builtin_module_names)):
+        ours = where(name, sys.path)  # (None: not found through sys.path, as a module made at run time)
+        if ours is not None and where(name, path) != ours:
+            return name
+    return ""
 
 
 def refusal(request: dict) -> str:
     """Why this zygote cannot be ``request``'s process ("" where it can)."""
     if request.get("interpreter") != zygote_client.interpreter():
         return "another interpreter"
-    own, theirs = zygote_client.normalized(BEFORE_IMPORTS), zygote_client.normalized(request["env"])
+    own, theirs = compared(BEFORE_IMPORTS), compared(request["env"])
     differing = sorted(k for k in set(own) | set(theirs) if own.get(k) != theirs.get(k))
     if differing:
         return f"its environment differs in {differing}"
     if request["rlimits"] != zygote_client.state_rlimits():
         return "other resource limits"
-    if request["identity"] != zygote_client.identity():
-        return "another user, namespace or cgroup"
+    theirs, own = request["identity"], zygote_client.identity()
+    if theirs != own:
+        names = ("user", "group", "groups", "namespaces", "cgroup")
+        return "another " + ", ".join(n for n, a, b in zip(names, theirs, own) if a != b) + f" ({theirs} vs {own})"
+    path = [first_path_entry(*request["mode_target"], request["cwd"]), *request["path"]]
+    shadowing = found_elsewhere([entry or request["cwd"] for entry in path])  # ("": the process's folder)
+    if shadowing:
+        return f"its sys.path finds {shadowing} elsewhere"
     return ""
 
 
@@ -123,6 +190,11 @@ def standard_streams(unbuffered: bool) -> None:
         setattr(sys, f"__{name}__", stream)
 
 
+def first_path_entry(mode: str, target: str, cwd: str) -> str:
+    """sys.path[0] as the interpreter sets it: the script's folder, the working folder for -m, "" for -c."""
+    return {"script": os.path.dirname(os.path.realpath(os.path.join(cwd, target))), "module": cwd, "command": ""}[mode]
+
+
 def become(request: dict, fds: List[int]) -> None:
     """In the forked child: take over the state of the process that asked (see zygote_client.state)."""
     for target, fd in zip((0, 1, 2), fds[:3]):
@@ -142,9 +214,7 @@ def become(request: dict, fds: List[int]) -> None:
         except (OSError, ValueError, RuntimeError):
             pass
     signal.pthread_sigmask(signal.SIG_SETMASK, request["blocked"])
-    mode, target = request["mode_target"]
-    first = {"script": lambda: os.path.dirname(os.path.realpath(target)), "module": os.getcwd, "command": str}[mode]()
-    sys.path[:] = [first, *request["path"]]
+    sys.path[:] = [first_path_entry(*request["mode_target"], request["cwd"]), *request["path"]]
     sys.argv, sys.orig_argv, sys.executable = request["argv"], request["orig_argv"], request["executable"]
     standard_streams(request["unbuffered"])
     if "numpy" in sys.modules:  # (a fresh interpreter seeds numpy's global generator anew)

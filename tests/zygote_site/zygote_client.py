@@ -1,7 +1,7 @@
 """The client half of the tests' zygotes (tests/zygote.py), run by this folder's sitecustomize in every Python process
 the test session starts (conftest puts this folder on PYTHONPATH and names the session's zygote folder in C2F_ZYGOTES).
 
-A process whose interpreter, options and environment match a warm zygote's (torch, DeepSpeed, timm, DALI, webdataset
+A process whose interpreter, options and environment (where an import can read it) match a warm zygote's (torch, DeepSpeed, timm, DALI, webdataset
 already imported) does not import them again: it asks that zygote to fork a child that becomes this process (its
 command line, environment, folder, sys.path, standard streams, signal dispositions and mask, CPU affinity, umask) and
 runs the script, and stays behind as that child's *stand-in*: it forwards the signals it gets to the child and ends as
@@ -30,20 +30,50 @@ PER_PROCESS = frozenset(
 OURS = "C2F_"  # this checkout's own variables: read by its modules only, which a zygote never imports
 FOLDER = "C2F_ZYGOTES"  # the session's zygote folder: <key>.sock per zygote, manager.sock
 ROLE = "C2F_ZYGOTE_ROLE"  # "server" in a zygote itself (it must not ask itself)
+# What a library can read while it is loaded. C code reads its variables when its library loads, where no Python code
+# can see it (OpenMP, MKL, oneDNN, OpenBLAS, glibc's locale and malloc, CUDA, NCCL, DALI, the interpreter's PYTHON*):
+# those are named here. What Python code reads while imported, a zygote records (tests/zygote.py) and compares too, so
+# the key is only where to look: environments that differ elsewhere (a Slurm job's SLURM_*, a test's own variables,
+# the shell's OLDPWD) share a zygote.
+LOAD_TIME_PREFIXES = (
+    "PYTHON", "LD_", "OMP_", "GOMP_", "KMP_", "MKL_", "DNNL_", "ONEDNN_", "OPENBLAS_", "ATEN_", "TORCH", "PYTORCH_",
+    "CUDA", "NCCL_", "NVIDIA_", "DALI_", "TRITON_", "DS_", "MALLOC_", "GLIBC_", "LC_", "XDG_", "HF_", "TIMM_", "WDS_",
+    "TQDM_", "FSSPEC_", "AWS_", "MLFLOW_", "WANDB_",
+)  # fmt: skip
+LOAD_TIME_NAMES = frozenset({"PATH", "HOME", "USER", "LANG", "LANGUAGE", "TZ", "TERM", "CI"})
+TEMP_NAMES = ("TMPDIR", "TEMP", "TMP")  # (compared as the folder tempfile would choose: Slurm sets TMPDIR=/tmp)
 
 
 def _paths(value: str) -> list:
     return list(dict.fromkeys(value.split(os.pathsep)))  # (a repeated entry changes no lookup)
 
 
-def normalized(env: dict) -> dict:
-    """What a zygote's imports can depend on in ``env``: all but the per-process and C2F_* variables, PATH and
-    PYTHONPATH without repeated entries (DeepSpeed's runner puts its folder first again: the lookups are the same)."""
-    out = {k: v for k, v in env.items() if k not in PER_PROCESS and not k.startswith(OURS)}
-    for name in ("PATH", "PYTHONPATH"):
-        if name in out:
-            out[name] = os.pathsep.join(_paths(out[name]))
+def load_time(name: str) -> bool:
+    return name in LOAD_TIME_NAMES or name.startswith(LOAD_TIME_PREFIXES)
+
+
+def temp_folder(env: dict) -> str:
+    """The folder tempfile.gettempdir() starts from under ``env`` (its first candidate)."""
+    return next((os.path.abspath(env[n]) for n in TEMP_NAMES if env.get(n)), "/tmp")
+
+
+def comparable(env: dict, wanted=load_time) -> dict:
+    """The part of ``env`` a zygote's imports can depend on, among the variables ``wanted`` names: none of the
+    per-process and C2F_* ones; PATH without repeated entries (DeepSpeed's runner puts its folder first again: the
+    lookups are the same); the temporary folder as tempfile would choose it; no PYTHONPATH (the zygote checks that the
+    process's sys.path finds every module it imported where it found it)."""
+    out = {k: v for k, v in env.items() if wanted(k) and k not in PER_PROCESS and not k.startswith(OURS)}
+    for name in ("PYTHONPATH", *TEMP_NAMES):
+        out.pop(name, None)
+    if "PATH" in out:
+        out["PATH"] = os.pathsep.join(_paths(out["PATH"]))
+    out[" tempdir"] = temp_folder(env)
     return out
+
+
+def own_environment(env: dict) -> dict:
+    """``env`` as a zygote is started with: all but the per-process and C2F_* variables."""
+    return {k: v for k, v in env.items() if k not in PER_PROCESS and not k.startswith(OURS)}
 
 
 def interpreter() -> list:
@@ -52,7 +82,7 @@ def interpreter() -> list:
 
 def key_of(env: dict) -> str:
     """The zygote a process with ``env`` can be forked by (this interpreter's)."""
-    text = json.dumps([interpreter(), sorted(normalized(env).items())])
+    text = json.dumps([interpreter(), sorted(comparable(env).items())])
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
@@ -131,7 +161,8 @@ def identity() -> list:
             groups = cgroup.read()
     except OSError:
         groups = None
-    return [os.getuid(), os.getgid(), sorted(os.getgroups()), namespaces, groups]
+    # (the groups with the process's own: what permission checks see; a Slurm task lists its primary group again)
+    return [os.getuid(), os.getgid(), sorted(set(os.getgroups()) | {os.getgid()}), namespaces, groups]
 
 
 def unbuffered() -> bool:
@@ -186,7 +217,7 @@ def tell_manager(folder: str, key: str) -> None:
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         conn.connect(os.path.join(folder, "manager.sock"))
-        conn.sendall(json.dumps({"key": key, "env": normalized(dict(os.environ)), "argv": sys.orig_argv[:3],
+        conn.sendall(json.dumps({"key": key, "env": own_environment(dict(os.environ)), "argv": sys.orig_argv[:3],
                                  "executable": sys.executable}).encode())  # fmt: skip
     except OSError:
         pass
