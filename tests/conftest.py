@@ -151,15 +151,17 @@ def deepspeed_launch(script: str, *args: str, ranks: int = 2) -> list:
 
 ZYGOTE_SITE = REPO / "tests" / "zygote_site"
 FRESH_BEFORE_ZYGOTE = 3  # an environment gets a zygote once this many of its processes started fresh (pairs do not pay)
-MAX_ZYGOTES = 6  # (each holds ~0.9 GB of imported libraries; one idle for 2 minutes ends)
+MAX_ZYGOTES = 6  # (each holds ~0.9 GB of imported libraries; one idle for 10 minutes ends, and comes back at the
+#  next process of its environment)
 
 
 class Zygotes:
     """The session's zygotes (tests/zygote.py) and their manager: every Python process the session starts runs
     tests/zygote_site's sitecustomize, which has the process forked by the zygote of its interpreter and environment
-    where there is one, and otherwise tells this manager, which starts a zygote for an environment it hears of three times
-    (``start`` starts one at once). None under coverage (its subprocess patch measures fresh interpreters only) or
-    with C2F_TEST_ZYGOTE=off; a test that needs real processes runs them with ``real_processes(env)``."""
+    where there is one, and otherwise tells this manager, which starts a zygote for an environment it hears of three
+    times, or again at once for one whose zygote ended idle (``start`` starts one at once). None under coverage (its
+    subprocess patch measures fresh interpreters only) or with C2F_TEST_ZYGOTE=off; a test that needs real processes
+    runs them with ``real_processes(env)``."""
 
     def __init__(self) -> None:
         import socket
@@ -170,6 +172,7 @@ class Zygotes:
         self.seen: dict = {}  # key: processes of that environment that started fresh since its last zygote
         self.fresh = 0
         self.started: dict = {}  # key: its process
+        self.had: set = set()  # the keys that had a zygote (one that ended idle starts again at once)
         self.lock = threading.Lock()
         self.max_zygotes = MAX_ZYGOTES
         self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -193,7 +196,7 @@ class Zygotes:
             if self.seen[message["key"]] == 1:  # (what that environment is, for whoever reads the folder)
                 with open(os.path.join(self.folder, message["key"] + ".seen.json"), "w") as record:
                     json.dump(message, record)
-            if self.seen[message["key"]] >= FRESH_BEFORE_ZYGOTE:
+            if self.seen[message["key"]] >= FRESH_BEFORE_ZYGOTE or message["key"] in self.had:
                 self.start(message["env"], message["executable"], message["key"])
 
     def start(self, env: dict, executable: str = sys.executable, key: str | None = None, wait: bool = False) -> None:
@@ -221,6 +224,7 @@ class Zygotes:
                 self.seen[ended] = 0
             if key in self.started or len(self.started) >= self.max_zygotes:
                 return
+            self.had.add(key)
             with open(os.path.join(self.folder, key + ".log"), "a") as log:
                 self.started[key] = subprocess.Popen(
                     [executable, "-u", str(REPO / "tests" / "zygote.py"), os.path.join(self.folder, key + ".sock")],

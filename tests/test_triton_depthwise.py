@@ -23,11 +23,17 @@ BF16_ULP = 2.0**-7  # bf16 keeps 8 significant bits: one ulp is at most 2^-7 of 
 
 @pytest.fixture(scope="module")
 def interpreted():
+    """The cases' results, from two processes side by side (the interpreter uses one core each)."""
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=python_path(str(REPO)), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(REPO / "tests" / "triton_depthwise_cases.py")], env=env,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    script = str(REPO / "tests" / "triton_depthwise_cases.py")
+    procs = [subprocess.Popen([sys.executable, script, str(part), "2"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for part in range(2)]  # fmt: skip
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+        results += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    return results
 
 
 @pytest.mark.slow

@@ -63,7 +63,7 @@ PRELOAD = (
 )
 CHECKOUT_PACKAGES = ("conv2former", "launch", "data_prep", "pretrain", "finetune", "benchmarks", "tools")
 HEADER = struct.Struct("!I")
-IDLE_S = 120  # a zygote nothing asked for this long, with no child running, ends
+IDLE_S = 600  # a zygote nothing asked for this long, with no child running, ends
 BEFORE_IMPORTS = dict(os.environ)  # (a forked process gets its own environment: not the variables the imports set here,
 #  DeepSpeed's PYTORCH_NVML_BASED_CUDA_CHECK, torch's TORCHINDUCTOR_CACHE_DIR, MLflow's telemetry id: their libraries
 #  read them, or set them again, where they are used)
