@@ -5,6 +5,7 @@
     python tools/timm_model_tests.py --variants all       # every variant (Conv2Former-L and -B take minutes)
     python tools/timm_model_tests.py --timm latest        # the newest timm on PyPI (make test-timm-latest)
     python tools/timm_model_tests.py -- -x -v             # anything after -- goes to pytest
+    OMP_NUM_THREADS=1 python tools/timm_model_tests.py --parts 2   # two pytest processes side by side
 
 The test file is timm's, unchanged, never copied into this repository: the sdist is fetched from PyPI once into
 ``.timm-tests/`` (beside ``.venv``, ignored by git), checked against its sha256 (PyPI's digest; for the pinned release
@@ -117,18 +118,49 @@ def timm_site(version: str) -> Optional[Path]:
     return site
 
 
-def run(version: str, variants: str, junit: Optional[Path], extra: List[str]) -> int:
+def run(version: str, variants: str, junit: Optional[Path], extra: List[str], parts: int = 1) -> int:
+    """timm's test file on the variants, in ``parts`` pytest processes side by side (each a share of the variants);
+    pytest's exit status (the first part's that failed)."""
     folder = fetch_tests(version)
     site = timm_site(version)
     names = SMALL if variants == "small" else ("conv2former",)
+    groups = [names[k :: min(parts, len(names))] for k in range(min(parts, len(names)))]
     paths = [str(p) for p in (site, REPO) if p is not None]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([*paths, *filter(None, [os.environ.get("PYTHONPATH")])]))
-    cmd = [sys.executable, "-m", "pytest", "-p", "conv2former", "-p", "no:cacheprovider", "-q",
-           "tests/test_models.py", "-k", " or ".join(names)]  # fmt: skip
-    if junit is not None:
-        cmd += [f"--junitxml={junit}"]
     print(f"timm {version}'s tests/test_models.py on {', '.join(names)} ({folder})", flush=True)
-    return subprocess.run([*cmd, *extra], cwd=folder, env=env).returncode
+    procs = []
+    for k, group in enumerate(groups):
+        cmd = [sys.executable, "-m", "pytest", "-p", "conv2former", "-p", "no:cacheprovider", "-q",
+               "tests/test_models.py", "-k", " or ".join(group)]  # fmt: skip
+        if junit is not None:
+            cmd += [f"--junitxml={part_file(junit, k, len(groups))}"]
+        output = subprocess.PIPE if len(groups) > 1 else None  # (the parts' outputs one after the other)
+        procs.append(subprocess.Popen([*cmd, *extra], cwd=folder, env=env, stdout=output, stderr=subprocess.STDOUT,
+                                      text=True))  # fmt: skip
+    codes = []
+    for proc in procs:
+        out, _ = proc.communicate()
+        print(out or "", end="", flush=True)
+        codes.append(proc.returncode)
+    if junit is not None and len(groups) > 1:
+        merge_junit([part_file(junit, k, len(groups)) for k in range(len(groups))], junit)
+    return next((code for code in codes if code != 0), 0)
+
+
+def part_file(junit: Path, part: int, parts: int) -> Path:
+    return junit if parts == 1 else junit.with_name(f"{junit.stem}.part{part}{junit.suffix}")
+
+
+def merge_junit(files: List[Path], junit: Path) -> None:
+    """The parts' JUnit reports as one: every part's <testsuite> under one <testsuites>."""
+    import xml.etree.ElementTree as ET
+
+    merged = ET.Element("testsuites")
+    for path in files:
+        root = ET.parse(path).getroot()
+        merged.extend(root.iter("testsuite"))
+        path.unlink()
+    ET.ElementTree(merged).write(junit, encoding="utf-8", xml_declaration=True)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -139,10 +171,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--timm", default="pinned", help="pinned (constraints.txt), latest (PyPI), or a version")
     parser.add_argument("--variants", choices=["small", "all"], default="small")
     parser.add_argument("--junitxml", type=Path, help="pytest's JUnit XML report here")
+    parser.add_argument("--parts", type=int, default=1, help="pytest processes side by side, each a share of the "
+                        "small variants (one OpenMP thread each is fastest on 2 cores: OMP_NUM_THREADS=1)")  # fmt: skip
     args = parser.parse_args(argv)
     try:
         version = {"pinned": pinned_version, "latest": latest_version}.get(args.timm, lambda: args.timm)()
-        return run(version, args.variants, args.junitxml, extra)
+        return run(version, args.variants, args.junitxml, extra, max(1, args.parts))
     except FetchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
