@@ -208,18 +208,18 @@ def release_shared_memory_names() -> None:
     DeepSpeed's CPU allreduce (its shm comm op, where all ranks are on one host) creates a 69 MB buffer per rank in
     /dev/shm, named by MASTER_ADDR, MASTER_PORT and the rank, and never removes it (DeepSpeed 0.19: no shm_unlink
     after ``shm_initialize``): each CPU run on a new port left its ranks' buffers in RAM until the host rebooted
-    (estimated for the test suite's ~120 launches: ~16 GB; 17 GB were found on a 24 GB test machine). ``init_distributed`` returns once this rank has
+    (estimated for the test suite's ~120 launches: ~16 GB; 17 GB were found on a 24 GB test machine), a run of one
+    rank too. ``init_distributed`` returns once this rank has
     mapped every other rank's buffer, so after a barrier (every rank has returned) each rank removes its own name;
     the mappings stay valid and the memory is freed when the last rank ends, however it ends."""
     import torch.distributed as dist
 
-    if dist.get_world_size() < 2:
-        return
     path = SHM_ALLREDUCE_BUFFER.format(
         uid=os.getuid(), addr=os.environ.get("MASTER_ADDR", ""), port=os.environ.get("MASTER_PORT", ""),
         rank=dist.get_rank(),
     )  # fmt: skip
-    dist.barrier()
+    if dist.get_world_size() > 1:  # (one rank maps its own buffer too: nothing to wait for)
+        dist.barrier()
     try:
         os.unlink(path)
     except FileNotFoundError:  # (ranks on several hosts: DeepSpeed made none)
