@@ -28,14 +28,14 @@ record = {"argv": sys.argv, "orig_argv": sys.orig_argv[1:], "cwd": os.getcwd(), 
           "stderr": [type(sys.stderr.buffer).__name__, sys.stderr.line_buffering, sys.stderr.errors],
           "handlers": handlers, "umask": os.umask(0o22), "env": dict(os.environ), "warm": "torch" in sys.modules,
           "pid": os.getpid()}
-os.write(1, (json.dumps(record) + "\\n").encode())  # (one write: ranks share the pipe)
 mode = [a for a in sys.argv[1:] if not a.startswith("--")][0]
+if mode == "usr1":  # (before the record: a test signals once it has read it)
+    signal.signal(signal.SIGUSR1, lambda *_: sys.exit(7))
+os.write(1, (json.dumps(record) + "\\n").encode())  # (one write: ranks share the pipe)
 if mode == "fail" and os.environ.get("RANK", "1") == "1":
     sys.exit(3)
 if mode == "raise":
     raise ValueError("the probe's own error")
-if mode == "usr1":
-    signal.signal(signal.SIGUSR1, lambda *_: sys.exit(7))
 if mode in ("sleep", "usr1"):
     time.sleep(300)
 """

@@ -225,8 +225,17 @@ def tell_manager(folder: str, key: str) -> None:
         conn.close()
 
 
-def stand_in(pid: int, conn) -> None:
-    """Be the forked child's stand-in until it ends: forward the signals this process gets, then end as it did."""
+def forwarded_signals() -> list:
+    """The signals a stand-in forwards to its child."""
+    import signal
+
+    return [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
+            signal.SIGALRM, signal.SIGCONT, signal.SIGWINCH]  # fmt: skip
+
+
+def stand_in(pid: int, conn, mask: set) -> None:
+    """Be the forked child's stand-in until it ends: forward the signals this process gets (those that came while
+    the child was being forked were held: ``mask`` is the signal mask to return to), then end as it did."""
     import signal
 
     def forward(signum, _frame):
@@ -235,10 +244,10 @@ def stand_in(pid: int, conn) -> None:
         except ProcessLookupError:
             pass
 
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
-                signal.SIGALRM, signal.SIGCONT, signal.SIGWINCH):  # fmt: skip
+    for sig in forwarded_signals():
         if signal.getsignal(sig) != signal.SIG_IGN:  # (an ignored signal: the child ignores it too)
             signal.signal(sig, forward)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # (a signal held meanwhile is forwarded now)
     line = read_line(conn).split()  # (the zygote's "exit CODE" when it reaps the child; EOF: it went away)
     code = int(line[1]) if line[:1] == ["exit"] else 1
     if code < 0:  # killed by a signal: so is this process
@@ -260,13 +269,18 @@ def run_forked_or_return() -> None:
     if not os.path.exists(path):
         tell_manager(folder, key)
         return
+    import signal
+
     lifeline_r, lifeline_w = os.pipe()  # (only this process holds the write end)
-    conn = send_request(path, state(), [0, 1, 2, lifeline_r])
+    request = state()  # (the child takes this signal mask; until this process forwards, the signals wait)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, forwarded_signals())
+    conn = send_request(path, request, [0, 1, 2, lifeline_r])
     os.close(lifeline_r)
     answer = read_line(conn).split() if conn is not None else []
     if answer[:1] != ["ok"]:
         if conn is not None:
             conn.close()
         os.close(lifeline_w)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # (a fresh interpreter: what came meanwhile acts now)
         return
-    stand_in(int(answer[1]), conn)
+    stand_in(int(answer[1]), conn, mask)
