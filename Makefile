@@ -20,9 +20,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) launch/demo.py $(if $(FRESH),--fresh)
 
-# Every test, the slow end-to-end ones included (CI runs this through .ci/run).
+# Every test, the slow end-to-end ones included (CI runs this through .ci/run), in TEST_WORKERS pytest-xdist workers
+# that each take whole test files (a file's fixtures are built once; docs/performance.md "Test time per file").
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PYTEST) --durations=15
+	$(PYTEST) -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 # The whole suite under coverage, subprocesses (every launched rank, data_prep, the launchers) measured too: statement
 # coverage of conv2former/, launch/ and data_prep/ in .coverage-data/ (report.txt, coverage.json). Compare two runs

@@ -59,6 +59,23 @@ def pytest_runtest_logreport(report):
         _FAST_SECONDS[report.nodeid] = _FAST_SECONDS.get(report.nodeid, 0.0) + report.duration
 
 
+_WORKER_ZYGOTES: dict = {}  # pytest-xdist worker: its zygotes' report lines
+
+
+def pytest_sessionfinish(session):
+    """A pytest-xdist worker hands its zygotes' report to the process that prints the summary."""
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None and ZYGOTES is not None:
+        workeroutput["zygotes"] = ZYGOTES.report()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    lines = getattr(node, "workeroutput", {}).get("zygotes")
+    if lines:
+        _WORKER_ZYGOTES[node.gateway.id] = lines
+
+
 def pytest_terminal_summary(terminalreporter):
     """The suite's time per test file, slowest first (the budget: docs/performance.md "Test time per file"); a
     session-scoped fixture's setup counts towards the file of the first test that used it."""
@@ -68,7 +85,12 @@ def pytest_terminal_summary(terminalreporter):
     for path, seconds in sorted(_FILE_SECONDS.items(), key=lambda item: -item[1]):
         terminalreporter.write_line(f"{seconds:8.1f}s  {path}")
     terminalreporter.write_line(f"{sum(_FILE_SECONDS.values()):8.1f}s  in all")
-    if ZYGOTES is not None:
+    if _WORKER_ZYGOTES:  # (pytest-xdist: each worker's own zygotes; this process ran no test)
+        terminalreporter.section("the session's zygotes (tests/zygote.py), per worker")
+        for worker, lines in sorted(_WORKER_ZYGOTES.items()):
+            for line in lines:
+                terminalreporter.write_line(f"{worker}: {line}")
+    elif ZYGOTES is not None:
         terminalreporter.section("the session's zygotes (tests/zygote.py)")
         for line in ZYGOTES.report():
             terminalreporter.write_line(line)
@@ -118,11 +140,12 @@ def demo_in1k(demo_root) -> str:
 
 # -- helpers shared by the tests that run the stages as users do (import them: ``from conftest import ...``) ----------
 BIN = Path(sys.executable).parent  # the environment's deepspeed, torchrun, ninja
-_PORT = [29700]
+# each pytest-xdist worker (`make test` runs two: PYTEST_XDIST_WORKER gw0, gw1) counts from a base of its own
+_PORT = [29700 + 1000 * int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:])]
 
 
 def next_port() -> int:
-    """A rendezvous port of its own for each launch of the session."""
+    """A rendezvous port of its own for each launch of the session (of its worker: 1,000 launches each)."""
     _PORT[0] += 1
     return _PORT[0]
 
