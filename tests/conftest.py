@@ -95,7 +95,9 @@ def pytest_terminal_summary(terminalreporter):
         for line in ZYGOTES.report():
             terminalreporter.write_line(line)
     over = sorted(((s, n) for n, s in _FAST_SECONDS.items() if s > FAST_BUDGET_S), reverse=True)
-    if over:  # the fast set's budget (docs/performance.md "Test time per file"): mark these slow or make them quick
+    # the fast set's budget (docs/performance.md "Test time per file"): mark these slow or make them quick; a run in
+    # workers (make test) does not list them: each worker slows the other's tests down
+    if over and not terminalreporter.config.getoption("numprocesses", None):
         terminalreporter.section(f"tests not marked slow that took over {FAST_BUDGET_S:.0f} s")
         for seconds, nodeid in over:
             terminalreporter.write_line(f"{seconds:8.1f}s  {nodeid}")
