@@ -41,3 +41,9 @@ def test_every_small_variant_passes_timms_own_model_tests(tmp_path):
     assert all(f"{variant}" in names for variant in SMALL), names[:500]
     for check in ("test_model_default_cfgs", "test_model_forward_features", "test_model_backward"):
         assert check in names  # timm's checks of the contract, not only forward passes
+
+
+def test_parts_below_one_is_a_one_line_error():
+    done = subprocess.run([sys.executable, "tools/timm_model_tests.py", "--parts", "0"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].endswith("--parts must be at least 1, got 0")

@@ -174,9 +174,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--parts", type=int, default=1, help="pytest processes side by side, each a share of the "
                         "small variants (one OpenMP thread each is fastest on 2 cores: OMP_NUM_THREADS=1)")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.parts < 1:
+        parser.error(f"--parts must be at least 1, got {args.parts}")
     try:
         version = {"pinned": pinned_version, "latest": latest_version}.get(args.timm, lambda: args.timm)()
-        return run(version, args.variants, args.junitxml, extra, max(1, args.parts))
+        return run(version, args.variants, args.junitxml, extra, args.parts)
     except FetchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
